@@ -1,0 +1,43 @@
+"""qkv_vit: XCiT and the SNE / P-SNE / F-SNE query-key-value embeddings in JAX/Flax."""
+
+import setuptools
+
+# Lower bounds are the oldest releases that have every API the package calls
+# (flax linen + nn.Dropout broadcast_dims, orbax args.Composite/JsonSave, tfds folder_dataset, ...).
+INSTALL_REQUIRES = [
+    "jax>=0.4.35",
+    "flax>=0.10.0",
+    "optax>=0.2.3",
+    "orbax-checkpoint>=0.11.0",
+    "tensorflow-cpu>=2.16",
+    "tensorflow-datasets>=4.9.6",
+    "ml-collections>=0.1.1",
+    "clu>=0.0.12",
+    "tensorboard>=2.16",
+    "safetensors>=0.4.0",
+    "numpy>=1.26",
+    "scikit-learn>=1.3",  # ships the offline default data set (8x8 digits)
+    "pillow>=10.0",
+    "absl-py>=2.0",
+]
+
+EXTRAS_REQUIRE = {
+    # Reading PyTorch .pth/.pt files. On a CPU-only machine prefer the CPU wheel:
+    # pip install torch --index-url https://download.pytorch.org/whl/cpu
+    "torch": ["torch>=2.1"],
+    "dev": ["pytest>=7.4", "pytest-xdist>=3.5"],
+    "notebooks": ["matplotlib>=3.7", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
+}
+
+setuptools.setup(
+    name="qkv_vit",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["qkv_vit", "qkv_vit.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license="Apache-2.0",
+)
