@@ -1,0 +1,65 @@
+"""The named XCiT models of the reference (timm / facebookresearch/xcit) and `create(name, **overrides)`."""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qkv_vit.models.xcit import XCiT
+
+# (embed_dim, depth, num_heads, eta, tokens_norm) per size, as in the reference's model functions.
+_SIZES = {
+    "nano_12": (128, 12, 4, 1.0, False),
+    "tiny_12": (192, 12, 4, 1.0, True),
+    "tiny_24": (192, 24, 4, 1e-5, True),
+    "small_12": (384, 12, 8, 1.0, True),
+    "small_24": (384, 24, 8, 1e-5, True),
+    "medium_24": (512, 24, 8, 1e-5, True),
+    "large_24": (768, 24, 16, 1e-5, True),
+}
+
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    f"xcit_{size}_p{patch}": dict(
+        patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, eta=eta, tokens_norm=tokens_norm
+    )
+    for patch in (16, 8)
+    for size, (dim, depth, heads, eta, tokens_norm) in _SIZES.items()
+}
+
+
+def list_models() -> list[str]:
+    return sorted(MODEL_CONFIGS)
+
+
+def model_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The constructor arguments of a named model with overrides applied; errors name what was wrong."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"Unknown model {name!r}. Known models: {', '.join(list_models())}.")
+    fields = {f.name for f in dataclasses.fields(XCiT) if f.init and f.name not in ("parent", "name")}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"Unknown XCiT option(s) {unknown} for {name}. Valid options: {', '.join(sorted(fields))}.")
+    return {**MODEL_CONFIGS[name], **overrides}
+
+
+def create(name: str, **overrides: Any) -> XCiT:
+    """Build a named model, e.g. create('xcit_nano_12_p16', num_classes=10, drop_path_rate=0.1)."""
+    return XCiT(**model_config(name, **overrides))
+
+
+def init_shapes(model: nn.Module, image_size: int = 224) -> dict:
+    """Abstract variables (shapes and dtypes only, nothing allocated) of a model for one image size."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(images.shape, images.dtype)))
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays or ShapeDtypeStructs (e.g. variables['params'])."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+
+
+def param_count(model: nn.Module, image_size: int = 224) -> int:
+    """Trainable parameters of a model (BatchNorm running statistics are not counted, as in the reference)."""
+    return count_params(init_shapes(model, image_size)["params"])

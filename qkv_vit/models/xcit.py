@@ -1,0 +1,158 @@
+"""XCiT: Cross-Covariance Image Transformer (El-Nouby et al., 2021), as facebookresearch/xcit and timm compute it.
+
+Images are NHWC. Variables hold `params` and `batch_stats` (patch-embedding and LPI BatchNorm).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qkv_vit.models.attention import dense
+from qkv_vit.models.blocks import ClassAttentionBlock, XCABlock, layer_norm
+from qkv_vit.models.embedding import STAGE_WIDTH_DIVISORS, ConvPatchEmbed, FourierPositionalEncoding
+
+Dtype = Any
+
+GLOBAL_POOLS = ("token", "avg")
+
+
+class XCiT(nn.Module):
+    """The XCiT classifier. `apply(variables, images, train=False)` returns logits (B, num_classes).
+
+    With num_classes=0 there is no head and the call returns the pooled features (B, embed_dim).
+    `dtype` is the compute dtype (e.g. jnp.bfloat16); parameters stay float32.
+    """
+
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    cls_attn_layers: int = 2
+    eta: float = 1.0
+    tokens_norm: bool = False
+    num_classes: int = 1000
+    global_pool: str = "token"
+    use_pos_embed: bool = True
+    drop_rate: float = 0.0  # after the head's input, and in class-attention projections and MLPs
+    pos_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0  # XCA block projections and MLPs
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0  # one constant rate for every XCA block, none in class attention
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        validate_architecture(self)
+        super().__post_init__()
+
+    def setup(self) -> None:
+        self.patch_embed = ConvPatchEmbed(self.patch_size, self.embed_dim, self.dtype)
+        if self.use_pos_embed:
+            self.pos_embed = FourierPositionalEncoding(self.embed_dim, dtype=self.dtype)
+        self.cls_token = self.param(
+            "cls_token", nn.initializers.truncated_normal(stddev=0.02), (1, 1, self.embed_dim), jnp.float32
+        )
+        self.blocks = [
+            XCABlock(
+                self.embed_dim,
+                self.num_heads,
+                self.mlp_ratio,
+                self.eta,
+                proj_drop_rate=self.proj_drop_rate,
+                attn_drop_rate=self.attn_drop_rate,
+                drop_path_rate=self.drop_path_rate,
+                dtype=self.dtype,
+            )
+            for _ in range(self.depth)
+        ]
+        self.cls_attn_blocks = [
+            ClassAttentionBlock(
+                self.embed_dim,
+                self.num_heads,
+                self.mlp_ratio,
+                self.eta,
+                self.tokens_norm,
+                proj_drop_rate=self.drop_rate,
+                attn_drop_rate=self.attn_drop_rate,
+                dtype=self.dtype,
+            )
+            for _ in range(self.cls_attn_layers)
+        ]
+        self.pos_drop = nn.Dropout(self.pos_drop_rate)
+        self.norm = layer_norm(self.dtype, "norm")
+        self.head_drop = nn.Dropout(self.drop_rate)
+        if self.num_classes > 0:
+            self.head = dense(self.num_classes, self.dtype, name="head")
+
+    def patch_tokens(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Patch tokens after the XCA blocks, as a grid (B, H / patch, W / patch, embed_dim), before the norm."""
+        check_image_shape(images, self.patch_size)
+        grid = self.patch_embed(images, train)
+        batch, height, width, _ = grid.shape
+        x = grid.reshape(batch, height * width, self.embed_dim)
+        if self.use_pos_embed:
+            x = x + self.pos_embed(height, width).astype(x.dtype)
+        x = self.pos_drop(x, deterministic=not train)
+        for block in self.blocks:
+            x = block(x, height, width, train)
+        return x.reshape(batch, height, width, self.embed_dim)
+
+    def forward_features(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """All tokens after class attention and the final norm: (B, 1 + N, embed_dim), class token first."""
+        grid = self.patch_tokens(images, train)
+        x = grid.reshape(grid.shape[0], -1, self.embed_dim)
+        cls_token = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, self.embed_dim))
+        x = jnp.concatenate([cls_token, x], axis=1)
+        for block in self.cls_attn_blocks:
+            x = block(x, train)
+        return self.norm(x)
+
+    def pre_logits(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """The features the head sees (B, embed_dim): the class token, or the mean patch token for 'avg'."""
+        x = self.forward_features(images, train)
+        return x[:, 1:].mean(axis=1) if self.global_pool == "avg" else x[:, 0]
+
+    def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = self.pre_logits(images, train)
+        if self.num_classes <= 0:
+            return x
+        x = self.head_drop(x, deterministic=not train)
+        return self.head(x).astype(jnp.float32)
+
+
+def validate_architecture(model: XCiT) -> None:
+    """Raise a ValueError naming the bad field before anything is traced or compiled."""
+    if model.patch_size not in STAGE_WIDTH_DIVISORS:
+        raise ValueError(
+            f"XCiT patch_size must be 16 or 8 (the convolutional patch embedding's stages), got {model.patch_size}."
+        )
+    smallest_divisor = STAGE_WIDTH_DIVISORS[model.patch_size][0]
+    if model.embed_dim <= 0 or model.embed_dim % smallest_divisor:
+        raise ValueError(
+            f"embed_dim must be a positive multiple of {smallest_divisor} for patch {model.patch_size} "
+            f"(the patch-embedding stages are embed_dim/{smallest_divisor} wide), got {model.embed_dim}."
+        )
+    if model.num_heads <= 0 or model.embed_dim % model.num_heads:
+        raise ValueError(
+            f"num_heads must divide embed_dim: {model.embed_dim} is not divisible by {model.num_heads} heads."
+        )
+    if model.depth < 0 or model.cls_attn_layers < 0:
+        raise ValueError(f"depth and cls_attn_layers must be >= 0, got {model.depth} and {model.cls_attn_layers}.")
+    if model.global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {model.global_pool!r}.")
+    for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+        rate = getattr(model, name)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {rate}.")
+
+
+def check_image_shape(images: jnp.ndarray, patch_size: int) -> None:
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"XCiT expects NHWC images of shape (batch, height, width, 3), got shape {images.shape}.")
+    height, width = images.shape[1:3]
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"Image size {height}x{width} is not divisible by the patch size {patch_size}: "
+            f"resize or crop to a multiple of {patch_size} (e.g. {height // patch_size * patch_size or patch_size})."
+        )
