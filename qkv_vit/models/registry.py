@@ -24,13 +24,14 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     f"xcit_{size}_p{patch}": dict(
         patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, eta=eta, tokens_norm=tokens_norm
     )
-    for patch in (16, 8)
     for size, (dim, depth, heads, eta, tokens_norm) in _SIZES.items()
+    for patch in (16, 8)
 }
 
 
 def list_models() -> list[str]:
-    return sorted(MODEL_CONFIGS)
+    """Named models, smallest first."""
+    return list(MODEL_CONFIGS)
 
 
 def model_config(name: str, **overrides: Any) -> dict[str, Any]:

@@ -1,0 +1,157 @@
+"""Per-image preprocessing in TensorFlow: decode, XCiT's train augmentation, eval resize/crop.
+
+Train (timm's order): random-resized-crop (bicubic) -> horizontal flip -> RandAugment -> colour
+jitter -> normalize -> random erasing. Eval: resize the short side to image_size / crop_ratio
+(bicubic), center-crop image_size, normalize. Every random op is stateless and takes its own seed,
+so a (seed, example index) pair always gives the same image, whatever the parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import ml_collections
+
+from qkv_vit.data import randaugment as randaugment_lib
+from qkv_vit.data._tensorflow import tf
+
+
+def split_seed(seed: tf.Tensor, count: int) -> list[tf.Tensor]:
+    return tf.unstack(tf.random.experimental.stateless_split(seed, count))
+
+
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+    """JPEG/PNG/GIF/BMP bytes to uint8 HxWx3 (grey and RGBA become RGB)."""
+    return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def _crop_window(shape: tf.Tensor, seed: tf.Tensor, scale: Sequence[float], ratio: Sequence[float]):
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=tuple(ratio), area_range=tuple(scale), max_attempts=10,
+        use_image_if_no_bounding_boxes=True,  # no box found in 10 tries: the whole image
+    )
+    return tf.unstack(begin[:2]), tf.unstack(size[:2])
+
+
+def decode_and_random_crop(encoded: tf.Tensor, seed: tf.Tensor, scale: Sequence[float] = (0.08, 1.0),
+                           ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+    """Random crop covering `scale` of the area at aspect ratio in `ratio`; JPEGs decode only the crop."""
+
+    def jpeg():
+        (top, left), (height, width) = _crop_window(tf.image.extract_jpeg_shape(encoded), seed, scale, ratio)
+        return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, height, width]), channels=3)
+
+    def other():
+        image = decode(encoded)
+        (top, left), (height, width) = _crop_window(tf.shape(image), seed, scale, ratio)
+        return tf.slice(image, [top, left, 0], [height, width, 3])
+
+    return tf.ensure_shape(tf.cond(tf.io.is_jpeg(encoded), jpeg, other), [None, None, 3])
+
+
+def resize(image: tf.Tensor, height: int | tf.Tensor, width: int | tf.Tensor, method: str = "bicubic") -> tf.Tensor:
+    """Antialiased resize (as PIL's), rounded back to uint8 because bicubic overshoots [0, 255]."""
+    resized = tf.image.resize(image, tf.stack([height, width]), method=method, antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def random_resized_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int, scale: Sequence[float] = (0.08, 1.0),
+                        ratio: Sequence[float] = (3 / 4, 4 / 3), method: str = "bicubic") -> tf.Tensor:
+    """torchvision's RandomResizedCrop (aspect ratio drawn uniformly, not log-uniformly)."""
+    return tf.ensure_shape(resize(decode_and_random_crop(encoded, seed, scale, ratio), size, size, method),
+                           [size, size, 3])
+
+
+def random_flip(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
+    flip = tf.random.stateless_uniform([], seed) < prob
+    return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+
+
+def color_jitter(image: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tensor:
+    """torchvision ColorJitter(strength, strength, strength) on uint8; brightness, contrast, saturation in order."""
+    low = max(0.0, 1.0 - strength)
+    factors = tf.random.stateless_uniform([3], seed, low, 1.0 + strength)
+    image = randaugment_lib.brightness(image, factors[0])
+    image = randaugment_lib.contrast(image, factors[1])
+    return randaugment_lib.color(image, factors[2])
+
+
+def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+    """uint8 [0, 255] to float32 (x / 255 - mean) / std."""
+    return (tf.cast(image, tf.float32) / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.25, area: Sequence[float] = (0.02, 1 / 3),
+                   aspect_min: float = 0.3, mode: str = "pixel", attempts: int = 10) -> tf.Tensor:
+    """timm RandomErasing (one box) on a normalized float image; "pixel" fills N(0, 1) noise, "const" zeros."""
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    apply_seed, area_seed, aspect_seed, top_seed, left_seed, noise_seed = split_seed(seed, 6)
+    image_area = tf.cast(height * width, tf.float32)
+    target = tf.random.stateless_uniform([attempts], area_seed, area[0], area[1]) * image_area
+    log_aspect = tf.random.stateless_uniform([attempts], aspect_seed, math.log(aspect_min), -math.log(aspect_min))
+    box_heights = tf.cast(tf.round(tf.sqrt(target * tf.exp(log_aspect))), tf.int32)
+    box_widths = tf.cast(tf.round(tf.sqrt(target / tf.exp(log_aspect))), tf.int32)
+    fits = (box_heights < height) & (box_widths < width)  # timm keeps the first attempt that fits
+    first = tf.argmax(tf.cast(fits, tf.int32))
+    box_height, box_width = box_heights[first], box_widths[first]
+    top = tf.random.stateless_uniform([], top_seed, 0, tf.maximum(height - box_height + 1, 1), dtype=tf.int32)
+    left = tf.random.stateless_uniform([], left_seed, 0, tf.maximum(width - box_width + 1, 1), dtype=tf.int32)
+    rows = tf.range(height)[:, None, None]
+    cols = tf.range(width)[None, :, None]
+    inside = (rows >= top) & (rows < top + box_height) & (cols >= left) & (cols < left + box_width)
+    erase = (tf.random.stateless_uniform([], apply_seed) < prob) & tf.reduce_any(fits)
+    noise = tf.random.stateless_normal(tf.shape(image), noise_seed) if mode == "pixel" else tf.zeros_like(image)
+    return tf.where(erase & inside, noise, image)
+
+
+def resize_and_center_crop(image: tf.Tensor, size: int, crop_ratio: float = 1.0, method: str = "bicubic") -> tf.Tensor:
+    """timm's eval transform: short side to floor(size / crop_ratio), keep aspect, center-crop size x size."""
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    short_target = math.floor(size / crop_ratio)
+    short, long = tf.minimum(height, width), tf.maximum(height, width)
+    long_target = tf.cast(short_target * long / short, tf.int32)  # truncates, as torchvision's Resize
+    new_height = tf.where(height <= width, short_target, long_target)
+    new_width = tf.where(height <= width, long_target, short_target)
+    resized = resize(image, new_height, new_width, method)
+    top = tf.cast(tf.round((new_height - size) / 2), tf.int32)
+    left = tf.cast(tf.round((new_width - size) / 2), tf.int32)
+    return tf.ensure_shape(tf.slice(resized, [top, left, 0], [size, size, 3]), [size, size, 3])
+
+
+def train_preprocess(config: ml_collections.ConfigDict) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """(encoded image, seed [2]) -> float32 image_size x image_size x 3, with config.augment's recipe."""
+    augment, size = config.augment, config.image_size
+    fill = tuple(round(255 * m) for m in config.mean)  # timm fills rotations/shears with the mean colour
+
+    def preprocess(encoded: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        crop_seed, flip_seed, randaugment_seed, jitter_seed, erasing_seed = split_seed(seed, 5)
+        image = random_resized_crop(encoded, crop_seed, size, augment.crop_scale, augment.crop_ratio)
+        if augment.flip_prob > 0:
+            image = random_flip(image, flip_seed, augment.flip_prob)
+        if augment.randaugment_layers > 0:
+            image = randaugment_lib.randaugment(
+                image, randaugment_seed, num_layers=augment.randaugment_layers,
+                magnitude=augment.randaugment_magnitude, magnitude_std=augment.randaugment_magnitude_std,
+                magnitude_max=augment.randaugment_magnitude_max, prob=augment.randaugment_prob, fill=fill,
+            )
+        if augment.color_jitter > 0:
+            image = color_jitter(image, jitter_seed, augment.color_jitter)
+        image = normalize(image, config.mean, config.std)
+        if augment.erasing_prob > 0:
+            image = random_erasing(image, erasing_seed, augment.erasing_prob, augment.erasing_area,
+                                   augment.erasing_aspect_min, augment.erasing_mode)
+        return image
+
+    return preprocess
+
+
+def eval_preprocess(config: ml_collections.ConfigDict) -> Callable[[tf.Tensor], tf.Tensor]:
+    """encoded image -> float32 image_size x image_size x 3: resize, center crop, normalize."""
+
+    def preprocess(encoded: tf.Tensor) -> tf.Tensor:
+        image = resize_and_center_crop(decode(encoded), config.image_size, config.crop_ratio)
+        return normalize(image, config.mean, config.std)
+
+    return preprocess

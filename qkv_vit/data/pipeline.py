@@ -1,0 +1,218 @@
+"""Train and eval batches for one process of a (possibly multi-host) job, as dicts of numpy arrays.
+
+Train: each process reads its own `tfds.split_for_jax_process` part of the train split. Epoch e of
+process p shuffles its files and examples with seeds drawn from (seed, e, p), and example i of the
+epoch is augmented with the stateless seed (seed(e, p), i). So the stream is a pure function of the
+seed, and a job resumed at step k skips the encoded records of the batches it already consumed
+(cheap: nothing is decoded) and then yields exactly the batches k, k+1, ... of a fresh stream.
+
+Eval: every process gets the same number of batches; the last ones are padded with zero images
+whose "mask" is 0, so each example of the split is counted exactly once, whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from qkv_vit.data import augment as augment_lib
+from qkv_vit.data.mixup import mix_batch
+from qkv_vit.data._tensorflow import tf
+from qkv_vit.data.errors import DataConfigError
+from qkv_vit.data.sources import Source, open_source
+
+Batch = dict[str, np.ndarray]
+_EPOCH_OVERLAP = 2  # batches before an epoch ends at which the next epoch's pipeline starts warming up
+
+
+def dataset_info(data_config: ml_collections.ConfigDict) -> tuple[int, int, int, list[str]]:
+    """(train examples, eval examples, number of classes, class names) of the configured data."""
+    source = open_source(data_config)
+    num_classes = data_config.num_classes or source.num_classes
+    return (source.num_examples(source.train_split), source.num_examples(source.eval_split), num_classes,
+            source.class_names)
+
+
+def steps_per_epoch(data_config: ml_collections.ConfigDict, global_batch_size: int, *,
+                    process_count: int | None = None, local_device_count: int | None = None) -> int:
+    """Train batches per epoch, the same on every process (each drops its last partial batch)."""
+    source = open_source(data_config)
+    _, process_count = _processes(0, process_count)
+    local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
+    return _train_steps(source, local_batch, 0, process_count)[1]
+
+
+def local_batch_size(global_batch_size: int, process_count: int, local_device_count: int | None = None) -> int:
+    """The per-process batch; raises DataConfigError unless it splits evenly over processes and devices."""
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise DataConfigError(f"Global batch size {global_batch_size} is not divisible by the process count {process_count}.")
+    local_batch = global_batch_size // process_count
+    if local_device_count is None:
+        import jax  # only for the default: the data code itself never touches the accelerator
+
+        local_device_count = jax.local_device_count()
+    if local_batch % local_device_count:
+        raise DataConfigError(
+            f"Per-process batch size {local_batch} (global {global_batch_size} / {process_count} processes) "
+            f"is not divisible by the {local_device_count} local devices."
+        )
+    return local_batch
+
+
+def build_train_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int, *, seed: int | None = None,
+                         process_index: int | None = None, process_count: int | None = None, start_step: int = 0,
+                         local_device_count: int | None = None) -> Iterator[Batch]:
+    """Endless train batches {"image" (B,H,W,3) float32, "label" (B,) int32, "soft_label" (B,C) float32}.
+
+    B = global_batch_size / process_count. `seed` defaults to data_config.seed; `start_step` resumes
+    the stream: the first batch yielded is batch `start_step` of the stream that starts at 0.
+    """
+    source = open_source(data_config)
+    seed = data_config.seed if seed is None else seed
+    if seed < 0 or start_step < 0:
+        raise DataConfigError(f"seed and start_step must be >= 0, not {seed} and {start_step}.")
+    process_index, process_count = _processes(process_index, process_count)
+    local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
+    split, steps = _train_steps(source, local_batch, process_index, process_count)
+    num_classes = data_config.num_classes or source.num_classes
+
+    def make_epoch(epoch: int, skip_batches: int) -> tf.data.Dataset:
+        return _train_epoch(source, data_config, split, local_batch, steps, num_classes,
+                            seeds=[_derive_seed(seed, epoch, process_index, stream) for stream in range(3)],
+                            skip_batches=skip_batches)
+
+    return _endless(make_epoch, steps, start_step)
+
+
+def _train_steps(source: Source, local_batch: int, process_index: int, process_count: int):
+    # drop_remainder: every process gets floor(N / process_count) examples, so all run the same steps.
+    split = tfds.split_for_jax_process(source.train_split, process_index=process_index,
+                                       process_count=process_count, drop_remainder=True)
+    steps = source.num_examples(split) // local_batch
+    if steps == 0:
+        raise DataConfigError(
+            f"Per-process batch size {local_batch} is larger than the {source.num_examples(split)} train examples "
+            f"each of the {process_count} processes reads from {source.description}."
+        )
+    return split, steps
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise DataConfigError(f"process_index {process_index} is not in [0, process_count={process_count}).")
+    return process_index, process_count
+
+
+def _derive_seed(seed: int, epoch: int, process_index: int, stream: int) -> int:
+    """A well-mixed 63-bit seed for one (epoch, process, purpose); 63 bits fit tf.int64."""
+    state = np.random.SeedSequence([seed, epoch, process_index, stream]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+def _parallel(config: ml_collections.ConfigDict) -> int:
+    return tf.data.AUTOTUNE if config.num_parallel_calls < 0 else config.num_parallel_calls
+
+
+def _train_epoch(source: Source, config: ml_collections.ConfigDict, split, local_batch: int, steps: int,
+                 num_classes: int, seeds: list[int], skip_batches: int) -> tf.data.Dataset:
+    example_seed, mix_seed, shuffle_seed = seeds
+    records = source.read(split, shuffle_seed=shuffle_seed)
+    if config.shuffle_buffer > 1:
+        records = records.shuffle(config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+    if config.repeated_augmentation > 1:
+        # Repeated augmentation (Hoffer et al.; DeiT/XCiT): each image several times in a row, so in the
+        # same batch with different augmentations; the epoch keeps its length and sees fewer images.
+        repeats = config.repeated_augmentation
+        records = records.flat_map(lambda example: tf.data.Dataset.from_tensors(example).repeat(repeats))
+    records = records.take(steps * local_batch).enumerate().skip(skip_batches * local_batch)
+    preprocess = augment_lib.train_preprocess(config)
+
+    def augment(index: tf.Tensor, example: dict) -> dict:
+        seed = tf.stack([tf.constant(example_seed, tf.int64), index])
+        return {"image": preprocess(example["image"], seed), "label": example["label"]}
+
+    augment_config = config.augment
+
+    def mix(step: tf.Tensor, batch: dict) -> dict:
+        images, soft_labels = mix_batch(
+            batch["image"], batch["label"], tf.stack([tf.constant(mix_seed, tf.int64), step]),
+            num_classes=num_classes, mixup_alpha=augment_config.mixup_alpha,
+            cutmix_alpha=augment_config.cutmix_alpha, mix_prob=augment_config.mix_prob,
+            switch_prob=augment_config.mix_switch_prob, label_smoothing=augment_config.label_smoothing,
+        )
+        return {"image": images, "label": batch["label"], "soft_label": soft_labels}
+
+    batches = records.map(augment, num_parallel_calls=_parallel(config), deterministic=True)
+    batches = batches.batch(local_batch, drop_remainder=True).enumerate(start=skip_batches)
+    batches = batches.map(mix, num_parallel_calls=_parallel(config), deterministic=True)
+    return _with_options(batches.prefetch(config.prefetch))
+
+
+def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = True  # same seed, same batches, whatever the thread timing
+    return dataset.with_options(options)
+
+
+def _endless(make_epoch: Callable[[int, int], tf.data.Dataset], steps: int, start_step: int) -> Iterator[Batch]:
+    epoch, skip = divmod(start_step, steps)
+    current = iter(tfds.as_numpy(make_epoch(epoch, skip)))
+    while True:
+        following = None
+        for position in range(skip, steps):
+            if following is None and steps - position <= _EPOCH_OVERLAP:
+                # Start the next epoch's pipeline (file reads, shuffle buffer) before this one runs dry.
+                following = iter(tfds.as_numpy(make_epoch(epoch + 1, 0)))
+            yield next(current)
+        current, epoch, skip = following, epoch + 1, 0
+
+
+class EvalBatches:
+    """Eval batches of one process: re-iterable, each pass covers its part of the split once."""
+
+    def __init__(self, dataset: tf.data.Dataset, num_batches: int, num_examples: int):
+        self.dataset = dataset
+        self.num_batches = num_batches
+        self.num_examples = num_examples  # real (unpadded) examples of this process
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(tfds.as_numpy(self.dataset))
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+def build_eval_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int, split: str | None = None, *,
+                        process_index: int | None = None, process_count: int | None = None,
+                        local_device_count: int | None = None) -> EvalBatches:
+    """Eval batches {"image", "label" int32, "mask" float32 (1 real, 0 padding)} of `split` (default: the eval split)."""
+    source = open_source(data_config)
+    split = split or source.eval_split
+    source.check_split(split)
+    process_index, process_count = _processes(process_index, process_count)
+    local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
+    parts = [tfds.split_for_jax_process(split, process_index=index, process_count=process_count)
+             for index in range(process_count)]
+    # Every process runs as many batches as the largest part needs, so collective ops stay in step.
+    num_batches = math.ceil(max(source.num_examples(part) for part in parts) / local_batch)
+    preprocess = augment_lib.eval_preprocess(data_config)
+    examples = source.read(parts[process_index]).map(
+        lambda example: {"image": preprocess(example["image"]), "label": example["label"], "mask": tf.constant(1.0)},
+        num_parallel_calls=_parallel(data_config), deterministic=True,
+    )
+    size = data_config.image_size
+    padding = tf.data.Dataset.from_tensors(
+        {"image": tf.zeros([size, size, 3]), "label": tf.constant(0), "mask": tf.constant(0.0)}
+    ).repeat()
+    batches = examples.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
+    dataset = _with_options(batches.prefetch(data_config.prefetch))
+    return EvalBatches(dataset, num_batches, source.num_examples(parts[process_index]))

@@ -1,0 +1,151 @@
+"""One interface over every data source: a prepared tfds builder plus its split names and classes.
+
+`open_source(config)` turns a data config into a `Source` (validating it, and preparing the digits or
+an image folder when needed); `Source.read(split)` gives a tf.data.Dataset of still-encoded images
+and int32 labels, so that shuffling and skipping cost no decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from qkv_vit.data import digits, image_folder
+from qkv_vit.data._tensorflow import tf
+from qkv_vit.data.config import validate_config
+from qkv_vit.data.errors import DataConfigError
+
+# Train split, eval split and class count of the data sets the paper uses; any other tfds data
+# set with an "image" and a "label" feature works too (with train/test as default splits).
+TFDS_DATASETS = {
+    "imagenet2012": ("train", "validation", 1000),
+    "cifar10": ("train", "test", 10),
+    "cifar100": ("train", "test", 100),
+    "stl10": ("train", "test", 10),
+    "cars196": ("train", "test", 196),
+}
+_EVAL_SPLIT_NAMES = ("test", "validation", "val")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A prepared data set: the tfds builder to read, the splits to use and the class names."""
+
+    builder: tfds.core.DatasetBuilder
+    train_split: str
+    eval_split: str
+    class_names: list[str]
+    description: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def num_examples(self, split: str | tfds.typing.SplitArg) -> int:
+        return self.builder.info.splits[split].num_examples
+
+    def check_split(self, split: str) -> None:
+        """Raises DataConfigError, listing the valid names, unless `split` (e.g. "train[:10%]") exists."""
+        try:
+            self.builder.info.splits[split]
+        except (ValueError, KeyError) as error:
+            valid = list(self.builder.info.splits.keys())
+            raise DataConfigError(f"Bad split {split!r} for {self.description}: {error} Valid splits: {valid}.") from None
+
+    def label_counts(self, split: str) -> list[int]:
+        """Examples per class in `split`, reading labels only (images stay encoded)."""
+        labels = self.read(split).map(lambda example: example["label"]).batch(8192)
+        counts = np.zeros(self.num_classes, np.int64)
+        for batch in labels.as_numpy_iterator():
+            counts += np.bincount(batch[batch >= 0], minlength=self.num_classes)[: self.num_classes]  # -1: unlabelled
+        return counts.tolist()
+
+    def read(self, split: str | tfds.typing.SplitArg, shuffle_seed: int | None = None) -> tf.data.Dataset:
+        """Examples {"image": encoded bytes, "label": int32}; files shuffled when a seed is given."""
+        read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+        dataset = self.builder.as_dataset(
+            split=split,
+            shuffle_files=shuffle_seed is not None,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=read_config,
+        )
+        return dataset.map(lambda example: {"image": example["image"], "label": tf.cast(example["label"], tf.int32)})
+
+
+def open_source(config: ml_collections.ConfigDict) -> Source:
+    """Validates the config and returns the prepared source; raises DataConfigError with the fix."""
+    validate_config(config)
+    if config.source == "digits":
+        builder = _digits_builder(config)
+        source = _make_source(builder, config, "train", "test", "the offline digits data set")
+    elif config.source == "tfds":
+        builder = _tfds_builder(config)
+        train, evaluation, _ = TFDS_DATASETS.get(config.name, ("train", None, None))
+        source = _make_source(builder, config, train, evaluation, f"tfds data set {config.name!r}")
+    else:
+        prepared = image_folder.prepare_image_folder(config.path, config.cache_dir, config.bad_files)
+        builder = tfds.builder_from_directory(os.fspath(prepared.tfds_dir))
+        source = _make_source(builder, config, "train", None, f"image folder {config.path}")
+    if config.num_classes is not None and config.num_classes < source.num_classes:
+        raise DataConfigError(
+            f"num_classes={config.num_classes} is less than the {source.num_classes} classes of {source.description}."
+        )
+    return source
+
+
+def _digits_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else image_folder.default_cache_dir()
+    builder = digits.SklearnDigits(data_dir=os.fspath(cache_dir / "tfds"))
+    if not builder.is_prepared():
+        builder.download_and_prepare()  # seconds, offline: the images come from scikit-learn
+    return builder
+
+
+def _tfds_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    try:
+        builder = tfds.builder(config.name, data_dir=config.data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise DataConfigError(
+            f"Unknown tfds data set {config.name!r}: {str(error).splitlines()[0]} "
+            f"The ones qkv_vit's README covers: {sorted(TFDS_DATASETS)}."
+        ) from None
+    if not builder.is_prepared():
+        raise DataConfigError(_not_prepared_message(config.name, config.data_dir))
+    return builder
+
+
+def _not_prepared_message(name: str, data_dir: str | None) -> str:
+    shown_dir = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    if name == "imagenet2012":
+        manual = f"{shown_dir}/downloads/manual"
+        return (
+            f"tfds data set 'imagenet2012' is not prepared in {shown_dir}. ImageNet cannot be downloaded "
+            f"automatically: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {manual}/ and run\n"
+            f"  tfds build imagenet2012 --data_dir {shown_dir} --manual_dir {manual}\n"
+            "then set config.data_dir to that directory."
+        )
+    return (
+        f"tfds data set {name!r} is not prepared in {shown_dir}, and this code never downloads at run time. "
+        f"On a machine with internet run\n  tfds build {name} --data_dir {shown_dir}\n"
+        f"(copy {shown_dir}/{name}/ here if this machine is offline), then set config.data_dir to that directory."
+    )
+
+
+def _make_source(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict, train_default: str,
+                 eval_default: str | None, description: str) -> Source:
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise DataConfigError(f"{description} has no 'image' and 'label' features; it is not an image classification set.")
+    available = list(builder.info.splits.keys())
+    if eval_default is None:
+        eval_default = next((name for name in _EVAL_SPLIT_NAMES if name in available), train_default)
+    source = Source(builder, config.train_split or train_default, config.eval_split or eval_default,
+                    list(features["label"].names), description)
+    source.check_split(source.train_split)
+    source.check_split(source.eval_split)
+    return source

@@ -1,0 +1,143 @@
+"""PyTorch weight import: every mismatch is named, nothing loads partially, the CLI writes a usable checkpoint."""
+
+import builtins
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import require_fixtures
+from qkv_vit import models
+from qkv_vit.convert import (
+    WeightMismatchError,
+    infer_architecture,
+    load_converted,
+    load_pytorch_weights,
+    read_state_dict,
+)
+from qkv_vit.convert.__main__ import main as convert_main, parse_args, resolve_model_config
+from qkv_vit.models import XCiT
+
+NAME = "xcit_p8_d2_img64"
+
+
+@pytest.fixture
+def fixture_weights():
+    return load_file(str(require_fixtures() / f"{NAME}.safetensors"))
+
+
+@pytest.fixture
+def fixture_model():
+    config = json.loads(str(np.load(require_fixtures() / f"{NAME}.npz")["config"]))
+    config.pop("img_size")
+    return XCiT(**config)
+
+
+def write(tmp_path, weights, name="edited.safetensors"):
+    path = tmp_path / name
+    save_file(weights, str(path))
+    return path
+
+
+def test_infer_architecture(fixture_weights):
+    assert infer_architecture(fixture_weights) == dict(
+        patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=4.0, cls_attn_layers=2, num_classes=10,
+        use_pos_embed=True,
+    )
+
+
+def test_official_layout_is_rewritten_to_timm_keys():
+    pytest.importorskip("torch", reason="reading .pth needs the torch extra")
+    official = read_state_dict(require_fixtures() / f"{NAME}.official.pth")
+    timm = load_file(str(require_fixtures() / f"{NAME}.safetensors"))
+    assert sorted(official) == sorted(timm)
+    for key in timm:
+        np.testing.assert_array_equal(official[key], timm[key])
+
+
+def test_missing_key_is_named(tmp_path, fixture_weights, fixture_model):
+    del fixture_weights["blocks.1.attn.qkv.weight"]
+    with pytest.raises(WeightMismatchError, match=r"1 model variables missing[\s\S]*params/blocks_1/attn/qkv/kernel"):
+        load_pytorch_weights(write(tmp_path, fixture_weights), fixture_model)
+
+
+def test_unexpected_key_is_named(tmp_path, fixture_weights, fixture_model):
+    fixture_weights["blocks.0.attn.extra.weight"] = np.zeros((3, 3), np.float32)
+    with pytest.raises(WeightMismatchError, match=r"1 unexpected keys[\s\S]*blocks.0.attn.extra.weight"):
+        load_pytorch_weights(write(tmp_path, fixture_weights), fixture_model)
+
+
+def test_wrong_shape_is_named(tmp_path, fixture_weights, fixture_model):
+    fixture_weights["head.weight"] = np.zeros((11, 48), np.float32)
+    fixture_weights["head.bias"] = np.zeros((11,), np.float32)
+    with pytest.raises(WeightMismatchError, match=r"2 shape mismatches[\s\S]*head.bias \(11,\) \(model wants \(10,\)\)"):
+        load_pytorch_weights(write(tmp_path, fixture_weights), fixture_model)
+
+
+def test_checkpoint_of_another_architecture_is_refused():
+    other = models.create("xcit_nano_12_p8", num_classes=10)
+    with pytest.raises(WeightMismatchError, match=r"The file holds XCiT\(patch_size=8, embed_dim=48, depth=2"):
+        load_pytorch_weights(require_fixtures() / f"{NAME}.safetensors", other)
+
+
+def test_non_xcit_weights_are_refused(tmp_path):
+    vit_like = {"pos_embed": np.zeros((1, 197, 32), np.float32), "blocks.0.attn.qkv.weight": np.zeros((96, 32), np.float32)}
+    with pytest.raises(ValueError, match="not an XCiT checkpoint"):
+        load_pytorch_weights(write(tmp_path, vit_like))
+
+
+def test_unsupported_file_type(tmp_path):
+    path = tmp_path / "weights.h5"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="Unsupported weights file weights.h5"):
+        read_state_dict(path)
+
+
+def test_pth_without_torch_says_how_to_install(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(ImportError, match=r"needs PyTorch[\s\S]*pip install -e \"\.\[torch\]\""):
+        read_state_dict(require_fixtures() / f"{NAME}.official.pth")
+
+
+def test_cli_writes_an_orbax_checkpoint_that_reproduces_the_reference(tmp_path, capsys):
+    fixtures = require_fixtures()
+    source = fixtures / "xcit_p16_d3_img96_tokensnorm.safetensors"
+    assert convert_main([str(source), str(tmp_path / "out"), "--tokens-norm"]) == 0
+    converted = load_converted(tmp_path / "out")
+    assert converted.model_config["tokens_norm"] is True and converted.model_config["num_classes"] == 7
+    fixture = np.load(fixtures / "xcit_p16_d3_img96_tokensnorm.npz")
+    logits = XCiT(**converted.model_config).apply(converted.variables, fixture["images"])
+    assert np.abs(np.asarray(logits) - fixture["logits"]).max() < 1e-4
+
+
+def test_cli_refuses_weights_of_another_named_model(tmp_path, capsys):
+    source = require_fixtures() / f"{NAME}.safetensors"
+    assert convert_main([str(source), str(tmp_path / "out"), "--model", "xcit_tiny_12_p8"]) == 2
+    assert "does not fit XCiT(patch_size=8, embed_dim=192" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_to_overwrite(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    assert convert_main([str(require_fixtures() / f"{NAME}.safetensors"), str(tmp_path / "out")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_recognizes_a_named_model(capsys):
+    inferred = dict(
+        patch_size=8, embed_dim=128, depth=12, num_heads=4, mlp_ratio=4.0, cls_attn_layers=2, num_classes=10,
+        use_pos_embed=True,
+    )
+    config = resolve_model_config(parse_args(["src.pth", "dst"]), inferred)
+    assert "Weights match xcit_nano_12_p8" in capsys.readouterr().out
+    assert config == models.model_config("xcit_nano_12_p8", num_classes=10)
+    tiny_12 = resolve_model_config(parse_args(["src.pth", "dst"]), {**inferred, "embed_dim": 192})
+    assert tiny_12["tokens_norm"] is True  # read from the named model, not from the weights
