@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "scikit-learn>=1.3",  # ships the offline default data set (8x8 digits)
     "pillow>=10.0",
+    "matplotlib>=3.7",  # code-analysis plots
     "absl-py>=2.0",
 ]
 
@@ -26,7 +27,7 @@ EXTRAS_REQUIRE = {
     # pip install torch --index-url https://download.pytorch.org/whl/cpu
     "torch": ["torch>=2.1"],
     "dev": ["pytest>=7.4", "pytest-xdist>=3.5"],
-    "notebooks": ["matplotlib>=3.7", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
+    "notebooks": ["nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
 }
 
 setuptools.setup(

@@ -1,18 +1,24 @@
 """XCiT models: the module, the named model registry and parameter accounting."""
 
+from qkv_vit.models.qkv import QKV_EMBEDDINGS, QKVSpec
 from qkv_vit.models.registry import (
     MODEL_CONFIGS,
+    QKV_PRESETS,
     count_params,
     create,
     init_shapes,
     list_models,
     model_config,
     param_count,
+    qkv_preset,
 )
 from qkv_vit.models.xcit import XCiT
 
 __all__ = [
     "MODEL_CONFIGS",
+    "QKV_EMBEDDINGS",
+    "QKV_PRESETS",
+    "QKVSpec",
     "XCiT",
     "count_params",
     "create",
@@ -20,4 +26,5 @@ __all__ = [
     "list_models",
     "model_config",
     "param_count",
+    "qkv_preset",
 ]

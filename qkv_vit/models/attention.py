@@ -6,14 +6,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from qkv_vit.models.qkv import QKVSpec, kernel_init, qkv_embedding
 
-# timm's Linear init: truncated normal, std 0.02, zero bias.
-dense_init = nn.initializers.truncated_normal(stddev=0.02)
+Dtype = Any
 
 
 def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, kernel_init=dense_init, name=name)
+    """timm's Linear init: truncated normal, std 0.02, zero bias."""
+    return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, name=name)
 
 
 def l2_normalize(x: jnp.ndarray, axis: int, eps: float = 1e-12) -> jnp.ndarray:
@@ -35,12 +35,13 @@ class XCA(nn.Module):
     num_heads: int
     attn_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
+    qkv: QKVSpec = QKVSpec()
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         batch, tokens, _ = x.shape
-        qkv = dense(3 * self.dim, self.dtype, name="qkv")(x)
+        qkv = qkv_embedding(self.qkv, self.dim, self.dtype)(x)
         # The reference reshapes qkv to (B, N, 3, heads, C/heads): keep that channel order.
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.dim // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -59,23 +60,32 @@ class XCA(nn.Module):
 
 
 class ClassAttention(nn.Module):
-    """Attention of the class token (query) over all tokens (keys, values); returns the new class token."""
+    """Attention of the class token (query) over all tokens (keys, values); returns the new class token.
+
+    With `qkv` unset, q, k and v are the reference's three Dense layers; with a QKVSpec, that embedding.
+    """
 
     dim: int
     num_heads: int
     attn_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
+    qkv: QKVSpec | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         head_dim = self.dim // self.num_heads
-        q = split_heads(dense(self.dim, self.dtype, name="q")(x[:, :1]), self.num_heads)
-        k = split_heads(dense(self.dim, self.dtype, name="k")(x), self.num_heads)
-        v = split_heads(dense(self.dim, self.dtype, name="v")(x), self.num_heads)
+        q, k, v = (split_heads(t, self.num_heads) for t in self.queries_keys_values(x))
         logits = jnp.einsum("bqhc,bnhc->bhqn", q * head_dim**-0.5, k)
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         attn = nn.Dropout(self.attn_drop_rate, deterministic=not train)(attn)
         cls_token = jnp.einsum("bhqn,bnhc->bqhc", attn, v).reshape(x.shape[0], 1, self.dim)
         cls_token = dense(self.dim, self.dtype, name="proj")(cls_token)
         return nn.Dropout(self.proj_drop_rate, deterministic=not train)(cls_token)
+
+    def queries_keys_values(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        """The class token's query (B, 1, C) and every token's key and value (B, N, C)."""
+        if self.qkv is None:
+            return tuple(dense(self.dim, self.dtype, name=t)(x[:, :1] if t == "q" else x) for t in "qkv")
+        qkv = qkv_embedding(self.qkv, self.dim, self.dtype)(x).reshape(*x.shape[:2], 3, self.dim)
+        return qkv[:, :1, 0], qkv[:, :, 1], qkv[:, :, 2]

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from qkv_vit.models.attention import XCA, ClassAttention, dense
 from qkv_vit.models.embedding import batch_norm, gelu
+from qkv_vit.models.qkv import QKVSpec
 
 Dtype = Any
 
@@ -79,11 +80,12 @@ class XCABlock(nn.Module):
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    qkv: QKVSpec = QKVSpec()
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, height: int, width: int, train: bool) -> jnp.ndarray:
-        attn = XCA(self.dim, self.num_heads, self.attn_drop_rate, self.proj_drop_rate, self.dtype, name="attn")
+        attn = XCA(self.dim, self.num_heads, self.attn_drop_rate, self.proj_drop_rate, self.qkv, self.dtype, name="attn")
         mlp = Mlp(int(self.dim * self.mlp_ratio), self.proj_drop_rate, self.dtype, name="mlp")
         lpi = LPI(self.dtype, name="local_mp")
         drop = drop_path(self.drop_path_rate, train)
@@ -108,11 +110,14 @@ class ClassAttentionBlock(nn.Module):
     tokens_norm: bool = False
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
+    qkv: QKVSpec | None = None  # None: the reference's separate q, k, v Dense layers
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        attn = ClassAttention(self.dim, self.num_heads, self.attn_drop_rate, self.proj_drop_rate, self.dtype, name="attn")
+        attn = ClassAttention(
+            self.dim, self.num_heads, self.attn_drop_rate, self.proj_drop_rate, self.qkv, self.dtype, name="attn"
+        )
         norm2 = layer_norm(self.dtype, "norm2")
         x_norm = layer_norm(self.dtype, "norm1")(x)
         x_attn = jnp.concatenate([attn(x_norm, train), x_norm[:, 1:]], axis=1)

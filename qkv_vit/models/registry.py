@@ -29,25 +29,56 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# The paper's configurations as shortcuts, with the hidden width h relative to the token width d so that
+# they carry over between sizes. For XCiT-N12/16 (d=128): sne h=64 and psne h=96 match the baseline's
+# 3.05M, fsne_m8 (h=128) is the abstract's 2.9M model, fsne_m8_wide (h=192) its 3.1M one. Code size 16
+# is the paper's best for tiny (d=192).
+QKV_PRESETS: dict[str, tuple[dict[str, Any], float]] = {
+    "linear": (dict(qkv_embed="linear"), 1.0),
+    "sne": (dict(qkv_embed="sne"), 0.5),
+    "psne": (dict(qkv_embed="psne", shared_layer="first"), 0.75),
+    "psne_second": (dict(qkv_embed="psne", shared_layer="second"), 0.75),
+    "fsne_m8": (dict(qkv_embed="fsne", code_size=8), 1.0),
+    "fsne_m8_wide": (dict(qkv_embed="fsne", code_size=8), 1.5),
+    "fsne_m16": (dict(qkv_embed="fsne", code_size=16), 1.0),
+}
+
+
+def qkv_preset(preset: str, embed_dim: int) -> dict[str, Any]:
+    """The XCiT options of a named QKV configuration for a given token width."""
+    if preset not in QKV_PRESETS:
+        raise ValueError(f"Unknown QKV preset {preset!r}. Known presets: {', '.join(QKV_PRESETS)}.")
+    options, hidden_ratio = QKV_PRESETS[preset]
+    if options["qkv_embed"] == "linear":
+        return dict(options)
+    return {**options, "qkv_hidden_dim": int(round(embed_dim * hidden_ratio))}
+
+
 def list_models() -> list[str]:
     """Named models, smallest first."""
     return list(MODEL_CONFIGS)
 
 
-def model_config(name: str, **overrides: Any) -> dict[str, Any]:
-    """The constructor arguments of a named model with overrides applied; errors name what was wrong."""
+def model_config(name: str, qkv_preset_name: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """The constructor arguments of a named model, a QKV preset and overrides applied in that order."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f"Unknown model {name!r}. Known models: {', '.join(list_models())}.")
     fields = {f.name for f in dataclasses.fields(XCiT) if f.init and f.name not in ("parent", "name")}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"Unknown XCiT option(s) {unknown} for {name}. Valid options: {', '.join(sorted(fields))}.")
-    return {**MODEL_CONFIGS[name], **overrides}
+    config = dict(MODEL_CONFIGS[name])
+    if qkv_preset_name:
+        config.update(qkv_preset(qkv_preset_name, config["embed_dim"]))
+    return {**config, **overrides}
 
 
-def create(name: str, **overrides: Any) -> XCiT:
-    """Build a named model, e.g. create('xcit_nano_12_p16', num_classes=10, drop_path_rate=0.1)."""
-    return XCiT(**model_config(name, **overrides))
+def create(name: str, qkv: str | None = None, **overrides: Any) -> XCiT:
+    """Build a named model, e.g. create('xcit_nano_12_p16', qkv='fsne_m8', num_classes=10).
+
+    `qkv` names a QKV_PRESETS entry; single options (qkv_embed, code_size, ...) can also be overridden.
+    """
+    return XCiT(**model_config(name, qkv, **overrides))
 
 
 def init_shapes(model: nn.Module, image_size: int = 224) -> dict:

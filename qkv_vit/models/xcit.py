@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from qkv_vit.models.attention import dense
 from qkv_vit.models.blocks import ClassAttentionBlock, XCABlock, layer_norm
 from qkv_vit.models.embedding import STAGE_WIDTH_DIVISORS, ConvPatchEmbed, FourierPositionalEncoding
+from qkv_vit.models.qkv import QKVSpec
 
 Dtype = Any
 
@@ -22,6 +23,7 @@ class XCiT(nn.Module):
 
     With num_classes=0 there is no head and the call returns the pooled features (B, embed_dim).
     `dtype` is the compute dtype (e.g. jnp.bfloat16); parameters stay float32.
+    The `qkv_*`, `shared_layer` and `code_*` fields choose the query/key/value embedding (models/qkv.py).
     """
 
     patch_size: int = 16
@@ -40,11 +42,32 @@ class XCiT(nn.Module):
     proj_drop_rate: float = 0.0  # XCA block projections and MLPs
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # one constant rate for every XCA block, none in class attention
+    qkv_embed: str = "linear"  # "linear" (XCiT), "sne", "psne", "fsne"
+    qkv_hidden_dim: int | None = None  # h; None: embed_dim
+    shared_layer: str = "first"  # psne: "first" or "second"
+    code_size: int = 8  # fsne, code_mode="concat": m
+    code_mode: str = "concat"  # fsne: "concat" ([x ; c_t]) or "add" (x + c_t)
+    code_init_std: float = 1.0
+    qkv_activation: str = "relu"
+    qkv_in_class_attention: bool = False
     dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
         validate_architecture(self)
+        self.qkv_spec  # validates the embedding options now, not at the first call
         super().__post_init__()
+
+    @property
+    def qkv_spec(self) -> QKVSpec:
+        return QKVSpec(
+            embed=self.qkv_embed,
+            hidden_dim=self.qkv_hidden_dim,
+            shared_layer=self.shared_layer,
+            code_size=self.code_size,
+            code_mode=self.code_mode,
+            code_init_std=self.code_init_std,
+            activation=self.qkv_activation,
+        )
 
     def setup(self) -> None:
         self.patch_embed = ConvPatchEmbed(self.patch_size, self.embed_dim, self.dtype)
@@ -62,6 +85,7 @@ class XCiT(nn.Module):
                 proj_drop_rate=self.proj_drop_rate,
                 attn_drop_rate=self.attn_drop_rate,
                 drop_path_rate=self.drop_path_rate,
+                qkv=self.qkv_spec,
                 dtype=self.dtype,
             )
             for _ in range(self.depth)
@@ -75,6 +99,7 @@ class XCiT(nn.Module):
                 self.tokens_norm,
                 proj_drop_rate=self.drop_rate,
                 attn_drop_rate=self.attn_drop_rate,
+                qkv=self.qkv_spec if self.qkv_in_class_attention else None,
                 dtype=self.dtype,
             )
             for _ in range(self.cls_attn_layers)

@@ -1,0 +1,27 @@
+"""python -m qkv_vit.analysis CHECKPOINT_DIR --out DIR [--method pca|tsne]: plots and JSON of F-SNE codes."""
+
+import argparse
+import sys
+
+from qkv_vit.analysis.loading import load_params
+from qkv_vit.analysis.report import analyze_codes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qkv_vit.analysis", description=__doc__)
+    parser.add_argument("checkpoint", help="a training workdir's checkpoint directory, or converted weights")
+    parser.add_argument("--out", required=True, help="directory for codes.json and the PNG plots")
+    parser.add_argument("--method", choices=("pca", "tsne"), default="pca", help="2-D embedding of the codes")
+    args = parser.parse_args(argv)
+    try:
+        stats = analyze_codes(load_params(args.checkpoint), args.out, args.method)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{len(stats['layers'])} layers of codes (m={stats['code_size']}); mean |cos| between C_q, C_k, C_v: "
+          f"{stats['mean_abs_cosine']:.3f} (max {stats['max_abs_cosine']:.3f}). Wrote {args.out}/codes.json and plots.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
