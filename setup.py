@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "pillow>=10.0",
     "matplotlib>=3.7",  # code-analysis plots
     "absl-py>=2.0",
+    "importlib_resources>=6.0",  # tensorflow-datasets imports it when building a data set but does not declare it
 ]
 
 EXTRAS_REQUIRE = {

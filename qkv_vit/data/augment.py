@@ -26,7 +26,8 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
-def _crop_window(shape: tf.Tensor, seed: tf.Tensor, scale: Sequence[float], ratio: Sequence[float]):
+def _crop_window(shape: tf.Tensor, seed: tf.Tensor, scale: Sequence[float],
+                 ratio: Sequence[float]) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
         aspect_ratio_range=tuple(ratio), area_range=tuple(scale), max_attempts=10,
@@ -102,8 +103,12 @@ def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.25, area: 
     cols = tf.range(width)[None, :, None]
     inside = (rows >= top) & (rows < top + box_height) & (cols >= left) & (cols < left + box_width)
     erase = (tf.random.stateless_uniform([], apply_seed) < prob) & tf.reduce_any(fits)
-    noise = tf.random.stateless_normal(tf.shape(image), noise_seed) if mode == "pixel" else tf.zeros_like(image)
-    return tf.where(erase & inside, noise, image)
+
+    def erased():  # noise for the whole image costs as much as the rest: only draw it when erasing
+        noise = tf.random.stateless_normal(tf.shape(image), noise_seed) if mode == "pixel" else tf.zeros_like(image)
+        return tf.where(inside, noise, image)
+
+    return tf.cond(erase, erased, lambda: image)
 
 
 def resize_and_center_crop(image: tf.Tensor, size: int, crop_ratio: float = 1.0, method: str = "bicubic") -> tf.Tensor:

@@ -67,12 +67,15 @@ def prepare_image_folder(path: str | os.PathLike, cache_dir: str | os.PathLike |
     final = cache_dir / "image_folder" / (_tar_key(path) if is_tar else _folder_key(path))
     if (final / LABEL_MAP).exists():
         return _load(final)
+    check_can_prepare()
     temporary = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     temporary.mkdir(parents=True)
     try:
         root = _extract(path, temporary / "extracted") if is_tar else path
         _build(root, temporary, bad_files, source=path)
         shutil.rmtree(temporary / "extracted", ignore_errors=True)  # the tfds records hold the bytes now
+        if final.exists() and not (final / LABEL_MAP).exists():
+            shutil.rmtree(final)  # not ours (entries appear only by rename, complete): never trust it
         try:
             os.rename(temporary, final)
         except OSError:  # another process finished the same entry first: use theirs
@@ -81,6 +84,17 @@ def prepare_image_folder(path: str | os.PathLike, cache_dir: str | os.PathLike |
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return _load(final)
+
+
+def check_can_prepare() -> None:
+    """tfds 4.9.x prepares data sets only with `importlib_resources`, which it forgets to require (tfds#11212)."""
+    try:
+        import importlib_resources  # noqa: F401
+    except ImportError:
+        raise DataConfigError(
+            "Preparing a tfds data set needs the package importlib_resources, which tensorflow-datasets uses "
+            "without declaring it: pip install importlib_resources"
+        ) from None
 
 
 def _tar_key(path: Path) -> str:
@@ -137,13 +151,13 @@ def _looks_like_root(path: Path) -> bool:
 
 
 @dataclasses.dataclass
-class _Scan:
+class FolderScan:
     splits: dict[str, list[tuple[Path, str]]]
     class_names: list[str]
     skipped: list[str]
 
 
-def scan_image_folder(root: Path, bad_files: str = "skip") -> _Scan:
+def scan_image_folder(root: Path, bad_files: str = "skip") -> FolderScan:
     """Lists ROOT/<split>/<class>/<image>; raises DataConfigError for a layout that cannot work."""
     split_dirs = _subdirs(root)
     if not split_dirs:
@@ -164,7 +178,7 @@ def scan_image_folder(root: Path, bad_files: str = "skip") -> _Scan:
             examples.extend((f, class_dir.name) for f in images)
             classes.add(class_dir.name)
         splits[split_dir.name] = examples
-    return _Scan(splits, sorted(classes), skipped)
+    return FolderScan(splits, sorted(classes), skipped)
 
 
 def _reject(file: Path, root: Path, bad_files: str, skipped: list[str], why: str) -> None:
@@ -197,6 +211,7 @@ def _build(root: Path, work: Path, bad_files: str, source: Path) -> None:
         "skipped_files": scan.skipped[:_MAX_LISTED_SKIPS],
         "tfds_dir": Path(builder.data_dir).relative_to(work).as_posix(),
     }
+    shutil.rmtree(work / "tfds" / "downloads", ignore_errors=True)  # empty folders tfds makes, nothing to download
     if scan.skipped:
         logging.warning("Skipped %d files that are not images, e.g. %s", len(scan.skipped), scan.skipped[:5])
     (work / LABEL_MAP).write_text(json.dumps(label_map, indent=1))

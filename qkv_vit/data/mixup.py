@@ -33,8 +33,10 @@ def _cutmix_box(height: tf.Tensor, width: tf.Tensor, lam: tf.Tensor, seed: tf.Te
     cut_width = tf.cast(tf.cast(width, tf.float32) * cut, tf.int32)
     centre_y = tf.random.stateless_uniform([], y_seed, 0, height, dtype=tf.int32)
     centre_x = tf.random.stateless_uniform([], x_seed, 0, width, dtype=tf.int32)
-    top, bottom = tf.clip_by_value(centre_y - cut_height // 2, 0, height), tf.clip_by_value(centre_y + cut_height // 2, 0, height)
-    left, right = tf.clip_by_value(centre_x - cut_width // 2, 0, width), tf.clip_by_value(centre_x + cut_width // 2, 0, width)
+    top = tf.clip_by_value(centre_y - cut_height // 2, 0, height)
+    bottom = tf.clip_by_value(centre_y + cut_height // 2, 0, height)
+    left = tf.clip_by_value(centre_x - cut_width // 2, 0, width)
+    right = tf.clip_by_value(centre_x + cut_width // 2, 0, width)
     rows = tf.range(height)[:, None, None]
     cols = tf.range(width)[None, :, None]
     inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
@@ -58,8 +60,12 @@ def mix_batch(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, *, num_clas
     lam_mixup = _beta(mixup_seed, mixup_alpha)
     inside, lam_cutmix = _cutmix_box(tf.shape(images)[1], tf.shape(images)[2], _beta(cutmix_seed, cutmix_alpha), box_seed)
     reversed_images = tf.reverse(images, axis=[0])
-    mixed = tf.where(use_cutmix, tf.where(inside[None], reversed_images, images),
-                     lam_mixup * images + (1.0 - lam_mixup) * reversed_images)
+    mixed = tf.cond(
+        apply,
+        lambda: tf.cond(use_cutmix, lambda: tf.where(inside[None], reversed_images, images),
+                        lambda: lam_mixup * images + (1.0 - lam_mixup) * reversed_images),
+        lambda: images,
+    )
     lam = tf.where(apply, tf.where(use_cutmix, lam_cutmix, lam_mixup), 1.0)
     soft = lam * targets + (1.0 - lam) * tf.reverse(targets, axis=[0])
-    return tf.where(apply, mixed, images), soft
+    return mixed, soft

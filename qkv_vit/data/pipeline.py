@@ -12,6 +12,8 @@ whose "mask" is 0, so each example of the split is counted exactly once, whateve
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import math
 from typing import Callable, Iterator
 
@@ -26,7 +28,7 @@ from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.sources import Source, open_source
 
 Batch = dict[str, np.ndarray]
-_EPOCH_OVERLAP = 2  # batches before an epoch ends at which the next epoch's pipeline starts warming up
+_EPOCH_OVERLAP = 8  # batches before an epoch ends at which the next epoch's pipeline starts warming up
 
 
 def dataset_info(data_config: ml_collections.ConfigDict) -> tuple[int, int, int, list[str]]:
@@ -40,16 +42,18 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> tuple[int, int, int,
 def steps_per_epoch(data_config: ml_collections.ConfigDict, global_batch_size: int, *,
                     process_count: int | None = None, local_device_count: int | None = None) -> int:
     """Train batches per epoch, the same on every process (each drops its last partial batch)."""
-    source = open_source(data_config)
     _, process_count = _processes(0, process_count)
     local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
+    source = open_source(data_config)
     return _train_steps(source, local_batch, 0, process_count)[1]
 
 
 def local_batch_size(global_batch_size: int, process_count: int, local_device_count: int | None = None) -> int:
     """The per-process batch; raises DataConfigError unless it splits evenly over processes and devices."""
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise DataConfigError(f"Global batch size {global_batch_size} is not divisible by the process count {process_count}.")
+        raise DataConfigError(
+            f"Global batch size {global_batch_size} is not divisible by the process count {process_count}."
+        )
     local_batch = global_batch_size // process_count
     if local_device_count is None:
         import jax  # only for the default: the data code itself never touches the accelerator
@@ -71,24 +75,26 @@ def build_train_iterator(data_config: ml_collections.ConfigDict, global_batch_si
     B = global_batch_size / process_count. `seed` defaults to data_config.seed; `start_step` resumes
     the stream: the first batch yielded is batch `start_step` of the stream that starts at 0.
     """
-    source = open_source(data_config)
     seed = data_config.seed if seed is None else seed
     if seed < 0 or start_step < 0:
         raise DataConfigError(f"seed and start_step must be >= 0, not {seed} and {start_step}.")
     process_index, process_count = _processes(process_index, process_count)
     local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
+    source = open_source(data_config)  # after the cheap checks: it may convert an image folder
     split, steps = _train_steps(source, local_batch, process_index, process_count)
     num_classes = data_config.num_classes or source.num_classes
+    augment, mix = _train_functions(data_config, local_batch, num_classes)
 
     def make_epoch(epoch: int, skip_batches: int) -> tf.data.Dataset:
-        return _train_epoch(source, data_config, split, local_batch, steps, num_classes,
+        return _train_epoch(source, data_config, split, local_batch, steps, augment, mix,
                             seeds=[_derive_seed(seed, epoch, process_index, stream) for stream in range(3)],
                             skip_batches=skip_batches)
 
     return _endless(make_epoch, steps, start_step)
 
 
-def _train_steps(source: Source, local_batch: int, process_index: int, process_count: int):
+def _train_steps(source: Source, local_batch: int, process_index: int,
+                 process_count: int) -> tuple[tfds.typing.SplitArg, int]:
     # drop_remainder: every process gets floor(N / process_count) examples, so all run the same steps.
     split = tfds.split_for_jax_process(source.train_split, process_index=process_index,
                                        process_count=process_count, drop_remainder=True)
@@ -122,8 +128,27 @@ def _parallel(config: ml_collections.ConfigDict) -> int:
     return tf.data.AUTOTUNE if config.num_parallel_calls < 0 else config.num_parallel_calls
 
 
+def _train_functions(config: ml_collections.ConfigDict, local_batch: int,
+                     num_classes: int) -> tuple[Callable, Callable]:
+    """The per-image augmentation and per-batch mixing, traced once and reused by every epoch's pipeline."""
+    size, augment = config.image_size, config.augment
+    preprocess = tf.function(
+        augment_lib.train_preprocess(config),
+        input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)],
+    )
+    mix = tf.function(
+        functools.partial(
+            mix_batch, num_classes=num_classes, mixup_alpha=augment.mixup_alpha, cutmix_alpha=augment.cutmix_alpha,
+            mix_prob=augment.mix_prob, switch_prob=augment.mix_switch_prob, label_smoothing=augment.label_smoothing,
+        ),
+        input_signature=[tf.TensorSpec([local_batch, size, size, 3], tf.float32), tf.TensorSpec([local_batch], tf.int32),
+                         tf.TensorSpec([2], tf.int64)],
+    )
+    return preprocess, mix
+
+
 def _train_epoch(source: Source, config: ml_collections.ConfigDict, split, local_batch: int, steps: int,
-                 num_classes: int, seeds: list[int], skip_batches: int) -> tf.data.Dataset:
+                 augment: Callable, mix: Callable, seeds: list[int], skip_batches: int) -> tf.data.Dataset:
     example_seed, mix_seed, shuffle_seed = seeds
     records = source.read(split, shuffle_seed=shuffle_seed)
     if config.shuffle_buffer > 1:
@@ -134,26 +159,21 @@ def _train_epoch(source: Source, config: ml_collections.ConfigDict, split, local
         repeats = config.repeated_augmentation
         records = records.flat_map(lambda example: tf.data.Dataset.from_tensors(example).repeat(repeats))
     records = records.take(steps * local_batch).enumerate().skip(skip_batches * local_batch)
-    preprocess = augment_lib.train_preprocess(config)
 
-    def augment(index: tf.Tensor, example: dict) -> dict:
+    # The closures only call already-traced tf.functions: nothing for AutoGraph to convert (and it warns).
+    @tf.autograph.experimental.do_not_convert
+    def augment_example(index: tf.Tensor, example: dict) -> dict:
         seed = tf.stack([tf.constant(example_seed, tf.int64), index])
-        return {"image": preprocess(example["image"], seed), "label": example["label"]}
+        return {"image": augment(example["image"], seed), "label": example["label"]}
 
-    augment_config = config.augment
-
-    def mix(step: tf.Tensor, batch: dict) -> dict:
-        images, soft_labels = mix_batch(
-            batch["image"], batch["label"], tf.stack([tf.constant(mix_seed, tf.int64), step]),
-            num_classes=num_classes, mixup_alpha=augment_config.mixup_alpha,
-            cutmix_alpha=augment_config.cutmix_alpha, mix_prob=augment_config.mix_prob,
-            switch_prob=augment_config.mix_switch_prob, label_smoothing=augment_config.label_smoothing,
-        )
+    @tf.autograph.experimental.do_not_convert
+    def mix_batch_at(step: tf.Tensor, batch: dict) -> dict:
+        images, soft_labels = mix(batch["image"], batch["label"], tf.stack([tf.constant(mix_seed, tf.int64), step]))
         return {"image": images, "label": batch["label"], "soft_label": soft_labels}
 
-    batches = records.map(augment, num_parallel_calls=_parallel(config), deterministic=True)
+    batches = records.map(augment_example, num_parallel_calls=_parallel(config), deterministic=True)
     batches = batches.batch(local_batch, drop_remainder=True).enumerate(start=skip_batches)
-    batches = batches.map(mix, num_parallel_calls=_parallel(config), deterministic=True)
+    batches = batches.map(mix_batch_at, num_parallel_calls=_parallel(config), deterministic=True)
     return _with_options(batches.prefetch(config.prefetch))
 
 
@@ -165,15 +185,20 @@ def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 def _endless(make_epoch: Callable[[int, int], tf.data.Dataset], steps: int, start_step: int) -> Iterator[Batch]:
     epoch, skip = divmod(start_step, steps)
-    current = iter(tfds.as_numpy(make_epoch(epoch, skip)))
-    while True:
-        following = None
-        for position in range(skip, steps):
-            if following is None and steps - position <= _EPOCH_OVERLAP:
-                # Start the next epoch's pipeline (file reads, shuffle buffer) before this one runs dry.
-                following = iter(tfds.as_numpy(make_epoch(epoch + 1, 0)))
-            yield next(current)
-        current, epoch, skip = following, epoch + 1, 0
+    # Creating a tf.data iterator instantiates the augmentation graph (about a second on a small CPU),
+    # so the next epoch's iterator is made in a background thread while this epoch's last batches go.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkv_vit_data")
+    try:
+        current = iter(tfds.as_numpy(make_epoch(epoch, skip)))
+        while True:
+            following = None
+            for position in range(skip, steps):
+                if following is None and steps - position <= _EPOCH_OVERLAP:
+                    following = pool.submit(lambda e=epoch + 1: iter(tfds.as_numpy(make_epoch(e, 0))))
+                yield next(current)
+            current, epoch, skip = following.result(), epoch + 1, 0
+    finally:
+        pool.shutdown(wait=False)
 
 
 class EvalBatches:
@@ -195,11 +220,11 @@ def build_eval_iterator(data_config: ml_collections.ConfigDict, global_batch_siz
                         process_index: int | None = None, process_count: int | None = None,
                         local_device_count: int | None = None) -> EvalBatches:
     """Eval batches {"image", "label" int32, "mask" float32 (1 real, 0 padding)} of `split` (default: the eval split)."""
+    process_index, process_count = _processes(process_index, process_count)
+    local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
     source = open_source(data_config)
     split = split or source.eval_split
     source.check_split(split)
-    process_index, process_count = _processes(process_index, process_count)
-    local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
     parts = [tfds.split_for_jax_process(split, process_index=index, process_count=process_count)
              for index in range(process_count)]
     # Every process runs as many batches as the largest part needs, so collective ops stay in step.

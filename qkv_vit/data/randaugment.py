@@ -138,7 +138,7 @@ def affine(image: tf.Tensor, matrix: Sequence[tf.Tensor | float], fill: Sequence
 
 def rotate(image: tf.Tensor, degrees: tf.Tensor | float, fill: Sequence[float]) -> tf.Tensor:
     """Rotate about the image centre (PIL: counter-clockwise for positive degrees)."""
-    radians = tf.cast(degrees, tf.float32) * (math.pi / 180.0)
+    radians = -tf.cast(degrees, tf.float32) * (math.pi / 180.0)  # PIL's sign convention
     height, width = (tf.cast(tf.shape(image)[i], tf.float32) for i in (0, 1))
     cx, cy = (width - 1) / 2, (height - 1) / 2
     cos, sin = tf.cos(radians), tf.sin(radians)

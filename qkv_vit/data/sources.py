@@ -102,6 +102,7 @@ def _digits_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else image_folder.default_cache_dir()
     builder = digits.SklearnDigits(data_dir=os.fspath(cache_dir / "tfds"))
     if not builder.is_prepared():
+        image_folder.check_can_prepare()
         builder.download_and_prepare()  # seconds, offline: the images come from scikit-learn
     return builder
 

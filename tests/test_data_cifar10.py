@@ -1,0 +1,60 @@
+"""The real CIFAR-10 archive from ../shared/data (dev machines and CI): counts, classes, exact evaluation.
+
+Skipped, with the reason, where the archive is absent (a user's machine): there, point
+`QKV_VIT_SHARED` at a folder holding data/cifar10-jpeg.tar.gz, or see the README's "Input pipelines".
+"""
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qkv_vit import data
+from qkv_vit.data import sources
+
+SHARED = Path(os.environ.get("QKV_VIT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+pytestmark = pytest.mark.skipif(
+    not ARCHIVE.is_file(),
+    reason=f"real CIFAR-10 archive not found at {ARCHIVE} (only dev machines and CI have ../shared/data; "
+    "set QKV_VIT_SHARED to the folder holding data/cifar10-jpeg.tar.gz)",
+)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    config = data.get_config("small", source="image_folder")
+    config.path = str(ARCHIVE)
+    config.cache_dir = str(tmp_path_factory.mktemp("cache"))  # extracted and converted once for this module
+    return config
+
+
+def test_counts_and_classes(config):
+    assert data.dataset_info(config) == (50_000, 10_000, 10, CLASSES)
+    source = sources.open_source(config)
+    assert source.label_counts("train") == [5_000] * 10
+    assert source.label_counts("test") == [1_000] * 10
+
+
+@pytest.mark.parametrize("process_count,global_batch", [(1, 4096), (3, 3000)])
+def test_top1_on_the_test_split_counts_exactly_10000_images(config, process_count, global_batch):
+    correct = total = 0.0
+    for index in range(process_count):
+        batches = data.build_eval_iterator(config, global_batch, process_index=index, process_count=process_count,
+                                           local_device_count=1)
+        assert len(batches) == math.ceil(math.ceil(10_000 / process_count) / (global_batch // process_count))
+        for batch in batches:  # a classifier that always answers "airplane"
+            correct += np.sum((batch["label"] == 0) * batch["mask"])
+            total += np.sum(batch["mask"])
+    assert (total, correct / total) == (10_000, 0.1)
+
+
+def test_train_batches_from_the_archive(config):
+    batch = next(data.build_train_iterator(config, 64, seed=0, process_index=0, process_count=1, local_device_count=1))
+    assert batch["image"].shape == (64, 32, 32, 3) and batch["soft_label"].shape == (64, 10)
+    assert batch["image"].std() > 0.3  # real photos, not padding
+    assert len(np.unique(batch["label"])) >= 5

@@ -1,0 +1,226 @@
+"""Sources: the offline digits, tfds by name, image folders and tars (cache, label map), and clear errors."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from qkv_vit import data
+from qkv_vit.data import image_folder, sources
+from qkv_vit.data.testing import write_image_folder, write_tar
+
+SMALL_FOLDER = {"train": {"dog": 3, "cat": 4, "ant": 2}, "test": {"cat": 2, "dog": 1, "ant": 1}}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def digits_config(cache_dir, **overrides):
+    config = data.get_config("none")
+    config.cache_dir = str(cache_dir)
+    config.update(overrides)
+    return config
+
+
+def folder_config(path, cache_dir, **overrides):
+    config = data.get_config("none", source="image_folder")
+    config.path, config.cache_dir = str(path), str(cache_dir)
+    config.update(overrides)
+    return config
+
+
+# ---- the offline default ----
+
+def test_offline_digits_default(cache_dir):
+    num_train, num_eval, num_classes, names = data.dataset_info(digits_config(cache_dir))
+    assert (num_train, num_eval, num_classes) == (1437, 360, 10)
+    assert names == [str(d) for d in range(10)]
+    assert data.get_config().source == "digits"
+
+
+def test_digits_are_prepared_once_and_readable_through_the_tfds_source(cache_dir):
+    data.dataset_info(digits_config(cache_dir))
+    info_file = next((Path(cache_dir) / "tfds" / "sklearn_digits").rglob("dataset_info.json"))
+    stamp = info_file.stat().st_mtime_ns
+    data.dataset_info(digits_config(cache_dir))
+    assert info_file.stat().st_mtime_ns == stamp
+    # The same prepared data through the generic tfds path, as ImageNet would be read.
+    config = data.get_config("none", source="tfds", name="sklearn_digits")
+    config.data_dir = str(Path(cache_dir) / "tfds")
+    source = sources.open_source(config)
+    assert (source.train_split, source.eval_split) == ("train", "test")
+    assert sum(source.label_counts("train")) == 1437
+
+
+# ---- image folders and tars ----
+
+@pytest.mark.parametrize("as_tar", [False, True], ids=["folder", "tar.gz"])
+def test_image_folder_is_prepared_with_sorted_classes_and_label_map(tmp_path, as_tar):
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    path = write_tar(tmp_path / "images", tmp_path / "images.tar.gz") if as_tar else tmp_path / "images"
+    source = sources.open_source(folder_config(path, tmp_path / "cache"))
+    assert source.class_names == ["ant", "cat", "dog"]
+    assert (source.num_examples("train"), source.num_examples("test")) == (9, 4)
+    assert source.label_counts("train") == [2, 4, 3]
+    label_map_file = next((tmp_path / "cache").rglob("label_map.json"))
+    label_map = json.loads(label_map_file.read_text())
+    assert label_map["label_map"] == {"ant": 0, "cat": 1, "dog": 2}
+    assert label_map["num_examples"] == {"train": 9, "test": 4}
+    assert not (label_map_file.parent / "extracted").exists()  # extracted files are dropped once converted
+    assert not list((tmp_path / "cache" / "image_folder").glob(".tmp-*"))
+
+
+def test_tar_is_prepared_once_and_reused(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    archive = write_tar(tmp_path / "images", tmp_path / "images.tar")
+    first = image_folder.prepare_image_folder(archive, tmp_path / "cache")
+    monkeypatch.setattr(image_folder, "_build", lambda *args, **kwargs: pytest.fail("rebuilt a cached entry"))
+    assert image_folder.prepare_image_folder(archive, tmp_path / "cache") == first
+
+
+def test_a_killed_preparation_leaves_nothing_that_later_runs_trust(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    archive = write_tar(tmp_path / "images", tmp_path / "images.tar")
+    real_build = image_folder._build
+
+    def dies_half_way(root, work, *args, **kwargs):
+        assert (root / "train" / "cat").is_dir()  # extraction happened
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(image_folder, "_build", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        image_folder.prepare_image_folder(archive, tmp_path / "cache")
+    assert list((tmp_path / "cache" / "image_folder").iterdir()) == []
+    monkeypatch.setattr(image_folder, "_build", real_build)
+    assert image_folder.prepare_image_folder(archive, tmp_path / "cache").num_examples == {"train": 9, "test": 4}
+
+
+def test_folder_changes_invalidate_the_cache(tmp_path):
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    first = image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache")
+    write_image_folder(tmp_path / "images", {"train": {"bee": 2}})
+    second = image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache")
+    assert second.tfds_dir != first.tfds_dir
+    assert second.class_names == ["ant", "bee", "cat", "dog"] and second.num_examples["train"] == 11
+
+
+@pytest.mark.parametrize("bad_file,content", [("notes.txt", b"hello"), ("broken.jpg", b"not a jpeg at all")])
+def test_a_file_that_is_not_an_image_is_skipped_and_counted_or_an_error(tmp_path, bad_file, content):
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    (tmp_path / "images" / "train" / "cat" / bad_file).write_bytes(content)
+    prepared = image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache", bad_files="skip")
+    assert prepared.num_skipped == 1 and prepared.skipped_files == [f"train/cat/{bad_file}"]
+    assert prepared.num_examples["train"] == 9
+    with pytest.raises(data.DataConfigError, match=bad_file):
+        image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache2", bad_files="error")
+    assert list((tmp_path / "cache2" / "image_folder").iterdir()) == []
+
+
+def test_hidden_files_are_ignored(tmp_path):
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    (tmp_path / "images" / "train" / "cat" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "images" / "train" / "cat" / "._0000.png").write_bytes(b"\0")
+    assert image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache").num_skipped == 0
+
+
+# ---- clear errors before heavy work ----
+
+def test_error_missing_path(tmp_path):
+    with pytest.raises(data.DataConfigError, match="does not exist"):
+        sources.open_source(folder_config(tmp_path / "nowhere", tmp_path / "cache"))
+
+
+def test_error_empty_class_folder(tmp_path):
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    (tmp_path / "images" / "train" / "zebra").mkdir()
+    with pytest.raises(data.DataConfigError, match=r"Empty class folder .*zebra"):
+        sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache"))
+
+
+def test_error_folder_without_class_folders(tmp_path):
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    with pytest.raises(data.DataConfigError, match="no class folders"):
+        sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache"))
+
+
+def test_error_wrong_split_name_lists_the_valid_ones(tmp_path, cache_dir):
+    with pytest.raises(data.DataConfigError, match=r"'validation'.*\['train', 'test'\]"):
+        sources.open_source(digits_config(cache_dir, eval_split="validation"))
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    with pytest.raises(data.DataConfigError, match="Valid splits"):
+        sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache", train_split="training"))
+
+
+def test_subsplits_are_accepted(cache_dir):
+    source = sources.open_source(digits_config(cache_dir, train_split="train[:80%]", eval_split="train[80%:]"))
+    assert source.num_examples(source.train_split) + source.num_examples(source.eval_split) == 1437
+
+
+def test_error_unknown_source_and_unknown_tfds_name(cache_dir):
+    with pytest.raises(data.DataConfigError, match="Unknown data source 'folder'"):
+        sources.open_source(digits_config(cache_dir, source="folder"))
+    config = data.get_config("none", source="tfds", name="no_such_data_set")
+    with pytest.raises(data.DataConfigError, match="no_such_data_set"):
+        sources.open_source(config)
+
+
+@pytest.mark.parametrize("name,command", [
+    ("cifar10", "tfds build cifar10 --data_dir {d}"),
+    ("stl10", "tfds build stl10 --data_dir {d}"),
+    ("imagenet2012", "tfds build imagenet2012 --data_dir {d} --manual_dir {d}/downloads/manual"),
+])
+def test_error_unprepared_tfds_data_set_shows_the_command(tmp_path, name, command):
+    config = data.get_config("xcit", source="tfds", name=name)
+    config.data_dir = str(tmp_path)
+    with pytest.raises(data.DataConfigError, match="not prepared") as error:
+        sources.open_source(config)
+    assert command.format(d=tmp_path) in str(error.value)
+    assert not (tmp_path / "downloads").exists() or not any((tmp_path / "downloads").iterdir())  # downloaded nothing
+
+
+def test_error_batch_size_not_divisible(cache_dir):
+    config = digits_config(cache_dir)
+    with pytest.raises(data.DataConfigError, match="not divisible by the process count 4"):
+        data.build_train_iterator(config, 30, process_index=0, process_count=4, local_device_count=1)
+    with pytest.raises(data.DataConfigError, match="not divisible by the 4 local devices"):
+        data.build_eval_iterator(config, 30, process_index=0, process_count=1, local_device_count=4)
+    with pytest.raises(data.DataConfigError, match="larger than"):
+        data.build_train_iterator(config, 4096, process_index=0, process_count=1, local_device_count=1)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("bad_files", "ignore", "bad_files"),
+    ("repeated_augmentation", 0, "repeated_augmentation"),
+    ("num_classes", 5, "num_classes=5"),
+])
+def test_error_bad_config_values(cache_dir, field, value, message):
+    with pytest.raises(data.DataConfigError, match=message):
+        sources.open_source(digits_config(cache_dir, **{field: value}))
+
+
+def test_error_bad_augment_values():
+    config = data.get_config("xcit")
+    config.augment.erasing_prob = 1.5
+    with pytest.raises(data.DataConfigError, match="erasing_prob"):
+        data.validate_config(config)
+    with pytest.raises(data.DataConfigError, match="preset"):
+        data.get_config("heavy")
+
+
+def test_presets_carry_the_recipes():
+    xcit = data.get_config("xcit")
+    assert (xcit.image_size, xcit.repeated_augmentation, xcit.crop_ratio) == (224, 3, 1.0)
+    assert (xcit.augment.randaugment_layers, xcit.augment.randaugment_magnitude) == (2, 9.0)
+    assert (xcit.augment.erasing_prob, xcit.augment.mixup_alpha, xcit.augment.cutmix_alpha) == (0.25, 0.8, 1.0)
+    assert xcit.augment.label_smoothing == 0.1 and xcit.augment.crop_scale == (0.08, 1.0)
+    assert data.get_config("transfer").augment.erasing_prob == 0.0
+    small = data.get_config("small")
+    assert small.image_size == 32 and small.augment.randaugment_magnitude < 9
+
+
+def test_default_cache_dir_honours_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("QKV_VIT_CACHE", os.fspath(tmp_path))
+    assert image_folder.default_cache_dir() == tmp_path
