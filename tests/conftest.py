@@ -18,3 +18,29 @@ def require_fixtures() -> Path:
     if not (FIXTURES / f"{FIXTURE_NAMES[0]}.npz").is_file():
         pytest.skip(f"reference fixtures not found at {FIXTURES} (../shared is absent; set QKV_VIT_SHARED)")
     return FIXTURES
+
+
+def load_config(name: str = "quickstart", arg: str | None = "runlocal"):
+    """configs/NAME.py's get_config(arg), imported by path as `python -m qkv_vit.main` does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One cache directory for prepared data sets (the digits tfds build) shared by every test."""
+    return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture
+def tiny_config(data_cache):
+    """The quickstart config shrunk further: a 1-block XCiT on 32x32 digits, a few steps."""
+    config = load_config("quickstart", "runlocal")
+    config.model.update(embed_dim=32, depth=1, num_heads=4)
+    config.data.cache_dir = str(data_cache)
+    config.async_checkpointing = False
+    return config

@@ -4,12 +4,12 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
-import jax
 import numpy as np
 
 from qkv_vit.convert.mapping import FlaxPath, infer_architecture, to_flax_variables
 from qkv_vit.convert.state_dict import read_state_dict
 from qkv_vit.models import XCiT, init_shapes
+from qkv_vit.tree import flatten, unflatten
 
 MAX_KEYS_IN_ERROR = 20
 
@@ -80,18 +80,3 @@ def describe_model(model: nn.Module) -> str:
 
 def format_kwargs(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value}" for key, value in kwargs.items())
-
-
-def flatten(variables: Any) -> dict[FlaxPath, Any]:
-    leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
-    return {tuple(k.key for k in path): leaf for path, leaf in leaves}
-
-
-def unflatten(flat: dict[FlaxPath, np.ndarray]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree

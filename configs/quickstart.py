@@ -1,0 +1,45 @@
+"""Quickstart: a tiny XCiT with F-SNE trained on scikit-learn's handwritten digits, offline, on a CPU.
+
+  python -m qkv_vit.main --config=configs/quickstart.py --workdir=workdirs/quickstart
+  python -m qkv_vit.main --config=configs/quickstart.py:qkv=linear --workdir=workdirs/quickstart_linear
+
+Data: the 1,797 8x8 digits that ship inside scikit-learn (no download), upsampled to 32x32, 10 classes.
+Model: XCiT with patch 8 (a 4x4 token grid), width 64, 4 XCA blocks, F-SNE m=8 by default.
+Expected: about 90% top-1 on the held-out digits after 600 steps, a few minutes on 2 CPU cores.
+Arguments: qkv=<preset> (linear, sne, psne, fsne_m8, ...), runlocal (a few steps, for tests).
+"""
+
+import ml_collections
+
+from qkv_vit.train.config import base_config
+
+
+def parse(arg: str | None) -> dict[str, str]:
+    pairs = [item.split("=", 1) if "=" in item else (item, "true") for item in (arg or "").split(",") if item]
+    return dict(pairs)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = parse(arg)
+    config = base_config()
+    config.model_name = "xcit_nano_12_p8"
+    config.qkv = args.get("qkv", "fsne_m8")
+    config.model.update(embed_dim=64, depth=4, num_heads=4, cls_attn_layers=1)
+    config.data.image_size = 32
+    # Digits are not mirror-symmetric and 8x8 originals blur under strong crops: a light recipe.
+    config.data.augment.update(
+        flip_prob=0.0, randaugment_layers=0, crop_scale=(0.6, 1.0), mixup_alpha=0.0, cutmix_alpha=0.0, erasing_prob=0.0
+    )
+    config.global_batch_size = 64
+    config.total_steps = 600
+    config.optimizer.lr = 2e-3
+    config.optimizer.warmup_steps = 50
+    config.optimizer.weight_decay = 0.05
+    config.log_every_steps = 50
+    config.eval_every_steps = 200
+    config.checkpoint_every_steps = 200
+    if "runlocal" in args:
+        config.total_steps = 4
+        config.global_batch_size = 16
+        config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+    return config

@@ -1,0 +1,52 @@
+"""AdamW with XCiT's schedule and weight-decay mask, optional clipping and gradient accumulation."""
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+# Leaves that never get weight decay: biases, norm scales, LayerScale, XCA temperatures, the class token.
+NO_DECAY_LEAVES = ("bias", "scale", "gamma1", "gamma2", "gamma3", "temperature", "cls_token")
+NO_DECAY_SUFFIXES = ("_bias",)  # the QKV embeddings' hidden_bias / output_bias
+NO_DECAY_MODULES = ("pos_embed",)  # the positional encoding's projection
+
+
+def learning_rate(opt: ml_collections.ConfigDict, global_batch_size: int, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warmup from warmup_init_lr to lr x batch/512 (if scaled), then cosine decay to min_lr."""
+    peak = opt.lr * global_batch_size / 512 if opt.scale_lr_by_batch else opt.lr
+    updates = max(total_steps // opt.accumulation_steps, 1)
+    warmup = min(warmup_steps // opt.accumulation_steps, updates - 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=opt.warmup_init_lr, peak_value=peak, warmup_steps=warmup, decay_steps=updates, end_value=opt.min_lr
+    )
+
+
+def decay_mask(params: Any, code_weight_decay: bool = False) -> Any:
+    """True where weight decay applies."""
+
+    def decays(path: tuple, _: Any) -> bool:
+        names = [str(getattr(k, "key", k)) for k in path]
+        leaf = names[-1]
+        if leaf == "codes":
+            return code_weight_decay
+        no_decay = leaf in NO_DECAY_LEAVES or leaf.endswith(NO_DECAY_SUFFIXES) or any(m in names for m in NO_DECAY_MODULES)
+        return not no_decay
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    adamw = optax.adamw(
+        schedule,
+        b1=opt.b1,
+        b2=opt.b2,
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+        mask=lambda params: decay_mask(params, opt.code_weight_decay),
+    )
+    chain = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm else []
+    optimizer = optax.chain(*chain, adamw)
+    if opt.accumulation_steps > 1:
+        optimizer = optax.MultiSteps(optimizer, every_k_schedule=opt.accumulation_steps)
+    return optimizer

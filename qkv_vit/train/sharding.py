@@ -1,0 +1,70 @@
+"""Device mesh and sharding rules: batch split over every device, parameters replicated or FSDP-sharded.
+
+The mesh has a `data` axis and a `model` axis (`config.mesh`, -1 = all remaining devices). The batch is
+split over both axes, so every device sees its own examples. With `config.sharding = "fsdp"` each
+parameter and optimizer-state array is sharded over `model` along its largest dimension that divides
+evenly (ZeRO-3 style); XLA inserts the gathers. With "replicate" every device holds everything.
+"""
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "model")
+SHARDING_STRATEGIES = ("replicate", "fsdp")
+FSDP_MIN_SIZE = 2**12  # arrays smaller than this stay replicated: sharding them costs more than it saves
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
+    """A (data, model) mesh over all devices (or `devices`), sizes from config; one -1 takes the rest."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"Only one mesh axis may be -1 (all remaining devices), got {dict(zip(MESH_AXES, sizes))}.")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of {known}.")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"Mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, but {len(devices)} are present; "
+            "set --config.mesh.data=-1 to use them all."
+        )
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(MESH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str) -> Any:
+    """A NamedSharding for every leaf of an abstract (eval_shape) pytree."""
+    if strategy not in SHARDING_STRATEGIES:
+        raise ValueError(f"Unknown sharding strategy {strategy!r}: choose one of {SHARDING_STRATEGIES}.")
+    model_size = mesh.shape["model"]
+
+    def rule(leaf: Any) -> NamedSharding:
+        shape = getattr(leaf, "shape", ())
+        if strategy == "replicate" or model_size == 1 or int(np.prod(shape)) < FSDP_MIN_SIZE:
+            return replicated(mesh)
+        for axis in np.argsort(shape)[::-1]:  # the largest dimension that divides evenly
+            if shape[axis] % model_size == 0:
+                spec = [None] * len(shape)
+                spec[axis] = "model"
+                return NamedSharding(mesh, P(*spec))
+        return replicated(mesh)
+
+    return jax.tree.map(rule, abstract_state)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assemble each process's numpy batch into global arrays sharded over the mesh."""
+    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()}

@@ -1,0 +1,152 @@
+"""The trainer in one process: outputs in the workdir, exact evaluation, resume, fine-tuning init, NaN guard."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from qkv_vit import data
+from qkv_vit.train import NonFiniteError, train_and_evaluate
+from qkv_vit.train.checkpointing import merge_for_fine_tuning, read_variables
+from qkv_vit.train.logging_utils import read_metrics
+from qkv_vit.train.optimizer import decay_mask, learning_rate
+from qkv_vit.train.trainer import evaluate, fresh_state, setup_run
+
+
+def params_close(a, b, atol=0.0):
+    return all(np.allclose(x, y, atol=atol, rtol=0) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config):
+    state = train_and_evaluate(tiny_config, tmp_path)
+    assert int(state.step) == 4
+    assert json.loads((tmp_path / "config.json").read_text())["model_name"] == "xcit_nano_12_p8"
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    metrics = read_metrics(tmp_path)
+    train = [m for m in metrics if "train/loss" in m]
+    evals = [m for m in metrics if "val/top1" in m]
+    assert [m["step"] for m in train] == [2, 4] and [m["step"] for m in evals] == [2, 4]
+    for key in ("train/loss", "train/lr", "train/images_per_sec", "train/grad_norm"):
+        assert np.isfinite(train[-1][key])
+    assert set(evals[-1]) >= {"val/top1", "val/top5", "val/loss", "val/count"}
+    assert evals[-1]["val/count"] == 360  # every held-out digit, once
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
+
+
+@pytest.mark.parametrize("eval_batch_size", [16, 48, 100, 512])
+def test_evaluation_counts_every_example_once(tiny_config, eval_batch_size, tmp_path):
+    run = setup_run(tiny_config, tmp_path)
+    state = fresh_state(run)
+    batches = data.build_eval_iterator(tiny_config.data, eval_batch_size)
+    result = evaluate(run, state.params, state.batch_stats, batches)
+    assert result["count"] == 360
+    # A constant model (zeroed head, bias on class 3) gets exactly the share of 3s right, whatever the padding.
+    params = jax.tree.map(np.asarray, jax.device_get(state.params))
+    params["head"] = {"kernel": np.zeros_like(params["head"]["kernel"]), "bias": np.eye(10, dtype=np.float32)[3]}
+    labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+    result = evaluate(run, params, state.batch_stats, batches)
+    assert result["top1"] == pytest.approx(np.mean(labels == 3))
+
+
+def test_resume_continues_to_the_same_parameters(tmp_path, tiny_config):
+    tiny_config.total_steps = 6
+    straight = train_and_evaluate(tiny_config, tmp_path / "straight")
+    train_and_evaluate(tiny_config, tmp_path / "resumed")  # 6 steps, checkpoints at 2, 4, 6
+    # Drop the later checkpoints so the rerun has to resume from step 2 and redo 4 steps.
+    for step in (4, 6):
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(step))
+    resumed = train_and_evaluate(tiny_config, tmp_path / "resumed")
+    assert int(resumed.step) == 6
+    assert params_close(straight.params, resumed.params)
+    assert params_close(straight.opt_state, resumed.opt_state)
+    assert params_close(straight.batch_stats, resumed.batch_stats)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config):
+    train_and_evaluate(tiny_config, tmp_path)  # steps 1-4, checkpoints 2 and 4
+    good = read_variables(tmp_path)
+    tiny_config.total_steps = 8
+    tiny_config.optimizer.lr = 1e30  # the next update overflows the parameters
+    with pytest.raises(NonFiniteError, match=r"NaN/inf at step 5.*Last good checkpoint: step 4"):
+        train_and_evaluate(tiny_config, tmp_path)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
+    assert params_close(read_variables(tmp_path)["params"], good["params"])
+
+
+def test_nonfinite_skip_policy_drops_the_update_and_counts_it(tmp_path, tiny_config):
+    tiny_config.optimizer.update(lr=1e30, warmup_init_lr=1e30)  # every update overflows
+    tiny_config.nonfinite = "skip"
+    run = setup_run(tiny_config, tmp_path / "init")
+    initial = jax.device_get(fresh_state(run).params)
+    state = train_and_evaluate(tiny_config, tmp_path / "run")
+    assert int(state.skipped_steps) == 4 and params_close(state.params, initial)
+    logged = [m["train/skipped_steps"] for m in read_metrics(tmp_path / "run") if "train/skipped_steps" in m]
+    assert logged == [2, 4]
+
+
+def test_fine_tuning_init_is_separate_from_resume(tmp_path, tiny_config):
+    pretrained = train_and_evaluate(tiny_config, tmp_path / "pretrain")
+    tiny_config.init_from = str(tmp_path / "pretrain")
+    tiny_config.optimizer.update(lr=0.0, warmup_init_lr=0.0, min_lr=0.0, weight_decay=0.0)  # weights stay put
+    tuned = train_and_evaluate(tiny_config, tmp_path / "finetune")
+    assert params_close(tuned.params, pretrained.params)
+    # Rerunning the fine-tuning workdir resumes its own checkpoint; init_from is not read again.
+    tiny_config.init_from = str(tmp_path / "does-not-exist")
+    tiny_config.total_steps = 6
+    assert int(train_and_evaluate(tiny_config, tmp_path / "finetune").step) == 6
+
+
+def test_fine_tuning_reinitializes_a_head_of_another_size():
+    fresh = {"params": {"head": {"kernel": np.zeros((4, 5)), "bias": np.zeros(5)}, "norm": {"scale": np.ones(4)}}}
+    loaded = {"params": {"head": {"kernel": np.ones((4, 1000)), "bias": np.ones(1000)}, "norm": {"scale": np.full(4, 2.0)}}}
+    merged = merge_for_fine_tuning(fresh, loaded, "src")
+    assert merged["params"]["head"]["kernel"].shape == (4, 5) and (merged["params"]["norm"]["scale"] == 2).all()
+    loaded["params"]["norm"]["scale"] = np.ones(8)
+    with pytest.raises(ValueError, match="1 variables differ.*params/norm/scale"):
+        merge_for_fine_tuning(fresh, loaded, "src")
+
+
+def test_weight_decay_mask():
+    params = {
+        "blocks_0": {"attn": {"qkv": {"hidden_kernel": 1, "hidden_bias": 1, "codes": 1}, "temperature": 1,
+                              "proj": {"kernel": 1, "bias": 1}},
+                     "norm1": {"scale": 1, "bias": 1}, "gamma1": 1, "mlp": {"fc1": {"kernel": 1}}},
+        "cls_token": 1, "pos_embed": {"token_projection": {"kernel": 1}}, "head": {"kernel": 1},
+    }
+    flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]}
+    decayed = sorted(k for k, v in flat.items() if v)
+    assert decayed == ["blocks_0/attn/proj/kernel", "blocks_0/attn/qkv/hidden_kernel", "blocks_0/mlp/fc1/kernel", "head/kernel"]
+    assert decay_mask(params, code_weight_decay=True)["blocks_0"]["attn"]["qkv"]["codes"]
+
+
+def test_learning_rate_schedule(tiny_config):
+    opt = tiny_config.optimizer
+    opt.update(lr=5e-4, warmup_init_lr=1e-6, min_lr=1e-5)
+    schedule = learning_rate(opt, global_batch_size=1024, total_steps=1000, warmup_steps=100)
+    assert schedule(0) == pytest.approx(1e-6, rel=1e-4)
+    assert schedule(100) == pytest.approx(1e-3, rel=1e-4)  # 5e-4 x 1024 / 512
+    assert schedule(1000) == pytest.approx(1e-5, rel=1e-4)
+    assert isinstance(schedule(550), jax.Array) and 1e-5 < schedule(550) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(global_batch_size=12), None),  # divisible by the 1 device here: accepted
+        (dict(nonfinite="ignore"), "config.nonfinite must be one of"),
+        (dict(sharding="zero"), "config.sharding must be one of"),
+        (dict(qkv="fsne_m3"), "Unknown QKV preset 'fsne_m3'"),
+        (dict(model_name="xcit_nano_13_p16"), "Unknown model 'xcit_nano_13_p16'"),
+        (dict(compute_dtype="float16"), "compute_dtype must be one of"),
+    ],
+)
+def test_bad_config_is_a_clear_error_before_any_work(tmp_path, tiny_config, override, message):
+    tiny_config.update(override)
+    if message is None:
+        return
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(tiny_config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
