@@ -10,7 +10,8 @@ import pytest
 
 from qkv_vit import data
 from qkv_vit.train import NonFiniteError, train_and_evaluate
-from qkv_vit.train.checkpointing import merge_for_fine_tuning, read_variables
+from qkv_vit.train.checkpointing import merge_for_fine_tuning
+from qkv_vit.weights import read_variables
 from qkv_vit.train.logging_utils import read_metrics
 from qkv_vit.train.optimizer import decay_mask, learning_rate
 from qkv_vit.train.trainer import evaluate, fresh_state, setup_run

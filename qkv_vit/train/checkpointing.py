@@ -13,7 +13,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from qkv_vit.convert.saved import load_converted
 from qkv_vit.train.state import TrainState
 from qkv_vit.tree import flatten, unflatten
 
@@ -53,25 +52,6 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def read_variables(path: str | Path, use_ema: bool = False) -> dict[str, Any]:
-    """params and batch_stats from converted PyTorch weights or from a run (its workdir, checkpoints/ or a step)."""
-    path = Path(path).absolute()
-    if (path / "variables").is_dir() and (path / "model_config").is_dir():
-        return load_converted(path).variables
-    for candidate in (path / "checkpoints", path):
-        manager = ocp.CheckpointManager(candidate, item_names=("state", "meta")) if candidate.is_dir() else None
-        if manager is not None and manager.latest_step() is not None:
-            state = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-            params = state["ema_params"] if use_ema and state.get("ema_params") else state["params"]
-            return {"params": params, "batch_stats": state["batch_stats"]}
-    if (path / "state").is_dir():  # a single step directory
-        state = ocp.StandardCheckpointer().restore(path / "state")
-        return {"params": state["params"], "batch_stats": state["batch_stats"]}
-    raise FileNotFoundError(
-        f"init_from={path} is neither converted weights (python -m qkv_vit.convert) nor a qkv_vit run directory."
-    )
 
 
 def merge_for_fine_tuning(fresh: dict[str, Any], loaded: dict[str, Any], source: str) -> dict[str, Any]:

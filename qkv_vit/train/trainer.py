@@ -20,7 +20,8 @@ from clu import metric_writers, periodic_actions
 
 from qkv_vit import data, models
 from qkv_vit.train import sharding, steps
-from qkv_vit.train.checkpointing import RunCheckpoints, merge_for_fine_tuning, read_variables
+from qkv_vit.train.checkpointing import RunCheckpoints, merge_for_fine_tuning
+from qkv_vit.weights import read_variables
 from qkv_vit.train.logging_utils import create_writer
 from qkv_vit.train.optimizer import learning_rate, make_optimizer
 from qkv_vit.train.preemption import PreemptionWatcher

@@ -1,0 +1,52 @@
+"""Reading trained weights from anything this project writes, on whatever devices this process has.
+
+Accepted: converted PyTorch weights (`python -m qkv_vit.convert`), a run's workdir, its `checkpoints/`
+directory (latest step) or one step directory. Arrays are restored onto this process's first device,
+so a checkpoint saved on a pod (or on 8 devices, FSDP-sharded) loads on a laptop.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from qkv_vit.convert.saved import load_converted
+
+
+def read_variables(path: str | Path, use_ema: bool = False) -> dict[str, Any]:
+    """{'params', 'batch_stats'} (params = the EMA copy if use_ema and the run kept one)."""
+    path = Path(path).absolute()
+    if (path / "variables").is_dir() and (path / "model_config").is_dir():
+        return load_converted(path).variables
+    state = restore_on_local_device(find_state_item(path))
+    params = state["params"]
+    if use_ema:
+        if not state.get("ema_params"):
+            raise ValueError(f"{path} has no EMA parameters (the run did not set config.ema_decay).")
+        params = state["ema_params"]
+    return {"params": params, "batch_stats": state.get("batch_stats", {})}
+
+
+def find_state_item(path: Path) -> Path:
+    """The `state` item of the latest step under a workdir, a checkpoints/ directory or a step directory."""
+    if (path / "state").is_dir():
+        return path / "state"
+    for directory in (path / "checkpoints", path):
+        steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+        if steps:
+            return directory / str(max(steps)) / "state"
+    raise FileNotFoundError(
+        f"{path} is neither converted weights (python -m qkv_vit.convert) nor a qkv_vit run directory "
+        "(expected checkpoints/<step>/state)."
+    )
+
+
+def restore_on_local_device(item_dir: Path) -> dict[str, Any]:
+    """Restore an Orbax pytree item with every array on this process's first device, whatever it was saved on."""
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(item_dir)
+    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree)
+    return checkpointer.restore(item_dir, target)

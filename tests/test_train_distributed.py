@@ -1,0 +1,144 @@
+"""The same training on 1 device, 8 fake devices (data; data x model with FSDP) and 2 processes gives the
+same result; a SIGTERM'd run leaves a checkpoint and resumes to exactly the uninterrupted parameters."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from qkv_vit import data
+from qkv_vit.train import train_and_evaluate, trainer
+from qkv_vit.weights import read_variables
+from qkv_vit.train.logging_utils import read_metrics
+
+TOLERANCE = 2e-5  # float32, different reduction orders across devices
+
+
+def cli(workdir, *overrides, env_extra=None, data_cache=None):
+    command = [sys.executable, "-m", "qkv_vit.main", "--config=configs/quickstart.py:runlocal", f"--workdir={workdir}",
+               "--config.model.embed_dim=32", "--config.model.depth=1", f"--config.data.cache_dir={data_cache}",
+               *overrides]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env_extra or {})}
+    return command, env
+
+
+def run_cli(workdir, *overrides, env_extra=None, data_cache=None, timeout=300):
+    command, env = cli(workdir, *overrides, env_extra=env_extra, data_cache=data_cache)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def max_difference(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture
+def prepared(tiny_config, data_cache):
+    data.dataset_info(tiny_config.data)  # build the digits data set once, before processes race for it
+    tiny_config.total_steps = 6
+    return tiny_config
+
+
+def test_one_device_equals_eight_devices_data_and_fsdp(tmp_path, prepared, data_cache):
+    reference = train_and_evaluate(prepared, tmp_path / "one")
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(REPO / 'tests')!r})
+        import jax
+        from conftest import load_config
+        from qkv_vit.train import train_and_evaluate
+        assert jax.device_count() == 8, jax.devices()
+        for name, mesh, strategy in [("data8", dict(data=8, model=1), "replicate"), ("fsdp", dict(data=4, model=2), "fsdp")]:
+            config = load_config("quickstart", "runlocal")
+            config.model.update(embed_dim=32, depth=1, num_heads=4)
+            config.data.cache_dir = {str(data_cache)!r}
+            config.total_steps = 6
+            config.mesh.update(mesh)
+            config.sharding = strategy
+            state = train_and_evaluate(config, {str(tmp_path)!r} + "/" + name)
+            if strategy == "fsdp":
+                kernel = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]
+                assert "model" in str(kernel.sharding.spec), kernel.sharding
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one_losses = [m["train/loss"] for m in read_metrics(tmp_path / "one") if "train/loss" in m]
+    for name in ("data8", "fsdp"):
+        variables = read_variables(tmp_path / name)
+        assert max_difference(variables["params"], jax.device_get(reference.params)) < TOLERANCE
+        assert max_difference(variables["batch_stats"], jax.device_get(reference.batch_stats)) < TOLERANCE
+        losses = [m["train/loss"] for m in read_metrics(tmp_path / name) if "train/loss" in m]
+        np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PROCESS_STREAM = data.build_train_iterator
+
+
+def two_process_stream(data_config, global_batch_size, *, seed, start_step):
+    """What a 2-process job feeds: each global batch is process 0's local batch, then process 1's."""
+    parts = [PROCESS_STREAM(data_config, global_batch_size, seed=seed, start_step=start_step,
+                                       process_index=i, process_count=2, local_device_count=1) for i in range(2)]
+    while True:
+        batches = [next(part) for part in parts]
+        yield {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+def test_two_processes_train_together_like_one(tmp_path, prepared, data_cache, monkeypatch):
+    port = free_port()
+    procs = []
+    for process_id in range(2):
+        command, env = cli(tmp_path / "multi", "--config.total_steps=6", f"--coordinator_address=127.0.0.1:{port}",
+                           "--num_processes=2", f"--process_id={process_id}", data_cache=data_cache)
+        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=400) for p in procs]
+    if any(p.returncode for p in procs) and "collectives" in (outputs[0][1] + outputs[1][1]).lower():
+        pytest.skip("this jaxlib cannot run CPU collectives between processes (gloo)")
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+
+    monkeypatch.setattr(trainer.data, "build_train_iterator", two_process_stream)
+    reference = train_and_evaluate(prepared, tmp_path / "single")
+    variables = read_variables(tmp_path / "multi")
+    assert max_difference(variables["params"], jax.device_get(reference.params)) < TOLERANCE
+    final_eval = [m for m in read_metrics(tmp_path / "multi") if "val/count" in m][-1]
+    assert final_eval["val/count"] == 360  # each process evaluated its half; together every example once
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path, prepared, data_cache):
+    steps = ["--config.total_steps=100", "--config.log_every_steps=1", "--config.eval_every_steps=0",
+             "--config.checkpoint_every_steps=1000"]
+    prepared.update(total_steps=100, log_every_steps=1, eval_every_steps=0, checkpoint_every_steps=1000)
+    straight = train_and_evaluate(prepared, tmp_path / "straight")
+
+    command, env = cli(tmp_path / "interrupted", *steps, data_cache=data_cache)
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not any(m.get("step", 0) >= 3 for m in read_metrics(tmp_path / "interrupted")):
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-3000:]
+    saved = sorted(int(p.name) for p in (tmp_path / "interrupted" / "checkpoints").iterdir())
+    assert len(saved) == 1 and 3 <= saved[0] < 100  # the signal's checkpoint, and only it
+    assert read_variables(tmp_path / "interrupted")["params"]  # loadable
+
+    run_cli(tmp_path / "interrupted", *steps, data_cache=data_cache)
+    resumed = read_variables(tmp_path / "interrupted")
+    assert max_difference(resumed["params"], jax.device_get(straight.params)) == 0.0
+    assert max_difference(resumed["batch_stats"], jax.device_get(straight.batch_stats)) == 0.0
