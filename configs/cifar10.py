@@ -18,17 +18,13 @@ from pathlib import Path
 import ml_collections
 
 from qkv_vit import data
-from qkv_vit.train.config import base_config
+from qkv_vit.train.config import base_config, parse_arg
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
-def parse(arg: str | None) -> dict[str, str]:
-    return dict(item.split("=", 1) if "=" in item else (item, "true") for item in (arg or "").split(",") if item)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse(arg)
+    args = parse_arg(arg)
     config = base_config()
     config.model_name = "xcit_nano_12_p8"
     config.qkv = args.get("qkv", "linear")

@@ -11,16 +11,11 @@ Arguments: qkv=<preset> (linear, sne, psne, fsne_m8, ...), runlocal (a few steps
 
 import ml_collections
 
-from qkv_vit.train.config import base_config
-
-
-def parse(arg: str | None) -> dict[str, str]:
-    pairs = [item.split("=", 1) if "=" in item else (item, "true") for item in (arg or "").split(",") if item]
-    return dict(pairs)
+from qkv_vit.train.config import base_config, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse(arg)
+    args = parse_arg(arg)
     config = base_config()
     config.model_name = "xcit_nano_12_p8"
     config.qkv = args.get("qkv", "fsne_m8")

@@ -26,6 +26,12 @@ MODEL_OPTIONS = {  # XCiT options a config may set; None keeps the named model's
 }
 
 
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """A config file's argument string, big_vision style: "qkv=fsne_m8,epochs=100,runlocal" -> dict."""
+    items = [item for item in (arg or "").split(",") if item]
+    return dict(item.split("=", 1) if "=" in item else (item, "true") for item in items)
+
+
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model_name = "xcit_nano_12_p16"

@@ -50,6 +50,7 @@ class Run:
     total_steps: int
     schedule: optax.Schedule
     optimizer: optax.GradientTransformation
+    init_state: Any  # () -> TrainState, a fresh initialization
     abstract_state: TrainState
     state_sharding: Any
     batch_sharding: jax.sharding.NamedSharding
@@ -130,7 +131,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
         donate_argnums=(0,),
     )
     eval_step = jax.jit(functools.partial(steps.eval_step, model=model), out_shardings=sharding.replicated(mesh))
-    return Run(config, workdir, model, mesh, total_steps, schedule, optimizer, abstract_state, state_sharding,
+    return Run(config, workdir, model, mesh, total_steps, schedule, optimizer, init, abstract_state, state_sharding,
                batch_sharding, train_step, eval_step)
 
 
@@ -163,11 +164,7 @@ def initial_state(run: Run, checkpoints: RunCheckpoints) -> TrainState:
 
 
 def fresh_state(run: Run) -> TrainState:
-    init = functools.partial(
-        create_train_state, run.model, run.optimizer, jax.random.PRNGKey(run.config.seed), run.config.data.image_size,
-        run.config.ema_decay is not None,
-    )
-    return jax.jit(init, out_shardings=run.state_sharding)()
+    return jax.jit(run.init_state, out_shardings=run.state_sharding)()
 
 
 def fine_tuning_state(run: Run, state: TrainState) -> TrainState:
