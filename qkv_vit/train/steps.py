@@ -49,7 +49,10 @@ def train_step(
     param_norm = optax.tree.norm(params)  # also catches an update that overflowed the parameters
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
     apply = finite if skip_nonfinite else finite & (state.nonfinite_step < 0)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)  # noqa: E731
+
+    def keep(new: Any, old: Any) -> Any:
+        return jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+
     new_state = state.replace(
         step=state.step + 1,
         params=keep(params, state.params),
