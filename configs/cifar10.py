@@ -9,7 +9,8 @@ of such a folder or tar, or use `source=tfds` (needs `tfds build cifar10` on a m
 then --config.data.data_dir=...).
 Model: XCiT-N12/8 (patch 8, so a 4x4 token grid at 32x32), width 128, optionally with depth=N fewer blocks.
 Expected: 54.4% top-1 after 5 epochs with depth=6 (measured on a 2-core CPU in 26 minutes, see the
-README). Longer training (100+ epochs, the default) goes much higher but needs an accelerator to be practical.
+README). Longer runs (the default is 100 epochs) should go higher; we have not measured one, since on a CPU
+they take days.
 Arguments: qkv=<preset>, epochs=<n>, depth=<n>, batch=<n>, path=<folder or tar>, source=tfds, runlocal.
 """
 
