@@ -43,6 +43,9 @@ class RunCheckpoints:
         return restored.state
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> bool:
+        """Save `step` unless it is already saved (e.g. a SIGTERM right after a periodic save)."""
+        if step in self.manager.all_steps():
+            return False
         return self.manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
         )

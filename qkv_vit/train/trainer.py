@@ -182,6 +182,9 @@ def fine_tuning_state(run: Run, state: TrainState) -> TrainState:
 
 def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer: metric_writers.MetricWriter) -> TrainState:
     config, start, total = run.config, int(state.step), run.total_steps
+    if start >= total:
+        logging.info("The run in %s already finished at step %d; nothing to do.", run.workdir, start)
+        return state
     train_batches = data.build_train_iterator(config.data, config.global_batch_size, seed=config.seed, start_step=start)
     eval_batches = data.build_eval_iterator(config.data, config.eval_batch_size or config.global_batch_size)
     report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
