@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from qkv_vit import data
+from qkv_vit import data, models
 from qkv_vit.train import NonFiniteError, train_and_evaluate
 from qkv_vit.train.checkpointing import merge_for_fine_tuning
 from qkv_vit.weights import read_variables
@@ -26,6 +26,9 @@ def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config)
     state = train_and_evaluate(tiny_config, tmp_path)
     assert int(state.step) == 4
     assert json.loads((tmp_path / "config.json").read_text())["model_name"] == "xcit_nano_12_p8"
+    summary = json.loads((tmp_path / "model.json").read_text())
+    assert summary["qkv"] == "fsne_m8" and summary["model_config"]["embed_dim"] == 32
+    assert summary["num_params"] == models.count_params(state.params)
     assert list(tmp_path.glob("events.out.tfevents.*"))
     metrics = read_metrics(tmp_path)
     train = [m for m in metrics if "train/loss" in m]

@@ -67,6 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     run = setup_run(config, workdir)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (workdir / "model.json").write_text(json.dumps(model_summary(run), indent=2))
     checkpoints = RunCheckpoints(workdir, config)
     writer = create_writer(workdir)
     try:
@@ -214,6 +215,13 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
 def meta(run: Run, step: int) -> dict[str, Any]:
     return {"step": step, "data_position": step, "model_name": run.config.model_name,
             "model_config": json.loads(json.dumps(model_config(run.model), default=str))}
+
+
+def model_summary(run: Run) -> dict[str, Any]:
+    """What the run trains, for tools that read workdirs (e.g. a results table): name, preset, options, size."""
+    return {"model_name": run.config.model_name, "qkv": run.config.qkv,
+            "model_config": json.loads(json.dumps(model_config(run.model), default=str)),
+            "num_params": models.count_params(run.abstract_state.params)}
 
 
 def model_config(model: models.XCiT) -> dict[str, Any]:
