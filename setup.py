@@ -23,12 +23,16 @@ INSTALL_REQUIRES = [
     "importlib_resources>=6.0",  # tensorflow-datasets imports it when building a data set but does not declare it
 ]
 
+NOTEBOOK_RUNNER = ["nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"]
+
 EXTRAS_REQUIRE = {
     # Reading PyTorch .pth/.pt files. On a CPU-only machine prefer the CPU wheel:
     # pip install torch --index-url https://download.pytorch.org/whl/cpu
     "torch": ["torch>=2.1"],
-    "dev": ["pytest>=7.4", "pytest-xdist>=3.5"],
-    "notebooks": ["nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
+    # The tests execute notebooks/*.ipynb in a Jupyter kernel, so dev includes what runs them.
+    "dev": ["pytest>=7.4", "pytest-xdist>=3.5", *NOTEBOOK_RUNNER],
+    # Opening the notebooks locally: jupyter lab notebooks/
+    "notebooks": [*NOTEBOOK_RUNNER, "jupyterlab>=4.0"],
 }
 
 setuptools.setup(
