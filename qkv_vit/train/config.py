@@ -1,9 +1,12 @@
 """Defaults of a training run; each configs/*.py starts from base_config() and overrides a few fields."""
 
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
-from qkv_vit import data
+from qkv_vit import data, models
+from qkv_vit.errors import ConfigError
 
 MODEL_OPTIONS = {  # XCiT options a config may set; None keeps the named model's value
     "drop_path_rate": float,
@@ -26,10 +29,88 @@ MODEL_OPTIONS = {  # XCiT options a config may set; None keeps the named model's
 }
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """A config file's argument string, big_vision style: "qkv=fsne_m8,epochs=100,runlocal" -> dict."""
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_arg(arg: str | None, **spec: Any) -> dict[str, Any]:
+    """A config file's argument string, big_vision style: "qkv=fsne_m8,epochs=100,runlocal" -> dict.
+
+    Without `spec` every value stays a string and a bare word means "true". With `spec`
+    (name=default, or name=type for "no default", e.g. `depth=int`), only those names are accepted,
+    values are converted to the default's type, and absent names get their default (None for a type).
+    """
     items = [item for item in (arg or "").split(",") if item]
-    return dict(item.split("=", 1) if "=" in item else (item, "true") for item in items)
+    given = dict(item.split("=", 1) if "=" in item else (item, "true") for item in items)
+    if not spec:
+        return given
+    unknown = sorted(set(given) - set(spec))
+    if unknown:
+        raise ConfigError(f"Unknown config argument(s) {unknown}; this config accepts: {', '.join(spec)}.")
+    parsed = {}
+    for name, default in spec.items():
+        kind = default if isinstance(default, type) else type(default)
+        if name not in given:
+            parsed[name] = None if isinstance(default, type) else default
+        elif default is None or kind is str:
+            parsed[name] = given[name]
+        else:
+            parsed[name] = _convert(name, given[name], kind)
+    return parsed
+
+
+def _convert(name: str, value: str, kind: type) -> Any:
+    if kind is bool:
+        if value.lower() not in _BOOLEANS:
+            raise ConfigError(f"Config argument {name}={value!r} is not a boolean; use {name}, {name}=true or {name}=false.")
+        return _BOOLEANS[value.lower()]
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"Config argument {name}={value!r} is not a valid {kind.__name__}.") from None
+
+
+
+def set_xcit_model(config: ml_collections.ConfigDict, model: str, qkv: str, code_size: int | None = None,
+                   hidden: int | None = None) -> None:
+    """A named XCiT (`nano_12_p16` or `xcit_nano_12_p16`) with a QKV embedding, as configs/imagenet.py takes it.
+
+    `qkv` is a models.QKV_PRESETS name or plain "fsne" (F-SNE with `code_size`, default 8, and h = d);
+    `code_size` only goes with F-SNE; `hidden` sets the QKV hidden width h of a non-linear embedding.
+    """
+    name = model if model.startswith("xcit_") else f"xcit_{model}"
+    if name not in models.MODEL_CONFIGS:
+        sizes = ", ".join(n.removeprefix("xcit_") for n in models.MODEL_CONFIGS)
+        raise ConfigError(f"Unknown model {model!r}; choose one of: {sizes}.")
+    if qkv != "fsne" and qkv not in models.QKV_PRESETS:
+        raise ConfigError(f"Unknown qkv={qkv!r}; choose fsne (with code_size=M) or one of: {', '.join(models.QKV_PRESETS)}.")
+    if code_size is not None and not qkv.startswith("fsne"):
+        raise ConfigError(f"code_size={code_size} only applies to F-SNE (qkv=fsne), not qkv={qkv}.")
+    if hidden is not None and qkv == "linear":
+        raise ConfigError("hidden= sets the hidden width of a non-linear QKV embedding; qkv=linear has none.")
+    config.model_name = name
+    config.qkv = "fsne_m8" if qkv == "fsne" else qkv
+    if qkv == "fsne" or code_size is not None:
+        config.model.code_size = 8 if code_size is None else code_size
+    if hidden is not None:
+        config.model.qkv_hidden_dim = hidden
+
+
+def shrink_for_local_run(config: ml_collections.ConfigDict) -> None:
+    """`runlocal`: the same recipe on the offline digits, a 1-block width-32 model, 2 steps of batch 16.
+
+    The augmentation preset, optimizer and model family stay, so a CPU exercises the config's own code
+    path in seconds; only data source, sizes and run length change.
+    """
+    augment, repeats = config.data.augment, config.data.repeated_augmentation
+    config.data = data.get_config("small", source="digits")
+    config.data.update(augment=augment, repeated_augmentation=repeats, image_size=32, shuffle_buffer=256)
+    config.model.update(embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1)
+    config.compute_dtype = "float32"
+    config.global_batch_size = 16
+    config.eval_batch_size = 128
+    config.total_steps = 2
+    config.optimizer.warmup_steps = 1
+    config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -48,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.optimizer = ml_collections.ConfigDict(
         dict(
+            name="adamw",  # or "sgd" (with momentum; DeiT's fine-tuning recipe)
             lr=5e-4,  # at batch 512; scaled by global_batch_size / 512 when scale_lr_by_batch
             scale_lr_by_batch=True,
             warmup_epochs=5.0,
@@ -58,6 +140,8 @@ def base_config() -> ml_collections.ConfigDict:
             b1=0.9,
             b2=0.999,
             eps=1e-8,
+            momentum=0.9,  # sgd only
+            nesterov=False,  # sgd only
             grad_clip_norm=0.0,  # 0: no clipping (XCiT's recipe)
             accumulation_steps=1,
             code_weight_decay=False,  # F-SNE codes: no weight decay by default

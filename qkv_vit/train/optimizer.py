@@ -1,10 +1,13 @@
-"""AdamW with XCiT's schedule and weight-decay mask, optional clipping and gradient accumulation."""
+"""AdamW (default) or SGD with XCiT's schedule and weight-decay mask, optional clipping and gradient accumulation."""
 
+import functools
 from typing import Any
 
 import jax
 import ml_collections
 import optax
+
+from qkv_vit.errors import ConfigError
 
 # Leaves that never get weight decay: biases, norm scales, LayerScale, XCA temperatures, the class token.
 NO_DECAY_LEAVES = ("bias", "scale", "gamma1", "gamma2", "gamma3", "temperature", "cls_token")
@@ -36,17 +39,28 @@ def decay_mask(params: Any, code_weight_decay: bool = False) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-    adamw = optax.adamw(
-        schedule,
-        b1=opt.b1,
-        b2=opt.b2,
-        eps=opt.eps,
-        weight_decay=opt.weight_decay,
-        mask=lambda params: decay_mask(params, opt.code_weight_decay),
-    )
+    """config.optimizer.name: "adamw" (decoupled weight decay, XCiT) or "sgd" (momentum, DeiT's fine-tuning).
+
+    Both decay only the leaves that decay_mask selects. SGD's decay is PyTorch's: weight_decay x param is
+    added to the (clipped) gradient before momentum, as torch.optim.SGD(weight_decay=...) does.
+    """
+    name = opt.get("name", "adamw")
+    mask = functools.partial(decay_mask, code_weight_decay=opt.code_weight_decay)
+    if name == "adamw":
+        update = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=mask)
+    elif name == "sgd":
+        update = optax.chain(
+            optax.add_decayed_weights(opt.weight_decay, mask=mask),
+            optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov),
+        )
+    else:
+        raise ConfigError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {name!r}.")
     chain = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm else []
-    optimizer = optax.chain(*chain, adamw)
+    optimizer = optax.chain(*chain, update)
     if opt.accumulation_steps > 1:
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=opt.accumulation_steps)
     return optimizer

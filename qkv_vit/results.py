@@ -1,0 +1,298 @@
+"""Finished runs as a markdown table, seeds averaged, next to the paper's numbers.
+
+  python -m qkv_vit.results workdirs/cifar10_sweep                 # a sweep's directory: every run below it
+  python -m qkv_vit.results gs://BUCKET/in1k gs://BUCKET/transfer --out results.md
+
+A run is a workdir with config.json, model.json and metrics.jsonl (what the trainer writes). It is
+finished when metrics.jsonl has its final evaluation, at the run's last step. Runs whose configs are equal
+except for the seed form one row: mean ± sample standard deviation of the final top-1 over the n runs.
+Unfinished runs are listed separately and never averaged.
+"""
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+from etils import epath
+
+from qkv_vit import models
+from qkv_vit.train.config import base_config
+
+# Keys that do not change what a run learns (bookkeeping, where files live, hardware layout), and seeds.
+SEED_KEYS = ("seed", "data.seed")
+IGNORED_KEYS = SEED_KEYS + (
+    "init_from", "data.cache_dir", "data.data_dir", "data.path", "log_every_steps", "eval_every_steps",
+    "checkpoint_every_steps", "keep_checkpoints", "async_checkpointing", "eval_batch_size", "data.num_parallel_calls",
+    "data.prefetch", "mesh.data", "mesh.model", "sharding", "nonfinite", "eval_name",
+)
+# Shown through the data / model / QKV columns rather than as settings.
+LABELLED_KEYS = ("model_name", "qkv", "data.source", "data.name", "data.num_classes")
+TRANSFER_SETS = ("cifar10", "cifar100", "cars196", "stl10")
+
+# Top-1 on ImageNet-1k at 224 (PAPER.md; XCiT's README for the other sizes), by model and QKV embedding.
+XCIT_IMAGENET = {
+    "xcit_nano_12_p16": 69.9, "xcit_tiny_12_p16": 77.1, "xcit_tiny_24_p16": 79.4, "xcit_small_12_p16": 82.0,
+    "xcit_small_24_p16": 82.6, "xcit_medium_24_p16": 82.7, "xcit_large_24_p16": 82.9, "xcit_nano_12_p8": 73.8,
+    "xcit_tiny_12_p8": 79.7, "xcit_tiny_24_p8": 81.9, "xcit_small_12_p8": 83.4, "xcit_small_24_p8": 83.9,
+    "xcit_medium_24_p8": 83.7, "xcit_large_24_p8": 84.4,
+}
+PROPOSED_IMAGENET = {"xcit_nano_12_p16": "71.4 (proposed, 3.1M)", "xcit_tiny_12_p16": "77.8 (proposed)",
+                     "xcit_small_12_p16": "82.1 (proposed)"}
+# Mean top-1 over the four transfer data sets (PAPER.md).
+PAPER_TRANSFER = {("xcit_nano_12_p16", "linear"): "92.2 (XCiT)", ("xcit_nano_12_p16", "fsne"): "93.3 (F-SNE, 2.9M)",
+                  ("xcit_small_12_p16", "linear"): "94.5 (XCiT)", ("xcit_small_12_p16", "fsne"): "94.8 (proposed)"}
+
+
+@dataclasses.dataclass
+class Run:
+    """One workdir as read back: its flattened config, model.json, and where it stands."""
+
+    workdir: str
+    config: dict[str, Any]
+    model: dict[str, Any]
+    total_steps: int | None
+    last_step: int
+    final: dict[str, float] | None  # the metrics record of the final evaluation
+    why_unknown: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.final is not None
+
+
+@dataclasses.dataclass
+class Row:
+    data: str
+    model: str
+    qkv: str
+    params: int
+    settings: str
+    top1: list[float]
+    ema_top1: list[float]
+    paper: str
+    key: tuple = ()
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+# Keys added to the config after a run started read as today's default, so old and new runs still group.
+DEFAULTS = flatten(base_config().to_dict())
+
+
+def find_runs(paths: Iterable[str]) -> list[epath.Path]:
+    """Every run directory (one holding model.json) at or up to 3 levels below each path, sorted."""
+    found = set()
+    for path in map(epath.Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist.")
+        if (path / "model.json").exists():
+            found.add(path)
+            continue
+        # Up to 3 levels down ("**" would list whole buckets on GCS): a sweep's runs, or a folder of sweeps.
+        runs = [p.parent for depth in range(1, 4) for p in path.glob("*/" * depth + "model.json")]
+        if not runs:
+            raise FileNotFoundError(f"No runs under {path}: a run directory holds config.json and model.json.")
+        found.update(runs)
+    return sorted(found, key=str)
+
+
+def read_run(workdir: epath.Path) -> Run:
+    config = json.loads((workdir / "config.json").read_text())
+    model = json.loads((workdir / "model.json").read_text())
+    metrics_file = workdir / "metrics.jsonl"
+    records = read_records(metrics_file) if metrics_file.exists() else []
+    total, why = total_steps(config, model)
+    top1_key = f"{config.get('eval_name', 'val')}/top1"
+    finals = [r for r in records if r["step"] == total and top1_key in r]
+    return Run(str(workdir), {**DEFAULTS, **flatten(config)}, model, total, max((r["step"] for r in records), default=0),
+               finals[-1] if finals else None, why)
+
+
+def read_records(metrics_file: epath.Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; a line cut short by a kill (only ever the last) is skipped."""
+    records = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def total_steps(config: dict[str, Any], model: dict[str, Any]) -> tuple[int | None, str]:
+    """The run's length: written by the trainer, or set in the config, or counted from the data's size."""
+    if model.get("total_steps"):
+        return int(model["total_steps"]), ""
+    if config.get("total_steps"):
+        return int(config["total_steps"]), ""
+    try:
+        from qkv_vit import data  # the data's size: needs the data (or its prepared cache) on this machine
+
+        steps = data.steps_per_epoch(ml_collections.ConfigDict(config["data"]), config["global_batch_size"],
+                                     process_count=1, local_device_count=1)
+    except Exception as error:  # noqa: BLE001 - any unreadable data only makes the length unknown
+        return None, f"run length unknown: its data is not readable here ({type(error).__name__})"
+    return round(config["total_epochs"] * steps), ""
+
+
+def data_label(config: dict[str, Any]) -> str:
+    source = config["data.source"]
+    name = config["data.name"] if source == "tfds" else source
+    if source == "image_folder" and config.get("data.path"):
+        name = epath.Path(config["data.path"]).name.split(".")[0]
+    return f"{name} (fine-tuned)" if config.get("init_from") else name
+
+
+def model_label(model: dict[str, Any]) -> str:
+    name, options = model["model_name"], model["model_config"]
+    named = models.MODEL_CONFIGS.get(name, {})
+    changed = [f"{key} {options[key]}" for key in named if key in options and options[key] != named[key]]
+    return f"{name} ({', '.join(changed)})" if changed else name
+
+
+def qkv_label(options: dict[str, Any]) -> str:
+    kind = options.get("qkv_embed", "linear")
+    hidden = options.get("qkv_hidden_dim") or options.get("embed_dim")
+    details = {"linear": [], "sne": [f"h={hidden}"], "psne": [f"h={hidden}", f"shared {options.get('shared_layer')}"],
+               "fsne": [f"m={options.get('code_size')}", f"h={hidden}"]}.get(kind, [])
+    if kind == "fsne" and options.get("code_mode", "concat") != "concat":
+        details.append(f"codes {options['code_mode']}")
+    if kind != "linear" and options.get("qkv_in_class_attention"):
+        details.append("+ class attention")
+    return f"{kind} ({', '.join(details)})" if details else kind
+
+
+def group_key(run: Run) -> tuple:
+    items = {k: v for k, v in run.config.items() if k not in IGNORED_KEYS}
+    return (data_label(run.config),) + tuple(sorted(items.items(), key=lambda item: item[0]))
+
+
+def paper_number(run: Run) -> str:
+    options, name = run.model["model_config"], run.model["model_name"]
+    if data_label(run.config) != "imagenet2012" or model_label(run.model) != name:
+        return ""
+    if options.get("qkv_embed") == "linear":
+        return f"{XCIT_IMAGENET[name]} (XCiT)" if name in XCIT_IMAGENET else ""
+    return PROPOSED_IMAGENET.get(name, "") if options.get("qkv_embed") == "fsne" else ""
+
+
+def summarize(runs: Sequence[Run]) -> list[Row]:
+    """One row per group of finished runs that differ only by seed."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.finished:
+            groups.setdefault(group_key(run), []).append(run)
+    rows = []
+    for key, members in groups.items():
+        first, eval_name = members[0], members[0].config.get("eval_name", "val")
+        same_data = [dict(other[1:]) for other in groups if other[0] == key[0]]
+        settings = ", ".join(f"{k}={first.config.get(k)}" for k in varying_settings(same_data))
+        rows.append(Row(data_label(first.config), model_label(first.model), qkv_label(first.model["model_config"]),
+                        first.model["num_params"], settings, [100 * r.final[f"{eval_name}/top1"] for r in members],
+                        [100 * r.final[f"ema_{eval_name}/top1"] for r in members if f"ema_{eval_name}/top1" in r.final],
+                        paper_number(first), key))
+    return sorted(rows, key=lambda r: (r.data, r.model, qkv_order(r.qkv), r.qkv, r.settings))
+
+
+def qkv_order(label: str) -> int:
+    """The baseline first, then the paper's order: SNE, P-SNE, F-SNE."""
+    kinds = ("linear", "sne", "psne", "fsne")
+    kind = label.split(" ")[0]
+    return kinds.index(kind) if kind in kinds else len(kinds)
+
+
+def varying_settings(configs: list[dict[str, Any]]) -> list[str]:
+    """Config keys whose value differs between groups of one data set and that no column shows already."""
+    keys = sorted({k for c in configs for k in c})
+    shown = lambda k: k in LABELLED_KEYS or (k.startswith("model.") and k != "model.drop_path_rate")  # noqa: E731
+    return [k for k in keys if not shown(k) and len({repr(c.get(k)) for c in configs}) > 1]
+
+
+def transfer_means(rows: Sequence[Row]) -> list[tuple[Row, float]]:
+    """Rows fine-tuned on all four transfer sets with otherwise equal configs -> (row, mean of their top-1 means)."""
+    by_recipe: dict[tuple, dict[str, Row]] = {}
+    for row in rows:
+        dataset = row.data.removesuffix(" (fine-tuned)")
+        if row.data.endswith("(fine-tuned)") and dataset in TRANSFER_SETS:
+            recipe = tuple(item for item in row.key[1:] if item[0] not in ("data.name", "data.num_classes"))
+            by_recipe.setdefault(recipe, {})[dataset] = row
+    return [(found[TRANSFER_SETS[0]], statistics.fmean(statistics.fmean(found[d].top1) for d in TRANSFER_SETS))
+            for found in by_recipe.values() if set(found) == set(TRANSFER_SETS)]
+
+
+def mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def markdown(runs: Sequence[Run]) -> str:
+    """The results table, the transfer means when all four data sets are there, and the unfinished runs."""
+    rows = summarize(runs)
+    lines = rows_table(rows) if rows else ["No finished runs."]
+    means = transfer_means(rows)
+    if means:
+        lines += ["", "Transfer, mean top-1 over " + ", ".join(TRANSFER_SETS) + ":", "",
+                  table_line(["model", "QKV embedding", "params (CIFAR-10 head)", "mean top-1 (%)", "paper"]),
+                  table_line(["---", "---", "---:", "---:", "---"])]
+        for row, mean in means:
+            paper = PAPER_TRANSFER.get((row.model, row.qkv.split(" ")[0]), "")
+            lines.append(table_line([row.model, row.qkv, f"{row.params:,}", f"{mean:.2f}", paper]))
+    unfinished = [run for run in runs if not run.finished]
+    if unfinished:
+        lines += ["", "Unfinished runs (not in the table above):", ""]
+        for run in unfinished:
+            of = f" of {run.total_steps}" if run.total_steps else f" ({run.why_unknown})"
+            lines.append(f"- {run.workdir}: step {run.last_step}{of}")
+    return "\n".join(lines) + "\n"
+
+
+def rows_table(rows: Sequence[Row]) -> list[str]:
+    with_settings, with_ema = any(r.settings for r in rows), any(r.ema_top1 for r in rows)
+    header = ["data", "model", "QKV embedding", "params"] + ["settings"] * with_settings + ["top-1 (%)"]
+    header += ["EMA top-1 (%)"] * with_ema + ["n", "paper / XCiT top-1"]
+    align = ["---"] * 3 + ["---:"] + ["---"] * with_settings + ["---:"] * (1 + with_ema) + ["---:", "---"]
+    lines = [table_line(header), table_line(align)]
+    for r in rows:
+        cells = [r.data, r.model, r.qkv, f"{r.params:,}"] + [r.settings] * with_settings + [mean_std(r.top1)]
+        lines.append(table_line(cells + [mean_std(r.ema_top1)] * with_ema + [str(len(r.top1)), r.paper]))
+    return lines
+
+
+def table_line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("paths", nargs="+", help="Run directories, or directories holding runs (searched recursively).")
+    parser.add_argument("--out", help="Also write the table to this file.")
+    args = parser.parse_args(argv)
+    try:
+        runs = [read_run(path) for path in find_runs(args.paths)]
+    except (FileNotFoundError, json.JSONDecodeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    table = markdown(runs)
+    print(table, end="")
+    if args.out:
+        epath.Path(args.out).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

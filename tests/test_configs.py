@@ -1,0 +1,241 @@
+"""Every config file: each command its docstring documents builds a valid config and model; `runlocal` trains
+a step through the real trainer; sweeps expand to valid configs; the recipes say what PAPER.md says."""
+
+import ast
+import re
+
+import numpy as np
+import optax
+import jax
+import pytest
+from PIL import Image
+
+from conftest import REPO, load_config
+from qkv_vit import data, models, sweep
+from qkv_vit.train import train_and_evaluate
+from qkv_vit.train.config import parse_arg
+from qkv_vit.train.optimizer import make_optimizer
+from qkv_vit.train.trainer import build_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+    """XLA without most optimizations: these runs check what a config does, not speed; compiling takes half the CPU."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+CONFIG_FILES = sorted(path.stem for path in (REPO / "configs").glob("*.py"))
+# Arguments tested beyond the docstring's commands; a config file missing here fails test_every_config_is_listed.
+EXTRA_ARGS = {
+    "quickstart": [None, "runlocal"],
+    "cifar10": [None, "source=tfds", "batch=64,seed=2", "runlocal"],
+    "imagenet": [None, "model=tiny_24_p8,qkv=sne", "model=large_24_p16,qkv=psne_second,hidden=384", "runlocal",
+                 *(f"qkv=fsne,code_size={m}" for m in (4, 8, 16, 32))],
+    "transfer": ["runlocal", *(f"dataset={name},init=/ckpt" for name in ("cifar100", "cars196", "stl10")),
+                 "init=/ckpt,opt=adamw,lr=1e-4"],
+}
+
+
+def documented_commands(name: str, program: str) -> list[str]:
+    """The --config=configs/NAME.py[:ARG] arguments of the docstring's `python -m PROGRAM` lines."""
+    docstring = ast.get_docstring(ast.parse((REPO / "configs" / f"{name}.py").read_text()))
+    docstring = re.sub(r"\\\n\s*", " ", docstring)  # join shell line continuations
+    pattern = rf"python -m {re.escape(program)} .*?--config=configs/{name}\.py(:\S+)?( --sweep=(\S+))?"
+    return [match for match in re.findall(pattern, docstring)]
+
+
+def config_cases() -> list[tuple[str, str | None]]:
+    cases = []
+    for name in CONFIG_FILES:
+        documented = [arg[1:] or None for arg, _, _ in documented_commands(name, "qkv_vit.main")]
+        cases += [(name, arg) for arg in dict.fromkeys(documented + EXTRA_ARGS.get(name, []))]
+    return cases
+
+
+def test_every_config_is_listed_and_documents_a_command():
+    assert CONFIG_FILES == sorted(EXTRA_ARGS), "add the new config file to EXTRA_ARGS"
+    for name in CONFIG_FILES:
+        docstring = ast.get_docstring(ast.parse((REPO / "configs" / f"{name}.py").read_text()))
+        assert documented_commands(name, "qkv_vit.main"), f"configs/{name}.py documents no command"
+        assert "Expected" in docstring and "Data" in docstring and "Arguments" in docstring
+
+
+@pytest.mark.parametrize("name, arg", config_cases())
+def test_documented_arguments_build_a_valid_config_and_model(name, arg):
+    config = load_config(name, arg)
+    model = build_model(config, num_classes=10)
+    data.validate_config(config.data)
+    assert config.data.image_size % model.patch_size == 0
+    assert config.global_batch_size > 0 and (config.total_steps or config.total_epochs) > 0
+    if arg and "runlocal" in arg:
+        assert config.data.source == "digits" or name == "cifar10"
+        assert (config.total_steps or 0) <= 4 and config.global_batch_size <= 16
+
+
+@pytest.fixture(scope="module")
+def tiny_image_folder(tmp_path_factory):
+    """ROOT/{train,test}/{a,b}/*.png: random 32x32 images, enough for a batch of 16."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("test", 3)):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / label / f"{i}.png")
+    return root
+
+
+def train_one_step(config, workdir, data_cache):
+    config.data.cache_dir = str(data_cache)
+    config.total_steps = 1
+    config.async_checkpointing = False
+    state = train_and_evaluate(config, workdir)
+    assert int(state.step) == 1 and (workdir / "checkpoints" / "1").is_dir()
+    return state
+
+
+def test_quickstart_runlocal_trains_a_step(tmp_path, data_cache):
+    train_one_step(load_config("quickstart", "runlocal"), tmp_path, data_cache)
+
+
+@pytest.fixture(scope="module")
+def imagenet_runlocal(tmp_path_factory, data_cache):
+    """configs/imagenet.py's runlocal, one step: a pretrained checkpoint for the transfer config."""
+    workdir = tmp_path_factory.mktemp("imagenet_runlocal")
+    state = train_one_step(load_config("imagenet", "model=nano_12_p16,qkv=fsne,code_size=8,ema,runlocal"), workdir, data_cache)
+    return workdir, state
+
+
+def test_imagenet_runlocal_trains_a_step_with_ema_and_a_1000_class_head(imagenet_runlocal):
+    _, state = imagenet_runlocal
+    assert state.ema_params is not None and state.params["head"]["kernel"].shape[-1] == 1000
+
+
+def test_cifar10_runlocal_trains_on_an_image_folder(tmp_path, data_cache, tiny_image_folder):
+    config = load_config("cifar10", f"runlocal,path={tiny_image_folder}")
+    assert config.data.source == "image_folder" and config.data.path == str(tiny_image_folder)
+    state = train_one_step(config, tmp_path, data_cache)
+    assert state.params["head"]["kernel"].shape[-1] == 2  # the folder's two classes
+
+
+def test_transfer_runlocal_fine_tunes_the_imagenet_runlocal_checkpoint(tmp_path, data_cache, imagenet_runlocal):
+    pretrained_dir, pretrained = imagenet_runlocal
+    config = load_config("transfer", f"runlocal,qkv=fsne_m8,init={pretrained_dir}")
+    assert config.optimizer.name == "sgd" and config.init_from == str(pretrained_dir)
+    config.optimizer.update(lr=0.0, warmup_init_lr=0.0, min_lr=0.0, weight_decay=0.0)  # weights stay as loaded
+    tuned = train_one_step(config, tmp_path, data_cache)
+    assert tuned.params["head"]["kernel"].shape[-1] == 10  # re-initialized for the digits' 10 classes
+    codes = ("blocks_0", "attn", "qkv", "codes")
+    np.testing.assert_array_equal(get(tuned.params, codes), get(pretrained.params, codes))
+
+
+def get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return np.asarray(tree)
+
+
+@pytest.mark.parametrize(
+    "arg, params",
+    [("model=nano_12_p16,qkv=linear", 3_053_224), ("model=nano_12_p16,qkv=fsne,code_size=8", 2_867_656),
+     ("model=nano_12_p16,qkv=fsne_m8_wide", 3_071_176)],
+)
+def test_imagenet_models_are_the_papers(arg, params):
+    config = load_config("imagenet", arg)
+    assert models.param_count(build_model(config, num_classes=1000)) == params
+
+
+def test_imagenet_recipe_is_xcits():
+    config = load_config("imagenet", "model=small_12_p16,qkv=fsne,code_size=16")
+    assert (config.model_name, config.qkv, config.model.code_size) == ("xcit_small_12_p16", "fsne_m8", 16)
+    assert (config.global_batch_size, config.total_epochs, config.optimizer.name) == (1024, 400.0, "adamw")
+    assert (config.optimizer.lr, config.optimizer.scale_lr_by_batch, config.optimizer.weight_decay) == (5e-4, True, 0.05)
+    assert (config.optimizer.warmup_epochs, config.optimizer.warmup_init_lr, config.optimizer.min_lr) == (5.0, 1e-6, 1e-5)
+    assert (config.data.name, config.data.crop_ratio, config.data.repeated_augmentation) == ("imagenet2012", 1.0, 3)
+    assert config.data.augment.erasing_prob == 0.25 and config.ema_decay is None
+    drop_path = {size: load_config("imagenet", f"model={size}").model.drop_path_rate
+                 for size in ("nano_12_p16", "tiny_12_p8", "tiny_24_p16", "small_12_p16", "large_24_p16")}
+    assert drop_path == {"nano_12_p16": 0.0, "tiny_12_p8": 0.0, "tiny_24_p16": 0.05, "small_12_p16": 0.05,
+                         "large_24_p16": 0.25}
+    assert load_config("imagenet", "ema").ema_decay == 0.99996
+
+
+def test_transfer_recipe_is_deits():
+    config = load_config("transfer", "dataset=cars196,model=small_12_p16,init=/runs/s12")
+    assert (config.data.name, config.data.image_size, config.data.augment.erasing_prob) == ("cars196", 224, 0.0)
+    assert (config.optimizer.name, config.optimizer.lr, config.optimizer.scale_lr_by_batch) == ("sgd", 0.01, False)
+    assert (config.optimizer.weight_decay, config.global_batch_size, config.model.drop_path_rate) == (1e-4, 768, 0.0)
+    adamw = load_config("transfer", "init=/runs/n12,opt=adamw")
+    assert (adamw.optimizer.name, adamw.optimizer.lr, adamw.optimizer.weight_decay) == ("adamw", 7.5e-6, 0.05)
+
+
+@pytest.mark.parametrize(
+    "name, arg, message",
+    [("transfer", None, "needs init="), ("transfer", "init=/x,dataset=mnist", "Unknown dataset='mnist'"),
+     ("imagenet", "model=huge_12_p16", "Unknown model 'huge_12_p16'"), ("imagenet", "qkv=fsne_m3", "Unknown qkv="),
+     ("imagenet", "qkv=sne,code_size=8", "code_size=8 only applies to F-SNE"), ("imagenet", "epochs=ten", "not a valid float"),
+     ("cifar10", "qvk=sne", r"Unknown config argument\(s\) \['qvk'\]"), ("cifar10", "source=hub", "source='hub'"),
+     ("quickstart", "runlocal=maybe", "not a boolean")],
+)
+def test_bad_arguments_are_one_line_errors(name, arg, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(name, arg)
+
+
+def test_parse_arg_keeps_strings_without_a_spec_and_types_values_with_one():
+    assert parse_arg("qkv=fsne_m8,epochs=100,runlocal") == {"qkv": "fsne_m8", "epochs": "100", "runlocal": "true"}
+    assert parse_arg(None) == {}
+    spec = dict(qkv="linear", epochs=400.0, depth=int, path=str, runlocal=False)
+    assert parse_arg("depth=4,runlocal,path=a=b", **spec) == {"qkv": "linear", "epochs": 400.0, "depth": 4,
+                                                               "path": "a=b", "runlocal": True}
+    assert parse_arg("runlocal=false", **spec)["runlocal"] is False
+
+
+def sweep_cases() -> list[tuple[str, str | None]]:
+    return [(name, sweep_arg or None) for name in CONFIG_FILES
+            for _, _, sweep_arg in documented_commands(name, "launch.sweep")]
+
+
+def test_documented_sweeps_exist():
+    assert {name for name, _ in sweep_cases()} == {"cifar10", "imagenet", "transfer"}
+
+
+@pytest.mark.parametrize("name, sweep_arg", sweep_cases())
+def test_documented_sweeps_expand_to_valid_configs(name, sweep_arg):
+    points = sweep.expand(REPO / "configs" / f"{name}.py", sweep_arg)  # builds every point's config
+    assert points and len({p.name for p in points}) == len(points)
+
+
+def test_sweep_listings():
+    cifar = sweep.expand(REPO / "configs" / "cifar10.py", "depth=4,epochs=2")
+    assert len(cifar) == 15 and cifar[0].name == "qkv-linear_seed-0_depth-4_epochs-2"
+    assert cifar[0].config.endswith("cifar10.py:qkv=linear,seed=0,depth=4,epochs=2")
+    codes = sweep.expand(REPO / "configs" / "imagenet.py", "code_size")
+    configs = [load_config("imagenet", sweep.split_config_arg(p.config)[1]) for p in codes]
+    assert sorted({(c.model_name, c.model.code_size) for c in configs}) == sorted(
+        (f"xcit_{size}_12_p16", m) for size in ("nano", "tiny") for m in (4, 8, 16, 32))
+    paper = {p.name for p in sweep.expand(REPO / "configs" / "imagenet.py", "paper")}
+    assert len(paper) == 18
+    transfer = sweep.expand(REPO / "configs" / "transfer.py", "init_root=gs://b/in1k/")
+    inits = {load_config("transfer", sweep.split_config_arg(p.config)[1]).init_from for p in transfer}
+    assert len(transfer) == 16 and {init.removeprefix("gs://b/in1k/") for init in inits} <= paper
+
+
+def test_sgd_decays_like_pytorch_and_respects_the_mask(tiny_config):
+    opt = tiny_config.optimizer
+    opt.update(name="sgd", momentum=0.9, weight_decay=0.1, accumulation_steps=1)
+    optimizer = make_optimizer(opt, optax.constant_schedule(0.5))
+    params = {"dense": {"kernel": np.full(2, 2.0, np.float32), "bias": np.full(2, 2.0, np.float32)}}
+    grads = {"dense": {"kernel": np.ones(2, np.float32), "bias": np.ones(2, np.float32)}}
+    state = optimizer.init(params)
+    first, state = optimizer.update(grads, state, params)
+    np.testing.assert_allclose(first["dense"]["kernel"], -0.5 * (1 + 0.1 * 2))  # lr x (g + wd x p)
+    np.testing.assert_allclose(first["dense"]["bias"], -0.5)  # biases: no decay
+    second, _ = optimizer.update(grads, state, params)
+    np.testing.assert_allclose(second["dense"]["bias"], -0.5 * (0.9 * 1 + 1))  # momentum buffer 0.9 b + g
+    opt.name = "lamb"
+    with pytest.raises(ValueError, match="optimizer.name must be one of"):
+        make_optimizer(opt, optax.constant_schedule(0.5))

@@ -1,0 +1,186 @@
+"""Launchers: what each prints with --dry-run, and that without it they really run those steps (gcloud, sbatch
+and the trainer replaced by stubs that record how they were called: none of them exists here)."""
+
+import json
+import os
+import shlex
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from launch import local, slurm, sweep, tpu_pod  # noqa: E402
+
+CONFIG = "configs/imagenet.py:model=nano_12_p16,qkv=fsne_m8_wide"
+
+
+def dry_run(capsys, module, *argv):
+    assert module.main([*argv, "--dry-run"]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_tpu_pod_runs_the_same_command_on_every_worker(capsys):
+    lines = dry_run(capsys, tpu_pod, "--tpu=pod", "--zone=us-central2-b", f"--config={CONFIG}",
+                    "--workdir=gs://bucket/in1k/n12", "--env=TFDS_DATA_DIR=gs://bucket/tfds", "--config.seed=1")
+    assert len(lines) == 1
+    argv = shlex.split(lines[0])
+    assert argv[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--worker=all"]
+    assert "--zone=us-central2-b" in argv
+    remote = shlex.split(next(a for a in argv if a.startswith("--command=")).removeprefix("--command="))
+    assert remote[:3] == ["cd", "qkv_vit", "&&"]
+    assert remote[3:] == ["TFDS_DATA_DIR=gs://bucket/tfds", "python3", "-m", "qkv_vit.main", f"--config={CONFIG}",
+                          "--workdir=gs://bucket/in1k/n12", "--distributed", "--config.seed=1"]
+
+
+def test_tpu_pod_create_and_setup_copy_this_checkout_to_all_workers(capsys):
+    lines = dry_run(capsys, tpu_pod, "--tpu=pod", "--zone=z", "--project=p", "--create", "--accelerator-type=v5litepod-16",
+                    "--setup", "--detach", f"--config={CONFIG}", "--workdir=gs://bucket/run")
+    create, pack, copy, install, train = lines
+    assert create.startswith("gcloud compute tpus tpu-vm create pod --accelerator-type=v5litepod-16")
+    assert "--project=p" in create and "--zone=z" in create
+    assert pack.startswith(f"git -C {REPO} ls-files -co --exclude-standard -z | tar -czf")
+    assert "scp /tmp/qkv_vit-src.tar.gz pod:qkv_vit-src.tar.gz --worker=all" in copy
+    assert "--worker=all" in install and 'pip install -q -e ./qkv_vit "jax[tpu]"' in install
+    assert "nohup python3 -m qkv_vit.main" in train and "> ~/qkv_vit-train.log 2>&1 < /dev/null &" in train
+
+
+def test_tpu_pod_warns_when_the_workdir_is_not_a_bucket(capsys):
+    assert tpu_pod.main(["--tpu=pod", "--zone=z", f"--config={CONFIG}", "--workdir=/home/me/run", "--dry-run"]) == 0
+    assert "not a gs:// bucket" in capsys.readouterr().err
+
+
+def test_slurm_script_runs_one_process_per_gpu_with_srun(capsys):
+    lines = dry_run(capsys, slurm, "--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--account=proj",
+                    "--setup=source .venv/bin/activate", f"--config={CONFIG}", "--workdir=/shared/runs/n12",
+                    "--config.ema_decay=0.99996")
+    assert lines[0] == "# write /shared/runs/n12/launch.sbatch:" and lines[-1] == "sbatch /shared/runs/n12/launch.sbatch"
+    script = [line.removeprefix("#   ") if line != "#" else "" for line in lines[1:-1]]  # the file, as printed
+    for option in ("--job-name=n12", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-task=1", "--partition=gpu",
+                   "--account=proj", "--signal=TERM@120", "--requeue"):
+        assert f"#SBATCH {option}" in script
+    srun = next(line for line in script if line.startswith("srun "))
+    assert shlex.split(srun)[2:] == ["python", "-m", "qkv_vit.main", f"--config={CONFIG}", "--workdir=/shared/runs/n12",
+                                     "--distributed", "--config.ema_decay=0.99996"]
+    assert script.index("source .venv/bin/activate") < script.index(srun)
+    assert 'if [ "$status" -eq 143 ]; then scontrol requeue "$SLURM_JOB_ID"; fi' in script
+
+
+@pytest.fixture
+def stub_bin(tmp_path, monkeypatch):
+    """A directory first on PATH where `stub(name)` makes a command that appends its argv to name.calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def stub(name):
+        path = bin_dir / name
+        path.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                        f"open({str(bin_dir / (name + '.calls'))!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+        path.chmod(0o755)
+        return lambda: [json.loads(line) for line in (bin_dir / f"{name}.calls").read_text().splitlines()]
+
+    return stub
+
+
+def test_slurm_writes_the_script_and_submits_it(tmp_path, stub_bin):
+    calls = stub_bin("sbatch")
+    workdir = tmp_path / "run"
+    assert slurm.main(["--nodes=2", f"--config={CONFIG}", f"--workdir={workdir}"]) == 0
+    assert calls() == [[str(workdir / "launch.sbatch")]]
+    script = (workdir / "launch.sbatch").read_text()
+    assert script.startswith("#!/bin/bash\n#SBATCH --job-name=run\n#SBATCH --nodes=2\n")
+
+
+def test_tpu_pod_calls_gcloud_for_real(stub_bin):
+    calls = stub_bin("gcloud")
+    assert tpu_pod.main(["--tpu=pod", "--zone=z", f"--config={CONFIG}", "--workdir=gs://b/run"]) == 0
+    (call,) = calls()
+    assert call[:6] == ["compute", "tpus", "tpu-vm", "ssh", "pod", "--worker=all"]
+    assert "--distributed" in call[6]
+
+
+def test_local_processes_get_coordinator_flags_and_fake_devices(capsys):
+    lines = dry_run(capsys, local, "--processes=2", "--cpu-devices=4", "--port=23456", "--python=python",
+                    "--config=configs/quickstart.py:runlocal", "--workdir=/tmp/q", "--config.total_steps=2")
+    assert len(lines) == 2
+    for index, line in enumerate(lines):
+        assert shlex.split(line) == [
+            "JAX_PLATFORMS=cpu", "XLA_FLAGS=--xla_force_host_platform_device_count=4", "python", "-m", "qkv_vit.main",
+            "--config=configs/quickstart.py:runlocal", "--workdir=/tmp/q", "--coordinator_address=127.0.0.1:23456",
+            "--num_processes=2", f"--process_id={index}", "--config.total_steps=2"]
+    single = dry_run(capsys, local, "--python=python", "--config=configs/quickstart.py", "--workdir=w")
+    assert single == ["python -m qkv_vit.main --config=configs/quickstart.py --workdir=w"]
+
+
+def fake_trainer(tmp_path):
+    """A stand-in for `python` that records its arguments and environment; process 1 fails if told to."""
+    path = tmp_path / "fake_python"
+    path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(f"""
+        import json, os, sys, time
+        index = next(a for a in sys.argv if a.startswith("--process_id=")).split("=")[1]
+        record = {{"argv": sys.argv[1:], "xla": os.environ.get("XLA_FLAGS"), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}}
+        open({str(tmp_path)!r} + f"/started{{index}}", "w").write(json.dumps(record))
+        if os.environ.get("FAIL_PROCESS_1"):
+            if index == "1":
+                sys.exit(3)
+            time.sleep(600)  # stopped by the launcher long before
+        open({str(tmp_path)!r} + f"/finished{{index}}", "w").write("")
+    """))
+    path.chmod(0o755)
+    return path
+
+
+def test_local_starts_every_process_and_waits_for_them(tmp_path):
+    python = fake_trainer(tmp_path)
+    argv = ["--processes=2", "--gpu-per-process", f"--python={python}", "--config=configs/quickstart.py", "--workdir=w"]
+    assert local.main(argv) == 0
+    for index in (0, 1):
+        record = json.loads((tmp_path / f"started{index}").read_text())
+        assert record["gpu"] == str(index) and f"--process_id={index}" in record["argv"]
+        assert (tmp_path / f"finished{index}").exists()
+
+
+def test_local_stops_the_other_processes_when_one_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIL_PROCESS_1", "1")
+    python = fake_trainer(tmp_path)
+    argv = ["--processes=2", f"--python={python}", "--config=configs/quickstart.py", "--workdir=w"]
+    assert local.main(argv) == 3
+    assert (tmp_path / "started0").exists() and not (tmp_path / "finished0").exists()
+
+
+def test_sweep_gives_each_point_its_own_workdir(capsys):
+    lines = dry_run(capsys, sweep, "local", "--config=configs/cifar10.py", "--sweep=depth=4,epochs=2",
+                    "--workdir=workdirs/c10/", "--python=python", "--config.log_every_steps=10")
+    assert len(lines) == 15
+    assert lines[0] == ("python -m qkv_vit.main --config=configs/cifar10.py:qkv=linear,seed=0,depth=4,epochs=2 "
+                        "--workdir=workdirs/c10/qkv-linear_seed-0_depth-4_epochs-2 --config.log_every_steps=10")
+    only = dry_run(capsys, sweep, "local", "--config=configs/cifar10.py", "--workdir=w", "--only=qkv-sne_seed-2")
+    assert len(only) == 1 and "--workdir=w/qkv-sne_seed-2" in only[0]
+
+
+def test_sweep_on_a_tpu_pod_sets_up_once_then_runs_each_point(capsys):
+    lines = dry_run(capsys, sweep, "tpu_pod", "--config=configs/imagenet.py", "--sweep=code_size,ema", "--tpu=pod",
+                    "--zone=z", "--setup", "--workdir=gs://b/codes")
+    setup, runs = lines[:3], lines[3:]
+    assert setup[0].startswith("git ") and "scp" in setup[1] and "pip install" in setup[2]
+    assert len(runs) == 8 and all("--distributed" in run for run in runs)
+    assert "--workdir=gs://b/codes/model-tiny_12_p16_qkv-fsne_code_size-32_ema" in runs[-1]
+
+
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [(local, ["--config=c.py", "--workdir=w", "--lr=3"], "unrecognized arguments ['--lr=3']"),
+     (sweep, ["local", "--config=configs/cifar10.py:qkv=sne", "--workdir=w"], "--config takes the file only"),
+     (sweep, ["local", "--config=configs/cifar10.py", "--workdir=w", "--only=nope"], "--only ['nope'] not in the sweep"),
+     (sweep, ["local", "--config=configs/quickstart.py", "--workdir=w"], "has no get_sweep"),
+     (slurm, ["--nodes=0", "--config=c.py", "--workdir=w"], "--nodes and --gpus-per-node must be >= 1")],
+)
+def test_bad_launch_arguments_are_one_line_errors(module, argv, message, capsys):
+    with pytest.raises((SystemExit, ValueError)) as error:
+        module.main([*argv, "--dry-run"])
+    assert message in str(error.value) + capsys.readouterr().err

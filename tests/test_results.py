@@ -1,0 +1,135 @@
+"""The results table: hand-written workdirs with known numbers (means, spreads, paper columns, unfinished runs),
+and one real run of the trainer read back."""
+
+import json
+import shutil
+
+import jax
+import pytest
+
+from conftest import load_config
+from qkv_vit import models, results
+from qkv_vit.train import train_and_evaluate
+from qkv_vit.train.logging_utils import read_metrics
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+    """XLA without most optimizations: these runs check what a config does, not speed; compiling takes half the CPU."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def fake_run(root, name, *, top1, seed=0, qkv="linear", model_name="xcit_nano_12_p8", total_steps=4, last_step=None,
+             ema=None, data=None, changes=None, drop=(), num_params=1_234_567):
+    """A workdir as the trainer writes it, with evaluations at step 2 (top-1 0.99) and at `last_step` (`top1`)."""
+    config = load_config("quickstart", None)
+    config.update(seed=seed, qkv=qkv, model_name=model_name, total_steps=total_steps)
+    config.update(changes or {})
+    config.data.update(data or {})
+    config_json = json.loads(config.to_json())
+    for key in drop:  # a config written before `key` existed
+        section, _, leaf = key.rpartition(".")
+        del (config_json[section] if section else config_json)[leaf]
+    workdir = root / name
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(config_json))
+    model_config = models.model_config(model_name, qkv)
+    model = {"model_name": model_name, "qkv": qkv, "model_config": model_config, "num_params": num_params}
+    (workdir / "model.json").write_text(json.dumps(model))
+    records = [{"step": 2, "train/loss": 2.0}, {"step": 2, "val/top1": 0.99, "val/count": 360.0}]
+    final = {"step": last_step or total_steps, "val/top1": top1, "val/top5": 1.0, "val/count": 360.0}
+    if ema is not None:
+        final["ema_val/top1"] = ema
+    (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [*records, final]) + "\n")
+    return workdir
+
+
+def row(table, *cells):
+    """The table line holding all these cells."""
+    lines = [line for line in table.splitlines() if all(f"| {cell} |" in line for cell in cells)]
+    assert len(lines) == 1, (cells, table)
+    return [cell.strip() for cell in lines[0].strip("|").split("|")]
+
+
+def test_seeds_are_averaged_and_unfinished_runs_listed_apart(tmp_path):
+    for seed, top1 in enumerate([0.50, 0.52, 0.57]):
+        fake_run(tmp_path, f"linear_s{seed}", seed=seed, top1=top1)
+    fake_run(tmp_path, "linear_s3", seed=3, top1=0.99, last_step=2)  # stopped at step 2 of 4
+    fake_run(tmp_path, "fsne_s0", qkv="fsne_m8", top1=0.60, ema=0.61)
+    table = results.markdown([results.read_run(p) for p in results.find_runs([tmp_path])])
+    # mean 53.00, sample std sqrt(((-3)^2 + (-1)^2 + 4^2) / 2) = sqrt(13) = 3.61
+    assert row(table, "linear")[-4:] == ["53.00 ± 3.61", "", "3", ""]
+    assert row(table, "fsne (m=8, h=128)")[-4:] == ["60.00", "61.00", "1", ""]
+    assert row(table, "linear")[:4] == ["digits", "xcit_nano_12_p8", "linear", "1,234,567"]
+    header = "| data | model | QKV embedding | params | top-1 (%) | EMA top-1 (%) | n | paper / XCiT top-1 |"
+    assert table.splitlines()[0] == header
+    assert f"- {tmp_path / 'linear_s3'}: step 2 of 4" in table
+
+
+def test_runs_that_differ_by_more_than_the_seed_are_separate_rows_that_say_how(tmp_path):
+    fake_run(tmp_path, "a", seed=0, top1=0.5, drop=["optimizer.name"])  # an older config: the key reads as its default
+    fake_run(tmp_path, "b", seed=1, top1=0.7)
+    fake_run(tmp_path, "c", top1=0.9, changes={"optimizer": {"lr": 0.01}})
+    table = results.markdown([results.read_run(p) for p in results.find_runs([tmp_path])])
+    assert row(table, "optimizer.lr=0.002")[-4:] == ["optimizer.lr=0.002", "60.00 ± 14.14", "2", ""]
+    assert row(table, "optimizer.lr=0.01")[-3:] == ["90.00", "1", ""]
+
+
+def test_imagenet_rows_show_xcits_and_the_papers_numbers(tmp_path):
+    imagenet = dict(source="tfds", name="imagenet2012")
+    fake_run(tmp_path, "n12_linear", model_name="xcit_nano_12_p16", top1=0.70, data=imagenet)
+    fake_run(tmp_path, "n12_fsne", model_name="xcit_nano_12_p16", qkv="fsne_m8_wide", top1=0.71, data=imagenet)
+    fake_run(tmp_path, "s24_sne", model_name="xcit_small_24_p16", qkv="sne", top1=0.8, data=imagenet)
+    table = results.markdown([results.read_run(p) for p in results.find_runs([tmp_path])])
+    assert row(table, "linear")[0] == "imagenet2012" and row(table, "linear")[-1] == "69.9 (XCiT)"
+    assert row(table, "fsne (m=8, h=192)")[-1] == "71.4 (proposed, 3.1M)"
+    assert row(table, "sne (h=192)")[-1] == ""  # the paper has no S24 number
+
+
+def test_transfer_runs_on_all_four_sets_get_a_mean_next_to_the_papers(tmp_path):
+    for name, top1 in zip(results.TRANSFER_SETS, [0.90, 0.80, 0.95, 0.97], strict=True):
+        fake_run(tmp_path, name, model_name="xcit_nano_12_p16", qkv="fsne_m8", top1=top1,
+                 data=dict(source="tfds", name=name), changes={"init_from": "gs://b/in1k/n12_fsne"})
+    table = results.markdown([results.read_run(p) for p in results.find_runs([tmp_path])])
+    assert row(table, "cars196 (fine-tuned)")[-3:] == ["95.00", "1", ""]
+    assert row(table, "90.50") == ["xcit_nano_12_p16", "fsne (m=8, h=128)", "1,234,567", "90.50", "93.3 (F-SNE, 2.9M)"]
+
+
+def test_a_real_run_is_read_as_the_trainer_wrote_it(tmp_path, tiny_config):
+    tiny_config.total_steps = None
+    tiny_config.total_epochs = 3 / 89  # 1437 digits / batch 16 = 89 steps per epoch: 3 steps, counted from the data
+    state = train_and_evaluate(tiny_config, tmp_path / "runs" / "real")
+    run = results.read_run(tmp_path / "runs" / "real")
+    final = [m for m in read_metrics(tmp_path / "runs" / "real") if "val/top1" in m][-1]
+    assert run.finished and run.total_steps == 3 == final["step"] == int(state.step)
+    table = results.markdown([run])
+    assert row(table, "digits")[3] == f"{models.count_params(state.params):,}"
+    assert row(table, "digits")[-3:] == [f"{100 * final['val/top1']:.2f}", "1", ""]
+    # The same run without its final evaluation is unfinished.
+    shutil.copytree(tmp_path / "runs" / "real", tmp_path / "runs" / "cut")
+    metrics = (tmp_path / "runs" / "cut" / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in metrics if json.loads(line)["step"] < 3]
+    (tmp_path / "runs" / "cut" / "metrics.jsonl").write_text("\n".join(kept) + '\n{"step": 3, "val/to')  # killed mid-line
+    table = results.markdown([results.read_run(p) for p in results.find_runs([tmp_path / "runs"])])
+    assert row(table, "digits")[-2] == "1" and "cut: step 2 of 3" in table
+
+
+def test_command_line(tmp_path, capsys):
+    fake_run(tmp_path / "sweep" / "a", "s0", top1=0.5)  # two levels below the given directory
+    out = tmp_path / "table.md"
+    assert results.main([str(tmp_path / "sweep"), f"--out={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == out.read_text() and "| 50.00 | 1 |" in printed
+    assert results.main([str(tmp_path / "missing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert results.main([str(tmp_path / "empty")]) == 1
+    assert "No runs under" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values, expected", [([], ""), ([50.0], "50.00"), ([50.0, 52.0], "51.00 ± 1.41")])
+def test_mean_std(values, expected):
+    assert results.mean_std(values) == expected
