@@ -6,24 +6,29 @@ so a checkpoint saved on a pod (or on 8 devices, FSDP-sharded) loads on a laptop
 """
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
 from qkv_vit.convert.saved import load_converted
+from qkv_vit.errors import CheckpointError, ConfigError, describe_cause
 
 
 def read_variables(path: str | Path, use_ema: bool = False) -> dict[str, Any]:
-    """{'params', 'batch_stats'} (params = the EMA copy if use_ema and the run kept one)."""
+    """{'params', 'batch_stats'} (params = the EMA copy if use_ema and the run kept one).
+
+    FileNotFoundError if `path` holds neither; CheckpointError if what it holds cannot be read back.
+    """
     path = Path(path).absolute()
     if (path / "variables").is_dir() and (path / "model_config").is_dir():
-        return load_converted(path).variables
-    state = restore_on_local_device(find_state_item(path))
+        return read_or_explain(path, lambda: load_converted(path).variables)
+    item = find_state_item(path)
+    state = read_or_explain(item.parent, lambda: restore_on_local_device(item))
     params = state["params"]
     if use_ema:
         if not state.get("ema_params"):
-            raise ValueError(f"{path} has no EMA parameters (the run did not set config.ema_decay).")
+            raise ConfigError(f"{path} has no EMA parameters (the run did not set config.ema_decay).")
         params = state["ema_params"]
     return {"params": params, "batch_stats": state.get("batch_stats", {})}
 
@@ -40,6 +45,17 @@ def find_state_item(path: Path) -> Path:
         f"{path} is neither converted weights (python -m qkv_vit.convert) nor a qkv_vit run directory "
         "(expected checkpoints/<step>/state)."
     )
+
+
+def read_or_explain(checkpoint: Path, read: Callable[[], Any]) -> Any:
+    """`read()`, or a CheckpointError naming the checkpoint: damaged files raise many types from deep in TensorStore."""
+    try:
+        return read()
+    except Exception as error:
+        raise CheckpointError(
+            f"Cannot read the checkpoint {checkpoint} ({describe_cause(error)}): it is damaged or incomplete. "
+            "Use another step directory (checkpoints/<step>) or a fresh copy."
+        ) from error
 
 
 def restore_on_local_device(item_dir: Path) -> dict[str, Any]:

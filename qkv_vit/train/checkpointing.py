@@ -1,26 +1,35 @@
-"""Orbax checkpoints of a run (exact resume) and the separate fine-tuning init path (`config.init_from`).
+"""Orbax checkpoints of a run (exact resume, surviving kills and damaged files) and the fine-tuning init path.
 
 A run's checkpoints live in WORKDIR/checkpoints/<step>/ with two items: `state` (the TrainState) and
-`meta` (JSON: step, data position, model config). Orbax writes each step to a temporary directory and
-renames it when complete, so a killed save never leaves a step that looks finished.
+`meta` (JSON: step, data position, model config). Orbax writes each step into `<step>.orbax-checkpoint-tmp`
+and renames it when complete, so a killed save never leaves a step that looks finished; what it leaves is
+removed when the next run opens the directory. A step that fails to read back (truncated or missing files,
+garbage metadata) is skipped for the previous one and renamed `<step>.corrupt-<time>`: never deleted, and
+out of the way of the resumed run, which saves that step number again.
 """
 
 import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from qkv_vit.errors import CheckpointError, ConfigError, describe_cause
 from qkv_vit.train.state import TrainState
 from qkv_vit.tree import flatten, unflatten
 
 HEAD = "head"
+CORRUPT_INFIX = ".corrupt-"
 
 
 class RunCheckpoints:
-    """The run's own checkpoints: save every N steps and at the end, keep the last K, resume the latest."""
+    """The run's own checkpoints: save every N steps and at the end, keep the last K, resume the latest good one."""
 
     def __init__(self, workdir: str | Path, config: ml_collections.ConfigDict):
         # The trainer decides when to save (every N steps, at the end, on preemption); Orbax keeps the last K.
@@ -30,52 +39,175 @@ class RunCheckpoints:
             create=True,
         )
         self.directory = Path(workdir).absolute() / "checkpoints"
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        if jax.process_index() == 0:
+            remove_unfinished_saves(self.directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+        )
+        self.writing_step: int | None = None  # the save in flight, named if it fails
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, step: int, abstract_state: TrainState) -> TrainState:
-        """The state at `step`, each array placed with the sharding of `abstract_state`'s leaves."""
+    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """(state, meta) at `step`, each array placed with the sharding of `abstract_state`'s leaves."""
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         )
-        return restored.state
+        if restored.meta.get("step") != step or int(restored.state.step) != step:
+            raise ValueError(f"directory {step} holds step {restored.meta.get('step')}/{int(restored.state.step)}")
+        return restored.state, restored.meta
+
+    def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+        """The newest checkpoint that reads back whole, as (state, meta); None when there is none.
+
+        Unreadable newer ones are reported, and set aside once an older one restores; if none restores,
+        nothing is moved and the error lists them all.
+        """
+        unreadable = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            self.check_fits(step, abstract_state)
+            try:
+                state, meta = self.restore(step, abstract_state)
+                error = None
+            except Exception as caught:  # Orbax and TensorStore raise many types for missing or truncated files
+                error = caught
+            if all_processes_agree(error is None):
+                self.set_aside([bad for bad, _ in unreadable])
+                return state, meta
+            error = error or RuntimeError("another process could not read it")
+            logging.warning("Checkpoint %s cannot be read (%s); trying the previous one.",
+                            self.directory / str(step), describe_cause(error))
+            unreadable.append((step, error))
+        if unreadable:
+            listed = "; ".join(f"step {step}: {describe_cause(error)}" for step, error in unreadable)
+            raise CheckpointError(
+                f"No checkpoint in {self.directory} can be read ({listed}). Nothing was deleted or moved. To start "
+                f"over, move {self.directory} away; to resume from a copy, put it there."
+            )
+        return None
+
+    def check_fits(self, step: int, abstract_state: TrainState) -> None:
+        """A readable checkpoint of arrays other than this config's is a config mistake, not damage: say so."""
+        try:
+            metadata = self.manager.item_metadata(step).state
+        except Exception:  # unreadable metadata: restore() fails too and reports the damage
+            return
+        saved, wanted = array_signature(getattr(metadata, "tree", metadata)), array_signature(abstract_state)
+        if saved and saved != wanted:
+            raise ConfigError(
+                f"The checkpoints in {self.directory} (step {step}: {len(saved)} arrays) do not fit this config's model "
+                f"and optimizer ({len(wanted)} arrays, or other shapes): this workdir belongs to another configuration "
+                f"(see its config.json). Use a new --workdir, or the config that started this run."
+            )
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Rename unreadable steps to <step>.corrupt-<time>: kept for inspection, invisible to Orbax."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                target = self.directory / f"{step}{CORRUPT_INFIX}{stamp}"
+                (self.directory / str(step)).rename(target)
+                logging.warning("Moved the unreadable checkpoint of step %d to %s (delete it when done).", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("qkv_vit: unreadable checkpoints set aside")
+        self.manager.reload()
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> bool:
         """Save `step` unless it is already saved (e.g. a SIGTERM right after a periodic save)."""
         if step in self.manager.all_steps():
             return False
-        return self.manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
-        )
+        self.wait()  # the previous save's failure is reported as that step's, not this one's
+        self.writing_step = step
+        try:
+            saved = self.manager.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+            )
+        except Exception as error:  # full disk, permissions, a vanished directory: whatever the storage says
+            raise self.save_failed(error) from error
+        return saved
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the save in flight is on disk; CheckpointError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise self.save_failed(error) from error
+        self.writing_step = None
+
+    def save_failed(self, error: Exception) -> CheckpointError:
+        step, self.writing_step = self.writing_step, None
+        if jax.process_index() == 0:
+            remove_unfinished_saves(self.directory)  # give back the space the partial write took
+        self.manager.reload()  # Orbax forgets steps it meant to delete after the failed one: read the disk again
+        latest = self.manager.latest_step()
+        kept = f"step {latest}, is intact" if latest is not None else "none: there is no earlier checkpoint"
+        return CheckpointError(
+            f"Could not write the checkpoint of step {step} to {self.directory} ({describe_cause(error)}). "
+            f"The last complete checkpoint, {kept}. Free disk space or fix the directory's permissions, then rerun "
+            "the same command to resume."
+        )
 
     def close(self) -> None:
-        self.manager.close()
+        """Wait for the save in flight (CheckpointError if it failed), then stop Orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
-def merge_for_fine_tuning(fresh: dict[str, Any], loaded: dict[str, Any], source: str) -> dict[str, Any]:
-    """Loaded weights over a fresh init: every variable must match, except the head, which is re-initialized
-    when the class count differs. Anything else that differs is an error naming the variables."""
+def remove_unfinished_saves(directory: Path) -> None:
+    """Delete what killed or failed saves left (Orbax's temporary step directories); finished steps stay."""
+    for unfinished in ocp.path.step.all_temporary_paths(directory):
+        path = Path(unfinished.get())
+        logging.warning("Removing %s: an unfinished checkpoint write (the run was killed or the write failed).", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def array_signature(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+    """The sorted (shape, dtype) of every array: equal for the same model and optimizer, whatever the names."""
+    return sorted((tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree.leaves(tree))
+
+
+def all_processes_agree(ok: bool) -> bool:
+    """True if `ok` on every process: all restore the same step, or none does."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def check_fine_tuning_fit(fresh: dict[str, Any], loaded: dict[str, Any], source: str) -> list[tuple[str, ...]]:
+    """The head variables to re-initialize (class count differs); ConfigError naming every other mismatch.
+
+    `fresh` may hold arrays or shapes only (jax.ShapeDtypeStruct), so this runs before anything compiles.
+    """
     fresh_flat = flatten(fresh)
     loaded_flat = flatten(loaded)
     missing = [k for k in fresh_flat if k not in loaded_flat]
     unexpected = [k for k in loaded_flat if k not in fresh_flat and not is_head(k)]
     reshaped = [k for k in fresh_flat if k in loaded_flat and np.shape(loaded_flat[k]) != np.shape(fresh_flat[k])]
-    reinit_head = [k for k in missing + reshaped if is_head(k)]
     problems = [k for k in missing + reshaped if not is_head(k)] + unexpected
     if problems:
-        raise ValueError(
+        raise ConfigError(
             f"init_from={source} does not fit the configured model ({len(problems)} variables differ): "
             + ", ".join("/".join(k) for k in problems[:10])
             + (" ..." if len(problems) > 10 else "")
             + ". Check config.model_name and the QKV options against the checkpoint's."
         )
+    return [k for k in missing + reshaped if is_head(k)]
+
+
+def merge_for_fine_tuning(fresh: dict[str, Any], loaded: dict[str, Any], source: str) -> dict[str, Any]:
+    """Loaded weights over a fresh init: every variable must match, except the head, which is re-initialized
+    when the class count differs. Anything else that differs is a ConfigError naming the variables."""
+    reinit_head = check_fine_tuning_fit(fresh, loaded, source)
     if reinit_head:
         logging.info("init_from: re-initialized the classifier head (class count differs from %s).", source)
+    fresh_flat, loaded_flat = flatten(fresh), flatten(loaded)
     merged = {k: (fresh_flat[k] if k in reinit_head else loaded_flat[k]) for k in fresh_flat}
     return unflatten(merged)
 

@@ -1,12 +1,17 @@
 """train_and_evaluate(config, workdir): set up, resume or initialize, train, evaluate, checkpoint.
 
-Resume order: the workdir's own latest checkpoint > config.init_from (fine-tuning) > a fresh init.
+Resume order: the workdir's own newest readable checkpoint > config.init_from (fine-tuning) > a fresh init.
+Mistakes in the config, the data or the workdir raise ConfigError / DataConfigError / CheckpointError before
+anything compiles (README: "What happens when things go wrong").
 """
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,8 +24,10 @@ import optax
 from clu import metric_writers, periodic_actions
 
 from qkv_vit import data, models
+from qkv_vit.data import image_folder
+from qkv_vit.errors import CheckpointError, ConfigError, describe_cause
 from qkv_vit.train import sharding, steps
-from qkv_vit.train.checkpointing import RunCheckpoints, merge_for_fine_tuning
+from qkv_vit.train.checkpointing import RunCheckpoints, check_fine_tuning_fit, merge_for_fine_tuning
 from qkv_vit.weights import read_variables
 from qkv_vit.train.logging_utils import create_writer
 from qkv_vit.train.optimizer import learning_rate, make_optimizer
@@ -28,6 +35,7 @@ from qkv_vit.train.preemption import PreemptionWatcher
 from qkv_vit.train.state import TrainState, create_train_state
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # disk full, read-only
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -45,6 +53,7 @@ class Run:
 
     config: ml_collections.ConfigDict
     workdir: Path
+    num_train_examples: int
     model: models.XCiT
     mesh: jax.sharding.Mesh
     total_steps: int
@@ -63,20 +72,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir = Path(workdir).absolute()
     model = build_model(config, num_classes=None)  # errors in model options before any data is read
     validate_run_config(config, model)
-    workdir.mkdir(parents=True, exist_ok=True)
+    prepare_workdir(workdir)
     run = setup_run(config, workdir)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        (workdir / "model.json").write_text(json.dumps(model_summary(run), indent=2))
+    log_data_summary(run)
     checkpoints = RunCheckpoints(workdir, config)
-    writer = create_writer(workdir)
     try:
         state = initial_state(run, checkpoints)
-        return train_loop(run, state, checkpoints, writer)
+        if jax.process_index() == 0:  # after the resume check, so a mismatching rerun keeps the run's own config.json
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+            (workdir / "model.json").write_text(json.dumps(model_summary(run), indent=2))
+        writer = create_writer(workdir)
+        try:
+            return train_loop(run, state, checkpoints, writer)
+        except OSError as error:  # metrics and event files meet a full or read-only disk too, often first
+            if error.errno not in STORAGE_ERRNOS:
+                raise
+            raise CheckpointError(
+                f"Writing to the workdir {workdir} failed ({describe_cause(error)}). The last complete checkpoint is "
+                f"step {checkpoints.latest_step()}; free disk space or fix permissions, then rerun the same command."
+            ) from error
+        finally:
+            writer.flush()
     finally:
-        checkpoints.wait()
         checkpoints.close()
-        writer.flush()
+
+
+@contextlib.contextmanager
+def config_mistakes(keys: str):
+    """A ValueError raised while building from the config values `keys` is a mistake in them: a ConfigError."""
+    try:
+        yield
+    except (ConfigError, data.DataConfigError):
+        raise
+    except ValueError as error:
+        raise ConfigError(f"{error} Check {keys}.") from error
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int | None) -> models.XCiT:
@@ -84,37 +113,73 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None) -> m
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     if config.compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {list(COMPUTE_DTYPES)}, got {config.compute_dtype!r}.")
-    return models.create(config.model_name, qkv=config.qkv or None, dtype=COMPUTE_DTYPES[config.compute_dtype], **overrides)
+        raise ConfigError(f"config.compute_dtype must be one of {list(COMPUTE_DTYPES)}, got {config.compute_dtype!r}.")
+    shown = {key: value for key, value in overrides.items() if key != "num_classes"}
+    with config_mistakes(f"config.model_name={config.model_name!r}, config.qkv={config.qkv!r}, config.model: {shown}"):
+        return models.create(config.model_name, qkv=config.qkv or None, dtype=COMPUTE_DTYPES[config.compute_dtype],
+                             **overrides)
 
 
 def validate_run_config(config: ml_collections.ConfigDict, model: models.XCiT) -> None:
     """One clear error for settings that would otherwise fail deep inside JAX, before any compile."""
     if config.nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"config.nonfinite must be one of {NONFINITE_POLICIES}, got {config.nonfinite!r}.")
+        raise ConfigError(f"config.nonfinite must be one of {NONFINITE_POLICIES}, got {config.nonfinite!r}.")
     if config.sharding not in sharding.SHARDING_STRATEGIES:
-        raise ValueError(f"config.sharding must be one of {sharding.SHARDING_STRATEGIES}, got {config.sharding!r}.")
+        raise ConfigError(f"config.sharding must be one of {sharding.SHARDING_STRATEGIES}, got {config.sharding!r}.")
     devices = jax.device_count()
     for name in ("global_batch_size", "eval_batch_size"):
         size = config.get(name)
-        if size is not None and (size < 1 or size % devices):
-            raise ValueError(f"config.{name}={size} is not divisible by the {devices} devices; use a multiple of {devices}.")
+        if size is not None and size < 1:
+            raise ConfigError(f"config.{name}={size} must be a positive multiple of the {devices} devices.")
+        if size is not None and size % devices:
+            raise ConfigError(f"config.{name}={size} is not divisible by the {devices} devices; use a multiple of {devices}.")
     if config.data.image_size % model.patch_size:
-        raise ValueError(
-            f"config.data.image_size={config.data.image_size} is not divisible by the patch size {model.patch_size}."
+        raise ConfigError(
+            f"config.data.image_size={config.data.image_size} is not divisible by the patch size {model.patch_size}: "
+            f"use a multiple of {model.patch_size}."
         )
     if config.optimizer.accumulation_steps < 1:
-        raise ValueError("config.optimizer.accumulation_steps must be >= 1.")
+        raise ConfigError("config.optimizer.accumulation_steps must be >= 1.")
+    with config_mistakes(f"config.mesh={config.mesh.to_dict()}"):
+        sharding.make_mesh(config.mesh)
     data.validate_config(config.data)
 
 
+def prepare_workdir(workdir: Path) -> None:
+    """Create the workdir and write to it once, so a bad path fails now rather than at the first checkpoint."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as error:
+        raise CheckpointError(
+            f"Cannot write to the workdir {workdir}: {error.strerror or error}. Choose a writable --workdir, "
+            "or fix its permissions or free space."
+        ) from error
+
+
+def log_data_summary(run: Run) -> None:
+    """What the run reads, and how many files the data set's conversion skipped as unreadable or not images."""
+    config = run.config.data
+    logging.info("Data: %s, %d train examples.", config.source, run.num_train_examples)
+    if config.source != "image_folder":
+        return
+    prepared = image_folder.prepare_image_folder(config.path, config.cache_dir, config.bad_files)  # cached: reads JSON
+    if prepared.num_skipped:
+        entry = next(p for p in prepared.tfds_dir.parents if (p / image_folder.LABEL_MAP).exists())
+        logging.warning("Skipped %d unreadable or non-image files of %s (bad_files=%r), e.g. %s; all listed in %s.",
+                        prepared.num_skipped, config.path, config.bad_files, prepared.skipped_files[:3],
+                        entry / image_folder.LABEL_MAP)
+
+
 def setup_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
-    num_classes = data.dataset_info(config.data)[2]
+    num_train_examples, _, num_classes, _ = data.dataset_info(config.data)
     model = build_model(config, num_classes)
     mesh = sharding.make_mesh(config.mesh)
     total_steps, warmup_steps = run_length(config)
-    schedule = learning_rate(config.optimizer, config.global_batch_size, total_steps, warmup_steps)
-    optimizer = make_optimizer(config.optimizer, schedule)
+    with config_mistakes("config.optimizer"):
+        schedule = learning_rate(config.optimizer, config.global_batch_size, total_steps, warmup_steps)
+        optimizer = make_optimizer(config.optimizer, schedule)
     init = functools.partial(
         create_train_state, model, optimizer, jax.random.PRNGKey(config.seed), config.data.image_size,
         config.ema_decay is not None,
@@ -132,8 +197,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
         donate_argnums=(0,),
     )
     eval_step = jax.jit(functools.partial(steps.eval_step, model=model), out_shardings=sharding.replicated(mesh))
-    return Run(config, workdir, model, mesh, total_steps, schedule, optimizer, init, abstract_state, state_sharding,
-               batch_sharding, train_step, eval_step)
+    return Run(config, workdir, num_train_examples, model, mesh, total_steps, schedule, optimizer, init, abstract_state,
+               state_sharding, batch_sharding, train_step, eval_step)
 
 
 def run_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -146,32 +211,53 @@ def run_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
     if warmup is None:
         warmup = round(config.optimizer.warmup_epochs * steps_per_epoch)
     if total < 1:
-        raise ValueError(f"The run has {total} steps: set config.total_steps or config.total_epochs higher.")
+        raise ConfigError(f"The run has {total} steps: set config.total_steps or config.total_epochs higher.")
     return total, warmup
 
 
 def initial_state(run: Run, checkpoints: RunCheckpoints) -> TrainState:
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        logging.info("Resuming from %s/%d.", checkpoints.directory, latest)
-        abstract = jax.tree.map(
-            lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), run.abstract_state, run.state_sharding
-        )
-        return checkpoints.restore(latest, abstract)
+    abstract = jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), run.abstract_state, run.state_sharding
+    )
+    restored = checkpoints.restore_latest(abstract)
+    if restored is not None:
+        state, saved_meta = restored
+        logging.info("Resuming from %s/%d.", checkpoints.directory, int(state.step))
+        warn_if_data_changed(run, saved_meta)
+        return state
+    loaded = read_init_from(run) if run.config.init_from else None  # checked before the init compiles
     state = fresh_state(run)
-    if run.config.init_from:
-        state = fine_tuning_state(run, state)
-    return state
+    return fine_tuning_state(run, state, loaded) if loaded is not None else state
+
+
+def warn_if_data_changed(run: Run, saved_meta: dict[str, Any]) -> None:
+    saved = saved_meta.get("train_examples")
+    if saved is not None and saved != run.num_train_examples:
+        logging.warning(
+            "The train split has %d examples now but had %d when step %d was saved (files added or removed?): "
+            "training goes on with the current data, so this run will not equal an uninterrupted one.",
+            run.num_train_examples, saved, saved_meta["step"])
 
 
 def fresh_state(run: Run) -> TrainState:
     return jax.jit(run.init_state, out_shardings=run.state_sharding)()
 
 
-def fine_tuning_state(run: Run, state: TrainState) -> TrainState:
+def read_init_from(run: Run) -> dict[str, Any]:
+    """config.init_from's variables, checked against the model's shapes (ConfigError naming what differs)."""
+    source = run.config.init_from
+    try:
+        loaded = read_variables(source, use_ema=run.config.init_from_ema)
+    except FileNotFoundError as error:
+        raise ConfigError(f"config.init_from: {error}") from error
+    check_fine_tuning_fit({"params": run.abstract_state.params, "batch_stats": run.abstract_state.batch_stats},
+                          loaded, source)
+    return loaded
+
+
+def fine_tuning_state(run: Run, state: TrainState, loaded: dict[str, Any]) -> TrainState:
     """Weights from config.init_from (never its optimizer state or step): the start of a fine-tuning run."""
     source = run.config.init_from
-    loaded = read_variables(source, use_ema=run.config.init_from_ema)
     fresh = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     merged = merge_for_fine_tuning(fresh, loaded, source)
     logging.info("Initialized from %s.", source)
@@ -213,7 +299,8 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
 
 
 def meta(run: Run, step: int) -> dict[str, Any]:
-    return {"step": step, "data_position": step, "model_name": run.config.model_name,
+    return {"step": step, "data_position": step, "train_examples": run.num_train_examples,
+            "model_name": run.config.model_name,
             "model_config": json.loads(json.dumps(model_config(run.model), default=str))}
 
 

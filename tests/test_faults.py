@@ -1,0 +1,398 @@
+"""A training job survives kill -9, damaged checkpoints, a full disk, NaN losses and bad data files without losing
+work, and bad input fails with one `error:` line (no traceback) before anything compiles.
+
+One tiny run (24 steps, a checkpoint every 4, the last 3 kept) is the reference: interrupted or damaged runs must
+end with exactly its parameters. The kill tests use real processes on CPU.
+"""
+
+import errno
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from conftest import REPO, load_config
+from qkv_vit import data
+from qkv_vit.data.testing import write_image_folder
+from qkv_vit.errors import CheckpointError, ConfigError
+from qkv_vit.train import logging_utils, train_and_evaluate, trainer
+from qkv_vit.train.checkpointing import RunCheckpoints
+from qkv_vit.train.logging_utils import read_metrics
+from qkv_vit.weights import read_variables
+
+# Orbax leaves the coroutines of a restore that failed on a damaged file unawaited; Python reports them when collected.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+TOTAL_STEPS, EVERY = 24, 4
+RUN_FLAGS = [f"--config.total_steps={TOTAL_STEPS}", f"--config.checkpoint_every_steps={EVERY}",
+             "--config.log_every_steps=1", "--config.eval_every_steps=0", "--config.eval_batch_size=120"]
+CLI_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+DEADLINE_S = 300  # only to end a test that hangs; nothing asserts a duration
+
+# Runs the CLI with Orbax's final rename of step $BLOCK_STEP held back (training goes on meanwhile, as with any async
+# save): the step's files are written but the step is not finished, the window a kill -9 can hit during a save.
+HOLD_SAVE = textwrap.dedent("""
+    import asyncio, os, runpy, sys
+    import orbax.checkpoint as ocp
+    rename = ocp.path.atomicity.AtomicRenameTemporaryPath.finalize
+    async def finalize(self):
+        if self.get_final().name == os.environ["BLOCK_STEP"]:
+            print("writing", self.get(), flush=True)
+            await asyncio.sleep(3600)
+        return await rename(self)
+    ocp.path.atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    sys.argv = ["qkv_vit.main", *sys.argv[1:]]
+    runpy.run_module("qkv_vit.main", run_name="__main__")
+""")
+
+
+def small_config(data_cache, **changes):
+    config = load_config("quickstart", "runlocal")
+    config.model.update(embed_dim=32, depth=1)
+    config.data.cache_dir = str(data_cache)
+    config.update(total_steps=TOTAL_STEPS, checkpoint_every_steps=EVERY, log_every_steps=1, eval_every_steps=0,
+                  eval_batch_size=120)
+    config.update(changes)
+    return config
+
+
+MAIN = [sys.executable, "-m", "qkv_vit.main"]
+
+
+def cli_command(workdir, *flags, data_cache):
+    return [*MAIN, "--config=configs/quickstart.py:runlocal", f"--workdir={workdir}",
+            "--config.model.embed_dim=32", "--config.model.depth=1", f"--config.data.cache_dir={data_cache}",
+            *RUN_FLAGS, *flags]
+
+
+def steps_on_disk(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def assert_same(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def copy_run(reference, tmp_path):
+    return shutil.copytree(reference["workdir"], tmp_path / "run")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_compilation_per_program(tmp_path_factory):
+    """Every run here trains the same tiny model: JAX's persistent cache compiles it once, in this process and in
+    the command-line ones, instead of once per run (the executables are the same, so are the results)."""
+    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": -1}
+    previous = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        CLI_ENV[name.upper()] = str(value)
+    compilation_cache.reset_cache()  # JAX decides once per process whether to use a cache: ask again
+    yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
+        CLI_ENV.pop(name.upper())
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_cache):
+    """The uninterrupted run: its workdir (checkpoints 16, 20, 24) and final variables."""
+    workdir = tmp_path_factory.mktemp("reference")
+    state = train_and_evaluate(small_config(data_cache), workdir)
+    assert steps_on_disk(workdir) == [16, 20, 24]
+    return dict(workdir=workdir, params=jax.device_get(state.params), batch_stats=jax.device_get(state.batch_stats))
+
+
+# --- kill -9 -----------------------------------------------------------------------------------------------------
+
+
+def test_kill_9_during_a_step_and_an_async_checkpoint_write_resumes_exactly(tmp_path, reference, data_cache):
+    workdir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+
+    # Killed while training past step 8 with the checkpoint of step 8 still being written: only step 4 is complete.
+    flags, output = cli_command(workdir, data_cache=data_cache)[len(MAIN):], tmp_path / "held.out"
+    with output.open("w") as stdout:
+        held = subprocess.Popen([sys.executable, "-c", HOLD_SAVE, *flags], cwd=REPO,
+                                env={**CLI_ENV, "BLOCK_STEP": "8"}, stdout=stdout, stderr=subprocess.DEVNULL)
+    deadline = time.time() + DEADLINE_S
+    # Wait until the step-8 save is held and a later step is done (so the next one is running), then kill.
+    while "writing" not in output.read_text() or not any(m["step"] >= 9 for m in read_metrics(workdir)):
+        assert held.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    held.kill()
+    assert held.wait() == -9
+    assert steps_on_disk(workdir) == [4] and (checkpoints / "8.orbax-checkpoint-tmp").is_dir()
+
+    # The same command resumes from step 4, never from the half-written 8, and ends with the uninterrupted parameters.
+    rerun = subprocess.run(cli_command(workdir, data_cache=data_cache), cwd=REPO, env=CLI_ENV, capture_output=True,
+                           text=True, timeout=DEADLINE_S)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "8.orbax-checkpoint-tmp: an unfinished checkpoint write" in rerun.stderr
+    assert f"Resuming from {checkpoints}/4." in rerun.stderr
+    final = read_variables(workdir)
+    assert_same(final["params"], reference["params"])
+    assert_same(final["batch_stats"], reference["batch_stats"])
+    assert steps_on_disk(workdir) == [16, 20, 24] and not list(checkpoints.glob("*tmp*"))
+
+
+# --- damaged checkpoints -----------------------------------------------------------------------------------------
+
+
+def largest_array_file(step_dir):
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_and_is_kept_aside(tmp_path, reference, data_cache,
+                                                                                 caplog):
+    workdir = copy_run(reference, tmp_path)
+    bad = largest_array_file(workdir / "checkpoints" / "24")
+    os.truncate(bad, bad.stat().st_size // 2)
+    with caplog.at_level(logging.INFO):
+        state = train_and_evaluate(small_config(data_cache), workdir)
+    assert f"Checkpoint {workdir}/checkpoints/24 cannot be read" in caplog.text
+    assert f"Resuming from {workdir}/checkpoints/20." in caplog.text
+    assert_same(state.params, reference["params"])  # steps 21-24 redone exactly
+    aside = list((workdir / "checkpoints").glob("24.corrupt-*"))
+    assert len(aside) == 1 and (aside[0] / "state").is_dir()  # moved out of the way, not deleted
+    assert steps_on_disk(workdir) == [16, 20, 24]
+
+
+def abstract_state(config, workdir):
+    run = trainer.setup_run(config, workdir)
+    return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                        run.abstract_state, run.state_sharding)
+
+
+DAMAGE = {
+    "an array file deleted": lambda step: largest_array_file(step).unlink(),
+    "garbage metadata": lambda step: (step / "meta" / "metadata").write_text("{not json"),
+    "the array index deleted": lambda step: (step / "state" / "_METADATA").unlink(),
+}
+
+
+def test_each_kind_of_damage_is_detected_and_set_aside(tmp_path, reference, data_cache):
+    config = small_config(data_cache)
+    abstract = abstract_state(config, tmp_path / "setup")
+    for name, damage in DAMAGE.items():
+        workdir = shutil.copytree(reference["workdir"] / "checkpoints", tmp_path / name / "checkpoints").parent
+        damage(workdir / "checkpoints" / "24")
+        checkpoints = RunCheckpoints(workdir, config)
+        state, meta = checkpoints.restore_latest(abstract)
+        checkpoints.close()
+        assert int(state.step) == 20 and meta["step"] == 20, name
+        assert steps_on_disk(workdir) == [16, 20] and list((workdir / "checkpoints").glob("24.corrupt-*")), name
+
+
+def test_no_readable_checkpoint_is_a_clear_error_and_nothing_moves(tmp_path, reference, data_cache):
+    config = small_config(data_cache)
+    workdir = copy_run(reference, tmp_path)
+    for step in (16, 20, 24):
+        (workdir / "checkpoints" / str(step) / "meta" / "metadata").write_text("")
+    checkpoints = RunCheckpoints(workdir, config)
+    with pytest.raises(CheckpointError, match=r"No checkpoint in .* can be read \(step 24: .*step 16: .*Nothing was "):
+        checkpoints.restore_latest(abstract_state(config, tmp_path / "setup"))
+    checkpoints.close()
+    assert steps_on_disk(workdir) == [16, 20, 24] and not list((workdir / "checkpoints").glob("*corrupt*"))
+
+
+def test_checkpoints_of_another_model_are_a_config_error_not_damage(tmp_path, reference, data_cache, monkeypatch):
+    workdir = copy_run(reference, tmp_path)
+    monkeypatch.setattr(trainer, "fresh_state", lambda run: pytest.fail("compiled an initialization"))
+    with pytest.raises(ConfigError, match="do not fit this config's model.*Use a new --workdir"):
+        train_and_evaluate(small_config(data_cache, ema_decay=0.9), workdir)  # EMA adds arrays to the state
+    assert steps_on_disk(workdir) == [16, 20, 24] and not list((workdir / "checkpoints").glob("*corrupt*"))
+    assert json.loads((workdir / "config.json").read_text())["ema_decay"] is None  # the run's own, not overwritten
+
+
+# --- full disk, unwritable workdir ------------------------------------------------------------------------------
+
+
+def files_of(step_dir):
+    return {p.relative_to(step_dir): p.read_bytes() for p in sorted(step_dir.rglob("*")) if p.is_file()}
+
+
+def test_full_disk_while_saving_is_a_clear_error_and_the_previous_checkpoint_stays(tmp_path, reference, data_cache,
+                                                                                   monkeypatch):
+    workdir = copy_run(reference, tmp_path)
+    for step in (20, 24):
+        shutil.rmtree(workdir / "checkpoints" / str(step))  # a run that has reached step 16
+    before = files_of(workdir / "checkpoints" / "16")
+    write_json = ocp.JsonCheckpointHandler._save_fn
+
+    async def disk_full_at_step_20(self, item, directory):
+        if item["step"] == 20:
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return await write_json(self, item, directory)
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", disk_full_at_step_20)
+    # The save of step 20 runs in the background; its failure surfaces at the next save and is named as step 20's.
+    with pytest.raises(CheckpointError, match=r"checkpoint of step 20 .*No space left on device.*step 16, is intact"):
+        train_and_evaluate(small_config(data_cache), workdir)
+    assert steps_on_disk(workdir) == [16] and files_of(workdir / "checkpoints" / "16") == before
+    assert not list((workdir / "checkpoints").glob("*tmp*"))  # the partial write is gone
+
+
+def test_full_disk_while_writing_metrics_is_the_same_clear_error(tmp_path, reference, data_cache, monkeypatch):
+    workdir = copy_run(reference, tmp_path)
+    for step in (20, 24):
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+
+    def disk_full(self, step, scalars):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(logging_utils.JsonlWriter, "write_scalars", disk_full)
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl.*The last complete checkpoint is step 16; free disk"):
+        train_and_evaluate(small_config(data_cache), workdir)
+    assert steps_on_disk(workdir) == [16]
+
+
+def test_unwritable_workdir_fails_before_any_work(tmp_path, data_cache, monkeypatch):
+    monkeypatch.setattr(trainer, "setup_run", lambda *args: pytest.fail("read data after a bad workdir"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match="Cannot write to the workdir .*: Not a directory"):
+        train_and_evaluate(small_config(data_cache), tmp_path / "file" / "run")
+    if os.geteuid() != 0:  # root writes through permissions
+        (tmp_path / "locked").mkdir(mode=0o500)
+        with pytest.raises(CheckpointError, match="Permission denied"):
+            train_and_evaluate(small_config(data_cache), tmp_path / "locked")
+
+
+# --- NaN / inf ------------------------------------------------------------------------------------------------------
+
+
+def test_nonfinite_loss_on_the_command_line_stops_with_exit_code_3_and_one_line(tmp_path, reference, data_cache):
+    workdir = copy_run(reference, tmp_path)
+    result = subprocess.run(
+        cli_command(workdir, "--config.total_steps=28", "--config.optimizer.lr=1e30", data_cache=data_cache),
+        cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert result.returncode == 3, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Loss or gradients became NaN/inf at step 25") and "Traceback" not in result.stderr
+    assert f"Last good checkpoint: step 24 in {workdir}/checkpoints" in last
+    assert steps_on_disk(workdir) == [16, 20, 24]
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+
+def test_unreadable_and_non_image_files_are_skipped_and_counted_in_the_log(tmp_path, data_cache, monkeypatch, caplog):
+    root = tmp_path / "images"
+    write_image_folder(root, {"train": {"a": 8, "b": 8}, "test": {"a": 2, "b": 2}}, size=(32, 32))
+    (root / "train" / "a" / "notes.txt").write_text("not an image")
+    (root / "train" / "b" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    config = small_config(data_cache)
+    config.data.update(source="image_folder", path=str(root))
+
+    class SetUp(Exception):
+        pass
+
+    monkeypatch.setattr(trainer, "initial_state", lambda *args: (_ for _ in ()).throw(SetUp()))
+    with caplog.at_level(logging.INFO), pytest.raises(SetUp):
+        train_and_evaluate(config, tmp_path / "run")
+    assert "Data: image_folder, 16 train examples." in caplog.text
+    assert f"Skipped 2 unreadable or non-image files of {root}" in caplog.text and "label_map.json" in caplog.text
+
+
+def test_train_data_that_changed_since_the_checkpoint_is_reported_on_resume(tmp_path, reference, data_cache, caplog):
+    workdir = copy_run(reference, tmp_path)
+    config = small_config(data_cache)
+    config.data.train_split = "train[:50%]"  # as if files were removed from the folder between runs
+    with caplog.at_level(logging.INFO):
+        train_and_evaluate(config, workdir)
+    assert "The train split has 718 examples now but had 1437 when step 24 was saved" in caplog.text
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+BEFORE_ANY_DATA = [
+    (dict(model_name="xcit_nano_13_p16"), "Unknown model 'xcit_nano_13_p16'"),
+    (dict(qkv="fsne_m3"), "Unknown QKV preset 'fsne_m3'"),
+    (dict(model={"qkv_embed": "snee"}), "Unknown qkv_embed 'snee'"),
+    (dict(model={"code_mode": "mul"}), "Unknown code_mode 'mul'"),
+    (dict(model={"patch_size": 12}), "patch_size must be 16 or 8"),
+    (dict(model={"code_size": 0}), "code_size must be positive"),
+    (dict(model={"num_heads": 5}), "num_heads must divide embed_dim"),
+    (dict(data={"image_size": 36}), "image_size=36 is not divisible by the patch size 8"),
+    (dict(global_batch_size=0), "global_batch_size=0 must be a positive multiple of the 1 devices"),
+    (dict(data={"source": "image_folder", "path": None}), 'source="image_folder" needs config.path'),
+]
+
+
+@pytest.mark.parametrize("change, message", BEFORE_ANY_DATA)
+def test_bad_config_fails_before_any_data_is_read(tmp_path, data_cache, monkeypatch, change, message):
+    config = small_config(data_cache)
+    for key, value in change.items():
+        config[key].update(value) if isinstance(value, dict) else config.update({key: value})
+    monkeypatch.setattr(trainer, "setup_run", lambda *args: pytest.fail("read data after a bad config"))
+    with pytest.raises((ConfigError, data.DataConfigError), match=message):
+        train_and_evaluate(config, tmp_path)
+    assert not tmp_path.joinpath("checkpoints").exists()
+
+
+@pytest.mark.parametrize("source, message", [
+    ("pretrain", r"init_from=.*pretrain does not fit the configured model \(\d+ variables differ\): .*blocks_1/"),
+    ("missing", r"config.init_from: .*missing is neither converted weights"),
+])
+def test_bad_init_from_fails_before_anything_compiles(tmp_path, reference, data_cache, monkeypatch, source, message):
+    (tmp_path / "pretrain").symlink_to(reference["workdir"])
+    config = small_config(data_cache, init_from=str(tmp_path / source))
+    config.model.depth = 2  # the pretrained run has one block
+    monkeypatch.setattr(trainer, "fresh_state", lambda run: pytest.fail("compiled an initialization"))
+    with pytest.raises(ConfigError, match=message):
+        train_and_evaluate(config, tmp_path / "run")
+
+
+def test_missing_data_set_fails_before_anything_compiles(tmp_path, data_cache, monkeypatch):
+    config = small_config(data_cache)
+    config.data.update(source="tfds", name="cifar10", data_dir=str(tmp_path / "no_data"))
+    monkeypatch.setattr(trainer, "fresh_state", lambda run: pytest.fail("compiled an initialization"))
+    with pytest.raises(data.DataConfigError, match=r"(?s)'cifar10' is not prepared .*tfds build cifar10"):
+        train_and_evaluate(config, tmp_path / "run")
+
+
+def test_command_line_mistakes_are_one_line_with_their_exit_code(tmp_path, data_cache):
+    """Real processes, started together: each prints one `error:` line, no traceback, and leaves no checkpoint."""
+    torch = pytest.importorskip("torch", reason="the PyTorch case needs the torch extra")
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, tmp_path / "resnet.pth")
+    (tmp_path / "file").write_text("")
+    eight_devices = {**CLI_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    cases = {  # name: (command, environment, exit code, words the error line must hold)
+        "unknown key": (cli_command(tmp_path / "key", "--config.optimzer.lr=1", data_cache=data_cache), CLI_ENV, 2,
+                        ["--config.optimzer.lr=1", "no key 'optimzer'", '"optimizer"']),
+        "batch vs devices": (cli_command(tmp_path / "batch", "--config.global_batch_size=12", data_cache=data_cache),
+                             eight_devices, 2, ["global_batch_size=12 is not divisible by the 8 devices"]),
+        "missing data": (cli_command(tmp_path / "data", "--config.data.source=image_folder",
+                                     f"--config.data.path={tmp_path}/nowhere", data_cache=data_cache), CLI_ENV, 2,
+                         ["nowhere does not exist"]),
+        "missing config file": ([*MAIN, "--config=configs/nowhere.py", f"--workdir={tmp_path}/config"], CLI_ENV, 2,
+                                ["--config=configs/nowhere.py: cannot load it", "No such file"]),
+        "bad config argument": ([*MAIN, "--config=configs/quickstart.py:qkv_preset=sne", f"--workdir={tmp_path}/arg"],
+                                CLI_ENV, 2, ["Unknown config argument(s) ['qkv_preset']", "accepts: qkv, runlocal"]),
+        "unwritable workdir": (cli_command(tmp_path / "file" / "run", data_cache=data_cache), CLI_ENV, 4,
+                               ["Cannot write to the workdir", "Not a directory"]),
+        "torch file of another architecture": (
+            [sys.executable, "-m", "qkv_vit.convert", str(tmp_path / "resnet.pth"), str(tmp_path / "out")], CLI_ENV,
+            2, ["not an XCiT checkpoint"]),
+    }
+    running = {name: subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True) for name, (command, env, _, _) in cases.items()}
+    for name, process in running.items():
+        _, stderr = process.communicate(timeout=DEADLINE_S)
+        _, _, code, words = cases[name]
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert process.returncode == code and len(errors) == 1 and "Traceback" not in stderr, (name, stderr[-3000:])
+        assert all(word in errors[0] for word in words), (name, errors[0])
+    assert not list(tmp_path.glob("*/checkpoints")) and not (tmp_path / "out").exists()
