@@ -5,22 +5,23 @@ directory (latest step) or one step directory. Arrays are restored onto this pro
 so a checkpoint saved on a pod (or on 8 devices, FSDP-sharded) loads on a laptop.
 """
 
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from qkv_vit.convert.saved import load_converted
 from qkv_vit.errors import CheckpointError, ConfigError, describe_cause
+from qkv_vit.paths import PathLike, as_path
 
 
-def read_variables(path: str | Path, use_ema: bool = False) -> dict[str, Any]:
+def read_variables(path: PathLike, use_ema: bool = False) -> dict[str, Any]:
     """{'params', 'batch_stats'} (params = the EMA copy if use_ema and the run kept one).
 
     FileNotFoundError if `path` holds neither; CheckpointError if what it holds cannot be read back.
     """
-    path = Path(path).absolute()
+    path = as_path(path)
     if (path / "variables").is_dir() and (path / "model_config").is_dir():
         return read_or_explain(path, lambda: load_converted(path).variables)
     item = find_state_item(path)
@@ -33,7 +34,7 @@ def read_variables(path: str | Path, use_ema: bool = False) -> dict[str, Any]:
     return {"params": params, "batch_stats": state.get("batch_stats", {})}
 
 
-def find_state_item(path: Path) -> Path:
+def find_state_item(path: epath.Path) -> epath.Path:
     """The `state` item of the latest step under a workdir, a checkpoints/ directory or a step directory."""
     if (path / "state").is_dir():
         return path / "state"
@@ -47,7 +48,7 @@ def find_state_item(path: Path) -> Path:
     )
 
 
-def read_or_explain(checkpoint: Path, read: Callable[[], Any]) -> Any:
+def read_or_explain(checkpoint: epath.Path, read: Callable[[], Any]) -> Any:
     """`read()`, or a CheckpointError naming the checkpoint: damaged files raise many types from deep in TensorStore."""
     try:
         return read()
@@ -58,7 +59,7 @@ def read_or_explain(checkpoint: Path, read: Callable[[], Any]) -> Any:
         ) from error
 
 
-def restore_on_local_device(item_dir: Path) -> dict[str, Any]:
+def restore_on_local_device(item_dir: epath.Path) -> dict[str, Any]:
     """Restore an Orbax pytree item with every array on this process's first device, whatever it was saved on."""
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(item_dir)

@@ -327,6 +327,8 @@ BEFORE_ANY_DATA = [
     (dict(model={"num_heads": 5}), "num_heads must divide embed_dim"),
     (dict(data={"image_size": 36}), "image_size=36 is not divisible by the patch size 8"),
     (dict(global_batch_size=0), "global_batch_size=0 must be a positive multiple of the 1 devices"),
+    (dict(log_every_steps=0), "config.log_every_steps must be >= 1"),
+    (dict(checkpoint_every_steps=-1), "checkpoint_every_steps >= 0"),
     (dict(data={"source": "image_folder", "path": None}), 'source="image_folder" needs config.path'),
 ]
 

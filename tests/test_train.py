@@ -12,7 +12,8 @@ from qkv_vit import data, models
 from qkv_vit.train import NonFiniteError, train_and_evaluate
 from qkv_vit.train.checkpointing import merge_for_fine_tuning
 from qkv_vit.weights import read_variables
-from qkv_vit.train.logging_utils import read_metrics
+from qkv_vit.paths import as_path
+from qkv_vit.train.logging_utils import JsonlWriter, read_metrics
 from qkv_vit.train.optimizer import decay_mask, learning_rate, make_optimizer
 from qkv_vit.train.trainer import evaluate, fresh_state, setup_run
 
@@ -186,3 +187,25 @@ def test_config_files_load_and_build_their_model(name, arg):
     data.validate_config(config.data)
     if arg and "qkv=fsne_m8" in arg:
         assert model.qkv_embed == "fsne" and model.code_size == 8 and model.depth == 6
+
+
+def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path, tiny_config):
+    tiny_config.checkpoint_every_steps = 0
+    train_and_evaluate(tiny_config, tmp_path)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["4"]
+
+
+def test_workdir_urls_are_kept_and_local_paths_made_absolute(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert str(as_path("gs://bucket/runs/a")) == "gs://bucket/runs/a"
+    assert str(as_path("runs/a")) == str(tmp_path / "runs" / "a")
+
+
+def test_metrics_file_is_rewritten_whole_where_appending_is_impossible(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    JsonlWriter(path).write_scalars(1, {"train/loss": 2.0})  # a local file: appended to
+    resumed = JsonlWriter(path, appendable=False)  # as on gs://: keeps the earlier lines, rewrites the object
+    resumed.write_scalars(2, {"train/loss": 1.5})
+    resumed.write_scalars(3, {"val/top1": 0.5})
+    assert read_metrics(tmp_path) == [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5},
+                                      {"step": 3, "val/top1": 0.5}]

@@ -9,18 +9,18 @@ out of the way of the resumed run, which saves that step number again.
 """
 
 import logging
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from qkv_vit.errors import CheckpointError, ConfigError, describe_cause
+from qkv_vit.paths import PathLike, as_path
 from qkv_vit.train.state import TrainState
 from qkv_vit.tree import flatten, unflatten
 
@@ -31,14 +31,14 @@ CORRUPT_INFIX = ".corrupt-"
 class RunCheckpoints:
     """The run's own checkpoints: save every N steps and at the end, keep the last K, resume the latest good one."""
 
-    def __init__(self, workdir: str | Path, config: ml_collections.ConfigDict):
+    def __init__(self, workdir: PathLike, config: ml_collections.ConfigDict):
         # The trainer decides when to save (every N steps, at the end, on preemption); Orbax keeps the last K.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep_checkpoints,
             enable_async_checkpointing=config.async_checkpointing,
             create=True,
         )
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = as_path(workdir) / "checkpoints"
         if jax.process_index() == 0:
             remove_unfinished_saves(self.directory)
         self.manager = ocp.CheckpointManager(
@@ -160,12 +160,12 @@ class RunCheckpoints:
             self.manager.close()
 
 
-def remove_unfinished_saves(directory: Path) -> None:
+def remove_unfinished_saves(directory: epath.Path) -> None:
     """Delete what killed or failed saves left (Orbax's temporary step directories); finished steps stay."""
     for unfinished in ocp.path.step.all_temporary_paths(directory):
-        path = Path(unfinished.get())
+        path = epath.Path(unfinished.get())
         logging.warning("Removing %s: an unfinished checkpoint write (the run was killed or the write failed).", path)
-        shutil.rmtree(path, ignore_errors=True)
+        path.rmtree(missing_ok=True)
 
 
 def array_signature(tree: Any) -> list[tuple[tuple[int, ...], str]]:

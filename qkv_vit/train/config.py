@@ -156,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.eval_every_steps = 1000  # 0: only at the end
     config.eval_name = "val"  # metrics are written as <eval_name>/top1, /top5, /loss
-    config.checkpoint_every_steps = 1000
+    config.checkpoint_every_steps = 1000  # 0: only at the end (and on preemption)
     config.keep_checkpoints = 3
     config.async_checkpointing = True
 

@@ -1,24 +1,35 @@
 """Where metrics go: TensorBoard and the console (clu), and WORKDIR/metrics.jsonl, one JSON object per step."""
 
 import json
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from clu import metric_writers
 
+from qkv_vit.paths import PathLike, as_path, is_local
+
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """Appends {"step": s, "name": value, ...} lines; flushed per write so a killed run keeps its history."""
+    """Adds {"step": s, "name": value, ...} lines, written out per call so a killed run keeps its history.
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    Local files are appended to. Cloud objects (gs://...) cannot be appended to, so there the writer keeps
+    the file's lines (those of earlier runs of the same workdir included) and rewrites the whole object.
+    """
+
+    def __init__(self, path: PathLike, appendable: bool | None = None):
+        self.path = as_path(path)
+        self.appendable = is_local(path) if appendable is None else appendable
+        self.lines = [] if self.appendable or not self.path.exists() else self.path.read_text().splitlines()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.appendable:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            return
+        self.lines.append(json.dumps(record))
+        self.path.write_text("\n".join(self.lines) + "\n")
 
     def write_summaries(self, step, values, metadata=None):  # noqa: D102 - scalars only
         pass
@@ -48,15 +59,15 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
 
-def create_writer(workdir: str | Path) -> metric_writers.MetricWriter:
+def create_writer(workdir: PathLike) -> metric_writers.MetricWriter:
     """Process 0 writes TensorBoard events and metrics.jsonl; every process logs to its console."""
     lead = jax.process_index() == 0
     default = metric_writers.create_default_writer(str(workdir), just_logging=not lead, asynchronous=False)
     if not lead:
         return default
-    return metric_writers.MultiWriter([default, JsonlWriter(Path(workdir) / "metrics.jsonl")])
+    return metric_writers.MultiWriter([default, JsonlWriter(as_path(workdir) / "metrics.jsonl")])
 
 
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    path = Path(workdir) / "metrics.jsonl"
+def read_metrics(workdir: PathLike) -> list[dict[str, Any]]:
+    path = as_path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -11,9 +11,7 @@ import errno
 import functools
 import json
 import logging
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Iterable
 
 import jax
@@ -22,10 +20,12 @@ import ml_collections
 import numpy as np
 import optax
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from qkv_vit import data, models
 from qkv_vit.data import image_folder
 from qkv_vit.errors import CheckpointError, ConfigError, describe_cause
+from qkv_vit.paths import PathLike, as_path
 from qkv_vit.train import sharding, steps
 from qkv_vit.train.checkpointing import RunCheckpoints, check_fine_tuning_fit, merge_for_fine_tuning
 from qkv_vit.weights import read_variables
@@ -52,7 +52,7 @@ class Run:
     """Everything fixed for the whole run, derived once from the config."""
 
     config: ml_collections.ConfigDict
-    workdir: Path
+    workdir: epath.Path  # a local directory or a URL such as gs://bucket/run
     num_train_examples: int
     model: models.XCiT
     mesh: jax.sharding.Mesh
@@ -67,9 +67,9 @@ class Run:
     eval_step: Any
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: PathLike) -> TrainState:
     """Train to config.total_steps (or total_epochs), resuming from WORKDIR/checkpoints if present."""
-    workdir = Path(workdir).absolute()
+    workdir = as_path(workdir)
     model = build_model(config, num_classes=None)  # errors in model options before any data is read
     validate_run_config(config, model)
     prepare_workdir(workdir)
@@ -140,20 +140,28 @@ def validate_run_config(config: ml_collections.ConfigDict, model: models.XCiT) -
         )
     if config.optimizer.accumulation_steps < 1:
         raise ConfigError("config.optimizer.accumulation_steps must be >= 1.")
+    if config.log_every_steps < 1 or config.eval_every_steps < 0 or config.checkpoint_every_steps < 0:
+        raise ConfigError(
+            "config.log_every_steps must be >= 1, and eval_every_steps and checkpoint_every_steps >= 0 "
+            f"(0: only at the end), got {config.log_every_steps}, {config.eval_every_steps}, "
+            f"{config.checkpoint_every_steps}."
+        )
     with config_mistakes(f"config.mesh={config.mesh.to_dict()}"):
         sharding.make_mesh(config.mesh)
     data.validate_config(config.data)
 
 
-def prepare_workdir(workdir: Path) -> None:
+def prepare_workdir(workdir: epath.Path) -> None:
     """Create the workdir and write to it once, so a bad path fails now rather than at the first checkpoint."""
+    probe = workdir / f".write-probe-{jax.process_index()}"
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
-    except OSError as error:
+        probe.write_text("")
+        probe.unlink()
+    except Exception as error:  # OSError locally; cloud file systems raise their own types
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else describe_cause(error)
         raise CheckpointError(
-            f"Cannot write to the workdir {workdir}: {error.strerror or error}. Choose a writable --workdir, "
+            f"Cannot write to the workdir {workdir}: {reason}. Choose a writable --workdir, "
             "or fix its permissions or free space."
         ) from error
 
@@ -172,7 +180,7 @@ def log_data_summary(run: Run) -> None:
                         entry / image_folder.LABEL_MAP)
 
 
-def setup_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
+def setup_run(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
     num_train_examples, _, num_classes, _ = data.dataset_info(config.data)
     model = build_model(config, num_classes)
     mesh = sharding.make_mesh(config.mesh)
@@ -287,7 +295,7 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
                 pending = []
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step != total:
                 log_eval(run, writer, step, state, eval_batches)
-            if step != total and step % config.checkpoint_every_steps == 0:
+            if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step != total:
                 check_finite(run, state, checkpoints)
                 checkpoints.save(step, state, meta(run, step))
             if step != total and preemption.requested(step):
@@ -308,7 +316,7 @@ def model_summary(run: Run) -> dict[str, Any]:
     """What the run trains, for tools that read workdirs (e.g. a results table): name, preset, options, size."""
     return {"model_name": run.config.model_name, "qkv": run.config.qkv,
             "model_config": json.loads(json.dumps(model_config(run.model), default=str)),
-            "num_params": models.count_params(run.abstract_state.params)}
+            "num_params": models.count_params(run.abstract_state.params), "total_steps": run.total_steps}
 
 
 def model_config(model: models.XCiT) -> dict[str, Any]:
