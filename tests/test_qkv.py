@@ -243,3 +243,9 @@ def test_params_command_prints_the_budget(capsys):
     assert "| xcit_nano_12_p16 | linear | 3,053,224 | 693,504 | 49,536 | 0.551 |" in table
     assert "| xcit_nano_12_p16 | fsne_m8_wide (h=192, m=8) | 3,071,176 |" in table
     assert params_main(["xcit_nano_12_p16", "--qkv-embed", "fsne", "--code-size", "0"]) == 2
+
+
+def test_preset_hidden_width_follows_an_overridden_embed_dim():
+    model = models.create("xcit_nano_12_p8", qkv="fsne_m8_wide", embed_dim=64)
+    assert model.qkv_hidden_dim == 96  # 1.5 x the overridden width, not 1.5 x nano's 128
+    assert models.create("xcit_nano_12_p8", qkv="sne", embed_dim=64, qkv_hidden_dim=40).qkv_hidden_dim == 40

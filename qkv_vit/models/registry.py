@@ -68,8 +68,8 @@ def model_config(name: str, qkv_preset_name: str | None = None, **overrides: Any
     if unknown:
         raise ValueError(f"Unknown XCiT option(s) {unknown} for {name}. Valid options: {', '.join(sorted(fields))}.")
     config = dict(MODEL_CONFIGS[name])
-    if qkv_preset_name:
-        config.update(qkv_preset(qkv_preset_name, config["embed_dim"]))
+    if qkv_preset_name:  # h relative to the width the model will have, an overridden embed_dim included
+        config.update(qkv_preset(qkv_preset_name, overrides.get("embed_dim", config["embed_dim"])))
     return {**config, **overrides}
 
 
