@@ -10,8 +10,9 @@ prepared once into a tfds data set under ~/.cache/qkv_vit. Elsewhere, point `pat
 of such a folder or tar, or use `source=tfds` (needs `tfds build cifar10` on a machine with internet,
 then --config.data.data_dir=...).
 Model: XCiT-N12/8 (patch 8, so a 4x4 token grid at 32x32), width 128, optionally with depth=N fewer blocks.
-Expected: 54.4% top-1 after 5 epochs with depth=6 (measured on a 2-core CPU in 26 minutes, see the
-README). Longer runs (the default is 100 epochs) should go higher; we have not measured one, since on a CPU
+Expected: 54.4% top-1 after 5 epochs with depth=6 (measured on a 2-core CPU in 26 minutes), and
+47.3-47.8% for every QKV embedding after 2 epochs with depth=4 (3 seeds each, ± 0.6; the README's
+Results section has the table). Longer runs (the default is 100 epochs) should go higher; we have not measured one, since on a CPU
 they take days.
 Arguments: qkv=<preset>, epochs=<n>, depth=<n>, batch=<n>, seed=<n>, path=<folder or tar>, source=tfds, runlocal.
 Sweep (`get_sweep(arg)`): the QKV comparison at one budget, qkv in linear, sne, psne, fsne_m8, fsne_m8_wide
