@@ -6,26 +6,36 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qkv_vit.models.qkv import QKVSpec, kernel_init, qkv_embedding
+from qkv_vit.models.linear import Dense
+from qkv_vit.models.qkv import NonlinearQKV, QKVSpec, kernel_init, qkv_embedding
 
 Dtype = Any
 
 
-def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
+def dense(features: int, dtype: Dtype, name: str) -> Dense:
     """timm's Linear init: truncated normal, std 0.02, zero bias."""
-    return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, name=name)
+    return Dense(features, dtype=dtype, kernel_init=kernel_init, name=name)
 
 
-def l2_normalize(x: jnp.ndarray, axis: int, eps: float = 1e-12) -> jnp.ndarray:
-    """torch.nn.functional.normalize: x / max(||x||, eps), computed in float32."""
+def inverse_l2_norm(x: jnp.ndarray, axis: int, eps: float = 1e-12) -> jnp.ndarray:
+    """1 / max(||x||, eps) along `axis` (kept), in float32: torch.nn.functional.normalize is x times this."""
     x32 = x.astype(jnp.float32)
-    squared_norm = jnp.sum(x32 * x32, axis=axis, keepdims=True)
-    return x32 * jax.lax.rsqrt(jnp.maximum(squared_norm, eps * eps))
+    return jax.lax.rsqrt(jnp.maximum(jnp.sum(x32 * x32, axis=axis, keepdims=True), eps * eps))
 
 
 def split_heads(x: jnp.ndarray, num_heads: int) -> jnp.ndarray:
     """(B, N, C) -> (B, N, heads, C / heads)."""
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def embed_queries_keys_values(spec: QKVSpec, dim: int, dtype: Dtype, x: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+    """q, k, v (B, N, dim) of tokens x from the block's embedding (a submodule named `qkv`)."""
+    embedding = qkv_embedding(spec, dim, dtype)
+    if isinstance(embedding, NonlinearQKV):
+        return embedding.embed(x)
+    qkv = embedding(x).reshape(*x.shape[:-1], 3, dim)  # the reference's (q, k, v) channel order
+    # A split, not three indexings: its gradient is one concatenation, not three zero-padded copies summed.
+    return tuple(jnp.squeeze(t, axis=-2) for t in jnp.split(qkv, 3, axis=-2))
 
 
 class XCA(nn.Module):
@@ -41,20 +51,24 @@ class XCA(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         batch, tokens, _ = x.shape
-        qkv = qkv_embedding(self.qkv, self.dim, self.dtype)(x)
-        # The reference reshapes qkv to (B, N, 3, heads, C/heads): keep that channel order.
-        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.dim // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = (split_heads(t, self.num_heads) for t in embed_queries_keys_values(self.qkv, self.dim, self.dtype, x))
         attn = self.attention_map(q, k, train)
         out = jnp.einsum("bhcd,bnhd->bnhc", attn.astype(v.dtype), v).reshape(batch, tokens, self.dim)
         out = dense(self.dim, self.dtype, name="proj")(out)
         return nn.Dropout(self.proj_drop_rate, deterministic=not train)(out)
 
     def attention_map(self, q: jnp.ndarray, k: jnp.ndarray, train: bool) -> jnp.ndarray:
-        """softmax(temperature * q_hat^T k_hat) per head, (B, heads, C/h, C/h), in float32 for stability."""
+        """softmax(temperature * q_hat^T k_hat) per head, (B, heads, C/h, C/h), in float32 for stability.
+
+        q_hat^T k_hat = diag(1/|q|) (q^T k) diag(1/|k|), norms along tokens: the normalization is applied to
+        the small (C/h x C/h) product instead of to q and k, which saves two passes over (B, N, C) tensors.
+        """
         temperature = self.param("temperature", nn.initializers.ones, (self.num_heads, 1, 1), jnp.float32)
-        q, k = l2_normalize(q, axis=1), l2_normalize(k, axis=1)  # along the token axis
-        logits = jnp.einsum("bnhc,bnhd->bhcd", q, k) * temperature
+        q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+        inverse_q_norm = jnp.transpose(inverse_l2_norm(q32, axis=1), (0, 2, 3, 1))  # (B, heads, C/h, 1)
+        inverse_k_norm = jnp.transpose(inverse_l2_norm(k32, axis=1), (0, 2, 1, 3))  # (B, heads, 1, C/h)
+        gram = jnp.einsum("bnhc,bnhd->bhcd", q32, k32)
+        logits = gram * inverse_q_norm * inverse_k_norm * temperature
         attn = jax.nn.softmax(logits, axis=-1)
         return nn.Dropout(self.attn_drop_rate, deterministic=not train)(attn)
 
@@ -87,5 +101,5 @@ class ClassAttention(nn.Module):
         """The class token's query (B, 1, C) and every token's key and value (B, N, C)."""
         if self.qkv is None:
             return tuple(dense(self.dim, self.dtype, name=t)(x[:, :1] if t == "q" else x) for t in "qkv")
-        qkv = qkv_embedding(self.qkv, self.dim, self.dtype)(x).reshape(*x.shape[:2], 3, self.dim)
-        return qkv[:, :1, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = embed_queries_keys_values(self.qkv, self.dim, self.dtype, x)
+        return q[:, :1], k, v

@@ -9,9 +9,9 @@ Our reading of the abstracts (see PAPER.md), with d the token width, h the hidde
   fsne    t = Dense2(act(Dense1([x ; c_t])))  c_t in R^m trainable     (fully shared, codes concatenated)
           t = Dense2(act(Dense1(x + c_t)))    c_t in R^d               (code_mode="add")
 
-Every layer runs batched over q, k, v: a separate layer's kernel has a leading axis of 3 (q, k, v order),
-and F-SNE's first layer runs its d->h matmul once, since Dense1([x ; c_t]) = x W1x + (c_t W1c + b1):
-the codes only add one bias per embedding.
+A separate layer's kernel has a leading axis of 3 (q, k, v order); q, k and v are computed by their own
+2-d matmuls over the flattened tokens. F-SNE's first layer runs its d->h matmul once, since
+Dense1([x ; c_t]) = x W1x + (c_t W1c + b1): the codes only add one bias per embedding.
 """
 
 import dataclasses
@@ -20,6 +20,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from qkv_vit.models.linear import Dense, token_matrix
 
 Dtype = Any
 
@@ -83,7 +85,7 @@ def qkv_embedding(spec: QKVSpec, dim: int, dtype: Dtype, name: str = "qkv") -> n
     """The module mapping tokens (B, N, d) to q, k, v; its output reshapes to (B, N, 3, d)."""
     if spec.embed == "linear":
         # One Dense(3d), named as in the reference so that PyTorch weights load unchanged.
-        return nn.Dense(3 * dim, dtype=dtype, kernel_init=kernel_init, name=name)
+        return Dense(3 * dim, dtype=dtype, kernel_init=kernel_init, name=name)
     return NonlinearQKV(spec, dim, dtype, name=name)
 
 
@@ -92,33 +94,42 @@ class NonlinearQKV(nn.Module):
 
     Parameters: `hidden_kernel`/`hidden_bias` (d->h, or d+m->h for concatenated codes), `output_kernel`/
     `output_bias` (h->d), a leading axis of 3 where the layer is separate, and `codes` (3, m) for F-SNE.
+    `embed(x)` returns q, k, v, each (..., d); calling the module returns them stacked, (..., 3, d).
+
+    The tokens are multiplied as one (tokens, d) matrix and each of q, k, v by its own 2-d matmul: on a
+    CPU this avoids the transposed copies that batched 3-d contractions cost (benchmarks/README.md).
     """
 
     spec: QKVSpec
     dim: int
     dtype: Dtype = jnp.float32
 
-    @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        hidden = ACTIVATIONS[self.spec.activation](self.first_layer(x))
-        return self.second_layer(hidden)  # (B, N, 3, d)
+        return jnp.stack(self.embed(x), axis=-2)  # (..., 3, d)
 
-    def first_layer(self, x: jnp.ndarray) -> jnp.ndarray:
-        """(B, N, h) when shared without codes, else (B, N, 3, h)."""
+    @nn.compact
+    def embed(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        tokens = token_matrix(x).astype(self.dtype)
+        activation = ACTIVATIONS[self.spec.activation]
+        hidden = [activation(h) for h in self.first_layer(tokens)]
+        return tuple(out.reshape(*x.shape[:-1], self.dim) for out in self.second_layer(hidden))
+
+    def first_layer(self, tokens: jnp.ndarray) -> list[jnp.ndarray]:
+        """The hidden pre-activations of q, k and v, each (tokens, h)."""
         spec, dim, hidden = self.spec, self.dim, self.spec.hidden(self.dim)
         shared, _ = spec.layers_shared()
         if not shared:
-            kernel = self.param("hidden_kernel", kernel_init, (3, dim, hidden), jnp.float32)
-            bias = self.param("hidden_bias", nn.initializers.zeros, (3, hidden), jnp.float32)
-            return jnp.einsum("bnd,tdh->bnth", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+            kernel = self.param("hidden_kernel", kernel_init, (3, dim, hidden), jnp.float32).astype(self.dtype)
+            bias = self.param("hidden_bias", nn.initializers.zeros, (3, hidden), jnp.float32).astype(self.dtype)
+            return [tokens @ kernel[t] + bias[t] for t in range(3)]
         if spec.embed != "fsne":
             kernel = self.param("hidden_kernel", kernel_init, (dim, hidden), jnp.float32)
             bias = self.param("hidden_bias", nn.initializers.zeros, (hidden,), jnp.float32)
-            return x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
-        return self.coded_first_layer(x)
+            return [tokens @ kernel.astype(self.dtype) + bias.astype(self.dtype)] * 3
+        return self.coded_first_layer(tokens)
 
-    def coded_first_layer(self, x: jnp.ndarray) -> jnp.ndarray:
-        """F-SNE: x W1x once for all tokens, plus one per-embedding bias c_t W1c + b1 (B, N, 3, h)."""
+    def coded_first_layer(self, tokens: jnp.ndarray) -> list[jnp.ndarray]:
+        """F-SNE: x W1x once for all tokens, plus one per-embedding bias c_t W1c + b1."""
         spec, dim, hidden = self.spec, self.dim, self.spec.hidden(self.dim)
         code_dim = spec.code_dim(dim)
         codes = self.param("codes", nn.initializers.normal(stddev=spec.code_init_std), (3, code_dim), jnp.float32)
@@ -126,21 +137,21 @@ class NonlinearQKV(nn.Module):
         kernel = self.param("hidden_kernel", kernel_init, (dim + code_dim if concat else dim, hidden), jnp.float32)
         bias = self.param("hidden_bias", nn.initializers.zeros, (hidden,), jnp.float32)
         token_kernel, code_kernel = (kernel[:dim], kernel[dim:]) if concat else (kernel, kernel)
-        code_bias = codes @ code_kernel + bias  # (3, h), in float32: the same for every token
-        tokens = x @ token_kernel.astype(self.dtype)  # (B, N, h): the one d->h matmul
-        return tokens[:, :, None, :] + code_bias.astype(self.dtype)
+        code_bias = (codes @ code_kernel + bias).astype(self.dtype)  # (3, h), in float32: the same for every token
+        projected = tokens @ token_kernel.astype(self.dtype)  # (tokens, h): the one d->h matmul
+        return [projected + code_bias[t] for t in range(3)]
 
-    def second_layer(self, hidden_states: jnp.ndarray) -> jnp.ndarray:
+    def second_layer(self, hidden_states: list[jnp.ndarray]) -> list[jnp.ndarray]:
+        """q, k and v, each (tokens, d), from their hidden states."""
         dim, hidden = self.dim, self.spec.hidden(self.dim)
         _, shared = self.spec.layers_shared()
         if shared:
-            kernel = self.param("output_kernel", kernel_init, (hidden, dim), jnp.float32)
-            bias = self.param("output_bias", nn.initializers.zeros, (dim,), jnp.float32)
-            return hidden_states @ kernel.astype(self.dtype) + bias.astype(self.dtype)
-        kernel = self.param("output_kernel", kernel_init, (3, hidden, dim), jnp.float32)
-        bias = self.param("output_bias", nn.initializers.zeros, (3, dim), jnp.float32)
-        pattern = "bnh,thd->bntd" if hidden_states.ndim == 3 else "bnth,thd->bntd"
-        return jnp.einsum(pattern, hidden_states, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+            kernel = self.param("output_kernel", kernel_init, (hidden, dim), jnp.float32).astype(self.dtype)
+            bias = self.param("output_bias", nn.initializers.zeros, (dim,), jnp.float32).astype(self.dtype)
+            return [h @ kernel + bias for h in hidden_states]
+        kernel = self.param("output_kernel", kernel_init, (3, hidden, dim), jnp.float32).astype(self.dtype)
+        bias = self.param("output_bias", nn.initializers.zeros, (3, dim), jnp.float32).astype(self.dtype)
+        return [h @ kernel[t] + bias[t] for t, h in enumerate(hidden_states)]
 
 
 def qkv_params_per_block(spec: QKVSpec, dim: int) -> int:
