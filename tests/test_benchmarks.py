@@ -1,0 +1,238 @@
+"""The benchmark scripts run end to end on a tiny model and end with one JSON line of sane results (no
+timing is asserted); the PyTorch model they compare against is timm's XCiT, checked on the fixtures."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, require_fixtures
+
+BENCHMARKS = REPO / "benchmarks"
+# A 1-block XCiT on 32x32 images; level-0 LLVM optimization keeps the compiles short (no timing is checked).
+TINY_MODEL = ["--image-size", "32", "--depth", "1", "--embed-dim", "32", "--cls-attn-layers", "1"]
+TINY_RUN = [*TINY_MODEL, "--batch-size", "4", "--steps", "2", "--warmup", "0"]
+FAST_COMPILE = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
+
+
+def run_benchmark(script, *args, timeout=600):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **FAST_COMPILE}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def assert_positive_finite(*values):
+    for value in values:
+        assert value > 0 and math.isfinite(value), values
+
+
+def check_train_step_result(result, qkv):
+    assert result["benchmark"] == "train_step" and result["qkv"] == qkv
+    assert result["batch_size"] == 4 and result["image_size"] == 32 and len(result["step_times_s"]) == 2
+    assert_positive_finite(result["images_per_sec"], result["step_time_s"], result["compile_s"], result["params"],
+                           result["macs_per_image"], result["peak_memory_bytes"], result["final_loss"])
+    assert result["images_per_sec"] == pytest.approx(4 / result["step_time_s"])
+    assert result["compiles_in_first_step"] >= 1 and result["recompiled_after_first_step"] is False
+    assert result["platform"] == "cpu" and result["mfu"] is None  # no known peak for a CPU
+    assert result["peak_memory_source"].startswith("process peak RSS")
+
+
+def test_train_step_every_qkv_preset_in_one_go():
+    result = run_benchmark("train_step.py", *TINY_RUN, "--all-qkv", "--presets", "linear,fsne_m8")
+    assert result["benchmark"] == "train_step_all_qkv" and set(result["presets"]) == {"linear", "fsne_m8"}
+    for preset, (run,) in result["runs"].items():
+        check_train_step_result(run, preset)
+    linear, fsne = result["presets"]["linear"], result["presets"]["fsne_m8"]
+    assert linear["step_time_vs_linear"] == 1.0 and fsne["step_time_vs_linear"] > 0
+    assert fsne["params"] != linear["params"]  # the presets really built different models
+
+
+def test_infer_reports_each_batch_size():
+    result = run_benchmark("infer.py", *TINY_MODEL, "--batch-sizes", "1,4", "--steps", "2", "--qkv", "psne")
+    assert result["benchmark"] == "infer" and result["qkv"] == "psne"
+    assert [row["batch_size"] for row in result["results"]] == [1, 4]
+    for row in result["results"]:
+        assert_positive_finite(row["images_per_sec"], row["call_time_s"], row["compile_s"])
+        assert row["recompiled_after_first_call"] is False
+
+
+def test_scaling_table_over_fake_devices_and_two_processes():
+    result = run_benchmark("scaling.py", *TINY_RUN, "--devices", "2", "--processes", "2")
+    rows = result["results"]
+    assert [(row["processes"], row["devices"]) for row in rows] == [(1, 2), (2, 2)]
+    assert rows[0]["mesh"] == {"data": 2, "model": 1}
+    for row in rows:
+        assert_positive_finite(row["images_per_sec"], row["step_time_s"])
+        assert row["recompiled_after_first_step"] is False
+
+
+def test_versus_torch_runs_both_implementations():
+    pytest.importorskip("torch", reason="the PyTorch comparison needs torch: pip install -e '.[torch]'")
+    result = run_benchmark("versus_torch.py", *TINY_RUN, "--rounds", "1")
+    assert result["benchmark"] == "versus_torch" and len(result["ours_rounds"]) == len(result["torch_rounds"]) == 1
+    assert_positive_finite(result["ours_images_per_sec"], result["torch_images_per_sec"], result["speedup"])
+    assert result["speedup"] == pytest.approx(result["ours_images_per_sec"] / result["torch_images_per_sec"])
+
+
+def test_input_pipeline_benchmark(data_cache):
+    result = run_benchmark("input_pipeline.py", "--cache-dir", str(data_cache), "--preset", "small",
+                           "--image-size", "32", "--batch-size", "8", "--batches", "2", "--no-class-counts")
+    assert result["num_examples"] == {"train": 1437, "test": 360}  # the offline digits
+    assert_positive_finite(result["images_per_second"])
+
+
+@pytest.mark.parametrize("name", ["xcit_p8_d2_img64", "xcit_p16_d3_img96_tokensnorm"])
+def test_torch_reference_is_timm_xcit(name):
+    """benchmarks/torch_xcit.py with the fixtures' timm weights gives timm's logits: it is the reference."""
+    torch = pytest.importorskip("torch", reason="the PyTorch reference needs torch: pip install -e '.[torch]'")
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import torch_xcit
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    fixture = np.load(require_fixtures() / f"{name}.npz")
+    model = torch_xcit.Xcit(**json.loads(str(fixture["config"]))).eval()
+    model.load_state_dict(load_file(str(require_fixtures() / f"{name}.safetensors")), strict=True)
+    images = torch.from_numpy(fixture["images"]).permute(0, 3, 1, 2)  # fixtures are NHWC, PyTorch NCHW
+    with torch.no_grad():
+        logits = model(images).numpy()
+        pre_logits = model.forward_head(model.forward_features(images), pre_logits=True).numpy()
+    np.testing.assert_allclose(logits, fixture["logits"], atol=1e-5)
+    np.testing.assert_allclose(pre_logits, fixture["pre_logits"], atol=1e-5)
+
+
+def test_torch_reference_parameter_count_is_timms():
+    pytest.importorskip("torch", reason="the PyTorch reference needs torch: pip install -e '.[torch]'")
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import torch_xcit
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    model = torch_xcit.create("xcit_nano_12_p16")
+    assert sum(p.numel() for p in model.parameters()) == 3_053_224  # timm's published count
+
+
+# The layers rewritten for speed (qkv_vit/models: linear, normalization, blocks, embedding, attention) compute
+# the same function and the same gradients as the straightforward flax / lax formulations they replace.
+
+def grads_close(f, g, args, tolerance=1e-5):
+    """f and g agree in value and in the gradient of a random projection of their output, to float32 rounding
+    relative to each array's largest entry."""
+    import jax
+
+    def close(a, b):
+        np.testing.assert_allclose(a, b, atol=tolerance * max(1.0, float(np.abs(b).max())), rtol=tolerance)
+
+    close(f(*args), g(*args))
+    weights = np.random.default_rng(1).standard_normal(np.shape(g(*args))).astype(np.float32)
+    argnums = tuple(range(len(args)))
+    for a, b in zip(jax.grad(lambda *a: (f(*a) * weights).sum(), argnums)(*args),
+                    jax.grad(lambda *a: (g(*a) * weights).sum(), argnums)(*args)):
+        close(a, b)
+
+
+def random_arrays(*shapes, seed=0, offset=0.0):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(shape) + offset).astype(np.float32) for shape in shapes]
+
+
+def test_depthwise_conv_equals_grouped_convolution():
+    import jax
+
+    from qkv_vit.models.blocks import depthwise_conv3x3
+
+    def grouped(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel[:, :, None, :], (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+    grads_close(depthwise_conv3x3, grouped, random_arrays((2, 5, 7, 6), (3, 3, 6)))
+
+
+def test_layer_norm_equals_flax_layer_norm():
+    import flax.linen as nn
+
+    from qkv_vit.models.normalization import LayerNorm
+
+    x, scale, bias = random_arrays((2, 5, 8), (8,), (8,), offset=3.0)  # a large mean tests the variance formula
+    ours = lambda x, s, b: LayerNorm(1e-6).apply({"params": {"scale": s, "bias": b}}, x)  # noqa: E731
+    flax = lambda x, s, b: nn.LayerNorm(1e-6, use_fast_variance=False).apply(  # noqa: E731
+        {"params": {"scale": s, "bias": b}}, x)
+    grads_close(ours, flax, (x, scale, bias))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_equals_flax_batch_norm(train):
+    import flax.linen as nn
+    import jax
+
+    from qkv_vit.models.normalization import BatchNorm
+
+    x, scale, bias, mean, var = random_arrays((4, 3, 5, 6), (6,), (6,), (6,), (6,), offset=1.0)
+    stats = {"mean": mean, "var": np.abs(var) + 0.5}
+
+    def apply(module):
+        def run(x, s, b):
+            y, updates = module.apply({"params": {"scale": s, "bias": b}, "batch_stats": stats}, x, mutable=["batch_stats"])
+            return y, updates["batch_stats"]
+        return run
+
+    ours = apply(BatchNorm(use_running_average=not train))
+    flax = apply(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False))
+    grads_close(lambda *a: ours(*a)[0], lambda *a: flax(*a)[0], (x, scale, bias))
+    for key in ("mean", "var"):  # the running statistics move the same way (unchanged in eval mode)
+        np.testing.assert_allclose(ours(x, scale, bias)[1][key], flax(x, scale, bias)[1][key], atol=1e-6)
+    assert jax.tree.structure(ours(x, scale, bias)[1]) == jax.tree.structure(flax(x, scale, bias)[1])
+
+
+def test_dense_equals_flax_dense_on_token_grids():
+    import flax.linen as nn
+    import jax
+
+    from qkv_vit.models.linear import Dense
+
+    x, = random_arrays((2, 5, 8))
+    params = nn.Dense(6).init(jax.random.key(0), x)["params"]
+    assert jax.tree.map(np.shape, Dense(6).init(jax.random.key(0), x)["params"]) == jax.tree.map(np.shape, params)
+    ours = lambda x, k, b: Dense(6).apply({"params": {"kernel": k, "bias": b}}, x)  # noqa: E731
+    flax = lambda x, k, b: nn.Dense(6).apply({"params": {"kernel": k, "bias": b}}, x)  # noqa: E731
+    grads_close(ours, flax, (x, params["kernel"], params["bias"]))
+
+
+def test_gelu_is_exact_gelu():
+    import jax
+
+    from qkv_vit.models.embedding import gelu
+
+    grads_close(gelu, lambda x: jax.nn.gelu(x, approximate=False), random_arrays((64,)))
+
+
+def test_xca_attention_map_equals_normalize_then_multiply():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from qkv_vit.models.attention import XCA
+
+    class AttentionMap(XCA):
+        @nn.compact
+        def __call__(self, q, k):
+            return self.attention_map(q, k, train=False)
+
+    q, k = random_arrays((2, 7, 4, 3), (2, 7, 4, 3))
+    temperature = np.asarray([0.5, 1.0, 2.0, 3.0], np.float32).reshape(4, 1, 1)
+    ours = lambda q, k, t: AttentionMap(12, 4).apply({"params": {"temperature": t}}, q, k)  # noqa: E731
+
+    def reference(q, k, t):  # torch.nn.functional.normalize along tokens, then q^T k
+        q = q / jnp.maximum(jnp.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        k = k / jnp.maximum(jnp.linalg.norm(k, axis=1, keepdims=True), 1e-12)
+        return jax.nn.softmax(jnp.einsum("bnhc,bnhd->bhcd", q, k) * t, axis=-1)
+
+    grads_close(ours, reference, (q, k, temperature))
