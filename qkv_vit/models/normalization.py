@@ -117,7 +117,8 @@ batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)
 class BatchNorm(nn.Module):
     """BatchNorm over every axis but the last, with flax.linen.BatchNorm's variables and running averages:
     `ra = momentum * ra + (1 - momentum) * batch statistic` (PyTorch momentum 0.1 is flax momentum 0.9).
-    Under jit with the batch sharded over devices the statistics are those of the global batch."""
+    As torch.nn.BatchNorm2d (and unlike flax), the batch normalizes with the biased variance but the running
+    variance averages the unbiased one, n / (n - 1) times it for n values per channel. Under jit with the batch sharded over devices the statistics are those of the global batch."""
 
     use_running_average: bool
     momentum: float = 0.9
@@ -138,5 +139,7 @@ class BatchNorm(nn.Module):
         if not self.is_initializing():
             mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
             running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-            running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+            count = x.size // x.shape[-1]
+            unbiased_var = var * (count / max(count - 1, 1))
+            running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased_var
         return y.astype(self.dtype)
