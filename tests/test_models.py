@@ -68,19 +68,19 @@ def test_output_shape_and_finite_for_any_size(patch_size, image_size):
     assert np.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("qkv", ["linear", "psne", "fsne_m8"])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_batch_sharded_over_an_explicit_mesh(qkv, batch):
+@pytest.mark.parametrize("qkv", ["linear", "fsne_m8"])  # Dense, and the non-linear embeddings' own matmuls
+def test_batch_sharded_over_an_explicit_mesh(qkv):
     """Inputs sharded over jax.make_mesh's (explicit) data axis, a batch of one included, give the logits of
     unsharded inputs: no layer merges the batch axis away (explicit sharding rejects that)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    model = models.create("xcit_nano_12_p16", qkv=qkv, **TINY)
-    variables, images = init(model, batch=batch)
+    model = models.create("xcit_nano_12_p16", qkv=qkv, **{**TINY, "depth": 1})
     mesh = jax.make_mesh((1,), ("data",))
-    sharded = jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
-    logits = jax.jit(model.apply)(variables, sharded)
-    np.testing.assert_allclose(logits, model.apply(variables, images), rtol=1e-5, atol=1e-5)
+    for batch in (1, 2):
+        variables, images = init(model, batch=batch)
+        sharded = jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
+        logits = jax.jit(model.apply)(variables, sharded)
+        np.testing.assert_allclose(logits, model.apply(variables, images), rtol=1e-5, atol=1e-5)
 
 
 def test_non_square_images():
