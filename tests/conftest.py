@@ -1,11 +1,23 @@
 """Shared test helpers: where the read-only reference data lives (../shared beside the repository)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# One persistent JAX compilation cache for the session, inherited by the command-line runs the tests start:
+# many tests compile the same tiny model's steps, and every resumed run recompiles what its first run
+# compiled (about a third of the suite's time). Set before anything imports jax; a user's own cache wins.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _compilation_cache = tempfile.mkdtemp(prefix="qkv_vit_tests_jax_cache_")
+    atexit.register(shutil.rmtree, _compilation_cache, True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _compilation_cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny test models compile in under 1 s
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("QKV_VIT_SHARED", REPO.parent / "shared"))
