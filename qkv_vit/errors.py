@@ -2,8 +2,8 @@
 
 `python -m qkv_vit.main` prints them as one `error: ...` line and exits with the code of their kind
 (README, "What happens when things go wrong"); any other exception is a bug and keeps its traceback.
-The data pipeline's `DataConfigError` and the weight import's `WeightMismatchError` are of the same kind
-as `ConfigError`.
+The data pipeline's `DataConfigError` and the weight import's `WeightMismatchError` are ConfigErrors: a
+caller can catch every mistake in its inputs as one type.
 """
 
 MAX_CAUSE_CHARS = 300  # TensorStore errors print whole storage specs: keep the start, which says what failed

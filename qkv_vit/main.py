@@ -19,8 +19,6 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from qkv_vit.convert.loading import WeightMismatchError
-from qkv_vit.data import DataConfigError
 from qkv_vit.errors import CheckpointError, ConfigError, one_line
 from qkv_vit.train import NonFiniteError, Preempted, train_and_evaluate
 
@@ -38,9 +36,7 @@ NONFINITE_EXIT_CODE = 3
 STORAGE_EXIT_CODE = 4
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers treat it as "terminated, restart me"
 EXIT_CODES = {  # errors a user can fix -> exit code; anything else is a bug and keeps its traceback
-    ConfigError: BAD_INPUT_EXIT_CODE,
-    DataConfigError: BAD_INPUT_EXIT_CODE,
-    WeightMismatchError: BAD_INPUT_EXIT_CODE,
+    ConfigError: BAD_INPUT_EXIT_CODE,  # DataConfigError and WeightMismatchError are ConfigErrors
     NonFiniteError: NONFINITE_EXIT_CODE,
     CheckpointError: STORAGE_EXIT_CODE,
 }

@@ -365,6 +365,15 @@ def test_missing_data_set_fails_before_anything_compiles(tmp_path, data_cache, m
         train_and_evaluate(config, tmp_path / "run")
 
 
+def test_every_input_mistake_is_a_config_error():
+    """A caller (a sweep, a notebook) catches every fixable input mistake as ConfigError, still a ValueError."""
+    from qkv_vit.convert import WeightMismatchError
+
+    for kind in (data.DataConfigError, WeightMismatchError):
+        assert issubclass(kind, ConfigError) and issubclass(kind, ValueError)
+    assert not issubclass(CheckpointError, ConfigError)
+
+
 def test_command_line_mistakes_are_one_line_with_their_exit_code(tmp_path, data_cache):
     """Real processes, started together: each prints one `error:` line, no traceback, and leaves no checkpoint."""
     torch = pytest.importorskip("torch", reason="the PyTorch case needs the torch extra")

@@ -8,13 +8,14 @@ import numpy as np
 
 from qkv_vit.convert.mapping import FlaxPath, infer_architecture, to_flax_variables
 from qkv_vit.convert.state_dict import read_state_dict
+from qkv_vit.errors import ConfigError
 from qkv_vit.models import XCiT, init_shapes
 from qkv_vit.tree import flatten, unflatten
 
 MAX_KEYS_IN_ERROR = 20
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(ConfigError):
     """The weights do not fit the model: missing, unexpected or wrongly shaped keys (all named)."""
 
 

@@ -102,7 +102,7 @@ def config_mistakes(keys: str):
     """A ValueError raised while building from the config values `keys` is a mistake in them: a ConfigError."""
     try:
         yield
-    except (ConfigError, data.DataConfigError):
+    except ConfigError:  # DataConfigError and WeightMismatchError included
         raise
     except ValueError as error:
         raise ConfigError(f"{error} Check {keys}.") from error
