@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # One persistent JAX compilation cache for the session, inherited by the command-line runs the tests start:
 # many tests compile the same tiny model's steps, and every resumed run recompiles what its first run
-# compiled (about a third of the suite's time). Set before anything imports jax; a user's own cache wins.
+# compiled (the suite takes about 18% less time with it). Set before anything imports jax; a user's own wins.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _compilation_cache = tempfile.mkdtemp(prefix="qkv_vit_tests_jax_cache_")
     atexit.register(shutil.rmtree, _compilation_cache, True)
