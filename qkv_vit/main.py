@@ -43,10 +43,16 @@ EXIT_CODES = {  # errors a user can fix -> exit code; anything else is a bug and
 
 
 class QuietLibraries(logging.Filter):
-    """Keep Orbax's and TensorFlow's per-save INFO chatter off the console; warnings still show."""
+    """Keep Orbax's and TensorFlow's per-save INFO chatter off the console; warnings still show.
+
+    Orbax logs a failed background save with its whole traceback; the run then stops with our own `error:`
+    line naming the step and the cause, so Orbax's record keeps its one-line message and loses the traceback.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         noisy = any(part in record.pathname for part in ("/orbax/", "/tensorflow/", "/jax/_src/"))
+        if "/orbax/" in record.pathname and record.exc_info:
+            record.exc_info = record.exc_text = None
         return record.levelno >= logging.WARNING or not noisy
 
 

@@ -19,7 +19,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from conftest import REPO, load_config
 from qkv_vit import data
@@ -86,24 +85,6 @@ def assert_same(a, b):
 
 def copy_run(reference, tmp_path):
     return shutil.copytree(reference["workdir"], tmp_path / "run")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_compilation_per_program(tmp_path_factory):
-    """Every run here trains the same tiny model: JAX's persistent cache compiles it once, in this process and in
-    the command-line ones, instead of once per run (the executables are the same, so are the results)."""
-    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": -1}
-    previous = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-        CLI_ENV[name.upper()] = str(value)
-    compilation_cache.reset_cache()  # JAX decides once per process whether to use a cache: ask again
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-        CLI_ENV.pop(name.upper())
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +224,23 @@ def test_full_disk_while_saving_is_a_clear_error_and_the_previous_checkpoint_sta
         train_and_evaluate(small_config(data_cache), workdir)
     assert steps_on_disk(workdir) == [16] and files_of(workdir / "checkpoints" / "16") == before
     assert not list((workdir / "checkpoints").glob("*tmp*"))  # the partial write is gone
+
+
+def test_a_failed_background_save_logs_one_line_not_orbax_traceback():
+    """On the console Orbax's error record keeps its message and drops its traceback (our `error:` line follows
+    with the cause); other records keep theirs."""
+    from qkv_vit.main import QuietLibraries
+
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        exc_info = sys.exc_info()
+    orbax_path = os.path.join(os.path.dirname(ocp.__file__), "_src", "checkpointers", "async_checkpointer.py")
+    orbax = logging.LogRecord("absl", logging.ERROR, orbax_path, 1, "Failed to run 1 Handler Commit", None, exc_info)
+    ours = logging.LogRecord("absl", logging.ERROR, trainer.__file__, 1, "a bug", None, exc_info)
+    assert QuietLibraries().filter(orbax) and QuietLibraries().filter(ours)
+    assert logging.Formatter().format(orbax) == "Failed to run 1 Handler Commit"
+    assert "Traceback" in logging.Formatter().format(ours)
 
 
 def test_full_disk_while_writing_metrics_is_the_same_clear_error(tmp_path, reference, data_cache, monkeypatch):
