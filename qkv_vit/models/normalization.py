@@ -26,18 +26,21 @@ def layer_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, epsilon: f
     return _forward(x, scale, bias, epsilon)[0]
 
 
-def _statistics(x32: jnp.ndarray, epsilon: float) -> tuple[jnp.ndarray, jnp.ndarray]:
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
+def _statistics(x32: jnp.ndarray, axes: tuple[int, ...], keepdims: bool,
+                epsilon: float) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Mean, biased (two-pass) variance and 1 / sqrt(variance + epsilon) of x32 over `axes`."""
+    mean = jnp.mean(x32, axis=axes, keepdims=True)
     centered = x32 - mean
-    inverse_std = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + epsilon)
-    # The barrier keeps XLA from fusing the normalization below into the reductions above: on CPU that
-    # fusion materializes full-size broadcasts of scale and bias; as a separate loop it reads x once.
-    return jax.lax.optimization_barrier((mean, inverse_std))
+    var = jnp.mean(centered * centered, axis=axes, keepdims=keepdims)
+    mean = mean if keepdims else jnp.squeeze(mean, axis=axes)
+    # The barrier keeps XLA from fusing the normalization that follows into the reductions above: on CPU
+    # that fusion materializes full-size broadcasts of scale and bias; as a separate loop it reads x once.
+    return jax.lax.optimization_barrier((mean, var, jax.lax.rsqrt(var + epsilon)))
 
 
 def _forward(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, epsilon: float) -> tuple[jnp.ndarray, tuple]:
     x32 = x.astype(jnp.float32)
-    mean, inverse_std = _statistics(x32, epsilon)
+    mean, _, inverse_std = _statistics(x32, (x.ndim - 1,), True, epsilon)
     y = (x32 - mean) * inverse_std * scale + bias
     return y, (x, mean, inverse_std, scale)
 
@@ -88,12 +91,7 @@ def batch_norm_train(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray,
 
 def _batch_norm_forward(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, epsilon: float) -> tuple:
     x32 = x.astype(jnp.float32)
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x32, axis=axes)
-    centered = x32 - mean
-    var = jnp.mean(centered * centered, axis=axes)
-    mean, var = jax.lax.optimization_barrier((mean, var))  # see _statistics
-    inverse_std = jax.lax.rsqrt(var + epsilon)
+    mean, var, inverse_std = _statistics(x32, tuple(range(x.ndim - 1)), False, epsilon)
     y = (x32 - mean) * (inverse_std * scale) + bias
     return (y, mean, var), (x, mean, inverse_std, scale)
 
@@ -118,7 +116,8 @@ class BatchNorm(nn.Module):
     """BatchNorm over every axis but the last, with flax.linen.BatchNorm's variables and running averages:
     `ra = momentum * ra + (1 - momentum) * batch statistic` (PyTorch momentum 0.1 is flax momentum 0.9).
     As torch.nn.BatchNorm2d (and unlike flax), the batch normalizes with the biased variance but the running
-    variance averages the unbiased one, n / (n - 1) times it for n values per channel. Under jit with the batch sharded over devices the statistics are those of the global batch."""
+    variance averages the unbiased one, n / (n - 1) times it for n values per channel. Under jit with the
+    batch sharded over devices the statistics are those of the global batch."""
 
     use_running_average: bool
     momentum: float = 0.9
