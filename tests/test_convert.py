@@ -18,6 +18,7 @@ from qkv_vit.convert import (
 )
 from qkv_vit.convert.__main__ import main as convert_main, parse_args, resolve_model_config
 from qkv_vit.models import XCiT
+from qkv_vit.tree import flatten
 
 NAME = "xcit_p8_d2_img64"
 
@@ -81,10 +82,45 @@ def test_checkpoint_of_another_architecture_is_refused():
         load_pytorch_weights(require_fixtures() / f"{NAME}.safetensors", other)
 
 
-def test_non_xcit_weights_are_refused(tmp_path):
+def test_non_xcit_weights_are_refused_saying_what_was_found_and_expected(tmp_path):
     vit_like = {"pos_embed": np.zeros((1, 197, 32), np.float32), "blocks.0.attn.qkv.weight": np.zeros((96, 32), np.float32)}
-    with pytest.raises(ValueError, match="not an XCiT checkpoint"):
+    with pytest.raises(ValueError, match=r"edited.safetensors is not an XCiT checkpoint: expected .*cls_token and "
+                                         r"blocks.0.attn.temperature.* top-level keys are \[blocks.0.attn.qkv.weight, "
+                                         r"pos_embed\] \(2 in all\)"):
         load_pytorch_weights(write(tmp_path, vit_like))
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module.", "model.",
+                                    "model._orig_mod.", "module.backbone."])
+def test_weights_of_a_wrapped_model_load_like_the_bare_ones(tmp_path, fixture_weights, fixture_model, prefix):
+    """DDP (`module.`), torch.compile (`_orig_mod.`), in any order, and an outer model's attribute (`model.`)."""
+    bare = load_pytorch_weights(write(tmp_path, fixture_weights, "bare.safetensors"), fixture_model)
+    wrapped = load_pytorch_weights(write(tmp_path, {prefix + k: v for k, v in fixture_weights.items()}), fixture_model)
+    assert flatten(wrapped).keys() == flatten(bare).keys()
+    for key, value in flatten(bare).items():
+        np.testing.assert_array_equal(flatten(wrapped)[key], value)
+
+
+def test_an_outer_prefix_is_kept_when_not_every_key_has_it(tmp_path, fixture_weights, fixture_model):
+    """Another module's weights beside the model's are not silently dropped: they are named as unexpected."""
+    weights = {**{"model." + k: v for k, v in fixture_weights.items()}, "criterion.weight": np.ones(3, np.float32)}
+    with pytest.raises(ValueError, match="not an XCiT checkpoint"):
+        load_pytorch_weights(write(tmp_path, weights), fixture_model)
+
+
+def test_training_checkpoint_dicts_are_unwrapped_and_non_xcit_ones_name_their_top_level_keys(tmp_path, fixture_weights,
+                                                                                            fixture_model):
+    torch = pytest.importorskip("torch", reason="reading .pth needs the torch extra")
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in fixture_weights.items()}
+    for container in ("state_dict", "model_state_dict", "module"):
+        torch.save({"epoch": 3, container: {"model._orig_mod." + k: v for k, v in tensors.items()}},
+                   tmp_path / f"{container}.pth")
+        loaded = read_state_dict(tmp_path / f"{container}.pth")
+        assert sorted(loaded) == sorted(fixture_weights)
+    torch.save({"epoch": 3, "optimizer": {}, "net": {"conv1.weight": torch.zeros(8, 3, 7, 7)}}, tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match=r"resnet.pth is not an XCiT checkpoint: .*top-level keys are \[epoch, "
+                                         r"optimizer, net\] \(3 in all\)"):
+        read_state_dict(tmp_path / "resnet.pth")
 
 
 def test_unsupported_file_type(tmp_path):

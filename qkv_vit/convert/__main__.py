@@ -13,6 +13,7 @@ from qkv_vit.convert.loading import WeightMismatchError, load_pytorch_weights
 from qkv_vit.convert.mapping import infer_architecture
 from qkv_vit.convert.saved import save_converted
 from qkv_vit.convert.state_dict import read_state_dict
+from qkv_vit.errors import one_line
 
 SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "cls_attn_layers")
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         variables = load_pytorch_weights(args.src, models.XCiT(**model_config))
         out = save_converted(args.dst, variables, model_config)
     except (WeightMismatchError, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(str(error))}", file=sys.stderr)  # one line, as every qkv_vit command
         return 2
     print(f"Wrote {models.count_params(variables['params']):,} parameters of XCiT({model_config}) to {out}")
     return 0

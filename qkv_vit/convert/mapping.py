@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from qkv_vit.convert.state_dict import StateDict
+from qkv_vit.convert.state_dict import XCIT_KEYS, StateDict, not_xcit_message
 
 FlaxPath = tuple[str, ...]  # (collection, module, ..., leaf), e.g. ('params', 'blocks_0', 'attn', 'qkv', 'kernel')
 
@@ -55,12 +55,8 @@ def infer_architecture(state_dict: StateDict) -> dict[str, Any]:
 
     `tokens_norm` and `eta` change no shape, so they cannot be read from weights and are not returned.
     """
-    if "cls_token" not in state_dict or "blocks.0.attn.temperature" not in state_dict:
-        sample = ", ".join(sorted(state_dict)[:8])
-        raise ValueError(
-            "These weights are not an XCiT checkpoint (no `cls_token` / `blocks.0.attn.temperature`); "
-            f"first keys: {sample}"
-        )
+    if not all(key in state_dict for key in XCIT_KEYS):
+        raise ValueError(not_xcit_message("The state dict", list(state_dict), []))
     embed_dim = state_dict["cls_token"].shape[-1]
     conv_stages = sum(bool(re.fullmatch(r"patch_embed\.proj\.\d+\.0\.weight", k)) for k in state_dict)
     if conv_stages not in PATCH_STAGES_TO_PATCH_SIZE:

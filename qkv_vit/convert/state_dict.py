@@ -2,7 +2,11 @@
 
 Both layouts in the wild are accepted: timm's (`pos_embed.*`, class attention with separate q/k/v) and the
 official facebookresearch/xcit one (`{'model': state_dict}`, `pos_embeder.*`, class attention with one fused
-`qkv`), which is rewritten to timm's keys here.
+`qkv`), which is rewritten to timm's keys here. Weights saved from a wrapped model are unwrapped: the key
+prefixes of DistributedDataParallel / DataParallel / DeepSpeed (`module.`) and torch.compile (`_orig_mod.`),
+in any combination, and one prefix that every key shares in front of XCiT's own names (`model.` of a
+Lightning module, `backbone.`, ...); checkpoint dicts keep the weights under `model`, `state_dict`,
+`model_state_dict` or `module`.
 """
 
 import argparse
@@ -12,6 +16,11 @@ from pathlib import Path
 import numpy as np
 
 StateDict = dict[str, np.ndarray]
+
+WRAPPER_COMPONENTS = ("module", "_orig_mod")  # nn.parallel / DeepSpeed wrappers, torch.compile's OptimizedModule
+CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "module")  # where training checkpoints keep weights
+XCIT_KEYS = ("cls_token", "blocks.0.attn.temperature")  # keys every XCiT state dict has (timm and official)
+SHOWN_KEYS = 6
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -30,13 +39,34 @@ def read_state_dict(path: str | Path) -> StateDict:
         raise FileNotFoundError(f"Weights file not found: {path}")
     if path.suffix in SAFETENSORS_SUFFIXES:
         raw = read_safetensors(path)
+        top_level_keys = list(raw)
     elif path.suffix in TORCH_SUFFIXES:
-        raw = read_torch_file(path)
+        raw, top_level_keys = read_torch_file(path)
     else:
         raise ValueError(
             f"Unsupported weights file {path.name}: expected one of {SAFETENSORS_SUFFIXES + TORCH_SUFFIXES}."
         )
-    return to_timm_layout(raw)
+    state_dict = to_timm_layout(raw)
+    if not all(key in state_dict for key in XCIT_KEYS):
+        raise ValueError(not_xcit_message(path.name, top_level_keys, list(raw)))
+    return state_dict
+
+
+def not_xcit_message(name: str, top_level_keys: list[str], weight_keys: list[str]) -> str:
+    """What a file that holds no XCiT weights holds instead, and what was expected."""
+    found = f"its top-level keys are {shown(top_level_keys)}"
+    if weight_keys and weight_keys != top_level_keys:
+        found += f"; the weights found inside are {shown(weight_keys)}"
+    return (
+        f"{name} is not an XCiT checkpoint: expected the timm or official XCiT keys {' and '.join(XCIT_KEYS)} "
+        f"(after removing the wrapper prefixes {', '.join(c + '.' for c in WRAPPER_COMPONENTS)}, and weights "
+        f"kept under {', '.join(CHECKPOINT_KEYS)}), but {found}."
+    )
+
+
+def shown(keys: list[str]) -> str:
+    listed = ", ".join(str(key) for key in keys[:SHOWN_KEYS])
+    return f"[{listed}{', ...' if len(keys) > SHOWN_KEYS else ''}] ({len(keys)} in all)" if keys else "none"
 
 
 def read_safetensors(path: Path) -> StateDict:
@@ -45,7 +75,8 @@ def read_safetensors(path: Path) -> StateDict:
     return dict(load_file(str(path)))
 
 
-def read_torch_file(path: Path) -> StateDict:
+def read_torch_file(path: Path) -> tuple[StateDict, list[str]]:
+    """(the floating-point tensors of the state dict inside, the file's own top-level keys)."""
     try:
         import torch
     except ImportError:
@@ -54,28 +85,51 @@ def read_torch_file(path: Path) -> StateDict:
     with torch.serialization.safe_globals([argparse.Namespace]):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state_dict = unwrap_checkpoint(checkpoint, path)
-    return {
+    tensors = {
         key: value.detach().to(torch.float32).numpy()
         for key, value in state_dict.items()
         if isinstance(value, torch.Tensor) and value.is_floating_point()
     }
+    return tensors, [str(key) for key in checkpoint]
 
 
 def unwrap_checkpoint(checkpoint: object, path: Path) -> dict:
-    """The state dict inside a checkpoint: the official `{'model': ...}`, a `{'state_dict': ...}` or bare."""
+    """The state dict inside a checkpoint: the official `{'model': ...}`, `{'state_dict': ...}` (Lightning),
+    `{'model_state_dict': ...}`, `{'module': ...}` (DeepSpeed) or a bare state dict."""
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or a checkpoint dict.")
-    for wrapper_key in ("model", "state_dict"):
+    for wrapper_key in CHECKPOINT_KEYS:
         if isinstance(checkpoint.get(wrapper_key), dict):
             return checkpoint[wrapper_key]
     return checkpoint
 
 
+def strip_wrappers(state_dict: StateDict) -> StateDict:
+    """Keys as the bare model names them: without `module.` / `_orig_mod.` components, nor a prefix all keys share.
+
+    `_orig_mod` (torch.compile) is never a real module name and goes wherever it is; `module` goes where it
+    leads a key. A model inside another (`model.`, `backbone.`) leaves a prefix in front of `cls_token`; it is
+    removed when every key has it, so nothing of the outer model is loaded by mistake.
+    """
+    def bare(key: str) -> str:
+        parts = [part for part in key.split(".") if part != "_orig_mod"]
+        while len(parts) > 1 and parts[0] in WRAPPER_COMPONENTS:
+            parts = parts[1:]
+        return ".".join(parts)
+
+    stripped = {bare(key): value for key, value in state_dict.items()}
+    if XCIT_KEYS[0] not in stripped:
+        prefixes = {key[: -len(XCIT_KEYS[0])] for key in stripped if key.endswith("." + XCIT_KEYS[0])}
+        if len(prefixes) == 1 and all(key.startswith(next(iter(prefixes))) for key in stripped):
+            prefix = prefixes.pop()
+            stripped = {key.removeprefix(prefix): value for key, value in stripped.items()}
+    return stripped
+
+
 def to_timm_layout(state_dict: StateDict) -> StateDict:
-    """Strip DDP prefixes, drop integer buffers, rename `pos_embeder`, split fused class-attention qkv."""
+    """Strip wrapper prefixes, drop integer buffers, rename `pos_embeder`, split fused class-attention qkv."""
     out: StateDict = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.")
+    for key, value in strip_wrappers(state_dict).items():
         if key.endswith("num_batches_tracked"):
             continue
         key = key.replace("pos_embeder.", "pos_embed.", 1)
