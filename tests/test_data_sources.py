@@ -1,9 +1,13 @@
 """Sources: the offline digits, tfds by name, image folders and tars (cache, label map), and clear errors."""
 
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import pytest
 
 from qkv_vit import data
@@ -86,8 +90,8 @@ def test_a_killed_preparation_leaves_nothing_that_later_runs_trust(tmp_path, mon
     archive = write_tar(tmp_path / "images", tmp_path / "images.tar")
     real_build = image_folder._build
 
-    def dies_half_way(root, work, *args, **kwargs):
-        assert (root / "train" / "cat").is_dir()  # extraction happened
+    def dies_half_way(folder, work, *args, **kwargs):
+        assert (folder.root / "train" / "cat").is_dir()  # extraction happened
         raise KeyboardInterrupt
 
     monkeypatch.setattr(image_folder, "_build", dies_half_way)
@@ -117,6 +121,90 @@ def test_a_file_that_is_not_an_image_is_skipped_and_counted_or_an_error(tmp_path
     with pytest.raises(data.DataConfigError, match=bad_file):
         image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache2", bad_files="error")
     assert list((tmp_path / "cache2" / "image_folder").iterdir()) == []
+
+
+def jpeg_bytes(size=24):
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def tiff_bytes():
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (8, 8)).save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+UNDECODABLE = {  # what PIL accepts (verify() or open()) but the pipeline's TensorFlow decoder does not
+    "cut.jpg": jpeg_bytes()[: len(jpeg_bytes()) // 2],  # a download or copy cut short
+    "almost.jpeg": jpeg_bytes()[:-2],  # only the end-of-image marker missing
+    "scan.png": tiff_bytes(),  # another format under an image extension
+}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_files_the_pipeline_cannot_decode_are_skipped_at_conversion_or_named(tmp_path, split):
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    for name, content in UNDECODABLE.items():
+        (tmp_path / "images" / split / "cat" / name).write_bytes(content)
+    prepared = image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache", bad_files="skip")
+    assert prepared.num_skipped == 3 and prepared.skipped_files == sorted(f"{split}/cat/{n}" for n in UNDECODABLE)
+    assert prepared.num_examples == {"train": 9, "test": 4}
+    with pytest.raises(data.DataConfigError, match=rf"images/{split}/cat/\w+\.\w+ is not an image the input pipeline can "
+                                                   r"decode \(set bad_files='skip'"):
+        image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache2", bad_files="error")
+
+
+def test_every_kept_file_decodes_through_the_pipeline(tmp_path):
+    """What conversion keeps, the train and eval pipelines read to the end without an error."""
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    for split in ("train", "test"):
+        (tmp_path / "images" / split / "cat" / "cut.jpg").write_bytes(UNDECODABLE["cut.jpg"])
+        (tmp_path / "images" / split / "dog" / "real.jpg").write_bytes(jpeg_bytes())
+    config = folder_config(tmp_path / "images", tmp_path / "cache")
+    config.image_size = 8
+    train = data.build_train_iterator(config, 10, seed=0, process_index=0, process_count=1, local_device_count=1)
+    assert next(train)["image"].shape == (10, 8, 8, 3)
+    evaluation = data.build_eval_iterator(config, 5, process_index=0, process_count=1, local_device_count=1)
+    assert sum(batch["mask"].sum() for batch in evaluation) == 5
+
+
+def mac_archive(tmp_path, name="mac.tar.gz"):
+    """images/... packed as macOS's archiver does: __MACOSX/images/.../._<file> AppleDouble twins beside it."""
+    archive = tmp_path / name
+    with tarfile.open(archive, "w:gz") as tar:
+        for file in sorted((tmp_path / "images").rglob("*")):
+            member = f"images/{file.relative_to(tmp_path / 'images').as_posix()}"
+            tar.add(file, arcname=member, recursive=False)
+            if file.is_file():
+                twin = tarfile.TarInfo(f"__MACOSX/{member.rsplit('/', 1)[0]}/._{file.name}")
+                payload = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
+                twin.size = len(payload)
+                tar.addfile(twin, io.BytesIO(payload))
+    return archive
+
+
+def test_archive_and_folder_clutter_is_not_data(tmp_path):
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    plain = image_folder.prepare_image_folder(write_tar(tmp_path / "images", tmp_path / "plain.tar.gz"),
+                                              tmp_path / "cache")
+    (tmp_path / "images" / "train" / "cat" / "Thumbs.db").write_bytes(b"\0")
+    (tmp_path / "images" / "train" / "@eaDir" / "cat").mkdir(parents=True)  # Synology's thumbnail folders
+    (tmp_path / "images" / "train" / "dog" / "desktop.ini").write_text("[.ShellClassInfo]")
+    for path in (mac_archive(tmp_path), tmp_path / "images"):
+        prepared = image_folder.prepare_image_folder(path, tmp_path / "cache")
+        assert (prepared.class_names, prepared.num_examples, prepared.num_skipped) == (
+            plain.class_names, plain.num_examples, 0), path
+
+
+def test_an_error_inside_an_archive_names_the_archive_and_member_not_a_temporary_path(tmp_path):
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    (tmp_path / "images" / "train" / "zebra").mkdir()
+    archive = mac_archive(tmp_path)
+    with pytest.raises(data.DataConfigError) as raised:
+        image_folder.prepare_image_folder(archive, tmp_path / "cache")
+    assert str(raised.value).startswith(f"Empty class folder {archive} (archive member images/train/zebra): ")
+    assert ".tmp-" not in str(raised.value)
 
 
 def test_hidden_files_are_ignored(tmp_path):
@@ -154,13 +242,40 @@ def test_error_wrong_split_name_lists_the_valid_ones(tmp_path, cache_dir):
         sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache", train_split="training"))
 
 
+@pytest.mark.parametrize("held_out", ["valid", "val", "validation", "eval", "dev", "Test", "VALID"])
+def test_the_usual_held_out_split_names_are_found(tmp_path, held_out):
+    write_image_folder(tmp_path / "images", {"Train" if held_out.isupper() else "train": {"a": 3, "b": 3},
+                                             held_out: {"a": 1, "b": 1}})
+    source = sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache"))
+    assert source.eval_split == held_out and source.num_examples(source.eval_split) == 2
+
+
+def test_test_is_preferred_and_the_config_decides(tmp_path):
+    write_image_folder(tmp_path / "images", {"train": {"a": 3}, "val": {"a": 2}, "test": {"a": 1}})
+    assert sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache")).eval_split == "test"
+    chosen = sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache", eval_split="val"))
+    assert chosen.eval_split == "val"
+
+
+def test_without_a_held_out_split_the_eval_split_must_be_asked_for(tmp_path):
+    """Never a silent evaluation on the training images."""
+    write_image_folder(tmp_path / "images", {"train": {"a": 3, "b": 3}, "extra": {"a": 1}})
+    with pytest.raises(data.DataConfigError, match=r"has no held-out split to evaluate on: its splits are "
+                                                   r"\['extra', 'train'\], and none is called test, .*, dev\. Set "
+                                                   r"data.eval_split: .* or data.eval_split='train' to evaluate on the "
+                                                   r"training images"):
+        sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache"))
+    asked = sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache", eval_split="train"))
+    assert (asked.train_split, asked.eval_split) == ("train", "train")
+
+
 def test_subsplits_are_accepted(cache_dir):
     source = sources.open_source(digits_config(cache_dir, train_split="train[:80%]", eval_split="train[80%:]"))
     assert source.num_examples(source.train_split) + source.num_examples(source.eval_split) == 1437
 
 
 def test_error_unknown_source_and_unknown_tfds_name(cache_dir):
-    with pytest.raises(data.DataConfigError, match="Unknown data source 'folder'"):
+    with pytest.raises(data.DataConfigError, match=r"source must be one of \['digits', 'tfds', 'image_folder'\], got 'folder'"):
         sources.open_source(digits_config(cache_dir, source="folder"))
     config = data.get_config("none", source="tfds", name="no_such_data_set")
     with pytest.raises(data.DataConfigError, match="no_such_data_set"):

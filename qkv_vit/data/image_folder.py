@@ -10,13 +10,20 @@ name, size and modification time, or a folder's path and the modification times 
 class folders (adding or removing files changes those; editing a file in place does not: delete the
 cache entry to force a rebuild). Everything is built in a temporary directory that is renamed into
 place at the end, so a killed run never leaves an entry that later runs trust.
+
+Every file is decoded in full at conversion with the decoder the input pipeline uses (`augment.decode`),
+so a file that would fail mid-run (a truncated JPEG, a TIFF named .png) is skipped and counted, or with
+bad_files="error" named, before training starts. Clutter that archivers, operating systems and tools
+leave beside data (`__MACOSX/`, hidden files such as `._name` and `.DS_Store`, `Thumbs.db`, `@eaDir/`, ...)
+is not data and is ignored at every level; errors name paths as the user gave them (for an archive: the
+archive and the member), never the temporary extraction directory.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -26,17 +33,25 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-import PIL.Image
 import tensorflow_datasets as tfds
 
-from qkv_vit.data._tensorflow import tf  # noqa: F401  (configures TF before tfds touches it)
+from qkv_vit.data import augment
+from qkv_vit.data._tensorflow import tf
 from qkv_vit.data.errors import DataConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LABEL_MAP = "label_map.json"
+# Names that are never data, at any level (hidden names, starting with ".", neither): macOS archive metadata,
+# Windows and Synology thumbnails, Python caches, trash and file-system recovery folders.
+CLUTTER_NAMES = frozenset({"__MACOSX", "Thumbs.db", "ehthumbs.db", "desktop.ini", "@eaDir", "__pycache__",
+                           "$RECYCLE.BIN", "System Volume Information", "lost+found"})
 _TFDS_NAME = "image_folder"
 _MAX_LISTED_SKIPS = 1000
+# Bumped when conversion changes what it accepts, so entries made by an older check are rebuilt (2: a full decode
+# with the pipeline's decoder instead of PIL's verify()).
+_CONVERSION_VERSION = 2
+_DECODE_CHUNK = 256  # files read and decoded ahead of the tfds writer, in parallel (bounded memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +86,8 @@ def prepare_image_folder(path: str | os.PathLike, cache_dir: str | os.PathLike |
     temporary = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     temporary.mkdir(parents=True)
     try:
-        root = _extract(path, temporary / "extracted") if is_tar else path
-        _build(root, temporary, bad_files, source=path)
+        folder = _extract(path, temporary / "extracted") if is_tar else Located(root=path, source=path)
+        _build(folder, temporary, bad_files)
         shutil.rmtree(temporary / "extracted", ignore_errors=True)  # the tfds records hold the bytes now
         if final.exists() and not (final / LABEL_MAP).exists():
             shutil.rmtree(final)  # not ours (entries appear only by rename, complete): never trust it
@@ -99,12 +114,12 @@ def check_can_prepare() -> None:
 
 def _tar_key(path: Path) -> str:
     stat = path.stat()
-    digest = hashlib.sha256(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return f"{_stem(path)}-{digest}"
+    key = f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:v{_CONVERSION_VERSION}"
+    return f"{_stem(path)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def _folder_key(path: Path) -> str:
-    parts = [str(path.resolve())]
+    parts = [str(path.resolve()), f"v{_CONVERSION_VERSION}"]
     for split_dir in _subdirs(path):
         parts.append(f"{split_dir.name}:{split_dir.stat().st_mtime_ns}")
         parts.extend(f"{split_dir.name}/{d.name}:{d.stat().st_mtime_ns}" for d in _subdirs(split_dir))
@@ -118,17 +133,37 @@ def _stem(path: Path) -> str:
     return name or "root"
 
 
+def _is_clutter(path: Path) -> bool:
+    return path.name.startswith(".") or path.name in CLUTTER_NAMES
+
+
 def _subdirs(path: Path) -> list[Path]:
-    """Visible sub-folders, sorted (hidden ones such as macOS's .DS_Store/._* are never data)."""
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """Sub-folders that may hold data, sorted (hidden ones and clutter such as __MACOSX/ never do)."""
+    return sorted(p for p in path.iterdir() if p.is_dir() and not _is_clutter(p))
 
 
 def _visible_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    return sorted(p for p in path.iterdir() if p.is_file() and not _is_clutter(p))
 
 
-def _extract(archive: Path, destination: Path) -> Path:
-    """Extracts the archive and returns the folder holding the split folders."""
+@dataclasses.dataclass(frozen=True)
+class Located:
+    """Where the split folders are on disk, and how to name a path below them to the user."""
+
+    root: Path  # holds <split>/<class>/<image>
+    source: Path  # the folder or archive as the user gave it (config.data.path)
+    extracted: Path | None = None  # an archive's (temporary) extraction directory
+
+    def shown(self, path: Path) -> str:
+        """`path` as the user knows it: itself for a folder; the archive and the member for an archive."""
+        if self.extracted is None:
+            return str(path)
+        member = path.relative_to(self.extracted).as_posix()
+        return str(self.source) if member == "." else f"{self.source} (archive member {member})"
+
+
+def _extract(archive: Path, destination: Path) -> Located:
+    """Extracts the archive and locates the folder holding the split folders."""
     logging.info("Extracting %s to %s", archive, destination)
     with tarfile.open(archive) as tar:
         if hasattr(tarfile, "data_filter"):
@@ -142,7 +177,7 @@ def _extract(archive: Path, destination: Path) -> Path:
     # An archive usually wraps ROOT in one top folder (cifar10-jpeg/train/...): step into it.
     while len(children := _subdirs(root)) == 1 and _looks_like_root(children[0]):
         root = children[0]
-    return root
+    return Located(root=root, source=archive, extracted=destination)
 
 
 def _looks_like_root(path: Path) -> bool:
@@ -157,39 +192,41 @@ class FolderScan:
     skipped: list[str]
 
 
-def scan_image_folder(root: Path, bad_files: str = "skip") -> FolderScan:
+def scan_image_folder(folder: Located, bad_files: str = "skip") -> FolderScan:
     """Lists ROOT/<split>/<class>/<image>; raises DataConfigError for a layout that cannot work."""
-    split_dirs = _subdirs(root)
+    split_dirs = _subdirs(folder.root)
     if not split_dirs:
-        raise DataConfigError(f"No split folders in {root}: expected ROOT/<split>/<class>/<image>.jpg|png.")
+        raise DataConfigError(f"No split folders in {folder.shown(folder.root)}: expected "
+                              "ROOT/<split>/<class>/<image>.jpg|png.")
     splits, classes, skipped = {}, set(), []
     for split_dir in split_dirs:
         class_dirs = _subdirs(split_dir)
         if not class_dirs:
-            raise DataConfigError(f"Split folder {split_dir} has no class folders: expected {split_dir}/<class>/<image>.")
+            raise DataConfigError(f"Split folder {folder.shown(split_dir)} has no class folders: expected "
+                                  f"<split>/<class>/<image> below it.")
         examples = []
         for class_dir in class_dirs:
             files = _visible_files(class_dir)
             images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
             for other in sorted(set(files) - set(images)):
-                _reject(other, root, bad_files, skipped, "not a .jpg/.jpeg/.png file")
+                _reject(other, folder, bad_files, skipped, "not a .jpg/.jpeg/.png file")
             if not images:
-                raise DataConfigError(f"Empty class folder {class_dir}: it holds no {'/'.join(IMAGE_SUFFIXES)} images.")
+                raise DataConfigError(f"Empty class folder {folder.shown(class_dir)}: it holds no "
+                                      f"{'/'.join(IMAGE_SUFFIXES)} images.")
             examples.extend((f, class_dir.name) for f in images)
             classes.add(class_dir.name)
         splits[split_dir.name] = examples
     return FolderScan(splits, sorted(classes), skipped)
 
 
-def _reject(file: Path, root: Path, bad_files: str, skipped: list[str], why: str) -> None:
-    relative = file.relative_to(root).as_posix()
+def _reject(file: Path, folder: Located, bad_files: str, skipped: list[str], why: str) -> None:
     if bad_files == "error":
-        raise DataConfigError(f"{file} is {why} (set bad_files='skip' to skip and count such files).")
-    skipped.append(relative)
+        raise DataConfigError(f"{folder.shown(file)} is {why} (set bad_files='skip' to skip and count such files).")
+    skipped.append(file.relative_to(folder.root).as_posix())
 
 
-def _build(root: Path, work: Path, bad_files: str, source: Path) -> None:
-    scan = scan_image_folder(root, bad_files)
+def _build(folder: Located, work: Path, bad_files: str) -> None:
+    scan = scan_image_folder(folder, bad_files)
     features = tfds.features.FeaturesDict(
         {
             "image": tfds.features.Image(shape=(None, None, 3)),
@@ -197,13 +234,13 @@ def _build(root: Path, work: Path, bad_files: str, source: Path) -> None:
             "file_name": tfds.features.Text(),  # <split>/<class>/<file>, relative to ROOT
         }
     )
-    generators = {split: _examples(files, root, bad_files, scan.skipped) for split, files in scan.splits.items()}
+    generators = {split: _examples(files, folder, bad_files, scan.skipped) for split, files in scan.splits.items()}
     builder = tfds.dataset_builders.store_as_tfds_dataset(
         name=_TFDS_NAME, version="1.0.0", features=features, split_datasets=generators, data_dir=work / "tfds",
-        description=f"Image folder {source}",
+        description=f"Image folder {folder.source}",
     )
     label_map = {
-        "source": str(source),
+        "source": str(folder.source),
         "class_names": scan.class_names,
         "label_map": {name: index for index, name in enumerate(scan.class_names)},
         "num_examples": {split: info.num_examples for split, info in builder.info.splits.items()},
@@ -213,23 +250,33 @@ def _build(root: Path, work: Path, bad_files: str, source: Path) -> None:
     }
     shutil.rmtree(work / "tfds" / "downloads", ignore_errors=True)  # empty folders tfds makes, nothing to download
     if scan.skipped:
-        logging.warning("Skipped %d files that are not images, e.g. %s", len(scan.skipped), scan.skipped[:5])
+        logging.warning("Skipped %d files that are not decodable images, e.g. %s", len(scan.skipped), scan.skipped[:5])
     (work / LABEL_MAP).write_text(json.dumps(label_map, indent=1))
 
 
-def _examples(files: list[tuple[Path, str]], root: Path, bad_files: str,
+def _examples(files: list[tuple[Path, str]], folder: Located, bad_files: str,
               skipped: list[str]) -> Iterator[tuple[str, dict]]:
-    """Yields tfds examples holding each file's bytes unchanged; checks each decodes as an image."""
-    for file, class_name in files:
-        data = file.read_bytes()
-        try:
-            with PIL.Image.open(io.BytesIO(data)) as image:
-                image.verify()
-        except Exception:  # PIL raises many types for broken files; any of them means "not an image"
-            _reject(file, root, bad_files, skipped, "not a readable image")
-            continue
-        relative = file.relative_to(root).as_posix()
-        yield relative, {"image": data, "label": class_name, "file_name": relative}
+    """Yields tfds examples holding each file's bytes unchanged, for the files the pipeline can decode."""
+    with concurrent.futures.ThreadPoolExecutor(thread_name_prefix="qkv_vit_decode_check") as pool:
+        for start in range(0, len(files), _DECODE_CHUNK):
+            chunk = files[start:start + _DECODE_CHUNK]
+            for (file, class_name), (data, readable) in zip(chunk, pool.map(_read_checked, [f for f, _ in chunk])):
+                if not readable:
+                    _reject(file, folder, bad_files, skipped, "not an image the input pipeline can decode")
+                    continue
+                relative = file.relative_to(folder.root).as_posix()
+                yield relative, {"image": data, "label": class_name, "file_name": relative}
+
+
+def _read_checked(file: Path) -> tuple[bytes, bool]:
+    """(the file's bytes, whether the pipeline's decoder reads the whole image): a full decode, because a cut
+    JPEG's header and first rows read fine (PIL's verify() passes it) and its crop may fail only mid-run."""
+    data = file.read_bytes()
+    try:
+        image = augment.decode(tf.constant(data))  # eager TF ops release the GIL: the pool decodes in parallel
+    except tf.errors.OpError:  # InvalidArgumentError for truncated, corrupt or unsupported data
+        return data, False
+    return data, bool(image.shape[0] and image.shape[1])
 
 
 def _load(entry: Path) -> PreparedFolder:

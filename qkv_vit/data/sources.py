@@ -29,7 +29,10 @@ TFDS_DATASETS = {
     "stl10": ("train", "test", 10),
     "cars196": ("train", "test", 196),
 }
-_EVAL_SPLIT_NAMES = ("test", "validation", "val")
+# Default splits of sources that do not name theirs (image folders, other tfds sets): the first present, in this
+# order, compared case-insensitively. Without a held-out split the eval split must be asked for (config.eval_split).
+TRAIN_SPLIT_NAMES = ("train", "training")
+HELD_OUT_SPLIT_NAMES = ("test", "testing", "validation", "valid", "val", "eval", "evaluation", "dev")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +88,12 @@ def open_source(config: ml_collections.ConfigDict) -> Source:
         source = _make_source(builder, config, "train", "test", "the offline digits data set")
     elif config.source == "tfds":
         builder = _tfds_builder(config)
-        train, evaluation, _ = TFDS_DATASETS.get(config.name, ("train", None, None))
+        train, evaluation, _ = TFDS_DATASETS.get(config.name, (None, None, None))
         source = _make_source(builder, config, train, evaluation, f"tfds data set {config.name!r}")
     else:
         prepared = image_folder.prepare_image_folder(config.path, config.cache_dir, config.bad_files)
         builder = tfds.builder_from_directory(os.fspath(prepared.tfds_dir))
-        source = _make_source(builder, config, "train", None, f"image folder {config.path}")
+        source = _make_source(builder, config, None, None, f"image folder {config.path}")
     if config.num_classes is not None and config.num_classes < source.num_classes:
         raise DataConfigError(
             f"num_classes={config.num_classes} is less than the {source.num_classes} classes of {source.description}."
@@ -137,16 +140,33 @@ def _not_prepared_message(name: str, data_dir: str | None) -> str:
     )
 
 
-def _make_source(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict, train_default: str,
+def _make_source(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict, train_default: str | None,
                  eval_default: str | None, description: str) -> Source:
+    """The source with its splits: the config's, else the data set's own defaults, else found by name."""
     features = builder.info.features
     if "image" not in features or "label" not in features:
         raise DataConfigError(f"{description} has no 'image' and 'label' features; it is not an image classification set.")
     available = list(builder.info.splits.keys())
-    if eval_default is None:
-        eval_default = next((name for name in _EVAL_SPLIT_NAMES if name in available), train_default)
-    source = Source(builder, config.train_split or train_default, config.eval_split or eval_default,
-                    list(features["label"].names), description)
+    train_split = config.train_split or train_default or _find_split(available, TRAIN_SPLIT_NAMES) or "train"
+    eval_split = config.eval_split or eval_default or _find_split(available, HELD_OUT_SPLIT_NAMES)
+    if eval_split is None:
+        raise DataConfigError(_no_held_out_split_message(description, available))
+    source = Source(builder, train_split, eval_split, list(features["label"].names), description)
     source.check_split(source.train_split)
     source.check_split(source.eval_split)
     return source
+
+
+def _find_split(available: list[str], names: tuple[str, ...]) -> str | None:
+    """The first of `names` (in their order of preference) that `available` has, ignoring case."""
+    by_name = {split.lower(): split for split in available}
+    return next((by_name[name] for name in names if name in by_name), None)
+
+
+def _no_held_out_split_message(description: str, available: list[str]) -> str:
+    return (
+        f"{description} has no held-out split to evaluate on: its splits are {available}, and none is called "
+        f"{', '.join(HELD_OUT_SPLIT_NAMES)}. Set data.eval_split: one of its splits; or hold out part of the train "
+        "split with data.train_split='train[:90%]' and data.eval_split='train[90%:]'; or data.eval_split='train' to "
+        "evaluate on the training images (the reported accuracy is then training accuracy)."
+    )
