@@ -1,4 +1,4 @@
-"""The data part of a training config (`config.data`): sources, presets and their validation.
+"""The data part of a training config (`config.data`): sources, presets and the rules for every field.
 
 Start from `get_config()` and override fields, e.g.
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from qkv_vit import config_rules as rules
 from qkv_vit.data.errors import DataConfigError
 
 SOURCES = ("digits", "tfds", "image_folder")
@@ -113,32 +114,61 @@ def get_config(preset: str = "small", source: str = "digits", name: str = "") ->
     )
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Checks the fields that need no data; raises DataConfigError naming the first bad one."""
-    if config.source not in SOURCES:
-        raise DataConfigError(f"Unknown data source {config.source!r}; choose one of {list(SOURCES)}.")
+TUPLE_HINT = 'On the command line write a tuple in quotes, e.g. --config.data.augment.crop_scale="(0.08, 1.0)".'
+SCALE_HINT = "Images are scaled to [0, 1] before normalizing: ImageNet's are mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)."
+
+AUGMENT_RULES = {
+    "crop_scale": rules.numbers(2, 0.0, 1.0, low_open=True, ordered=True, what="(min, max) of the area fraction",
+                                hint=TUPLE_HINT),
+    "crop_ratio": rules.numbers(2, 0.0, low_open=True, ordered=True, what="(min, max) of the aspect ratio",
+                                hint=TUPLE_HINT),
+    "flip_prob": rules.probability(),
+    "randaugment_layers": rules.integer(0),
+    "randaugment_magnitude": rules.number(0.0),
+    "randaugment_magnitude_std": rules.number(0.0),
+    "randaugment_magnitude_max": rules.number(0.0, low_open=True),  # magnitudes are divided by it
+    "randaugment_prob": rules.probability(),
+    "color_jitter": rules.number(0.0),
+    "erasing_prob": rules.probability(),
+    "erasing_mode": rules.text(("pixel", "const")),
+    "erasing_area": rules.numbers(2, 0.0, 1.0, low_open=True, ordered=True, what="(min, max) of the area fraction",
+                                  hint=TUPLE_HINT),
+    "erasing_aspect_min": rules.number(0.0, 1.0, low_open=True),  # aspect ratios in [min, 1/min]
+    "mixup_alpha": rules.number(0.0),
+    "cutmix_alpha": rules.number(0.0),
+    "mix_prob": rules.probability(),
+    "mix_switch_prob": rules.probability(),
+    "label_smoothing": rules.probability(),
+}
+
+DATA_RULES = {
+    "source": rules.text(SOURCES),
+    "name": rules.text(),
+    "data_dir": rules.text(nonempty=True, optional=True),
+    "path": rules.text(nonempty=True, optional=True),
+    "cache_dir": rules.text(nonempty=True, optional=True),
+    "train_split": rules.text(nonempty=True, optional=True),
+    "eval_split": rules.text(nonempty=True, optional=True),
+    "num_classes": rules.integer(1, optional=True),
+    "image_size": rules.integer(1),
+    "crop_ratio": rules.number(0.0, 1.0, low_open=True),
+    "mean": rules.numbers(3, 0.0, 1.0, what="(red, green, blue)", hint=f"{SCALE_HINT} {TUPLE_HINT}"),
+    "std": rules.numbers(3, 0.0, 1.0, low_open=True, what="(red, green, blue)", hint=f"{SCALE_HINT} {TUPLE_HINT}"),
+    "augment": AUGMENT_RULES,
+    "repeated_augmentation": rules.integer(1),
+    "shuffle_buffer": rules.integer(0),
+    "num_parallel_calls": rules.integer(1, or_minus_one=True),  # -1: tf.data AUTOTUNE
+    "prefetch": rules.integer(0, or_minus_one=True),
+    "seed": rules.integer(0),
+    "bad_files": rules.text(("skip", "error")),
+}
+
+
+def validate_config(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """Checks every field (type, length, range) and what each source needs, before any data is read; raises
+    DataConfigError naming the first bad field (`prefix` + its key, e.g. "config.data.")."""
+    rules.check_values(config, DATA_RULES, prefix, DataConfigError)
     if config.source == "tfds" and not config.name:
-        raise DataConfigError('source="tfds" needs config.name, e.g. "imagenet2012" or "cifar10".')
+        raise DataConfigError(f'source="tfds" needs {prefix}name, e.g. "imagenet2012" or "cifar10".')
     if config.source == "image_folder" and not config.path:
-        raise DataConfigError('source="image_folder" needs config.path: a folder ROOT/<split>/<class>/ or a tar of one.')
-    if config.bad_files not in ("skip", "error"):
-        raise DataConfigError(f'bad_files must be "skip" or "error", not {config.bad_files!r}.')
-    if config.image_size < 1 or not 0 < config.crop_ratio <= 1:
-        raise DataConfigError("image_size must be >= 1 and crop_ratio in (0, 1].")
-    if config.repeated_augmentation < 1:
-        raise DataConfigError("repeated_augmentation must be >= 1 (1 turns it off).")
-    _validate_augment(config.augment)
-
-
-def _validate_augment(augment: ml_collections.ConfigDict) -> None:
-    probabilities = ("flip_prob", "randaugment_prob", "erasing_prob", "mix_prob", "mix_switch_prob", "label_smoothing")
-    for key in probabilities:
-        if not 0.0 <= augment[key] <= 1.0:
-            raise DataConfigError(f"augment.{key} must be in [0, 1], not {augment[key]}.")
-    low, high = augment.crop_scale
-    if not 0 < low <= high <= 1:
-        raise DataConfigError(f"augment.crop_scale must satisfy 0 < min <= max <= 1, not {augment.crop_scale}.")
-    if augment.erasing_mode not in ("pixel", "const"):
-        raise DataConfigError(f'augment.erasing_mode must be "pixel" or "const", not {augment.erasing_mode!r}.')
-    if augment.mixup_alpha < 0 or augment.cutmix_alpha < 0 or augment.color_jitter < 0:
-        raise DataConfigError("augment.mixup_alpha, cutmix_alpha and color_jitter must be >= 0.")
+        raise DataConfigError(f'source="image_folder" needs {prefix}path: a folder ROOT/<split>/<class>/ or a tar of one.')

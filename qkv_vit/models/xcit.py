@@ -164,6 +164,8 @@ def validate_architecture(model: XCiT) -> None:
         )
     if model.depth < 0 or model.cls_attn_layers < 0:
         raise ValueError(f"depth and cls_attn_layers must be >= 0, got {model.depth} and {model.cls_attn_layers}.")
+    if not model.eta > 0:  # LayerScale's initial value: 0 or less would start every residual branch shut or inverted
+        raise ValueError(f"eta (LayerScale's initial value) must be > 0, got {model.eta}.")
     if model.global_pool not in GLOBAL_POOLS:
         raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {model.global_pool!r}.")
     for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):

@@ -2,11 +2,18 @@
 
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from qkv_vit import config_rules as rules
 from qkv_vit import data, models
 from qkv_vit.errors import ConfigError
+from qkv_vit.train.optimizer import OPTIMIZERS
+from qkv_vit.train.sharding import SHARDING_STRATEGIES
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # parameters stay float32 either way
+NONFINITE_POLICIES = ("stop", "skip")  # a NaN/inf step: stop the run, or skip the update
 
 MODEL_OPTIONS = {  # XCiT options a config may set; None keeps the named model's value
     "drop_path_rate": float,
@@ -111,6 +118,61 @@ def shrink_for_local_run(config: ml_collections.ConfigDict) -> None:
     config.total_steps = 2
     config.optimizer.warmup_steps = 1
     config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+
+
+# The rule of every key of base_config() (config.data has its own: qkv_vit.data.config.DATA_RULES). Model options
+# are checked for their type here and for their range by the model itself (XCiT's validation, before any data).
+OPTIMIZER_RULES = {
+    "name": rules.text(OPTIMIZERS),
+    "lr": rules.number(0.0),  # 0: parameters stay (evaluating a checkpoint through the trainer)
+    "scale_lr_by_batch": rules.flag(),
+    "warmup_epochs": rules.number(0.0),
+    "warmup_steps": rules.integer(0, optional=True),
+    "warmup_init_lr": rules.number(0.0),
+    "min_lr": rules.number(0.0),
+    "weight_decay": rules.number(0.0),
+    "b1": rules.number(0.0, 1.0, high_open=True),
+    "b2": rules.number(0.0, 1.0, high_open=True),
+    "eps": rules.number(0.0, low_open=True),  # Adam divides by sqrt(v) + eps: 0 gives NaN where a gradient is 0
+    "momentum": rules.number(0.0, 1.0, high_open=True),
+    "nesterov": rules.flag(),
+    "grad_clip_norm": rules.number(0.0),
+    "accumulation_steps": rules.integer(1),
+    "code_weight_decay": rules.flag(),
+}
+
+RUN_RULES = {
+    "model_name": rules.text(nonempty=True),
+    "qkv": rules.text(),
+    "model": {key: rules.of_type(kind, optional=True) for key, kind in MODEL_OPTIONS.items()},
+    "compute_dtype": rules.text(tuple(COMPUTE_DTYPES)),
+    "data": None,  # qkv_vit.data.validate_config: DATA_RULES and what each source needs
+    "seed": rules.integer(0),
+    "global_batch_size": rules.integer(1),
+    "eval_batch_size": rules.integer(1, optional=True),
+    "total_epochs": rules.number(0.0, low_open=True),
+    "total_steps": rules.integer(1, optional=True),
+    "optimizer": OPTIMIZER_RULES,
+    "ema_decay": rules.number(0.0, 1.0, high_open=True, optional=True),
+    "nonfinite": rules.text(NONFINITE_POLICIES),
+    "mesh": {"data": rules.integer(1, or_minus_one=True), "model": rules.integer(1, or_minus_one=True)},
+    "sharding": rules.text(SHARDING_STRATEGIES),
+    "log_every_steps": rules.integer(1),
+    "eval_every_steps": rules.integer(0),  # 0: only at the end
+    "eval_name": rules.text(nonempty=True, forbidden="/"),  # metric names are <eval_name>/top1
+    "checkpoint_every_steps": rules.integer(0),  # 0: only at the end
+    "keep_checkpoints": rules.integer(1, optional=True),  # None: keep all
+    "async_checkpointing": rules.flag(),
+    "init_from": rules.text(nonempty=True, optional=True),
+    "init_from_ema": rules.flag(),
+}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Every value of a training config checked for type, length and range before any data is read: one
+    ConfigError (DataConfigError for config.data) naming the first bad key, what it must be, and what it got."""
+    rules.check_values(config, RUN_RULES, "config.")
+    data.validate_config(config.data, prefix="config.data.")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -1,0 +1,132 @@
+"""Rules for config values (type, length, range), checked before any data is read.
+
+Each key of a config has one `Rule`; `check_values` walks a config against its table of rules and raises one
+error naming the first bad key, what it must be and what it got, so that a value that would otherwise fail deep
+inside TensorFlow or JAX, or train on silently as NaN, stops the run at once. A key without a rule is an unknown
+key (a typo in a config file, which would otherwise be ignored): it is reported with the closest known key. The tables live beside the configs
+they check: `qkv_vit.data.config` (config.data) and `qkv_vit.train.config` (the rest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any, Callable, Mapping
+
+from qkv_vit.errors import ConfigError
+
+RuleTable = Mapping[str, "Rule | RuleTable | None"]  # None: the key is checked elsewhere (e.g. config.data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one key's value must be: `accepts(value)` decides, `requirement` says it in words."""
+
+    requirement: str  # completes "config.<key> must be ...", e.g. "an integer >= 1"
+    accepts: Callable[[Any], bool]
+    optional: bool = False  # None allowed (the key's default is "unset")
+    hint: str = ""  # one more sentence, e.g. how to write a tuple on the command line
+
+    def check(self, name: str, value: Any, error: type[ConfigError]) -> None:
+        if value is None and self.optional:
+            return
+        if not self.accepts(value):
+            requirement = self.requirement + (" (or None to leave it unset)" if self.optional else "")
+            raise error(f"{name} must be {requirement}, got {value!r}.{' ' + self.hint if self.hint else ''}")
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def in_range(value: float, low: float | None, high: float | None, low_open: bool, high_open: bool) -> bool:
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    return above and below
+
+
+def describe_range(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    return f"{'<' if high_open else '<='} {high:g}" if high is not None else ""
+
+
+def integer(minimum: int | None = None, *, or_minus_one: bool = False, optional: bool = False) -> Rule:
+    """An int >= minimum; `or_minus_one`: -1 too (meaning "all" or "automatic")."""
+    words = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or -1" if or_minus_one else "")
+    return Rule(words, lambda v: is_integer(v) and (minimum is None or v >= minimum or (or_minus_one and v == -1)),
+                optional)
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False,
+           optional: bool = False) -> Rule:
+    """A finite number in the interval (bounds included unless open)."""
+    words = f"a finite number {describe_range(low, high, low_open, high_open)}".rstrip()
+    return Rule(words, lambda v: is_number(v) and in_range(v, low, high, low_open, high_open), optional)
+
+
+def probability() -> Rule:
+    return number(0.0, 1.0)
+
+
+def flag(optional: bool = False) -> Rule:
+    return Rule("true or false", lambda v: isinstance(v, bool), optional)
+
+
+def of_type(kind: type, optional: bool = False) -> Rule:
+    """Only the type (ranges checked by whoever uses the value, e.g. the model's own validation)."""
+    return {bool: flag, int: lambda optional: integer(optional=optional), float: lambda optional: number(optional=optional),
+            str: lambda optional: text(optional=optional)}[kind](optional)
+
+
+def text(choices: tuple[str, ...] | None = None, *, nonempty: bool = False, forbidden: str = "",
+         optional: bool = False) -> Rule:
+    """A string: one of `choices`, or any (non-empty) string without the `forbidden` characters."""
+    if choices is not None:
+        return Rule(f"one of {list(choices)}", lambda v: v in choices, optional)
+    words = "a non-empty string" if nonempty else "a string"
+    words += f" without {' '.join(forbidden)}" if forbidden else ""
+    return Rule(words, lambda v: isinstance(v, str) and (v or not nonempty) and not set(v) & set(forbidden), optional)
+
+
+def numbers(count: int, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False, ordered: bool = False, what: str = "", hint: str = "") -> Rule:
+    """A tuple (or list) of `count` finite numbers, each in the interval, non-decreasing if `ordered`."""
+    words = f"{count} numbers {what or ''}".rstrip()
+    words += f" each {describe_range(low, high, low_open, high_open)}" if low is not None or high is not None else ""
+    words += ", the first <= the second" if ordered else ""
+
+    def accepts(value: Any) -> bool:
+        if not isinstance(value, (tuple, list)) or len(value) != count or not all(is_number(v) for v in value):
+            return False
+        return all(in_range(v, low, high, low_open, high_open) for v in value) and (
+            not ordered or list(value) == sorted(value))
+
+    return Rule(words, accepts, hint=hint)
+
+
+def check_values(config: Mapping[str, Any], rules: RuleTable, prefix: str = "config.",
+                 error: type[ConfigError] = ConfigError) -> None:
+    """Every key of `config` against its rule (nested tables for nested configs); `error` names the first bad one."""
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in rules:
+            close = difflib.get_close_matches(key, list(rules), n=1)
+            raise error(f"{name} is not a known key{f' (did you mean {prefix}{close[0]}?)' if close else ''}: "
+                        f"a config file set a key that nothing reads. Known keys here: {', '.join(rules)}.")
+        rule = rules[key]
+        if isinstance(rule, Rule):
+            rule.check(name, config[key], error)
+        elif rule is not None:
+            if not hasattr(config[key], "keys"):  # a ConfigDict (or dict) of its own keys
+                raise error(f"{name} must be a group of keys ({', '.join(rule)}), got {config[key]!r}.")
+            check_values(config[key], rule, f"{name}.", error)
+
