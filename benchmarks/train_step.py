@@ -5,7 +5,7 @@
     python benchmarks/train_step.py --qkv fsne_m8 --dtype bfloat16        # a QKV preset, bf16 compute
     python benchmarks/train_step.py --all-qkv --repeats 3                 # every preset, interleaved rounds
 
-The step is the trainer's own (`qkv_vit.train.trainer.setup_run`: the same model, optimizer, schedule,
+The step is the trainer's own (`qkv_vit.train.trainer.build_run`: the same model, optimizer, schedule,
 mesh, shardings, donation and jit), fed like the trainer feeds it: a host numpy batch assembled into a
 global array every step. The first step's time includes compilation; then `--warmup` untimed steps;
 then `--steps` timed steps, each waited for. Prints images/s (batch / median step), the step time,
@@ -19,7 +19,6 @@ import argparse
 import sys
 import time
 from typing import Any
-from unittest import mock
 
 import harness
 
@@ -107,14 +106,14 @@ def make_config(args: argparse.Namespace):
 
 
 def setup_run(config, num_classes: int):
-    """The trainer's Run (model, optimizer, shardings, jitted step). The class count is the only thing
-    setup_run reads from the data, and a benchmark has no data set, so it is given here instead."""
+    """The trainer's Run (model, optimizer, shardings, jitted step) without a data set: the class count,
+    the only thing the trainer reads from the data to build it, is given here instead."""
     from qkv_vit.train import trainer
 
+    trainer.check_config(config)
     model = trainer.build_model(config, num_classes)
     trainer.validate_run_config(config, model)  # the trainer's one-line errors (batch vs devices, ...)
-    with mock.patch.object(trainer.data, "dataset_info", return_value=(0, 0, num_classes, [])):
-        return trainer.setup_run(config, workdir=None)
+    return trainer.build_run(config, workdir=None, source=None, num_classes=num_classes)
 
 
 def local_batch(batch_size: int, image_size: int, num_classes: int, seed: int = 0) -> dict:

@@ -21,6 +21,7 @@ from etils import epath
 
 from qkv_vit import models
 from qkv_vit.train.config import base_config
+from qkv_vit.train.logging_utils import read_metrics
 
 # Keys that do not change what a run learns (bookkeeping, where files live, hardware layout), and seeds.
 SEED_KEYS = ("seed", "data.seed")
@@ -111,24 +112,12 @@ def find_runs(paths: Iterable[str]) -> list[epath.Path]:
 def read_run(workdir: epath.Path) -> Run:
     config = json.loads((workdir / "config.json").read_text())
     model = json.loads((workdir / "model.json").read_text())
-    metrics_file = workdir / "metrics.jsonl"
-    records = read_records(metrics_file) if metrics_file.exists() else []
+    records = read_metrics(workdir)
     total, why = total_steps(config, model)
     top1_key = f"{config.get('eval_name', 'val')}/top1"
     finals = [r for r in records if r["step"] == total and top1_key in r]
     return Run(str(workdir), {**DEFAULTS, **flatten(config)}, model, total, max((r["step"] for r in records), default=0),
                finals[-1] if finals else None, why)
-
-
-def read_records(metrics_file: epath.Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records; a line cut short by a kill (only ever the last) is skipped."""
-    records = []
-    for line in metrics_file.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def total_steps(config: dict[str, Any], model: dict[str, Any]) -> tuple[int | None, str]:

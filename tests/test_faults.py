@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import jax
 import numpy as np
@@ -198,6 +199,114 @@ def test_checkpoints_of_another_model_are_a_config_error_not_damage(tmp_path, re
     assert json.loads((workdir / "config.json").read_text())["ema_decay"] is None  # the run's own, not overwritten
 
 
+# --- what a checkpoint means, whether it restores, what comes after the last step -----------------------------------
+
+
+def saved_meta(workdir, step):
+    return json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+
+
+def back_to_step(workdir, step):
+    """The workdir as a run preempted right after `step` left it: later checkpoints and metrics gone."""
+    for later in steps_on_disk(workdir):
+        if later > step:
+            shutil.rmtree(workdir / "checkpoints" / str(later))
+    metrics = workdir / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if json.loads(line)["step"] <= step))
+
+
+def test_a_checkpoint_records_what_its_step_means(reference):
+    assert saved_meta(reference["workdir"], 20) | {"model_config": None} == {
+        "step": 20, "data_position": 20, "images_seen": 20 * 16, "global_batch_size": 16, "accumulation_steps": 1,
+        "total_steps": TOTAL_STEPS, "train_examples": 1437, "model_name": "xcit_nano_12_p8", "model_config": None}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(global_batch_size=32), r"made with global_batch_size=16 \(step 20: 320 images seen\), but this config gives "
+                                 r"global_batch_size=32, under which their step would mean other images and updates\. "
+                                 r"Rerun with --config.global_batch_size=16 to resume, or start a new --workdir"),
+    (dict(total_steps=12), r"made with total_steps=24 \(step 20: 320 images seen\), but this config gives "
+                           r"total_steps=12, which would end the run at step 12, before or at the checkpoint\. Rerun "
+                           r"with --config.total_steps=24"),
+])
+def test_a_rerun_that_changes_what_a_step_means_is_refused_and_keeps_the_config(tmp_path, reference, data_cache,
+                                                                                monkeypatch, change, message):
+    workdir = copy_run(reference, tmp_path)
+    back_to_step(workdir, 20)
+    config = small_config(data_cache)
+    for key, value in change.items():
+        config[key].update(value) if isinstance(value, dict) else config.update({key: value})
+    monkeypatch.setattr(trainer, "train_loop", lambda *args: pytest.fail("trained on"))
+    with pytest.raises(ConfigError, match=message):
+        train_and_evaluate(config, workdir)
+    assert json.loads((workdir / "config.json").read_text()) == json.loads(
+        (reference["workdir"] / "config.json").read_text())  # still describes the checkpoints
+
+
+def test_another_accumulation_is_refused_like_another_batch(tmp_path, data_cache):
+    run = trainer.setup_run(small_config(data_cache, optimizer={"accumulation_steps": 4}), tmp_path)
+    meta = {"step": 8, "global_batch_size": 16, "accumulation_steps": 2, "total_steps": TOTAL_STEPS}
+    with pytest.raises(ConfigError, match=r"made with accumulation_steps=2 \(step 8: 128 images seen\), but this "
+                                          r"config gives accumulation_steps=4, .* --config.optimizer.accumulation_steps=2 "):
+        trainer.check_same_run_definition(run, meta, types.SimpleNamespace(directory=tmp_path / "checkpoints"))
+
+
+def test_a_longer_run_continues_from_the_checkpoint_with_a_warning(tmp_path, reference, data_cache, caplog):
+    workdir = copy_run(reference, tmp_path)
+    with caplog.at_level(logging.INFO):
+        state = train_and_evaluate(small_config(data_cache, total_steps=TOTAL_STEPS + 2), workdir)
+    assert int(state.step) == TOTAL_STEPS + 2
+    assert (f"This run is now {TOTAL_STEPS + 2} steps long, but {TOTAL_STEPS} when step {TOTAL_STEPS} was saved: it "
+            f"continues to step {TOTAL_STEPS + 2}") in caplog.text
+
+
+def test_the_final_state_is_saved_before_the_final_evaluation_and_a_rerun_only_evaluates(tmp_path, reference,
+                                                                                          data_cache, monkeypatch):
+    workdir = copy_run(reference, tmp_path)
+    back_to_step(workdir, 16)
+    real_log_eval = trainer.log_eval
+
+    def crashes_at_the_end(run, writer, step, *args):
+        if step == TOTAL_STEPS:
+            raise RuntimeError("the evaluation crashed")
+        return real_log_eval(run, writer, step, *args)
+
+    monkeypatch.setattr(trainer, "log_eval", crashes_at_the_end)
+    with pytest.raises(RuntimeError, match="the evaluation crashed"):
+        train_and_evaluate(small_config(data_cache), workdir)
+    assert steps_on_disk(workdir) == [16, 20, 24]  # the last step's checkpoint was written first
+    assert not [m for m in read_metrics(workdir) if "val/top1" in m]
+
+    monkeypatch.setattr(trainer, "log_eval", real_log_eval)
+    monkeypatch.setattr(data, "build_train_iterator", lambda *args, **kwargs: pytest.fail("trained again"))
+    state = train_and_evaluate(small_config(data_cache), workdir)
+    assert_same(state.params, reference["params"])
+    assert [m["step"] for m in read_metrics(workdir) if "val/top1" in m] == [TOTAL_STEPS]
+    train_and_evaluate(small_config(data_cache), workdir)  # now finished: evaluates nothing more
+    assert [m["step"] for m in read_metrics(workdir) if "val/top1" in m] == [TOTAL_STEPS]
+
+
+@pytest.mark.parametrize("name", ["exp [v1]", "run*", "what?"])
+def test_a_workdir_path_orbax_would_read_as_a_glob_is_refused_before_any_work(tmp_path, data_cache, monkeypatch, name):
+    monkeypatch.setattr(trainer, "setup_run", lambda *args: pytest.fail("read data"))
+    with pytest.raises(ConfigError, match=r"has .* in its path .* choose a --workdir whose full path has none of "):
+        train_and_evaluate(small_config(data_cache), tmp_path / "runs" / name)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_first_checkpoint_that_does_not_read_back_stops_the_run_at_once(tmp_path, data_cache, monkeypatch):
+    """Whatever the cause: here Orbax merges no per-process files, as it does under a path it globs wrongly."""
+    async def merges_nothing(*args, **kwargs):
+        return None
+
+    monkeypatch.setattr(ocp._src.serialization.ocdbt_utils, "merge_ocdbt_per_process_files", merges_nothing)
+    monkeypatch.setattr(trainer, "log_train", lambda *args: pytest.fail("trained past the first checkpoint"))
+    with pytest.raises(CheckpointError, match=r"The checkpoint of step 4 was written to .* but cannot be read back "
+                                              r"\(.*\), so the run stops rather than train on"):
+        train_and_evaluate(small_config(data_cache, log_every_steps=5), tmp_path / "run")
+
+
 # --- full disk, unwritable workdir ------------------------------------------------------------------------------
 
 
@@ -300,7 +409,7 @@ def test_unreadable_and_non_image_files_are_skipped_and_counted_in_the_log(tmp_p
     monkeypatch.setattr(trainer, "initial_state", lambda *args: (_ for _ in ()).throw(SetUp()))
     with caplog.at_level(logging.INFO), pytest.raises(SetUp):
         train_and_evaluate(config, tmp_path / "run")
-    assert "Data: image_folder, 16 train examples." in caplog.text
+    assert "Data: image_folder, 16 train examples (split 'train'); evaluation on split 'test' (4 examples)." in caplog.text
     assert f"Skipped 2 unreadable or non-image files of {root}" in caplog.text and "label_map.json" in caplog.text
 
 
@@ -324,10 +433,10 @@ BEFORE_ANY_DATA = [
     (dict(model={"code_size": 0}), "code_size must be positive"),
     (dict(model={"num_heads": 5}), "num_heads must divide embed_dim"),
     (dict(data={"image_size": 36}), "image_size=36 is not divisible by the patch size 8"),
-    (dict(global_batch_size=0), "global_batch_size=0 must be a positive multiple of the 1 devices"),
-    (dict(log_every_steps=0), "config.log_every_steps must be >= 1"),
-    (dict(checkpoint_every_steps=-1), "checkpoint_every_steps >= 0"),
-    (dict(data={"source": "image_folder", "path": None}), 'source="image_folder" needs config.path'),
+    (dict(global_batch_size=0), "config.global_batch_size must be an integer >= 1, got 0"),
+    (dict(log_every_steps=0), "config.log_every_steps must be an integer >= 1"),
+    (dict(checkpoint_every_steps=-1), "config.checkpoint_every_steps must be an integer >= 0"),
+    (dict(data={"source": "image_folder", "path": None}), 'source="image_folder" needs config.data.path'),
 ]
 
 
@@ -392,6 +501,11 @@ def test_command_line_mistakes_are_one_line_with_their_exit_code(tmp_path, data_
                                 CLI_ENV, 2, ["Unknown config argument(s) ['qkv_preset']", "accepts: qkv, runlocal"]),
         "unwritable workdir": (cli_command(tmp_path / "file" / "run", data_cache=data_cache), CLI_ENV, 4,
                                ["Cannot write to the workdir", "Not a directory"]),
+        "tuple of one number": (cli_command(tmp_path / "tuple", "--config.data.augment.crop_scale=(0.5,)",
+                                            data_cache=data_cache), CLI_ENV, 2,
+                                ["config.data.augment.crop_scale must be 2 numbers", "got (0.5,)"]),
+        "workdir read as a glob": (cli_command(tmp_path / "exp [v1]", data_cache=data_cache), CLI_ENV, 2,
+                                   ["exp [v1] has [ ] in its path"]),
         "torch file of another architecture": (
             [sys.executable, "-m", "qkv_vit.convert", str(tmp_path / "resnet.pth"), str(tmp_path / "out")], CLI_ENV,
             2, ["not an XCiT checkpoint"]),

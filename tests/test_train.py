@@ -1,6 +1,7 @@
 """The trainer in one process: outputs in the workdir, exact evaluation, resume, fine-tuning init, NaN guard."""
 
 import json
+import logging
 import shutil
 
 import jax
@@ -15,6 +16,7 @@ from qkv_vit.weights import read_variables
 from qkv_vit.paths import as_path
 from qkv_vit.train.logging_utils import JsonlWriter, read_metrics
 from qkv_vit.train.optimizer import decay_mask, learning_rate, make_optimizer
+from qkv_vit.train import trainer
 from qkv_vit.train.trainer import evaluate, fresh_state, setup_run
 
 
@@ -30,6 +32,8 @@ def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config)
     summary = json.loads((tmp_path / "model.json").read_text())
     assert summary["qkv"] == "fsne_m8" and summary["model_config"]["embed_dim"] == 32
     assert summary["num_params"] == models.count_params(state.params)
+    assert summary["data"] == {"source": "the offline digits data set", "train_split": "train", "train_examples": 1437,
+                               "eval_split": "test", "eval_examples": 360}
     assert list(tmp_path.glob("events.out.tfevents.*"))
     metrics = read_metrics(tmp_path)
     train = [m for m in metrics if "train/loss" in m]
@@ -143,6 +147,17 @@ def test_learning_rate_schedule(tiny_config):
     assert isinstance(schedule(550), jax.Array) and 1e-5 < schedule(550) < 1e-3
 
 
+@pytest.mark.parametrize("batch, accumulation", [(1024, 1), (128, 8), (256, 4)])
+def test_scaled_lr_follows_the_images_per_update_with_gradient_accumulation(tiny_config, batch, accumulation):
+    """timm's rule: lr x batch x accumulation / 512, so 8 x 128 accumulated trains like one batch of 1024."""
+    opt = tiny_config.optimizer
+    opt.update(lr=5e-4, accumulation_steps=accumulation)
+    schedule = learning_rate(opt, batch, total_steps=1000 * accumulation, warmup_steps=100 * accumulation)
+    assert schedule(100) == pytest.approx(1e-3, rel=1e-6)  # the schedule counts updates: warmup ends at update 100
+    opt.scale_lr_by_batch = False
+    assert learning_rate(opt, batch, 1000 * accumulation, 100 * accumulation)(100) == pytest.approx(5e-4, rel=1e-6)
+
+
 def test_gradient_accumulation_updates_every_k_steps(tiny_config):
     opt = tiny_config.optimizer
     opt.update(accumulation_steps=2, lr=0.1, scale_lr_by_batch=False, warmup_init_lr=0.1, min_lr=0.1, weight_decay=0.0)
@@ -189,6 +204,15 @@ def test_config_files_load_and_build_their_model(name, arg):
         assert model.qkv_embed == "fsne" and model.code_size == 8 and model.depth == 6
 
 
+def test_the_log_names_the_evaluated_split_and_warns_when_it_is_the_train_split(tmp_path, tiny_config, caplog):
+    tiny_config.data.update(train_split="train[:90%]", eval_split="train")
+    with caplog.at_level(logging.INFO):
+        trainer.log_data_summary(setup_run(tiny_config, tmp_path))
+    assert "1293 train examples (split 'train[:90%]'); evaluation on split 'train' (1437 examples)." in caplog.text
+    assert "Evaluating on split 'train' of the train split 'train[:90%]' (data.eval_split): the val/* metrics " \
+           "include training images" in caplog.text
+
+
 def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path, tiny_config):
     tiny_config.checkpoint_every_steps = 0
     train_and_evaluate(tiny_config, tmp_path)
@@ -209,3 +233,18 @@ def test_metrics_file_is_rewritten_whole_where_appending_is_impossible(tmp_path)
     resumed.write_scalars(3, {"val/top1": 0.5})
     assert read_metrics(tmp_path) == [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5},
                                       {"step": 3, "val/top1": 0.5}]
+
+
+def test_metrics_file_is_strict_json_with_non_finite_values_as_null(tmp_path):
+    """A blown-up loss must not make metrics.jsonl unreadable to strict JSON parsers (jq, JavaScript)."""
+    JsonlWriter(tmp_path / "metrics.jsonl").write_scalars(
+        3, {"train/loss": float("nan"), "train/grad_norm": float("inf"), "train/lr": -float("inf"), "train/top1": 0.5})
+
+    def refuse(token):
+        raise ValueError(f"non-JSON token {token}")
+
+    line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+    assert json.loads(line, parse_constant=refuse) == {
+        "step": 3, "train/loss": None, "train/grad_norm": None, "train/lr": None, "train/top1": 0.5}
+    record, = read_metrics(tmp_path)  # read back as NaN, so arithmetic on a column still works
+    assert np.isnan(record["train/loss"]) and np.isnan(record["train/grad_norm"]) and record["train/top1"] == 0.5

@@ -5,7 +5,9 @@ A run's checkpoints live in WORKDIR/checkpoints/<step>/ with two items: `state` 
 and renames it when complete, so a killed save never leaves a step that looks finished; what it leaves is
 removed when the next run opens the directory. A step that fails to read back (truncated or missing files,
 garbage metadata) is skipped for the previous one and renamed `<step>.corrupt-<time>`: never deleted, and
-out of the way of the resumed run, which saves that step number again.
+out of the way of the resumed run, which saves that step number again. The first checkpoint a process writes
+is read back (one scalar, through the same storage layers as a restore) before training goes on, so no run
+carries on for hours with checkpoints that can never restore.
 """
 
 import logging
@@ -26,6 +28,7 @@ from qkv_vit.tree import flatten, unflatten
 
 HEAD = "head"
 CORRUPT_INFIX = ".corrupt-"
+REMOVAL_RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0, 4.0, None)  # then give up (about 8 s in all)
 
 
 class RunCheckpoints:
@@ -47,6 +50,7 @@ class RunCheckpoints:
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
         )
         self.writing_step: int | None = None  # the save in flight, named if it fails
+        self.read_back = False  # whether a checkpoint this process wrote was read back
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -129,7 +133,29 @@ class RunCheckpoints:
             )
         except Exception as error:  # full disk, permissions, a vanished directory: whatever the storage says
             raise self.save_failed(error) from error
+        if not self.read_back:
+            self.wait()
+            self.check_readable(step)
+            self.read_back = True
         return saved
+
+    def check_readable(self, step: int) -> None:
+        """Read the step's `step` scalar back, which opens the checkpoint's array store as a restore does;
+        CheckpointError if that fails (e.g. Orbax merged no per-process files, as under a glob-like path)."""
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                self.directory / str(step) / "state",
+                args=ocp.args.PyTreeRestore(item={"step": 0}, partial_restore=True,
+                                            restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)}))
+            error = None if int(restored["step"]) == step else ValueError(f"it holds step {int(restored['step'])}")
+        except Exception as caught:  # TensorStore and Orbax raise many types for what they cannot open
+            error = caught
+        if error is not None:
+            raise CheckpointError(
+                f"The checkpoint of step {step} was written to {self.directory} but cannot be read back "
+                f"({describe_cause(error)}), so the run stops rather than train on with checkpoints that could never "
+                "resume. Check the workdir's storage (free space, permissions, a file system Orbax supports) and rerun."
+            )
 
     def wait(self) -> None:
         """Block until the save in flight is on disk; CheckpointError if it failed."""
@@ -161,11 +187,23 @@ class RunCheckpoints:
 
 
 def remove_unfinished_saves(directory: epath.Path) -> None:
-    """Delete what killed or failed saves left (Orbax's temporary step directories); finished steps stay."""
+    """Delete what killed or failed saves left (Orbax's temporary step directories); finished steps stay.
+
+    When one part of a save fails, Orbax reports it while the other parts may still be writing their files, so a
+    removal that meets new files is retried for a while; what still remains is removed by the next run's start.
+    """
     for unfinished in ocp.path.step.all_temporary_paths(directory):
         path = epath.Path(unfinished.get())
         logging.warning("Removing %s: an unfinished checkpoint write (the run was killed or the write failed).", path)
-        path.rmtree(missing_ok=True)
+        for delay in REMOVAL_RETRY_DELAYS_S:
+            try:
+                path.rmtree(missing_ok=True)
+                break
+            except OSError as error:  # ENOTEMPTY: a write still in flight added a file
+                if delay is None:
+                    logging.warning("Could not remove %s yet (%s); the next run removes it.", path, error)
+                    break
+                time.sleep(delay)
 
 
 def array_signature(tree: Any) -> list[tuple[tuple[int, ...], str]]:

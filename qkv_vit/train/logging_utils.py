@@ -1,6 +1,11 @@
-"""Where metrics go: TensorBoard and the console (clu), and WORKDIR/metrics.jsonl, one JSON object per step."""
+"""Where metrics go: TensorBoard and the console (clu), and WORKDIR/metrics.jsonl, one JSON object per step.
+
+metrics.jsonl is strict JSON (RFC 8259) on every line, so `jq`, JavaScript and other strict readers accept it: a NaN
+or infinite value (a blown-up loss or gradient norm) is written as `null`. `read_metrics` gives it back as NaN.
+"""
 
 import json
+import math
 from typing import Any, Mapping
 
 import jax
@@ -23,12 +28,13 @@ class JsonlWriter(metric_writers.MetricWriter):
         self.lines = [] if self.appendable or not self.path.exists() else self.path.read_text().splitlines()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        record = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
+        record = {"step": int(step), **{k: finite_or_none(float(np.asarray(v))) for k, v in scalars.items()}}
+        line = json.dumps(record, allow_nan=False)  # never the bare NaN / Infinity tokens only Python accepts
         if self.appendable:
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line + "\n")
             return
-        self.lines.append(json.dumps(record))
+        self.lines.append(line)
         self.path.write_text("\n".join(self.lines) + "\n")
 
     def write_summaries(self, step, values, metadata=None):  # noqa: D102 - scalars only
@@ -68,6 +74,24 @@ def create_writer(workdir: PathLike) -> metric_writers.MetricWriter:
     return metric_writers.MultiWriter([default, JsonlWriter(as_path(workdir) / "metrics.jsonl")])
 
 
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity: such a value is written as null."""
+    return value if math.isfinite(value) else None
+
+
 def read_metrics(workdir: PathLike) -> list[dict[str, Any]]:
+    """The records of WORKDIR/metrics.jsonl (none if it is absent), with null values read back as NaN.
+
+    A line cut short by a kill (only ever the last) is skipped.
+    """
     path = as_path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        records.append({key: math.nan if value is None else value for key, value in record.items()})
+    return records

@@ -16,8 +16,15 @@ NO_DECAY_MODULES = ("pos_embed",)  # the positional encoding's projection
 
 
 def learning_rate(opt: ml_collections.ConfigDict, global_batch_size: int, total_steps: int, warmup_steps: int) -> optax.Schedule:
-    """Linear warmup from warmup_init_lr to lr x batch/512 (if scaled), then cosine decay to min_lr."""
-    peak = opt.lr * global_batch_size / 512 if opt.scale_lr_by_batch else opt.lr
+    """Linear warmup from warmup_init_lr to the peak lr, then cosine decay to min_lr, indexed by optimizer update.
+
+    The peak is opt.lr, or with opt.scale_lr_by_batch opt.lr x (images per update) / 512, where an update sees
+    global_batch_size x accumulation_steps images (timm's train.py: batch x world size x grad_accum_steps / 512), so
+    accumulating 8 micro-batches of 128 trains like one batch of 1024. `total_steps` and `warmup_steps` count
+    micro-batches (train steps); the schedule counts updates.
+    """
+    images_per_update = global_batch_size * opt.accumulation_steps
+    peak = opt.lr * images_per_update / 512 if opt.scale_lr_by_batch else opt.lr
     updates = max(total_steps // opt.accumulation_steps, 1)
     warmup = min(warmup_steps // opt.accumulation_steps, updates - 1)
     return optax.warmup_cosine_decay_schedule(

@@ -2,7 +2,10 @@
 
 Resume order: the workdir's own newest readable checkpoint > config.init_from (fine-tuning) > a fresh init.
 Mistakes in the config, the data or the workdir raise ConfigError / DataConfigError / CheckpointError before
-anything compiles (README: "What happens when things go wrong").
+anything compiles (README: "What happens when things go wrong"). A checkpoint records what its step means
+(global batch, accumulation, run length, images seen): a rerun that would give the step another meaning is
+refused. The final state is saved before the final evaluation, and a rerun of a run whose final evaluation
+did not complete only evaluates.
 """
 
 import contextlib
@@ -27,16 +30,16 @@ from qkv_vit.data import image_folder
 from qkv_vit.errors import CheckpointError, ConfigError, describe_cause
 from qkv_vit.paths import PathLike, as_path
 from qkv_vit.train import sharding, steps
-from qkv_vit.train.checkpointing import RunCheckpoints, check_fine_tuning_fit, merge_for_fine_tuning
-from qkv_vit.weights import read_variables
-from qkv_vit.train.logging_utils import create_writer
+from qkv_vit.train.checkpointing import (RunCheckpoints, all_processes_agree, check_fine_tuning_fit,
+                                         merge_for_fine_tuning)
+from qkv_vit.train.config import COMPUTE_DTYPES, check_config
+from qkv_vit.train.logging_utils import create_writer, read_metrics
 from qkv_vit.train.optimizer import learning_rate, make_optimizer
 from qkv_vit.train.preemption import PreemptionWatcher
 from qkv_vit.train.state import TrainState, create_train_state
+from qkv_vit.weights import read_variables
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # disk full, read-only
-NONFINITE_POLICIES = ("stop", "skip")
 
 
 class Preempted(Exception):
@@ -52,7 +55,8 @@ class Run:
     """Everything fixed for the whole run, derived once from the config."""
 
     config: ml_collections.ConfigDict
-    workdir: epath.Path  # a local directory or a URL such as gs://bucket/run
+    workdir: epath.Path | None  # a local directory or a URL such as gs://bucket/run
+    source: data.Source | None  # the train and eval splits, read from config.data (None: no data, see build_run)
     num_train_examples: int
     model: models.XCiT
     mesh: jax.sharding.Mesh
@@ -70,8 +74,10 @@ class Run:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: PathLike) -> TrainState:
     """Train to config.total_steps (or total_epochs), resuming from WORKDIR/checkpoints if present."""
     workdir = as_path(workdir)
+    check_config(config)  # every value's type, length and range
     model = build_model(config, num_classes=None)  # errors in model options before any data is read
     validate_run_config(config, model)
+    check_workdir_path(workdir)
     prepare_workdir(workdir)
     run = setup_run(config, workdir)
     log_data_summary(run)
@@ -112,8 +118,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None) -> m
     overrides = {key: value for key, value in config.model.items() if value is not None}
     if num_classes is not None:
         overrides["num_classes"] = num_classes
-    if config.compute_dtype not in COMPUTE_DTYPES:
-        raise ConfigError(f"config.compute_dtype must be one of {list(COMPUTE_DTYPES)}, got {config.compute_dtype!r}.")
     shown = {key: value for key, value in overrides.items() if key != "num_classes"}
     with config_mistakes(f"config.model_name={config.model_name!r}, config.qkv={config.qkv!r}, config.model: {shown}"):
         return models.create(config.model_name, qkv=config.qkv or None, dtype=COMPUTE_DTYPES[config.compute_dtype],
@@ -121,16 +125,10 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None) -> m
 
 
 def validate_run_config(config: ml_collections.ConfigDict, model: models.XCiT) -> None:
-    """One clear error for settings that would otherwise fail deep inside JAX, before any compile."""
-    if config.nonfinite not in NONFINITE_POLICIES:
-        raise ConfigError(f"config.nonfinite must be one of {NONFINITE_POLICIES}, got {config.nonfinite!r}.")
-    if config.sharding not in sharding.SHARDING_STRATEGIES:
-        raise ConfigError(f"config.sharding must be one of {sharding.SHARDING_STRATEGIES}, got {config.sharding!r}.")
+    """What the values' own rules (check_config) cannot see: how they fit the devices, the model and the mesh."""
     devices = jax.device_count()
     for name in ("global_batch_size", "eval_batch_size"):
         size = config.get(name)
-        if size is not None and size < 1:
-            raise ConfigError(f"config.{name}={size} must be a positive multiple of the {devices} devices.")
         if size is not None and size % devices:
             raise ConfigError(f"config.{name}={size} is not divisible by the {devices} devices; use a multiple of {devices}.")
     if config.data.image_size % model.patch_size:
@@ -138,17 +136,23 @@ def validate_run_config(config: ml_collections.ConfigDict, model: models.XCiT) -
             f"config.data.image_size={config.data.image_size} is not divisible by the patch size {model.patch_size}: "
             f"use a multiple of {model.patch_size}."
         )
-    if config.optimizer.accumulation_steps < 1:
-        raise ConfigError("config.optimizer.accumulation_steps must be >= 1.")
-    if config.log_every_steps < 1 or config.eval_every_steps < 0 or config.checkpoint_every_steps < 0:
-        raise ConfigError(
-            "config.log_every_steps must be >= 1, and eval_every_steps and checkpoint_every_steps >= 0 "
-            f"(0: only at the end), got {config.log_every_steps}, {config.eval_every_steps}, "
-            f"{config.checkpoint_every_steps}."
-        )
     with config_mistakes(f"config.mesh={config.mesh.to_dict()}"):
         sharding.make_mesh(config.mesh)
-    data.validate_config(config.data)
+
+
+GLOB_CHARACTERS = "[]*?"
+
+
+def check_workdir_path(workdir: epath.Path) -> None:
+    """Refuse a workdir path with glob characters: Orbax finds the per-process files of a checkpoint by a glob
+    pattern built from the path, so there a checkpoint saves but can never be read back (field case 16)."""
+    found = sorted({character for character in str(workdir) if character in GLOB_CHARACTERS})
+    if found:
+        raise ConfigError(
+            f"The workdir {workdir} has {' '.join(found)} in its path (the current directory counts for a relative "
+            "--workdir). Orbax reads these as glob patterns when it writes a checkpoint, which could then never be "
+            "restored: choose a --workdir whose full path has none of [ ] * ?."
+        )
 
 
 def prepare_workdir(workdir: epath.Path) -> None:
@@ -167,9 +171,14 @@ def prepare_workdir(workdir: epath.Path) -> None:
 
 
 def log_data_summary(run: Run) -> None:
-    """What the run reads, and how many files the data set's conversion skipped as unreadable or not images."""
-    config = run.config.data
-    logging.info("Data: %s, %d train examples.", config.source, run.num_train_examples)
+    """What the run reads and evaluates on, and how many files the data set's conversion skipped as not images."""
+    config, source = run.config.data, run.source
+    logging.info("Data: %s, %d train examples (split %r); evaluation on split %r (%d examples).", config.source,
+                 run.num_train_examples, source.train_split, source.eval_split, source.num_examples(source.eval_split))
+    if source.eval_split.split("[")[0] == source.train_split.split("[")[0]:
+        logging.warning("Evaluating on split %r of the train split %r (data.eval_split): the %s/* metrics include "
+                        "training images, so they are not held-out accuracy.", source.eval_split, source.train_split,
+                        run.config.eval_name)
     if config.source != "image_folder":
         return
     prepared = image_folder.prepare_image_folder(config.path, config.cache_dir, config.bad_files)  # cached: reads JSON
@@ -181,7 +190,14 @@ def log_data_summary(run: Run) -> None:
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
-    num_train_examples, _, num_classes, _ = data.dataset_info(config.data)
+    """The run's data source, model, schedule, optimizer, shardings and jitted steps (nothing compiled yet)."""
+    source = data.open_source(config.data)
+    return build_run(config, workdir, source, config.data.num_classes or source.num_classes)
+
+
+def build_run(config: ml_collections.ConfigDict, workdir: epath.Path | None, source: data.Source | None,
+              num_classes: int) -> Run:
+    """setup_run on a given source; None (e.g. a benchmark stepping on synthetic batches) reads no data."""
     model = build_model(config, num_classes)
     mesh = sharding.make_mesh(config.mesh)
     total_steps, warmup_steps = run_length(config)
@@ -205,8 +221,9 @@ def setup_run(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
         donate_argnums=(0,),
     )
     eval_step = jax.jit(functools.partial(steps.eval_step, model=model), out_shardings=sharding.replicated(mesh))
-    return Run(config, workdir, num_train_examples, model, mesh, total_steps, schedule, optimizer, init, abstract_state,
-               state_sharding, batch_sharding, train_step, eval_step)
+    num_train_examples = source.num_examples(source.train_split) if source else 0
+    return Run(config, workdir, source, num_train_examples, model, mesh, total_steps, schedule, optimizer, init,
+               abstract_state, state_sharding, batch_sharding, train_step, eval_step)
 
 
 def run_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -230,12 +247,64 @@ def initial_state(run: Run, checkpoints: RunCheckpoints) -> TrainState:
     restored = checkpoints.restore_latest(abstract)
     if restored is not None:
         state, saved_meta = restored
+        check_same_run_definition(run, saved_meta, checkpoints)
         logging.info("Resuming from %s/%d.", checkpoints.directory, int(state.step))
         warn_if_data_changed(run, saved_meta)
         return state
     loaded = read_init_from(run) if run.config.init_from else None  # checked before the init compiles
     state = fresh_state(run)
     return fine_tuning_state(run, state, loaded) if loaded is not None else state
+
+
+# What a step number means: the images per step and per update, and the schedule's length. Flags to restore each.
+RUN_DEFINITION = {"global_batch_size": "global_batch_size", "accumulation_steps": "optimizer.accumulation_steps",
+                  "total_steps": "total_steps"}
+
+
+def run_definition(run: Run) -> dict[str, int]:
+    config = run.config
+    return {"global_batch_size": config.global_batch_size, "accumulation_steps": config.optimizer.accumulation_steps,
+            "total_steps": run.total_steps}
+
+
+def check_same_run_definition(run: Run, saved_meta: dict[str, Any], checkpoints: RunCheckpoints) -> None:
+    """A checkpoint's step must keep its meaning under this config (e.g. a job requeued with another batch).
+
+    Another global batch or accumulation: ConfigError (the step would stand for other images and updates). Another
+    length: a warning if the run still has steps to go (the schedule follows the new length from here on, as when a
+    finished run is extended), a ConfigError if the checkpoint is already at or past the new end (the run would stop
+    there as "finished"). Checkpoints from before these values were recorded are not checked.
+    """
+    now = run_definition(run)
+    changed = {key: (saved_meta[key], now[key]) for key in RUN_DEFINITION
+               if saved_meta.get(key) is not None and saved_meta[key] != now[key]}
+    step = saved_meta["step"]
+    if not changed:
+        return
+    if set(changed) == {"total_steps"} and step < run.total_steps:
+        saved_total = changed["total_steps"][0]
+        logging.warning("This run is now %d steps long, but %d when step %d was saved%s: it continues to step %d, with "
+                        "the learning-rate schedule of the new length from step %d on.", run.total_steps, saved_total,
+                        step, data_changed_note(run, saved_meta), run.total_steps, step + 1)
+        return
+    seen = saved_meta.get("images_seen", step * saved_meta.get("global_batch_size", run.config.global_batch_size))
+    raise ConfigError(
+        f"The checkpoints in {checkpoints.directory} were made with "
+        + ", ".join(f"{key}={saved}" for key, (saved, _) in changed.items())
+        + f" (step {step}: {seen} images seen), but this config gives "
+        + ", ".join(f"{key}={new}" for key, (_, new) in changed.items()) + data_changed_note(run, saved_meta)
+        + (f", which would end the run at step {run.total_steps}, before or at the checkpoint"
+           if set(changed) == {"total_steps"} else ", under which their step would mean other images and updates")
+        + ". Rerun with " + " ".join(f"--config.{RUN_DEFINITION[key]}={saved}" for key, (saved, _) in changed.items())
+        + f" to resume, or start a new --workdir (with --config.init_from={run.workdir} to begin from these weights)."
+    )
+
+
+def data_changed_note(run: Run, saved_meta: dict[str, Any]) -> str:
+    saved = saved_meta.get("train_examples")
+    if saved is None or saved == run.num_train_examples:
+        return ""
+    return f" (the train split has {run.num_train_examples} examples now, {saved} then)"
 
 
 def warn_if_data_changed(run: Run, saved_meta: dict[str, Any]) -> None:
@@ -278,10 +347,14 @@ def fine_tuning_state(run: Run, state: TrainState, loaded: dict[str, Any]) -> Tr
 def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer: metric_writers.MetricWriter) -> TrainState:
     config, start, total = run.config, int(state.step), run.total_steps
     if start >= total:
-        logging.info("The run in %s already finished at step %d; nothing to do.", run.workdir, start)
+        if final_evaluation_recorded(run, start):
+            logging.info("The run in %s already finished at step %d; nothing to do.", run.workdir, start)
+        else:  # trained and saved, but the final evaluation did not complete (a crash, a kill)
+            logging.info("The run in %s finished training at step %d; running its final evaluation.", run.workdir, start)
+            log_eval(run, writer, start, state, build_eval_batches(config))
         return state
     train_batches = data.build_train_iterator(config.data, config.global_batch_size, seed=config.seed, start_step=start)
-    eval_batches = data.build_eval_iterator(config.data, config.eval_batch_size or config.global_batch_size)
+    eval_batches = build_eval_batches(config)
     report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
     pending, last_log = [], (start, time.perf_counter())
     with PreemptionWatcher(config.log_every_steps) as preemption:
@@ -293,30 +366,48 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
                 check_finite(run, state, checkpoints)
                 last_log = log_train(run, writer, step, pending, last_log, state)
                 pending = []
-            if config.eval_every_steps and step % config.eval_every_steps == 0 and step != total:
-                log_eval(run, writer, step, state, eval_batches)
+            # The checkpoint of a step goes before its evaluation, so a failing evaluation loses no training.
             if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step != total:
                 check_finite(run, state, checkpoints)
                 checkpoints.save(step, state, meta(run, step))
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and step != total:
+                log_eval(run, writer, step, state, eval_batches)
             if step != total and preemption.requested(step):
                 save_now(run, state, checkpoints, step)
                 raise Preempted(f"Stopped at step {step} on a signal; checkpoint saved in {checkpoints.directory}.")
-    log_eval(run, writer, total, state, eval_batches)
     save_now(run, state, checkpoints, total)
+    log_eval(run, writer, total, state, eval_batches)
     return state
 
 
+def build_eval_batches(config: ml_collections.ConfigDict) -> data.EvalBatches:
+    return data.build_eval_iterator(config.data, config.eval_batch_size or config.global_batch_size)
+
+
+def final_evaluation_recorded(run: Run, step: int) -> bool:
+    """Whether metrics.jsonl has the evaluation of `step`; every process goes by process 0's file (shared workdir)."""
+    key = f"{run.config.eval_name}/top1"
+    recorded = any(record["step"] == step and key in record for record in read_metrics(run.workdir))
+    return not all_processes_agree(not recorded)  # evaluate only if all see it missing: nobody waits alone
+
+
 def meta(run: Run, step: int) -> dict[str, Any]:
+    """The checkpoint's JSON item: its step, the data position, and what a step means (RUN_DEFINITION)."""
     return {"step": step, "data_position": step, "train_examples": run.num_train_examples,
+            "images_seen": step * run.config.global_batch_size, **run_definition(run),
             "model_name": run.config.model_name,
             "model_config": json.loads(json.dumps(model_config(run.model), default=str))}
 
 
 def model_summary(run: Run) -> dict[str, Any]:
-    """What the run trains, for tools that read workdirs (e.g. a results table): name, preset, options, size."""
+    """What the run trains and evaluates on, for tools that read workdirs (e.g. a results table)."""
+    source = run.source
     return {"model_name": run.config.model_name, "qkv": run.config.qkv,
             "model_config": json.loads(json.dumps(model_config(run.model), default=str)),
-            "num_params": models.count_params(run.abstract_state.params), "total_steps": run.total_steps}
+            "num_params": models.count_params(run.abstract_state.params), "total_steps": run.total_steps,
+            "data": {"source": source.description, "train_split": source.train_split,
+                     "train_examples": run.num_train_examples, "eval_split": source.eval_split,
+                     "eval_examples": source.num_examples(source.eval_split)}}
 
 
 def model_config(model: models.XCiT) -> dict[str, Any]:
