@@ -17,6 +17,7 @@ def is_local(path: PathLike) -> bool:
 
 
 def as_path(path: PathLike) -> epath.Path:
-    """A local path made absolute (so logs and checkpoints name it fully), or a URL left as it is."""
+    """A local path made absolute, with `~` expanded (a quoted --workdir="~/runs/a" reaches us unexpanded), so
+    logs and checkpoints name it fully; a URL left as it is."""
     text = os.fspath(path)
-    return epath.Path(os.path.abspath(text) if is_local(text) else text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)) if is_local(text) else text)

@@ -208,7 +208,8 @@ def test_the_log_names_the_evaluated_split_and_warns_when_it_is_the_train_split(
     tiny_config.data.update(train_split="train[:90%]", eval_split="train")
     with caplog.at_level(logging.INFO):
         trainer.log_data_summary(setup_run(tiny_config, tmp_path))
-    assert "1293 train examples (split 'train[:90%]'); evaluation on split 'train' (1437 examples)." in caplog.text
+    assert ("1293 train examples (split 'train[:90%]'); evaluation on split 'train' (1437 examples); also present: "
+            "['test'] (data.eval_split chooses).") in caplog.text
     assert "Evaluating on split 'train' of the train split 'train[:90%]' (data.eval_split): the val/* metrics " \
            "include training images" in caplog.text
 
@@ -223,6 +224,8 @@ def test_workdir_urls_are_kept_and_local_paths_made_absolute(monkeypatch, tmp_pa
     monkeypatch.chdir(tmp_path)
     assert str(as_path("gs://bucket/runs/a")) == "gs://bucket/runs/a"
     assert str(as_path("runs/a")) == str(tmp_path / "runs" / "a")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert str(as_path("~/runs/a")) == str(tmp_path / "home" / "runs" / "a")
 
 
 def test_metrics_file_is_rewritten_whole_where_appending_is_impossible(tmp_path):

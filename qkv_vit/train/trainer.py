@@ -173,8 +173,10 @@ def prepare_workdir(workdir: epath.Path) -> None:
 def log_data_summary(run: Run) -> None:
     """What the run reads and evaluates on, and how many files the data set's conversion skipped as not images."""
     config, source = run.config.data, run.source
-    logging.info("Data: %s, %d train examples (split %r); evaluation on split %r (%d examples).", config.source,
-                 run.num_train_examples, source.train_split, source.eval_split, source.num_examples(source.eval_split))
+    others = [split for split in source.builder.info.splits.keys() if split not in (source.train_split, source.eval_split)]
+    logging.info("Data: %s, %d train examples (split %r); evaluation on split %r (%d examples)%s.", config.source,
+                 run.num_train_examples, source.train_split, source.eval_split, source.num_examples(source.eval_split),
+                 f"; also present: {others} (data.eval_split chooses)" if others else "")
     if source.eval_split.split("[")[0] == source.train_split.split("[")[0]:
         logging.warning("Evaluating on split %r of the train split %r (data.eval_split): the %s/* metrics include "
                         "training images, so they are not held-out accuracy.", source.eval_split, source.train_split,
