@@ -17,7 +17,8 @@ Recipe (PAPER.md, facebookresearch/xcit): 400 epochs, batch 1024, AdamW (eps 1e-
 lr 5e-4 x batch/512, 5 warmup epochs from 1e-6, cosine to 1e-5, no clipping; the `xcit` augmentation
 (RandAugment m9, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1, repeated augmentation x3);
 one drop-path rate per size (XCiT's Table B.1: 0.0 for N12/T12, 0.05 T24/S12, 0.1 S24, 0.15 M24, 0.25 L24);
-eval: resize to 224 with crop ratio 1.0; bfloat16 compute with float32 parameters (XCiT used mixed precision).
+eval: resize to 224 with crop ratio 1.0; bfloat16 compute with float32 parameters (XCiT used mixed precision);
+BatchNorm statistics over groups of 64 images (XCiT's per-GPU batch: DDP without SyncBatchNorm).
 Expected top-1 (ImageNet val, 224): XCiT (qkv=linear): N12/16 69.9, T12/16 77.1, T24/16 79.4, S12/16 82.0,
 S24/16 82.6, M24/16 82.7, L24/16 82.9 (p8: 73.8, 79.7, 81.9, 83.4, 83.9, 83.7, 84.4; XCiT's README).
 Ahn et al.'s proposed embedding: N12/16 71.4 (3.1M parameters: qkv=fsne_m8_wide, F-SNE m=8 h=192),
@@ -52,6 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     set_xcit_model(config, args["model"], args["qkv"], args["code_size"], args["hidden"])
     size = config.model_name.removeprefix("xcit_").rsplit("_p", 1)[0]
     config.model.drop_path_rate = DROP_PATH[size]
+    # XCiT's main.py wraps the model in plain DistributedDataParallel (no SyncBatchNorm): each of its 16 GPUs
+    # normalized its own 64 images. Groups of 64 consecutive images of the global batch reproduce that on any
+    # number of devices.
+    config.model.batch_norm_group_size = 64
     config.compute_dtype = "bfloat16"
 
     config.data = data.get_config("xcit", source="tfds", name="imagenet2012")

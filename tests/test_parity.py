@@ -12,11 +12,11 @@ from qkv_vit.models import XCiT
 TOLERANCE = 1e-4  # max absolute difference in float32
 
 
-def load_fixture(name):
+def load_fixture(name, layer_impl="auto"):
     fixture = np.load(require_fixtures() / f"{name}.npz")
     config = json.loads(str(fixture["config"]))
     config.pop("img_size")  # any size divisible by the patch works
-    return XCiT(**config), fixture
+    return XCiT(**config, layer_impl=layer_impl), fixture
 
 
 def timm_layout_pth(name, tmp_path):
@@ -46,6 +46,17 @@ def test_logits_and_pre_logits_match_reference(name, layout, tmp_path):
     logits = model.apply(variables, fixture["images"])
     pre_logits = model.apply(variables, fixture["images"], method="pre_logits")
     assert np.abs(np.asarray(logits) - fixture["logits"]).max() < TOLERANCE
+    assert np.abs(np.asarray(pre_logits) - fixture["pre_logits"]).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("layer_impl", ["flax", "cpu"])
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_both_layer_implementations_match_reference(name, layer_impl):
+    """The standard flax layers (GPU/TPU) and the CPU kernels load the same weights and compute the reference."""
+    model, fixture = load_fixture(name, layer_impl)
+    variables = load_pytorch_weights(require_fixtures() / f"{name}.safetensors", model)
+    assert np.abs(np.asarray(model.apply(variables, fixture["images"])) - fixture["logits"]).max() < TOLERANCE
+    pre_logits = model.apply(variables, fixture["images"], method="pre_logits")
     assert np.abs(np.asarray(pre_logits) - fixture["pre_logits"]).max() < TOLERANCE
 
 

@@ -142,3 +142,40 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path, prepared, data
     resumed = read_variables(tmp_path / "interrupted")
     assert max_difference(resumed["params"], jax.device_get(straight.params)) == 0.0
     assert max_difference(resumed["batch_stats"], jax.device_get(straight.batch_stats)) == 0.0
+
+
+GHOST_BN = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from qkv_vit import models
+images = np.random.default_rng(0).standard_normal((16, 32, 32, 3)).astype(np.float32)
+mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))  # the trainer's kind of mesh (automatic axes)
+results = {}
+for impl, group in (("flax", 2), ("flax", 4), ("cpu", 4)):  # groups inside one device's 2 images, and across two
+    model = models.create("xcit_nano_12_p8", embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1, num_classes=5,
+                          layer_impl=impl, batch_norm_group_size=group)
+    variables = model.init(jax.random.key(0), images[:2])
+    run = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    logits, stats = run(variables, jax.device_put(images, NamedSharding(mesh, PartitionSpec("data"))))
+    results[f"{impl}{group}"] = np.asarray(logits)
+    results[f"{impl}{group}_var"] = np.asarray(stats["batch_stats"]["blocks_0"]["local_mp"]["bn"]["var"])
+np.savez(sys.argv[1], **results)
+"""
+
+
+def test_ghost_batch_norm_is_the_same_on_one_and_eight_devices(tmp_path):
+    """Groups of G consecutive images of the global batch: the result does not depend on the device count."""
+    outputs = {}
+    for devices in (1, 8):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+               "TF_CPP_MIN_LOG_LEVEL": "2"}
+        path = tmp_path / f"{devices}.npz"
+        result = subprocess.run([sys.executable, "-c", GHOST_BN, str(path)], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[devices] = dict(np.load(path))
+    for key, value in outputs[1].items():
+        np.testing.assert_allclose(outputs[8][key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+    assert np.abs(outputs[1]["flax2"] - outputs[1]["flax4"]).max() > 1e-4  # the group size matters
+    np.testing.assert_allclose(outputs[1]["cpu4"], outputs[1]["flax4"], rtol=1e-5, atol=1e-5)

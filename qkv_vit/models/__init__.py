@@ -1,5 +1,6 @@
 """XCiT models: the module, the named model registry and parameter accounting."""
 
+from qkv_vit.models.layers import LAYER_IMPLS
 from qkv_vit.models.qkv import QKV_EMBEDDINGS, QKVSpec
 from qkv_vit.models.registry import (
     MODEL_CONFIGS,
@@ -15,6 +16,7 @@ from qkv_vit.models.registry import (
 from qkv_vit.models.xcit import XCiT
 
 __all__ = [
+    "LAYER_IMPLS",
     "MODEL_CONFIGS",
     "QKV_EMBEDDINGS",
     "QKV_PRESETS",

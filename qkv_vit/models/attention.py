@@ -6,15 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qkv_vit.models.linear import Dense
-from qkv_vit.models.qkv import NonlinearQKV, QKVSpec, kernel_init, qkv_embedding
+from qkv_vit.models.layers import dense
+from qkv_vit.models.qkv import NonlinearQKV, QKVSpec, qkv_embedding
 
 Dtype = Any
-
-
-def dense(features: int, dtype: Dtype, name: str) -> Dense:
-    """timm's Linear init: truncated normal, std 0.02, zero bias."""
-    return Dense(features, dtype=dtype, kernel_init=kernel_init, name=name)
 
 
 def inverse_l2_norm(x: jnp.ndarray, axis: int, eps: float = 1e-12) -> jnp.ndarray:
@@ -28,9 +23,10 @@ def split_heads(x: jnp.ndarray, num_heads: int) -> jnp.ndarray:
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
 
-def embed_queries_keys_values(spec: QKVSpec, dim: int, dtype: Dtype, x: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+def embed_queries_keys_values(spec: QKVSpec, dim: int, dtype: Dtype, layer_impl: str,
+                              x: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
     """q, k, v (B, N, dim) of tokens x from the block's embedding (a submodule named `qkv`)."""
-    embedding = qkv_embedding(spec, dim, dtype)
+    embedding = qkv_embedding(spec, dim, dtype, layer_impl)
     if isinstance(embedding, NonlinearQKV):
         return embedding.embed(x)
     qkv = embedding(x).reshape(*x.shape[:-1], 3, dim)  # the reference's (q, k, v) channel order
@@ -47,14 +43,16 @@ class XCA(nn.Module):
     proj_drop_rate: float = 0.0
     qkv: QKVSpec = QKVSpec()
     dtype: Dtype = jnp.float32
+    layer_impl: str = "flax"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         batch, tokens, _ = x.shape
-        q, k, v = (split_heads(t, self.num_heads) for t in embed_queries_keys_values(self.qkv, self.dim, self.dtype, x))
+        embedded = embed_queries_keys_values(self.qkv, self.dim, self.dtype, self.layer_impl, x)
+        q, k, v = (split_heads(t, self.num_heads) for t in embedded)
         attn = self.attention_map(q, k, train)
         out = jnp.einsum("bhcd,bnhd->bnhc", attn.astype(v.dtype), v).reshape(batch, tokens, self.dim)
-        out = dense(self.dim, self.dtype, name="proj")(out)
+        out = dense(self.layer_impl, self.dim, self.dtype, name="proj")(out)
         return nn.Dropout(self.proj_drop_rate, deterministic=not train)(out)
 
     def attention_map(self, q: jnp.ndarray, k: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -62,12 +60,14 @@ class XCA(nn.Module):
 
         q_hat^T k_hat = diag(1/|q|) (q^T k) diag(1/|k|), norms along tokens: the normalization is applied to
         the small (C/h x C/h) product instead of to q and k, which saves two passes over (B, N, C) tensors.
+        The gram is a sum over all tokens of products near +-1 after normalization: it runs at float32
+        precision ("highest") on GPU/TPU too, where the default matmul precision is TF32 or bfloat16.
         """
         temperature = self.param("temperature", nn.initializers.ones, (self.num_heads, 1, 1), jnp.float32)
         q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
         inverse_q_norm = jnp.transpose(inverse_l2_norm(q32, axis=1), (0, 2, 3, 1))  # (B, heads, C/h, 1)
         inverse_k_norm = jnp.transpose(inverse_l2_norm(k32, axis=1), (0, 2, 1, 3))  # (B, heads, 1, C/h)
-        gram = jnp.einsum("bnhc,bnhd->bhcd", q32, k32)
+        gram = jnp.einsum("bnhc,bnhd->bhcd", q32, k32, precision=jax.lax.Precision.HIGHEST)
         logits = gram * inverse_q_norm * inverse_k_norm * temperature
         attn = jax.nn.softmax(logits, axis=-1)
         return nn.Dropout(self.attn_drop_rate, deterministic=not train)(attn)
@@ -85,6 +85,7 @@ class ClassAttention(nn.Module):
     proj_drop_rate: float = 0.0
     qkv: QKVSpec | None = None
     dtype: Dtype = jnp.float32
+    layer_impl: str = "flax"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -94,12 +95,12 @@ class ClassAttention(nn.Module):
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         attn = nn.Dropout(self.attn_drop_rate, deterministic=not train)(attn)
         cls_token = jnp.einsum("bhqn,bnhc->bqhc", attn, v).reshape(x.shape[0], 1, self.dim)
-        cls_token = dense(self.dim, self.dtype, name="proj")(cls_token)
+        cls_token = dense(self.layer_impl, self.dim, self.dtype, name="proj")(cls_token)
         return nn.Dropout(self.proj_drop_rate, deterministic=not train)(cls_token)
 
     def queries_keys_values(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         """The class token's query (B, 1, C) and every token's key and value (B, N, C)."""
         if self.qkv is None:
-            return tuple(dense(self.dim, self.dtype, name=t)(x[:, :1] if t == "q" else x) for t in "qkv")
-        q, k, v = embed_queries_keys_values(self.qkv, self.dim, self.dtype, x)
+            return tuple(dense(self.layer_impl, self.dim, self.dtype, name=t)(x[:, :1] if t == "q" else x) for t in "qkv")
+        q, k, v = embed_queries_keys_values(self.qkv, self.dim, self.dtype, self.layer_impl, x)
         return q[:, :1], k, v

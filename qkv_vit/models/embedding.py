@@ -4,37 +4,14 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qkv_vit.models.normalization import BatchNorm
+from qkv_vit.models.layers import batch_norm, conv_init, gelu
 
 Dtype = Any
 
-# PyTorch's default BatchNorm2d: eps 1e-5, running-stat momentum 0.1 (= flax momentum 0.9).
-BATCH_NORM_EPSILON = 1e-5
-BATCH_NORM_MOMENTUM = 0.9
-
 STAGE_WIDTH_DIVISORS = {16: (8, 4, 2, 1), 8: (4, 2, 1)}
-
-
-def gelu(x: jnp.ndarray) -> jnp.ndarray:
-    """Exact GELU, x/2 (1 + erf(x / sqrt 2)), written as torch.nn.GELU computes it; flax's default is the
-    tanh approximation. (jax.nn.gelu(approximate=False) uses the same formula through erfc, which XLA's
-    CPU backend evaluates several times slower than erf.)"""
-    return 0.5 * x * (1 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
-
-
-def batch_norm(train: bool, dtype: Dtype, name: str) -> BatchNorm:
-    # Under jit with the batch sharded over devices the statistics are global, as XCiT's synchronized BN.
-    return BatchNorm(
-        use_running_average=not train,
-        momentum=BATCH_NORM_MOMENTUM,
-        epsilon=BATCH_NORM_EPSILON,
-        dtype=dtype,
-        name=name,
-    )
 
 
 class ConvPatchEmbed(nn.Module):
@@ -43,6 +20,8 @@ class ConvPatchEmbed(nn.Module):
     patch_size: int
     embed_dim: int
     dtype: Dtype = jnp.float32
+    layer_impl: str = "flax"
+    batch_norm_group_size: int | None = None
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -57,10 +36,10 @@ class ConvPatchEmbed(nn.Module):
                 padding=((1, 1), (1, 1)),  # torch padding=1; 'SAME' would pad (0, 1) at stride 2
                 use_bias=False,
                 dtype=self.dtype,
-                kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                kernel_init=conv_init,
                 name=f"conv_{stage}",
             )(x)
-            x = batch_norm(train, self.dtype, name=f"bn_{stage}")(x)
+            x = batch_norm(train, self.dtype, f"bn_{stage}", self.layer_impl, self.batch_norm_group_size)(x)
         return x  # (B, H / patch, W / patch, embed_dim)
 
 
@@ -100,7 +79,7 @@ class FourierPositionalEncoding(nn.Module):
         projection = nn.Dense(
             self.embed_dim,
             dtype=self.dtype,
-            kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+            kernel_init=conv_init,
             name="token_projection",
         )
         return projection(features).reshape(height * width, self.embed_dim)

@@ -21,7 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qkv_vit.models.linear import Dense, token_matrix
+from qkv_vit.models.cpu_kernels import token_matrix
+from qkv_vit.models.layers import dense, dense_init
 
 Dtype = Any
 
@@ -32,9 +33,6 @@ ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "relu": jax.nn.relu,
     "identity": lambda x: x,  # for ablations and for checking that each structure collapses to a linear map
 }
-
-kernel_init = nn.initializers.truncated_normal(stddev=0.02)
-
 
 @dataclasses.dataclass(frozen=True)
 class QKVSpec:
@@ -81,12 +79,12 @@ def qkv_option_name(field: str) -> str:
     return {"embed": "qkv_embed", "hidden_dim": "qkv_hidden_dim", "activation": "qkv_activation"}.get(field, field)
 
 
-def qkv_embedding(spec: QKVSpec, dim: int, dtype: Dtype, name: str = "qkv") -> nn.Module:
+def qkv_embedding(spec: QKVSpec, dim: int, dtype: Dtype, layer_impl: str = "flax", name: str = "qkv") -> nn.Module:
     """The module mapping tokens (B, N, d) to q, k, v; its output reshapes to (B, N, 3, d)."""
     if spec.embed == "linear":
         # One Dense(3d), named as in the reference so that PyTorch weights load unchanged.
-        return Dense(3 * dim, dtype=dtype, kernel_init=kernel_init, name=name)
-    return NonlinearQKV(spec, dim, dtype, name=name)
+        return dense(layer_impl, 3 * dim, dtype, name=name)
+    return NonlinearQKV(spec, dim, dtype, layer_impl, name=name)
 
 
 class NonlinearQKV(nn.Module):
@@ -96,20 +94,21 @@ class NonlinearQKV(nn.Module):
     `output_bias` (h->d), a leading axis of 3 where the layer is separate, and `codes` (3, m) for F-SNE.
     `embed(x)` returns q, k, v, each (..., d); calling the module returns them stacked, (..., 3, d).
 
-    The tokens are multiplied as one (tokens, d) matrix and each of q, k, v by its own 2-d matmul: on a
-    CPU this avoids the transposed copies that batched 3-d contractions cost (benchmarks/README.md).
+    Each of q, k, v is its own matmul; with layer_impl="cpu" the tokens are multiplied as one (tokens, d)
+    matrix, which on a CPU avoids the transposed copies that batched 3-d contractions cost (benchmarks/README.md).
     """
 
     spec: QKVSpec
     dim: int
     dtype: Dtype = jnp.float32
+    layer_impl: str = "flax"
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         return jnp.stack(self.embed(x), axis=-2)  # (..., 3, d)
 
     @nn.compact
     def embed(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-        tokens = token_matrix(x).astype(self.dtype)
+        tokens = (token_matrix(x) if self.layer_impl == "cpu" else x).astype(self.dtype)
         activation = ACTIVATIONS[self.spec.activation]
         hidden = [activation(h) for h in self.first_layer(tokens)]
         return tuple(out.reshape(*x.shape[:-1], self.dim) for out in self.second_layer(hidden))
@@ -119,11 +118,11 @@ class NonlinearQKV(nn.Module):
         spec, dim, hidden = self.spec, self.dim, self.spec.hidden(self.dim)
         shared, _ = spec.layers_shared()
         if not shared:
-            kernel = self.param("hidden_kernel", kernel_init, (3, dim, hidden), jnp.float32).astype(self.dtype)
+            kernel = self.param("hidden_kernel", dense_init, (3, dim, hidden), jnp.float32).astype(self.dtype)
             bias = self.param("hidden_bias", nn.initializers.zeros, (3, hidden), jnp.float32).astype(self.dtype)
             return [tokens @ kernel[t] + bias[t] for t in range(3)]
         if spec.embed != "fsne":
-            kernel = self.param("hidden_kernel", kernel_init, (dim, hidden), jnp.float32)
+            kernel = self.param("hidden_kernel", dense_init, (dim, hidden), jnp.float32)
             bias = self.param("hidden_bias", nn.initializers.zeros, (hidden,), jnp.float32)
             return [tokens @ kernel.astype(self.dtype) + bias.astype(self.dtype)] * 3
         return self.coded_first_layer(tokens)
@@ -134,7 +133,7 @@ class NonlinearQKV(nn.Module):
         code_dim = spec.code_dim(dim)
         codes = self.param("codes", nn.initializers.normal(stddev=spec.code_init_std), (3, code_dim), jnp.float32)
         concat = spec.code_mode == "concat"
-        kernel = self.param("hidden_kernel", kernel_init, (dim + code_dim if concat else dim, hidden), jnp.float32)
+        kernel = self.param("hidden_kernel", dense_init, (dim + code_dim if concat else dim, hidden), jnp.float32)
         bias = self.param("hidden_bias", nn.initializers.zeros, (hidden,), jnp.float32)
         token_kernel, code_kernel = (kernel[:dim], kernel[dim:]) if concat else (kernel, kernel)
         code_bias = (codes @ code_kernel + bias).astype(self.dtype)  # (3, h), in float32: the same for every token
@@ -146,10 +145,10 @@ class NonlinearQKV(nn.Module):
         dim, hidden = self.dim, self.spec.hidden(self.dim)
         _, shared = self.spec.layers_shared()
         if shared:
-            kernel = self.param("output_kernel", kernel_init, (hidden, dim), jnp.float32).astype(self.dtype)
+            kernel = self.param("output_kernel", dense_init, (hidden, dim), jnp.float32).astype(self.dtype)
             bias = self.param("output_bias", nn.initializers.zeros, (dim,), jnp.float32).astype(self.dtype)
             return [h @ kernel + bias for h in hidden_states]
-        kernel = self.param("output_kernel", kernel_init, (3, hidden, dim), jnp.float32).astype(self.dtype)
+        kernel = self.param("output_kernel", dense_init, (3, hidden, dim), jnp.float32).astype(self.dtype)
         bias = self.param("output_bias", nn.initializers.zeros, (3, dim), jnp.float32).astype(self.dtype)
         return [h @ kernel[t] + bias[t] for t, h in enumerate(hidden_states)]
 

@@ -8,9 +8,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from qkv_vit.models.attention import dense
-from qkv_vit.models.blocks import ClassAttentionBlock, XCABlock, layer_norm
+from qkv_vit.models.blocks import ClassAttentionBlock, XCABlock
 from qkv_vit.models.embedding import STAGE_WIDTH_DIVISORS, ConvPatchEmbed, FourierPositionalEncoding
+from qkv_vit.models.layers import dense, layer_norm, resolve_layer_impl
 from qkv_vit.models.qkv import QKVSpec
 
 Dtype = Any
@@ -22,8 +22,11 @@ class XCiT(nn.Module):
     """The XCiT classifier. `apply(variables, images, train=False)` returns logits (B, num_classes).
 
     With num_classes=0 there is no head and the call returns the pooled features (B, embed_dim).
-    `dtype` is the compute dtype (e.g. jnp.bfloat16); parameters stay float32.
+    `dtype` is the compute dtype of matmuls and convolutions (e.g. jnp.bfloat16); parameters, the residual
+    stream, LayerNorm, LayerScale, XCA's attention map and the logits stay float32, as under PyTorch's autocast.
     The `qkv_*`, `shared_layer` and `code_*` fields choose the query/key/value embedding (models/qkv.py).
+    `layer_impl` chooses the layers' implementation ("auto", "flax", "cpu": models/layers.py), the same
+    parameters either way; `batch_norm_group_size` G normalizes BatchNorm over groups of G images.
     """
 
     patch_size: int = 16
@@ -51,6 +54,8 @@ class XCiT(nn.Module):
     qkv_activation: str = "relu"
     qkv_in_class_attention: bool = False
     dtype: Dtype = jnp.float32
+    layer_impl: str = "auto"  # "flax" off-CPU, "cpu" on a CPU backend (models/layers.py)
+    batch_norm_group_size: int | None = None  # None: statistics over the whole (global) batch
 
     def __post_init__(self) -> None:
         validate_architecture(self)
@@ -70,7 +75,8 @@ class XCiT(nn.Module):
         )
 
     def setup(self) -> None:
-        self.patch_embed = ConvPatchEmbed(self.patch_size, self.embed_dim, self.dtype)
+        impl = resolve_layer_impl(self.layer_impl)
+        self.patch_embed = ConvPatchEmbed(self.patch_size, self.embed_dim, self.dtype, impl, self.batch_norm_group_size)
         if self.use_pos_embed:
             self.pos_embed = FourierPositionalEncoding(self.embed_dim, dtype=self.dtype)
         self.cls_token = self.param(
@@ -87,6 +93,8 @@ class XCiT(nn.Module):
                 drop_path_rate=self.drop_path_rate,
                 qkv=self.qkv_spec,
                 dtype=self.dtype,
+                layer_impl=impl,
+                batch_norm_group_size=self.batch_norm_group_size,
             )
             for _ in range(self.depth)
         ]
@@ -101,23 +109,24 @@ class XCiT(nn.Module):
                 attn_drop_rate=self.attn_drop_rate,
                 qkv=self.qkv_spec if self.qkv_in_class_attention else None,
                 dtype=self.dtype,
+                layer_impl=impl,
             )
             for _ in range(self.cls_attn_layers)
         ]
         self.pos_drop = nn.Dropout(self.pos_drop_rate)
-        self.norm = layer_norm(self.dtype, "norm")
+        self.norm = layer_norm(impl, "norm")
         self.head_drop = nn.Dropout(self.drop_rate)
         if self.num_classes > 0:
-            self.head = dense(self.num_classes, self.dtype, name="head")
+            self.head = dense(impl, self.num_classes, self.dtype, name="head")
 
     def patch_tokens(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Patch tokens after the XCA blocks, as a grid (B, H / patch, W / patch, embed_dim), before the norm."""
         check_image_shape(images, self.patch_size)
         grid = self.patch_embed(images, train)
         batch, height, width, _ = grid.shape
-        x = grid.reshape(batch, height * width, self.embed_dim)
+        x = grid.reshape(batch, height * width, self.embed_dim).astype(jnp.float32)  # the residual stream
         if self.use_pos_embed:
-            x = x + self.pos_embed(height, width).astype(x.dtype)
+            x = x + self.pos_embed(height, width).astype(jnp.float32)
         x = self.pos_drop(x, deterministic=not train)
         for block in self.blocks:
             x = block(x, height, width, train)
@@ -166,6 +175,9 @@ def validate_architecture(model: XCiT) -> None:
         raise ValueError(f"depth and cls_attn_layers must be >= 0, got {model.depth} and {model.cls_attn_layers}.")
     if not model.eta > 0:  # LayerScale's initial value: 0 or less would start every residual branch shut or inverted
         raise ValueError(f"eta (LayerScale's initial value) must be > 0, got {model.eta}.")
+    resolve_layer_impl(model.layer_impl)  # ValueError for an unknown one
+    if model.batch_norm_group_size is not None and model.batch_norm_group_size < 1:
+        raise ValueError(f"batch_norm_group_size must be >= 1 (or None: the whole batch), got {model.batch_norm_group_size}.")
     if model.global_pool not in GLOBAL_POOLS:
         raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {model.global_pool!r}.")
     for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
