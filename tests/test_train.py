@@ -251,3 +251,46 @@ def test_metrics_file_is_strict_json_with_non_finite_values_as_null(tmp_path):
         "step": 3, "train/loss": None, "train/grad_norm": None, "train/lr": None, "train/top1": 0.5}
     record, = read_metrics(tmp_path)  # read back as NaN, so arithmetic on a column still works
     assert np.isnan(record["train/loss"]) and np.isnan(record["train/grad_norm"]) and record["train/top1"] == 0.5
+
+
+WITHOUT_TENSORFLOW = """
+import sys, types
+class Refuse:  # as on a machine where these are not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "clu", "ml_collections"):
+            raise ImportError(f"No module named {name!r}")
+sys.meta_path.insert(0, Refuse())
+import jax, jax.numpy as jnp, numpy as np
+from qkv_vit import models
+from qkv_vit.train import optimizer, sharding, state, steps
+model = models.create("xcit_nano_12_p8", embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1, num_classes=10)
+opt = types.SimpleNamespace(name="adamw", lr=1e-3, scale_lr_by_batch=False, accumulation_steps=1, warmup_init_lr=0.0,
+                            min_lr=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, code_weight_decay=False,
+                            grad_clip_norm=0.0)
+schedule = optimizer.learning_rate(opt, 8, total_steps=10, warmup_steps=1)
+tx = optimizer.make_optimizer(opt, schedule)
+train_state = state.create_train_state(model, tx, jax.random.key(0), 32, use_ema=False)
+labels = np.arange(8) % 10
+batch = {"image": np.random.default_rng(0).standard_normal((8, 32, 32, 3)).astype(np.float32),
+         "label": labels.astype(np.int32), "soft_label": np.eye(10, dtype=np.float32)[labels]}
+step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, optimizer=tx, schedule=schedule, ema_decay=None,
+                                             accumulation_steps=1, skip_nonfinite=False))
+for _ in range(3):
+    train_state, metrics = step(train_state, batch)
+assert int(train_state.step) == 3 and np.isfinite(float(metrics["loss"]))
+assert not any(name.split(".")[0] in ("tensorflow", "clu", "ml_collections") for name in sys.modules)
+sharding.make_mesh({"data": -1, "model": 1})
+print("stepped without tensorflow")
+"""
+
+
+def test_a_model_is_built_and_stepped_without_tensorflow_tfds_clu_or_ml_collections():
+    """TF is needed to read data, not to build or step a model (e.g. on an accelerator host without it)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "stepped without tensorflow" in result.stdout, result.stderr[-3000:]

@@ -1,6 +1,20 @@
-"""Training: jit over a device mesh, optax AdamW, clu metrics, Orbax checkpoints with exact resume."""
+"""Training: jit over a device mesh, optax AdamW, clu metrics, Orbax checkpoints with exact resume.
 
-from qkv_vit.train.config import base_config
-from qkv_vit.train.trainer import NonFiniteError, Preempted, evaluate, train_and_evaluate
+The step, optimizer, state and sharding modules (`qkv_vit.train.steps`, `.optimizer`, `.state`, `.sharding`)
+import without TensorFlow, tfds, clu or ml_collections, so a model can be stepped on synthetic data where
+those are not installed; the names below load the trainer (which reads data through TensorFlow) on first use.
+"""
 
-__all__ = ["NonFiniteError", "Preempted", "base_config", "evaluate", "train_and_evaluate"]
+import importlib
+from typing import Any
+
+_EXPORTS = {"NonFiniteError": "trainer", "Preempted": "trainer", "evaluate": "trainer",
+            "train_and_evaluate": "trainer", "base_config": "config"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"qkv_vit.train.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'qkv_vit.train' has no attribute {name!r}")

@@ -27,6 +27,8 @@ MODEL_OPTIONS = {  # XCiT options a config may set; None keeps the named model's
     "code_mode": str,
     "code_init_std": float,
     "qkv_in_class_attention": bool,
+    "layer_impl": str,  # "auto" (default: "cpu" kernels on a CPU backend, flax layers elsewhere), "flax", "cpu"
+    "batch_norm_group_size": int,  # ghost BatchNorm: statistics over groups of this many images (XCiT: 64)
     # Architecture overrides for tiny test/quickstart models:
     "embed_dim": int,
     "depth": int,
@@ -112,6 +114,8 @@ def shrink_for_local_run(config: ml_collections.ConfigDict) -> None:
     config.data = data.get_config("small", source="digits")
     config.data.update(augment=augment, repeated_augmentation=repeats, image_size=32, shuffle_buffer=256)
     config.model.update(embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1)
+    if config.model.batch_norm_group_size:  # keep the grouped BatchNorm, in groups the small batch holds
+        config.model.batch_norm_group_size = 8
     config.compute_dtype = "float32"
     config.global_batch_size = 16
     config.eval_batch_size = 128

@@ -1,13 +1,17 @@
 """AdamW (default) or SGD with XCiT's schedule and weight-decay mask, optional clipping and gradient accumulation."""
 
+from __future__ import annotations
+
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
-import ml_collections
 import optax
 
 from qkv_vit.errors import ConfigError
+
+if TYPE_CHECKING:  # type hints only: the step and the mesh need no ml_collections (nor TensorFlow)
+    import ml_collections
 
 # Leaves that never get weight decay: biases, norm scales, LayerScale, XCA temperatures, the class token.
 NO_DECAY_LEAVES = ("bias", "scale", "gamma1", "gamma2", "gamma3", "temperature", "cls_token")
@@ -55,7 +59,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> 
     Both decay only the leaves that decay_mask selects. SGD's decay is PyTorch's: weight_decay x param is
     added to the (clipped) gradient before momentum, as torch.optim.SGD(weight_decay=...) does.
     """
-    name = opt.get("name", "adamw")
+    name = getattr(opt, "name", "adamw")
     mask = functools.partial(decay_mask, code_weight_decay=opt.code_weight_decay)
     if name == "adamw":
         update = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=mask)

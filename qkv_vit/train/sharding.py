@@ -6,12 +6,16 @@ parameter and optimizer-state array is sharded over `model` along its largest di
 evenly (ZeRO-3 style); XLA inserts the gathers. With "replicate" every device holds everything.
 """
 
-from typing import Any
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+if TYPE_CHECKING:  # type hints only: the step and the mesh need no ml_collections (nor TensorFlow)
+    import ml_collections
 
 MESH_AXES = ("data", "model")
 SHARDING_STRATEGIES = ("replicate", "fsdp")

@@ -131,6 +131,10 @@ def validate_run_config(config: ml_collections.ConfigDict, model: models.XCiT) -
         size = config.get(name)
         if size is not None and size % devices:
             raise ConfigError(f"config.{name}={size} is not divisible by the {devices} devices; use a multiple of {devices}.")
+    group = model.batch_norm_group_size
+    if group is not None and config.global_batch_size % group:
+        raise ConfigError(f"config.model.batch_norm_group_size={group} does not divide config.global_batch_size="
+                          f"{config.global_batch_size}: BatchNorm normalizes groups of that many images of each batch.")
     if config.data.image_size % model.patch_size:
         raise ConfigError(
             f"config.data.image_size={config.data.image_size} is not divisible by the patch size {model.patch_size}: "
