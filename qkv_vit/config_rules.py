@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 from qkv_vit.errors import ConfigError
 
 RuleTable = Mapping[str, "Rule | RuleTable | None"]  # None: the key is checked elsewhere (e.g. config.data)
+FLOAT32_MAX = 3.4028234663852886e38  # values are used as float32: a larger one becomes inf there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +38,9 @@ class Rule:
 
 
 def is_number(value: Any) -> bool:
-    """A finite int or float (not a bool, which Python counts as an int)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """An int or float finite in float32, where it is used (not a bool, which Python counts as an int)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= FLOAT32_MAX)
 
 
 def is_integer(value: Any) -> bool:
@@ -52,18 +54,26 @@ def in_range(value: float, low: float | None, high: float | None, low_open: bool
 
 
 def describe_range(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    def shown(bound: float) -> str:
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
     if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"in {'(' if low_open else '['}{shown(low)}, {shown(high)}{')' if high_open else ']'}"
     if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
-    return f"{'<' if high_open else '<='} {high:g}" if high is not None else ""
+        return f"{'>' if low_open else '>='} {shown(low)}"
+    return f"{'<' if high_open else '<='} {shown(high)}" if high is not None else ""
 
 
-def integer(minimum: int | None = None, *, or_minus_one: bool = False, optional: bool = False) -> Rule:
-    """An int >= minimum; `or_minus_one`: -1 too (meaning "all" or "automatic")."""
-    words = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or -1" if or_minus_one else "")
-    return Rule(words, lambda v: is_integer(v) and (minimum is None or v >= minimum or (or_minus_one and v == -1)),
-                optional)
+def integer(minimum: int | None = None, maximum: int | None = None, *, or_minus_one: bool = False,
+            optional: bool = False) -> Rule:
+    """An int in [minimum, maximum]; `or_minus_one`: -1 too (meaning "all" or "automatic")."""
+    bounds = describe_range(minimum, maximum, False, False)
+    words = "an integer" + (f" {bounds}" if bounds else "") + (" or -1" if or_minus_one else "")
+
+    def accepts(value: Any) -> bool:
+        return is_integer(value) and ((in_range(value, minimum, maximum, False, False)) or (or_minus_one and value == -1))
+
+    return Rule(words, accepts, optional)
 
 
 def number(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False,
@@ -88,13 +98,20 @@ def of_type(kind: type, optional: bool = False) -> Rule:
 
 
 def text(choices: tuple[str, ...] | None = None, *, nonempty: bool = False, forbidden: str = "",
-         optional: bool = False) -> Rule:
-    """A string: one of `choices`, or any (non-empty) string without the `forbidden` characters."""
+         reserved: tuple[str, ...] = (), optional: bool = False) -> Rule:
+    """A string: one of `choices`, or any (non-empty) string without the `forbidden` characters that neither is
+    nor starts with a `reserved` name."""
     if choices is not None:
         return Rule(f"one of {list(choices)}", lambda v: v in choices, optional)
     words = "a non-empty string" if nonempty else "a string"
     words += f" without {' '.join(forbidden)}" if forbidden else ""
-    return Rule(words, lambda v: isinstance(v, str) and (v or not nonempty) and not set(v) & set(forbidden), optional)
+    words += f" that does not start with {' or '.join(map(repr, reserved))}" if reserved else ""
+
+    def accepts(value: Any) -> bool:
+        return (isinstance(value, str) and bool(value or not nonempty) and not set(value) & set(forbidden)
+                and not value.startswith(reserved))
+
+    return Rule(words, accepts, optional)
 
 
 def numbers(count: int, low: float | None = None, high: float | None = None, *, low_open: bool = False,

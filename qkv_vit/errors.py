@@ -6,6 +6,8 @@ The data pipeline's `DataConfigError` and the weight import's `WeightMismatchErr
 caller can catch every mistake in its inputs as one type.
 """
 
+import re
+
 MAX_CAUSE_CHARS = 300  # TensorStore errors print whole storage specs: keep the start, which says what failed
 
 
@@ -23,8 +25,9 @@ def one_line(message: str) -> str:
 
 
 def describe_cause(error: BaseException) -> str:
-    """A library's exception as a short clause for our own messages: its type and the start of its message."""
-    message = one_line(str(error))
+    """A library's exception as a short clause for our own messages: its type and the start of its message
+    (terminal colour codes, which some libraries put in messages, removed)."""
+    message = one_line(re.sub(r"\x1b\[[0-9;]*m", "", str(error)))
     if len(message) > MAX_CAUSE_CHARS:
         message = message[:MAX_CAUSE_CHARS] + " ..."
     return f"{type(error).__name__}: {message}" if message else type(error).__name__

@@ -41,7 +41,8 @@ BAD_VALUES = [  # (key path, value, what the one error line must say)
     ("data.mean", (0.5, 0.5), "config.data.mean must be 3 numbers (red, green, blue)"),
     ("data.mean", (123.7, 116.3, 103.5), "Images are scaled to [0, 1] before normalizing"),
     ("data.std", (0.25, 0.0, 0.25), "config.data.std must be 3 numbers (red, green, blue) each in (0, 1]"),
-    ("data.crop_ratio", 0.0, "config.data.crop_ratio must be a finite number in (0, 1]"),
+    ("data.crop_ratio", 0.0, "config.data.crop_ratio must be a finite number in [0.1, 1]"),
+    ("data.crop_ratio", 1e-30, "config.data.crop_ratio must be a finite number in [0.1, 1], got 1e-30"),
     ("data.image_size", 0, "config.data.image_size must be an integer >= 1, got 0"),
     ("data.num_parallel_calls", 0, "num_parallel_calls must be an integer >= 1 or -1"),
     ("data.shuffle_buffer", -5, "shuffle_buffer must be an integer >= 0"),
@@ -58,11 +59,16 @@ BAD_VALUES = [  # (key path, value, what the one error line must say)
     ("keep_checkpoints", 0, "config.keep_checkpoints must be an integer >= 1"),
     ("mesh.data", 0, "config.mesh.data must be an integer >= 1 or -1"),
     ("eval_name", "val/ema", "config.eval_name must be a non-empty string without /"),
+    ("eval_name", "train", "that does not start with 'train' or 'ema_', got 'train'"),  # train/top1 exists already
+    ("eval_name", "ema_val", "that does not start with 'train' or 'ema_', got 'ema_val'"),
+    ("seed", 2**32, "config.seed must be an integer in [0, 4294967295], got 4294967296"),
+    ("model.code_init_std", 1e39, "config.model.code_init_std must be a finite number (or None to leave it unset), "
+                                  "got 1e+39"),  # inf in float32
     ("total_epochs", 0.0, "config.total_epochs must be a finite number > 0"),
     ("total_steps", 0, "config.total_steps must be an integer >= 1"),
     ("global_batch_size", 0, "config.global_batch_size must be an integer >= 1, got 0"),
     ("eval_every_steps", -1, "config.eval_every_steps must be an integer >= 0"),
-    ("seed", -1, "config.seed must be an integer >= 0"),
+    ("seed", -1, "config.seed must be an integer in [0, 4294967295]"),
     ("compute_dtype", "float16", "config.compute_dtype must be one of ['float32', 'bfloat16']"),
     ("model.eta", 0.0, "eta (LayerScale's initial value) must be > 0"),
     ("model.drop_path_rate", 1.0, "drop_path_rate must be in [0, 1)"),

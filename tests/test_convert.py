@@ -123,6 +123,27 @@ def test_training_checkpoint_dicts_are_unwrapped_and_non_xcit_ones_name_their_to
         read_state_dict(tmp_path / "resnet.pth")
 
 
+def test_files_that_cannot_be_read_as_weights_are_one_error_each(tmp_path, fixture_weights, fixture_model):
+    torch = pytest.importorskip("torch", reason="reading .pth needs the torch extra")
+    import pathlib
+
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # a whole model, not its state dict
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "module.pth").read_bytes()[:100])
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    for name, message in [("module.pth", r"cannot be read as PyTorch weights without running code it holds \("
+                                         r"UnpicklingError: .*torch.save\(model.state_dict\(\)"),
+                          ("cut.pth", "cannot be read as PyTorch weights"),
+                          ("empty.safetensors", r"cannot be read as a .safetensors file \(SafetensorError")]:
+        with pytest.raises(ValueError, match=message) as raised:
+            read_state_dict(tmp_path / name)
+        assert "\x1b[" not in str(raised.value)  # no terminal colour codes from the library's message
+    # A Lightning checkpoint keeps paths in its hyper-parameters: they are no reason to refuse its weights.
+    tensors = {"model." + k: torch.from_numpy(v.copy()) for k, v in fixture_weights.items()}
+    torch.save({"state_dict": tensors, "hyper_parameters": {"data_dir": pathlib.PosixPath("/data")}},
+               tmp_path / "lightning.ckpt")
+    assert sorted(read_state_dict(tmp_path / "lightning.ckpt")) == sorted(fixture_weights)
+
+
 def test_unsupported_file_type(tmp_path):
     path = tmp_path / "weights.h5"
     path.write_bytes(b"")

@@ -155,6 +155,43 @@ def test_files_the_pipeline_cannot_decode_are_skipped_at_conversion_or_named(tmp
         image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache2", bad_files="error")
 
 
+def test_a_class_or_split_left_without_a_decodable_image_is_an_error(tmp_path):
+    write_image_folder(tmp_path / "images", {"train": {"a": 3, "b": 3}})
+    (tmp_path / "images" / "test" / "a").mkdir(parents=True)
+    (tmp_path / "images" / "test" / "a" / "cut.jpg").write_bytes(UNDECODABLE["cut.jpg"])
+    with pytest.raises(data.DataConfigError, match=r"Class folder .*images/test/a holds no image the input pipeline "
+                                                   r"can decode \(every file was skipped\)"):
+        image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache")
+    assert list((tmp_path / "cache" / "image_folder").iterdir()) == []
+
+
+def test_bad_files_error_is_an_error_for_a_folder_converted_with_skip(tmp_path):
+    """The cache entry of a "skip" conversion does not hide the bad files from a later run with "error"."""
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    (tmp_path / "images" / "train" / "cat" / "cut.jpg").write_bytes(UNDECODABLE["cut.jpg"])
+    assert image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache").num_skipped == 1
+    with pytest.raises(data.DataConfigError, match=r"images: train/cat/cut.jpg is not an image the input pipeline "
+                                                   r"can decode \(1 such files were skipped"):
+        image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache", bad_files="error")
+
+
+def test_a_split_with_no_examples_is_an_error(cache_dir):
+    with pytest.raises(data.DataConfigError, match=r"Split 'test\[:0\]' of the offline digits data set has no examples"):
+        sources.open_source(digits_config(cache_dir, eval_split="test[:0]"))
+
+
+def test_a_damaged_archive_is_one_error(tmp_path):
+    write_image_folder(tmp_path / "images", SMALL_FOLDER)
+    archive = write_tar(tmp_path / "images", tmp_path / "images.tar.gz")
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    (tmp_path / "zip.tar").write_bytes(b"PK\x03\x04 not a tar")
+    for path in (cut, tmp_path / "zip.tar"):
+        with pytest.raises(data.DataConfigError, match=rf"{path} cannot be extracted \(.*\): it is damaged, cut short "
+                                                       r"or not a tar archive"):
+            image_folder.prepare_image_folder(path, tmp_path / "cache")
+
+
 def test_every_kept_file_decodes_through_the_pipeline(tmp_path):
     """What conversion keeps, the train and eval pipelines read to the end without an error."""
     write_image_folder(tmp_path / "images", SMALL_FOLDER)
@@ -190,7 +227,10 @@ def test_archive_and_folder_clutter_is_not_data(tmp_path):
                                               tmp_path / "cache")
     (tmp_path / "images" / "train" / "cat" / "Thumbs.db").write_bytes(b"\0")
     (tmp_path / "images" / "train" / "@eaDir" / "cat").mkdir(parents=True)  # Synology's thumbnail folders
-    (tmp_path / "images" / "train" / "dog" / "desktop.ini").write_text("[.ShellClassInfo]")
+    (tmp_path / "images" / "train" / "dog" / "Desktop.ini").write_text("[.ShellClassInfo]")
+    (tmp_path / "images" / "train" / "dog" / "thumbs.db").write_bytes(b"\0")
+    (tmp_path / "images" / "train" / "dog" / "Icon\r").write_bytes(b"")  # a macOS folder icon
+    (tmp_path / "images" / "test" / "cat" / "0000.png:Zone.Identifier").write_text("[ZoneTransfer]")  # WSL copies
     for path in (mac_archive(tmp_path), tmp_path / "images"):
         prepared = image_folder.prepare_image_folder(path, tmp_path / "cache")
         assert (prepared.class_names, prepared.num_examples, prepared.num_skipped) == (

@@ -244,6 +244,20 @@ def test_a_rerun_that_changes_what_a_step_means_is_refused_and_keeps_the_config(
         (reference["workdir"] / "config.json").read_text())  # still describes the checkpoints
 
 
+def test_a_checkpoint_from_before_the_definition_was_recorded_is_checked_against_config_json(tmp_path, reference,
+                                                                                           data_cache):
+    workdir = copy_run(reference, tmp_path)
+    back_to_step(workdir, 20)
+    for step in (16, 20):  # as a run of the previous version saved them
+        meta_file = workdir / "checkpoints" / str(step) / "meta" / "metadata"
+        meta = json.loads(meta_file.read_text())
+        meta_file.write_text(json.dumps({key: meta[key] for key in ("step", "data_position", "train_examples",
+                                                                    "model_name", "model_config")}))
+    with pytest.raises(ConfigError, match=r"made with global_batch_size=16 \(step 20: 320 images seen\), but this "
+                                          r"config gives global_batch_size=32"):
+        train_and_evaluate(small_config(data_cache, global_batch_size=32), workdir)
+
+
 def test_another_accumulation_is_refused_like_another_batch(tmp_path, data_cache):
     run = trainer.setup_run(small_config(data_cache, optimizer={"accumulation_steps": 4}), tmp_path)
     meta = {"step": 8, "global_batch_size": 16, "accumulation_steps": 2, "total_steps": TOTAL_STEPS}
@@ -287,7 +301,7 @@ def test_the_final_state_is_saved_before_the_final_evaluation_and_a_rerun_only_e
     assert [m["step"] for m in read_metrics(workdir) if "val/top1" in m] == [TOTAL_STEPS]
 
 
-@pytest.mark.parametrize("name", ["exp [v1]", "run*", "what?"])
+@pytest.mark.parametrize("name", ["exp [v1]", "run*", "what?", "back\\slash"])
 def test_a_workdir_path_orbax_would_read_as_a_glob_is_refused_before_any_work(tmp_path, data_cache, monkeypatch, name):
     monkeypatch.setattr(trainer, "setup_run", lambda *args: pytest.fail("read data"))
     with pytest.raises(ConfigError, match=r"has .* in its path .* choose a --workdir whose full path has none of "):

@@ -204,14 +204,19 @@ def test_config_files_load_and_build_their_model(name, arg):
         assert model.qkv_embed == "fsne" and model.code_size == 8 and model.depth == 6
 
 
-def test_the_log_names_the_evaluated_split_and_warns_when_it_is_the_train_split(tmp_path, tiny_config, caplog):
+def test_the_log_names_the_evaluated_split_and_warns_when_it_holds_training_images(tmp_path, tiny_config, caplog):
     tiny_config.data.update(train_split="train[:90%]", eval_split="train")
     with caplog.at_level(logging.INFO):
         trainer.log_data_summary(setup_run(tiny_config, tmp_path))
     assert ("1293 train examples (split 'train[:90%]'); evaluation on split 'train' (1437 examples); also present: "
             "['test'] (data.eval_split chooses).") in caplog.text
-    assert "Evaluating on split 'train' of the train split 'train[:90%]' (data.eval_split): the val/* metrics " \
-           "include training images" in caplog.text
+    assert ("The eval split 'train' shares 1293 examples with the train split 'train[:90%]' (data.eval_split): the "
+            "val/* metrics include training images") in caplog.text
+    caplog.clear()
+    tiny_config.data.eval_split = "train[90%:]"  # a held-out part of the train split: nothing shared, no warning
+    with caplog.at_level(logging.INFO):
+        trainer.log_data_summary(setup_run(tiny_config, tmp_path))
+    assert "evaluation on split 'train[90%:]' (144 examples)" in caplog.text and "shares" not in caplog.text
 
 
 def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path, tiny_config):

@@ -10,10 +10,13 @@ Lightning module, `backbone.`, ...); checkpoint dicts keep the weights under `mo
 """
 
 import argparse
+import pathlib
 import re
 from pathlib import Path
 
 import numpy as np
+
+from qkv_vit.errors import describe_cause
 
 StateDict = dict[str, np.ndarray]
 
@@ -69,10 +72,20 @@ def shown(keys: list[str]) -> str:
     return f"[{listed}{', ...' if len(keys) > SHOWN_KEYS else ''}] ({len(keys)} in all)" if keys else "none"
 
 
+# What training checkpoints pickle beside their weights that loading without running code may accept: XCiT's
+# argparse arguments, and the paths in a Lightning checkpoint's hyper-parameters.
+SAFE_GLOBALS = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+                pathlib.PureWindowsPath)
+
+
 def read_safetensors(path: Path) -> StateDict:
     from safetensors.numpy import load_file
 
-    return dict(load_file(str(path)))
+    try:
+        return dict(load_file(str(path)))
+    except Exception as error:  # safetensors raises its own SafetensorError for a bad header or a cut file
+        raise ValueError(f"{path} cannot be read as a .safetensors file ({describe_cause(error)}): it is damaged or "
+                         "cut short; download or save it again.") from None
 
 
 def read_torch_file(path: Path) -> tuple[StateDict, list[str]]:
@@ -81,9 +94,16 @@ def read_torch_file(path: Path) -> tuple[StateDict, list[str]]:
         import torch
     except ImportError:
         raise ImportError(TORCH_MISSING_MESSAGE.format(path=path)) from None
-    # weights_only refuses arbitrary pickled code; official training checkpoints also pickle their argparse args.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):  # weights_only: no pickled code is run
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickled module or other object, a cut or damaged file: many types
+        raise ValueError(
+            f"{path} cannot be read as PyTorch weights without running code it holds ({describe_cause(error)}). If "
+            "it is a whole model or a checkpoint with other Python objects, and you trust it, load it with "
+            "torch.load(path, weights_only=False) and save only the weights: torch.save(model.state_dict(), "
+            "'weights.pth'). If it is cut short or damaged, download or save it again."
+        ) from None
     state_dict = unwrap_checkpoint(checkpoint, path)
     tensors = {
         key: value.detach().to(torch.float32).numpy()

@@ -151,7 +151,7 @@ DATA_RULES = {
     "eval_split": rules.text(nonempty=True, optional=True),
     "num_classes": rules.integer(1, optional=True),
     "image_size": rules.integer(1),
-    "crop_ratio": rules.number(0.0, 1.0, low_open=True),
+    "crop_ratio": rules.number(0.1, 1.0),  # eval images are resized to image_size / crop_ratio first
     "mean": rules.numbers(3, 0.0, 1.0, what="(red, green, blue)", hint=f"{SCALE_HINT} {TUPLE_HINT}"),
     "std": rules.numbers(3, 0.0, 1.0, low_open=True, what="(red, green, blue)", hint=f"{SCALE_HINT} {TUPLE_HINT}"),
     "augment": AUGMENT_RULES,

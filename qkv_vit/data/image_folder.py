@@ -21,8 +21,10 @@ archive and the member), never the temporary extraction directory.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
@@ -30,6 +32,7 @@ import os
 import shutil
 import tarfile
 import uuid
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -38,14 +41,18 @@ import tensorflow_datasets as tfds
 from qkv_vit.data import augment
 from qkv_vit.data._tensorflow import tf
 from qkv_vit.data.errors import DataConfigError
+from qkv_vit.errors import describe_cause
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LABEL_MAP = "label_map.json"
-# Names that are never data, at any level (hidden names, starting with ".", neither): macOS archive metadata,
-# Windows and Synology thumbnails, Python caches, trash and file-system recovery folders.
-CLUTTER_NAMES = frozenset({"__MACOSX", "Thumbs.db", "ehthumbs.db", "desktop.ini", "@eaDir", "__pycache__",
-                           "$RECYCLE.BIN", "System Volume Information", "lost+found"})
+# Names that are never data, at any level, compared without case (hidden names, starting with ".", neither): macOS
+# archive metadata and folder icons, Windows and Synology thumbnails, Python caches, trash and recovery folders;
+# and the ":Zone.Identifier" streams that copies out of Windows leave as files under WSL.
+CLUTTER_NAMES = frozenset(name.lower() for name in (
+    "__MACOSX", "Icon\r", "Thumbs.db", "ehthumbs.db", "desktop.ini", "@eaDir", "__pycache__", "$RECYCLE.BIN",
+    "System Volume Information", "lost+found"))
+CLUTTER_SUFFIXES = (":zone.identifier",)
 _TFDS_NAME = "image_folder"
 _MAX_LISTED_SKIPS = 1000
 # Bumped when conversion changes what it accepts, so entries made by an older check are rebuilt (2: a full decode
@@ -81,7 +88,7 @@ def prepare_image_folder(path: str | os.PathLike, cache_dir: str | os.PathLike |
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     final = cache_dir / "image_folder" / (_tar_key(path) if is_tar else _folder_key(path))
     if (final / LABEL_MAP).exists():
-        return _load(final)
+        return _check_cached(_load(final), path, bad_files)
     check_can_prepare()
     temporary = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     temporary.mkdir(parents=True)
@@ -99,6 +106,17 @@ def prepare_image_folder(path: str | os.PathLike, cache_dir: str | os.PathLike |
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return _load(final)
+
+
+def _check_cached(prepared: PreparedFolder, path: Path, bad_files: str) -> PreparedFolder:
+    """A cached entry converted with bad_files="skip" still holds no bad file: with "error" they are an error now."""
+    if bad_files == "error" and prepared.num_skipped:
+        raise DataConfigError(
+            f"{path}: {prepared.skipped_files[0]} is not an image the input pipeline can decode ({prepared.num_skipped} "
+            "such files were skipped when the folder was converted, all listed in its label_map.json). Remove them, "
+            "or set bad_files='skip' to skip and count them."
+        )
+    return prepared
 
 
 def check_can_prepare() -> None:
@@ -134,7 +152,8 @@ def _stem(path: Path) -> str:
 
 
 def _is_clutter(path: Path) -> bool:
-    return path.name.startswith(".") or path.name in CLUTTER_NAMES
+    name = path.name.lower()
+    return name.startswith(".") or name in CLUTTER_NAMES or name.endswith(CLUTTER_SUFFIXES)
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -165,14 +184,21 @@ class Located:
 def _extract(archive: Path, destination: Path) -> Located:
     """Extracts the archive and locates the folder holding the split folders."""
     logging.info("Extracting %s to %s", archive, destination)
-    with tarfile.open(archive) as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(destination, filter="data")  # refuses absolute paths, links out of the tree
-        else:  # Python without extraction filters (3.10 before 3.10.12)
-            for member in tar.getmembers():
-                if member.name.startswith("/") or ".." in Path(member.name).parts:
-                    raise DataConfigError(f"Unsafe path {member.name!r} in {archive}.")
-            tar.extractall(destination)
+    try:
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(destination, filter="data")  # refuses absolute paths, links out of the tree
+            else:  # Python without extraction filters (3.10 before 3.10.12)
+                for member in tar.getmembers():
+                    if member.name.startswith("/") or ".." in Path(member.name).parts:
+                        raise DataConfigError(f"Unsafe path {member.name!r} in {archive}.")
+                tar.extractall(destination)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:  # cut short, not a tar, unsafe member
+        raise DataConfigError(
+            f"{archive} cannot be extracted ({describe_cause(error)}): it is damaged, cut short or not a tar archive, "
+            "or a member points outside it. Download or pack it again (tar czf NAME.tar.gz FOLDER), or give the "
+            "extracted folder as the path."
+        ) from None
     root = destination
     # An archive usually wraps ROOT in one top folder (cifar10-jpeg/train/...): step into it.
     while len(children := _subdirs(root)) == 1 and _looks_like_root(children[0]):
@@ -256,7 +282,11 @@ def _build(folder: Located, work: Path, bad_files: str) -> None:
 
 def _examples(files: list[tuple[Path, str]], folder: Located, bad_files: str,
               skipped: list[str]) -> Iterator[tuple[str, dict]]:
-    """Yields tfds examples holding each file's bytes unchanged, for the files the pipeline can decode."""
+    """Yields tfds examples holding each file's bytes unchanged, for the files the pipeline can decode.
+
+    A class folder of the split left with no decodable image is an error, as an empty class folder is.
+    """
+    kept = collections.Counter()
     with concurrent.futures.ThreadPoolExecutor(thread_name_prefix="qkv_vit_decode_check") as pool:
         for start in range(0, len(files), _DECODE_CHUNK):
             chunk = files[start:start + _DECODE_CHUNK]
@@ -264,8 +294,12 @@ def _examples(files: list[tuple[Path, str]], folder: Located, bad_files: str,
                 if not readable:
                     _reject(file, folder, bad_files, skipped, "not an image the input pipeline can decode")
                     continue
+                kept[file.parent] += 1
                 relative = file.relative_to(folder.root).as_posix()
                 yield relative, {"image": data, "label": class_name, "file_name": relative}
+    for class_dir in sorted({file.parent for file, _ in files} - set(kept)):
+        raise DataConfigError(f"Class folder {folder.shown(class_dir)} holds no image the input pipeline can decode "
+                              "(every file was skipped): remove it or replace its files.")
 
 
 def _read_checked(file: Path) -> tuple[bytes, bool]:

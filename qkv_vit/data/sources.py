@@ -53,12 +53,28 @@ class Source:
         return self.builder.info.splits[split].num_examples
 
     def check_split(self, split: str) -> None:
-        """Raises DataConfigError, listing the valid names, unless `split` (e.g. "train[:10%]") exists."""
+        """Raises DataConfigError, listing the valid names, unless `split` (e.g. "train[:10%]") exists and has
+        examples."""
         try:
-            self.builder.info.splits[split]
+            examples = self.builder.info.splits[split].num_examples
         except (ValueError, KeyError) as error:
             valid = list(self.builder.info.splits.keys())
             raise DataConfigError(f"Bad split {split!r} for {self.description}: {error} Valid splits: {valid}.") from None
+        if not examples:
+            raise DataConfigError(f"Split {split!r} of {self.description} has no examples: choose a larger part.")
+
+    def overlap(self, first: str, second: str) -> int:
+        """How many examples the splits `first` and `second` (sub-splits such as "train[:90%]" included) share."""
+        splits = dict(self.builder.info.splits.items())
+
+        def ranges(spec: str) -> list[tuple[str, int, int]]:  # (split, first index, end index); None: the split's end
+            absolute = tfds.core.ReadInstruction.from_spec(spec).to_absolute(splits)
+            return [(a.splitname, a.from_ or 0, splits[a.splitname].num_examples if a.to is None else a.to)
+                    for a in absolute]
+
+        return sum(max(0, min(a_end, b_end) - max(a_start, b_start))
+                   for a_name, a_start, a_end in ranges(first) for b_name, b_start, b_end in ranges(second)
+                   if a_name == b_name)
 
     def label_counts(self, split: str) -> list[int]:
         """Examples per class in `split`, reading labels only (images stay encoded)."""

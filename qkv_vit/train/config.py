@@ -151,7 +151,7 @@ RUN_RULES = {
     "model": {key: rules.of_type(kind, optional=True) for key, kind in MODEL_OPTIONS.items()},
     "compute_dtype": rules.text(tuple(COMPUTE_DTYPES)),
     "data": None,  # qkv_vit.data.validate_config: DATA_RULES and what each source needs
-    "seed": rules.integer(0),
+    "seed": rules.integer(0, 2**32 - 1),  # jax.random.PRNGKey keeps 32 bits: 2**32 would be seed 0 again
     "global_batch_size": rules.integer(1),
     "eval_batch_size": rules.integer(1, optional=True),
     "total_epochs": rules.number(0.0, low_open=True),
@@ -163,7 +163,8 @@ RUN_RULES = {
     "sharding": rules.text(SHARDING_STRATEGIES),
     "log_every_steps": rules.integer(1),
     "eval_every_steps": rules.integer(0),  # 0: only at the end
-    "eval_name": rules.text(nonempty=True, forbidden="/"),  # metric names are <eval_name>/top1
+    # Metric names are <eval_name>/top1 and ema_<eval_name>/top1, beside train/*: a name must not collide with them.
+    "eval_name": rules.text(nonempty=True, forbidden="/", reserved=("train", "ema_")),
     "checkpoint_every_steps": rules.integer(0),  # 0: only at the end
     "keep_checkpoints": rules.integer(1, optional=True),  # None: keep all
     "async_checkpointing": rules.flag(),
@@ -196,7 +197,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(
         dict(
             name="adamw",  # or "sgd" (with momentum; DeiT's fine-tuning recipe)
-            lr=5e-4,  # at batch 512; scaled by global_batch_size / 512 when scale_lr_by_batch
+            lr=5e-4,  # at 512 images per update; scaled by global batch x accumulation steps / 512 (scale_lr_by_batch)
             scale_lr_by_batch=True,
             warmup_epochs=5.0,
             warmup_steps=config_dict.placeholder(int),  # set: overrides warmup_epochs

@@ -144,18 +144,21 @@ def validate_run_config(config: ml_collections.ConfigDict, model: models.XCiT) -
         sharding.make_mesh(config.mesh)
 
 
-GLOB_CHARACTERS = "[]*?"
+# Characters the checkpoint layers read as something else: Orbax finds a checkpoint's per-process files by a glob
+# pattern built from the path (so with [ ] * ? a checkpoint saves but can never be read back, field case 16), and
+# TensorStore reads a backslash as a path separator (the arrays land in another directory).
+UNSAFE_PATH_CHARACTERS = "[]*?\\"
 
 
 def check_workdir_path(workdir: epath.Path) -> None:
-    """Refuse a workdir path with glob characters: Orbax finds the per-process files of a checkpoint by a glob
-    pattern built from the path, so there a checkpoint saves but can never be read back (field case 16)."""
-    found = sorted({character for character in str(workdir) if character in GLOB_CHARACTERS})
+    """ConfigError for a workdir path whose checkpoints could not be read back (UNSAFE_PATH_CHARACTERS)."""
+    found = sorted({character for character in str(workdir) if character in UNSAFE_PATH_CHARACTERS})
     if found:
         raise ConfigError(
             f"The workdir {workdir} has {' '.join(found)} in its path (the current directory counts for a relative "
-            "--workdir). Orbax reads these as glob patterns when it writes a checkpoint, which could then never be "
-            "restored: choose a --workdir whose full path has none of [ ] * ?."
+            "--workdir). Orbax reads [ ] * ? as glob patterns and TensorStore a backslash as a separator when they "
+            "write a checkpoint, which could then never be restored: choose a --workdir whose full path has none of "
+            "[ ] * ? \\."
         )
 
 
@@ -181,10 +184,11 @@ def log_data_summary(run: Run) -> None:
     logging.info("Data: %s, %d train examples (split %r); evaluation on split %r (%d examples)%s.", config.source,
                  run.num_train_examples, source.train_split, source.eval_split, source.num_examples(source.eval_split),
                  f"; also present: {others} (data.eval_split chooses)" if others else "")
-    if source.eval_split.split("[")[0] == source.train_split.split("[")[0]:
-        logging.warning("Evaluating on split %r of the train split %r (data.eval_split): the %s/* metrics include "
-                        "training images, so they are not held-out accuracy.", source.eval_split, source.train_split,
-                        run.config.eval_name)
+    shared = source.overlap(source.train_split, source.eval_split)
+    if shared:
+        logging.warning("The eval split %r shares %d examples with the train split %r (data.eval_split): the %s/* "
+                        "metrics include training images, so they are not held-out accuracy.", source.eval_split,
+                        shared, source.train_split, run.config.eval_name)
     if config.source != "image_folder":
         return
     prepared = image_folder.prepare_image_folder(config.path, config.cache_dir, config.bad_files)  # cached: reads JSON
@@ -279,9 +283,10 @@ def check_same_run_definition(run: Run, saved_meta: dict[str, Any], checkpoints:
     Another global batch or accumulation: ConfigError (the step would stand for other images and updates). Another
     length: a warning if the run still has steps to go (the schedule follows the new length from here on, as when a
     finished run is extended), a ConfigError if the checkpoint is already at or past the new end (the run would stop
-    there as "finished"). Checkpoints from before these values were recorded are not checked.
+    there as "finished"). Checkpoints from before these values were recorded are checked against the run's
+    config.json and model.json, which described them.
     """
-    now = run_definition(run)
+    now, saved_meta = run_definition(run), {**definition_from_run_files(run.workdir), **saved_meta}
     changed = {key: (saved_meta[key], now[key]) for key in RUN_DEFINITION
                if saved_meta.get(key) is not None and saved_meta[key] != now[key]}
     step = saved_meta["step"]
@@ -304,6 +309,20 @@ def check_same_run_definition(run: Run, saved_meta: dict[str, Any], checkpoints:
         + ". Rerun with " + " ".join(f"--config.{RUN_DEFINITION[key]}={saved}" for key, (saved, _) in changed.items())
         + f" to resume, or start a new --workdir (with --config.init_from={run.workdir} to begin from these weights)."
     )
+
+
+def definition_from_run_files(workdir: epath.Path) -> dict[str, int]:
+    """RUN_DEFINITION's values as the workdir's config.json and model.json have them (runs saved before the
+    checkpoints recorded them); {} where the files are absent or unreadable."""
+    try:
+        config = json.loads((workdir / "config.json").read_text())
+        summary = json.loads((workdir / "model.json").read_text())
+        definition = {"global_batch_size": config["global_batch_size"],
+                      "accumulation_steps": config["optimizer"]["accumulation_steps"],
+                      "total_steps": summary.get("total_steps")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {key: value for key, value in definition.items() if value is not None}
 
 
 def data_changed_note(run: Run, saved_meta: dict[str, Any]) -> str:
