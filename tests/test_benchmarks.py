@@ -84,7 +84,7 @@ def test_input_pipeline_benchmark(data_cache):
     result = run_benchmark("input_pipeline.py", "--cache-dir", str(data_cache), "--preset", "small",
                            "--image-size", "32", "--batch-size", "8", "--batches", "2", "--no-class-counts")
     assert result["num_examples"] == {"train": 1437, "test": 360}  # the offline digits
-    assert_positive_finite(result["images_per_second"])
+    assert_positive_finite(result["median"]["uint8"], result["median"]["host_finished"])
 
 
 @pytest.mark.parametrize("name", ["xcit_p8_d2_img64", "xcit_p16_d3_img96_tokensnorm"])
@@ -118,3 +118,39 @@ def test_torch_reference_parameter_count_is_timms():
         sys.path.remove(str(BENCHMARKS))
     model = torch_xcit.create("xcit_nano_12_p16")
     assert sum(p.numel() for p in model.parameters()) == 3_053_224  # timm's published count
+
+
+WITHOUT_TENSORFLOW = """
+import runpy, sys
+class Refuse:  # the GPU machines this script is for have none of these
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "clu", "ml_collections"):
+            raise ImportError(f"No module named {name!r}")
+sys.meta_path.insert(0, Refuse())
+sys.argv = sys.argv[1:]
+sys.path.insert(0, str(__import__("pathlib").Path(sys.argv[0]).parent))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_device_check_runs_without_tensorflow_and_records_every_measurement(tmp_path):
+    """The one-command GPU check, on this CPU with a tiny model: every line of its JSONL is a measurement (or a
+    skip with its reason), written as it goes. It builds and steps models (both layer implementations, the
+    device-side finishing) with TensorFlow, tfds, clu and ml_collections refused: TF reads data, nothing more."""
+    out = tmp_path / "device_check.jsonl"
+    command = [sys.executable, "-c", WITHOUT_TENSORFLOW, str(BENCHMARKS / "device_check.py"), "--smoke", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds == ["device", "copy", "train_step", "train_step", "timm"]
+    assert records[0]["backend"] == "cpu" and records[0]["device_count"] >= 1
+    assert_positive_finite(records[1]["uint8_gb_per_s"], records[1]["float32_gb_per_s"])
+    for step in records[2:4]:
+        assert "error" not in step, step
+        assert_positive_finite(step["images_per_s"], step["step_ms"], step["compile_s"], step["loss"])
+    assert (records[2]["layer_impl"], records[3]["layer_impl"], records[3]["feed"]) == ("flax", "cpu", "host")
+    assert "images_per_s" in records[4] or "needs torch and timm" in records[4].get("skipped", "")
+    assert json.loads(result.stdout.strip().splitlines()[-1])["measured"] == 4
+

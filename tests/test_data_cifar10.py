@@ -55,6 +55,6 @@ def test_top1_on_the_test_split_counts_exactly_10000_images(config, process_coun
 
 def test_train_batches_from_the_archive(config):
     batch = next(data.build_train_iterator(config, 64, seed=0, process_index=0, process_count=1, local_device_count=1))
-    assert batch["image"].shape == (64, 32, 32, 3) and batch["soft_label"].shape == (64, 10)
-    assert batch["image"].std() > 0.3  # real photos, not padding
+    assert batch["image"].shape == (64, 32, 32, 3) and batch["image"].dtype == np.uint8  # the device finishes it
+    assert batch["image"].std() > 30  # real photos, not padding
     assert len(np.unique(batch["label"])) >= 5

@@ -47,8 +47,17 @@ def split_ids(folder, split):
 
 # ---- train batches ----
 
-def test_train_batch_format_with_the_full_xcit_recipe(cache_dir):
+def test_train_batches_leave_the_host_as_uint8_for_the_device_to_finish(cache_dir):
     batch = next(data.build_train_iterator(digits_config(cache_dir), 32, seed=0, **ONE_PROCESS))
+    assert set(batch) == {"image", "label"}
+    assert batch["image"].shape == (32, 16, 16, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
+    evaluation = next(iter(data.build_eval_iterator(digits_config(cache_dir), 32, **ONE_PROCESS)))
+    assert evaluation["image"].dtype == np.uint8 and evaluation["mask"].dtype == np.float32
+
+
+def test_train_batch_format_finished_on_the_host_with_the_full_xcit_recipe(cache_dir):
+    batch = next(data.build_train_iterator(digits_config(cache_dir), 32, seed=0, finish_on_host=True, **ONE_PROCESS))
     assert set(batch) == {"image", "label", "soft_label"}
     assert batch["image"].shape == (32, 16, 16, 3) and batch["image"].dtype == np.float32
     assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32

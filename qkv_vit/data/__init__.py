@@ -1,6 +1,7 @@
 """Input pipelines: tfds / image folders / offline digits -> XCiT's augmentation -> numpy batches for JAX.
 
-Everything here runs on the host (TensorFlow on CPU, never on the accelerator). Typical use:
+Everything here runs on the host (TensorFlow on CPU, never on the accelerator); train and eval images leave it
+as uint8, and the trainer's step finishes them on the device (qkv_vit.train.finishing). Typical use:
 
     from qkv_vit import data
     config = data.get_config("xcit", source="tfds", name="imagenet2012")

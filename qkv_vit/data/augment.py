@@ -125,8 +125,11 @@ def resize_and_center_crop(image: tf.Tensor, size: int, crop_ratio: float = 1.0,
     return tf.ensure_shape(tf.slice(resized, [top, left, 0], [size, size, 3]), [size, size, 3])
 
 
-def train_preprocess(config: ml_collections.ConfigDict) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """(encoded image, seed [2]) -> float32 image_size x image_size x 3, with config.augment's recipe."""
+def train_preprocess(config: ml_collections.ConfigDict,
+                     finish: bool = True) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """(encoded image, seed [2]) -> image_size x image_size x 3, with config.augment's recipe: float32 after
+    normalization and random erasing, or with finish=False uint8 after colour jitter (the device finishes it:
+    qkv_vit.train.finishing)."""
     augment, size = config.augment, config.image_size
     fill = tuple(round(255 * m) for m in config.mean)  # timm fills rotations/shears with the mean colour
 
@@ -143,6 +146,8 @@ def train_preprocess(config: ml_collections.ConfigDict) -> Callable[[tf.Tensor, 
             )
         if augment.color_jitter > 0:
             image = color_jitter(image, jitter_seed, augment.color_jitter)
+        if not finish:
+            return image
         image = normalize(image, config.mean, config.std)
         if augment.erasing_prob > 0:
             image = random_erasing(image, erasing_seed, augment.erasing_prob, augment.erasing_area,
@@ -152,11 +157,12 @@ def train_preprocess(config: ml_collections.ConfigDict) -> Callable[[tf.Tensor, 
     return preprocess
 
 
-def eval_preprocess(config: ml_collections.ConfigDict) -> Callable[[tf.Tensor], tf.Tensor]:
-    """encoded image -> float32 image_size x image_size x 3: resize, center crop, normalize."""
+def eval_preprocess(config: ml_collections.ConfigDict, finish: bool = True) -> Callable[[tf.Tensor], tf.Tensor]:
+    """encoded image -> image_size x image_size x 3: resize, center crop, then normalize to float32 (or, with
+    finish=False, uint8 for the device to normalize)."""
 
     def preprocess(encoded: tf.Tensor) -> tf.Tensor:
         image = resize_and_center_crop(decode(encoded), config.image_size, config.crop_ratio)
-        return normalize(image, config.mean, config.std)
+        return normalize(image, config.mean, config.std) if finish else image
 
     return preprocess

@@ -8,6 +8,12 @@ seed, and a job resumed at step k skips the encoded records of the batches it al
 
 Eval: every process gets the same number of batches; the last ones are padded with zero images
 whose "mask" is 0, so each example of the split is counted exactly once, whatever the batch size.
+
+Images leave as uint8 after the per-image augmentation (crop, flip, RandAugment, colour jitter): the
+trainer's step normalizes, erases and mixes them on the device (qkv_vit.train.finishing), so the host
+ships a quarter of float32's bytes and does no per-pixel float work. `finish_on_host=True` gives the
+finished float32 batches instead (normalized, erased, mixed with soft labels), for consumers outside the
+trainer. tf.data runs on a private thread pool with one thread per op, as big_vision configures it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
+import os
 from typing import Callable, Iterator
 
 import ml_collections
@@ -69,8 +76,9 @@ def local_batch_size(global_batch_size: int, process_count: int, local_device_co
 
 def build_train_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int, *, seed: int | None = None,
                          process_index: int | None = None, process_count: int | None = None, start_step: int = 0,
-                         local_device_count: int | None = None) -> Iterator[Batch]:
-    """Endless train batches {"image" (B,H,W,3) float32, "label" (B,) int32, "soft_label" (B,C) float32}.
+                         local_device_count: int | None = None, finish_on_host: bool = False) -> Iterator[Batch]:
+    """Endless train batches {"image" (B,H,W,3) uint8, "label" (B,) int32}, for the device to finish; with
+    `finish_on_host` {"image" float32 normalized and erased, "label", "soft_label" (B,C) float32}, mixed.
 
     B = global_batch_size / process_count. `seed` defaults to data_config.seed; `start_step` resumes
     the stream: the first batch yielded is batch `start_step` of the stream that starts at 0.
@@ -83,7 +91,7 @@ def build_train_iterator(data_config: ml_collections.ConfigDict, global_batch_si
     source = open_source(data_config)  # after the cheap checks: it may convert an image folder
     split, steps = _train_steps(source, local_batch, process_index, process_count)
     num_classes = data_config.num_classes or source.num_classes
-    augment, mix = _train_functions(data_config, local_batch, num_classes)
+    augment, mix = _train_functions(data_config, local_batch, num_classes, finish_on_host)
 
     def make_epoch(epoch: int, skip_batches: int) -> tf.data.Dataset:
         return _train_epoch(source, data_config, split, local_batch, steps, augment, mix,
@@ -128,14 +136,17 @@ def _parallel(config: ml_collections.ConfigDict) -> int:
     return tf.data.AUTOTUNE if config.num_parallel_calls < 0 else config.num_parallel_calls
 
 
-def _train_functions(config: ml_collections.ConfigDict, local_batch: int,
-                     num_classes: int) -> tuple[Callable, Callable]:
-    """The per-image augmentation and per-batch mixing, traced once and reused by every epoch's pipeline."""
+def _train_functions(config: ml_collections.ConfigDict, local_batch: int, num_classes: int,
+                     finish: bool) -> tuple[Callable, Callable | None]:
+    """The per-image augmentation and (finishing on the host) the per-batch mixing, traced once and reused by every
+    epoch's pipeline."""
     size, augment = config.image_size, config.augment
     preprocess = tf.function(
-        augment_lib.train_preprocess(config),
+        augment_lib.train_preprocess(config, finish),
         input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)],
     )
+    if not finish:
+        return preprocess, None
     mix = tf.function(
         functools.partial(
             mix_batch, num_classes=num_classes, mixup_alpha=augment.mixup_alpha, cutmix_alpha=augment.cutmix_alpha,
@@ -148,7 +159,7 @@ def _train_functions(config: ml_collections.ConfigDict, local_batch: int,
 
 
 def _train_epoch(source: Source, config: ml_collections.ConfigDict, split, local_batch: int, steps: int,
-                 augment: Callable, mix: Callable, seeds: list[int], skip_batches: int) -> tf.data.Dataset:
+                 augment: Callable, mix: Callable | None, seeds: list[int], skip_batches: int) -> tf.data.Dataset:
     example_seed, mix_seed, shuffle_seed = seeds
     records = source.read(split, shuffle_seed=shuffle_seed)
     if config.shuffle_buffer > 1:
@@ -172,14 +183,20 @@ def _train_epoch(source: Source, config: ml_collections.ConfigDict, split, local
         return {"image": images, "label": batch["label"], "soft_label": soft_labels}
 
     batches = records.map(augment_example, num_parallel_calls=_parallel(config), deterministic=True)
-    batches = batches.batch(local_batch, drop_remainder=True).enumerate(start=skip_batches)
-    batches = batches.map(mix_batch_at, num_parallel_calls=_parallel(config), deterministic=True)
+    batches = batches.batch(local_batch, drop_remainder=True)
+    if mix is not None:
+        batches = batches.enumerate(start=skip_batches).map(mix_batch_at, num_parallel_calls=_parallel(config),
+                                                            deterministic=True)
     return _with_options(batches.prefetch(config.prefetch))
 
 
 def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.deterministic = True  # same seed, same batches, whatever the thread timing
+    # big_vision's settings: the pipeline's own thread pool, and no op that spreads itself over several threads
+    # (parallelism comes from the parallel maps, which AUTOTUNE sizes within the pool).
+    options.threading.private_threadpool_size = os.cpu_count() or 1
+    options.threading.max_intra_op_parallelism = 1
     return dataset.with_options(options)
 
 
@@ -218,8 +235,9 @@ class EvalBatches:
 
 def build_eval_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int, split: str | None = None, *,
                         process_index: int | None = None, process_count: int | None = None,
-                        local_device_count: int | None = None) -> EvalBatches:
-    """Eval batches {"image", "label" int32, "mask" float32 (1 real, 0 padding)} of `split` (default: the eval split)."""
+                        local_device_count: int | None = None, finish_on_host: bool = False) -> EvalBatches:
+    """Eval batches {"image" uint8 (float32 normalized with `finish_on_host`), "label" int32, "mask" float32
+    (1 real, 0 padding)} of `split` (default: the eval split)."""
     process_index, process_count = _processes(process_index, process_count)
     local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
     source = open_source(data_config)
@@ -229,14 +247,15 @@ def build_eval_iterator(data_config: ml_collections.ConfigDict, global_batch_siz
              for index in range(process_count)]
     # Every process runs as many batches as the largest part needs, so collective ops stay in step.
     num_batches = math.ceil(max(source.num_examples(part) for part in parts) / local_batch)
-    preprocess = augment_lib.eval_preprocess(data_config)
+    preprocess = augment_lib.eval_preprocess(data_config, finish_on_host)
     examples = source.read(parts[process_index]).map(
         lambda example: {"image": preprocess(example["image"]), "label": example["label"], "mask": tf.constant(1.0)},
         num_parallel_calls=_parallel(data_config), deterministic=True,
     )
     size = data_config.image_size
     padding = tf.data.Dataset.from_tensors(
-        {"image": tf.zeros([size, size, 3]), "label": tf.constant(0), "mask": tf.constant(0.0)}
+        {"image": tf.zeros([size, size, 3], tf.float32 if finish_on_host else tf.uint8), "label": tf.constant(0),
+         "mask": tf.constant(0.0)}
     ).repeat()
     batches = examples.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
     dataset = _with_options(batches.prefetch(data_config.prefetch))

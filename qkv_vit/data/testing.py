@@ -48,6 +48,7 @@ def write_tar(folder: str | Path, archive: str | Path, top: str = "images") -> P
 
 def ids_from_images(images: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
                     std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
-    """Inverse of id_colour for normalized flat images (B,H,W,3): the example id of each."""
-    pixels = np.round((images[:, images.shape[1] // 2, images.shape[2] // 2] * std + mean) * 255).astype(np.int64)
+    """Inverse of id_colour for flat images (B,H,W,3), uint8 or normalized float: the example id of each."""
+    centre = images[:, images.shape[1] // 2, images.shape[2] // 2]
+    pixels = centre.astype(np.int64) if images.dtype == np.uint8 else np.round((centre * std + mean) * 255).astype(np.int64)
     return pixels[:, 0] + 256 * pixels[:, 1]

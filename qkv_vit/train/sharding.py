@@ -8,7 +8,9 @@ evenly (ZeRO-3 style); XLA inserts the gathers. With "replicate" every device ho
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import collections
+import itertools
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -72,3 +74,18 @@ def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str) -> Any:
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assemble each process's numpy batch into global arrays sharded over the mesh."""
     return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()}
+
+
+def prefetch_to_device(batches: Iterable[dict[str, np.ndarray]], size: int,
+                       sharding: NamedSharding) -> Iterator[dict[str, jax.Array]]:
+    """The global batches of `batches`, each put on its devices `size` batches ahead of its use.
+
+    Transfers are asynchronous: while the step runs on one batch, the next `size` are already on their way
+    (flax's prefetch_to_device, for jit's sharded global arrays). Reading ahead changes nothing about which
+    batches come: an interrupted run resumes the stream at its step, whatever was read ahead.
+    """
+    iterator = iter(batches)
+    queue = collections.deque(global_batch(batch, sharding) for batch in itertools.islice(iterator, size))
+    while queue:
+        yield queue.popleft()
+        queue.extend(global_batch(batch, sharding) for batch in itertools.islice(iterator, 1))

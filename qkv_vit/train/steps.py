@@ -1,12 +1,20 @@
-"""The jitted train and eval steps."""
+"""The train and eval steps, and their jitted, sharded form (`jit_steps`), which the trainer and the benchmarks
+share. Nothing here needs TensorFlow: a model can be stepped on synthetic batches where only JAX is installed."""
 
-from typing import Any
+import dataclasses
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
 
-from qkv_vit.train.state import TrainState
+from qkv_vit.train import sharding
+from qkv_vit.train.finishing import BatchFinishing, finish_train_batch, normalize
+from qkv_vit.train.state import TrainState, create_train_state
+
+AUGMENTATION_STREAM = 0x6175  # fold_in tag: the step's augmentation key, apart from its dropout key
 
 
 def train_step(
@@ -19,13 +27,20 @@ def train_step(
     ema_decay: float | None,
     accumulation_steps: int,
     skip_nonfinite: bool,
+    finishing: BatchFinishing | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One forward/backward/update on a global batch with soft targets (mixup and label smoothing folded in).
+    """One forward/backward/update on a global batch.
 
+    With `finishing` the batch is {"image" uint8, "label"}, normalized, erased and mixed here (finishing.py; each
+    device mixes its shard of `mesh`); without, it is already finished: {"image" float32, "label", "soft_label"}.
     A non-finite loss, gradient or updated parameter never reaches the state: the update is dropped and the step is
     recorded in `nonfinite_step`; without `skip_nonfinite` every later update is dropped too, so the state
     stays the last good one while the host notices and stops.
     """
+    step_key = jax.random.fold_in(state.rng, state.step)  # keys from the run's seed and the step: exact resume
+    if finishing is not None:
+        batch = finish_train_batch(batch, jax.random.fold_in(step_key, AUGMENTATION_STREAM), finishing, mesh)
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, jax.Array]]:
         logits, updates = model.apply(
@@ -33,7 +48,7 @@ def train_step(
             batch["image"],
             train=True,
             mutable=["batch_stats"],
-            rngs={"dropout": jax.random.fold_in(state.rng, state.step)},
+            rngs={"dropout": step_key},
         )
         loss = optax.softmax_cross_entropy(logits, batch["soft_label"]).mean()
         return loss, (updates["batch_stats"], logits)
@@ -72,9 +87,14 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, model: Any) -> dict[str, jax.Array]:
-    """Sums over the real (mask = 1) examples of a padded batch: count, loss, top-1 and top-5 hits."""
-    logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=False)
+def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, model: Any,
+              finishing: BatchFinishing | None = None) -> dict[str, jax.Array]:
+    """Sums over the real (mask = 1) examples of a padded batch: count, loss, top-1 and top-5 hits.
+
+    With `finishing` the images are uint8 and normalized here; without, they are already normalized float32.
+    """
+    images = batch["image"] if finishing is None else normalize(batch["image"], finishing.mean, finishing.std)
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     k = min(5, logits.shape[-1])
@@ -85,3 +105,38 @@ def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, mod
         "top1": ((top_k[:, 0] == labels) * mask).sum(),
         "top5": ((top_k == labels[:, None]).any(-1) * mask).sum(),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class JittedSteps:
+    """A run's state layout and compiled-on-first-call steps."""
+
+    init_state: Callable[[], TrainState]  # a fresh initialization (jit it with out_shardings=state_sharding)
+    abstract_state: TrainState  # shapes and dtypes only
+    state_sharding: Any
+    batch_sharding: NamedSharding
+    train_step: Callable  # (state, batch) -> (state, metrics); the state is donated
+    eval_step: Callable  # (params, batch_stats, batch) -> sums
+
+
+def jit_steps(model: Any, optimizer: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh, *,
+              seed: int, image_size: int, ema_decay: float | None, sharding_strategy: str, accumulation_steps: int,
+              skip_nonfinite: bool, finishing: BatchFinishing | None) -> JittedSteps:
+    """The steps jitted over `mesh`: the state placed by `sharding_strategy` ("replicate" or "fsdp"), the batch
+    split over every device, the state donated to the train step; shapes from jax.eval_shape."""
+    init = functools.partial(create_train_state, model, optimizer, jax.random.PRNGKey(seed), image_size,
+                             ema_decay is not None)
+    abstract_state = jax.eval_shape(init)
+    state_sharding = sharding.state_shardings(abstract_state, mesh, sharding_strategy)
+    batch_sharding = sharding.batch_sharding(mesh)
+    jitted_train_step = jax.jit(
+        functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule, ema_decay=ema_decay,
+                          accumulation_steps=accumulation_steps, skip_nonfinite=skip_nonfinite, finishing=finishing,
+                          mesh=mesh),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    jitted_eval_step = jax.jit(functools.partial(eval_step, model=model, finishing=finishing),
+                               out_shardings=sharding.replicated(mesh))
+    return JittedSteps(init, abstract_state, state_sharding, batch_sharding, jitted_train_step, jitted_eval_step)

@@ -11,7 +11,6 @@ did not complete only evaluates.
 import contextlib
 import dataclasses
 import errno
-import functools
 import json
 import logging
 import time
@@ -33,12 +32,14 @@ from qkv_vit.train import sharding, steps
 from qkv_vit.train.checkpointing import (RunCheckpoints, all_processes_agree, check_fine_tuning_fit,
                                          merge_for_fine_tuning)
 from qkv_vit.train.config import COMPUTE_DTYPES, check_config
+from qkv_vit.train.finishing import BatchFinishing
 from qkv_vit.train.logging_utils import create_writer, read_metrics
 from qkv_vit.train.optimizer import learning_rate, make_optimizer
 from qkv_vit.train.preemption import PreemptionWatcher
-from qkv_vit.train.state import TrainState, create_train_state
+from qkv_vit.train.state import TrainState
 from qkv_vit.weights import read_variables
 
+DEVICE_PREFETCH = 2  # batches on their way to the devices ahead of the step
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # disk full, read-only
 
 
@@ -214,26 +215,16 @@ def build_run(config: ml_collections.ConfigDict, workdir: epath.Path | None, sou
     with config_mistakes("config.optimizer"):
         schedule = learning_rate(config.optimizer, config.global_batch_size, total_steps, warmup_steps)
         optimizer = make_optimizer(config.optimizer, schedule)
-    init = functools.partial(
-        create_train_state, model, optimizer, jax.random.PRNGKey(config.seed), config.data.image_size,
-        config.ema_decay is not None,
+    jitted = steps.jit_steps(
+        model, optimizer, schedule, mesh, seed=config.seed, image_size=config.data.image_size,
+        ema_decay=config.ema_decay, sharding_strategy=config.sharding,
+        accumulation_steps=config.optimizer.accumulation_steps, skip_nonfinite=config.nonfinite == "skip",
+        finishing=BatchFinishing.from_config(config.data, num_classes),  # the data pipeline ships uint8 batches
     )
-    abstract_state = jax.eval_shape(init)
-    state_sharding = sharding.state_shardings(abstract_state, mesh, config.sharding)
-    batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jax.jit(
-        functools.partial(
-            steps.train_step, model=model, optimizer=optimizer, schedule=schedule, ema_decay=config.ema_decay,
-            accumulation_steps=config.optimizer.accumulation_steps, skip_nonfinite=config.nonfinite == "skip",
-        ),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    eval_step = jax.jit(functools.partial(steps.eval_step, model=model), out_shardings=sharding.replicated(mesh))
     num_train_examples = source.num_examples(source.train_split) if source else 0
-    return Run(config, workdir, source, num_train_examples, model, mesh, total_steps, schedule, optimizer, init,
-               abstract_state, state_sharding, batch_sharding, train_step, eval_step)
+    return Run(config, workdir, source, num_train_examples, model, mesh, total_steps, schedule, optimizer,
+               jitted.init_state, jitted.abstract_state, jitted.state_sharding, jitted.batch_sharding,
+               jitted.train_step, jitted.eval_step)
 
 
 def run_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -378,13 +369,15 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
             logging.info("The run in %s finished training at step %d; running its final evaluation.", run.workdir, start)
             log_eval(run, writer, start, state, build_eval_batches(config))
         return state
-    train_batches = data.build_train_iterator(config.data, config.global_batch_size, seed=config.seed, start_step=start)
+    train_batches = sharding.prefetch_to_device(
+        data.build_train_iterator(config.data, config.global_batch_size, seed=config.seed, start_step=start),
+        DEVICE_PREFETCH, run.batch_sharding)
     eval_batches = build_eval_batches(config)
     report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
     pending, last_log = [], (start, time.perf_counter())
     with PreemptionWatcher(config.log_every_steps) as preemption:
         for step in range(start + 1, total + 1):
-            state, metrics = run.train_step(state, sharding.global_batch(next(train_batches), run.batch_sharding))
+            state, metrics = run.train_step(state, next(train_batches))
             pending.append(metrics)
             report(step)
             if step % config.log_every_steps == 0 or step == total:
@@ -487,8 +480,8 @@ def log_eval(run: Run, writer: metric_writers.MetricWriter, step: int, state: Tr
 def evaluate(run: Run, params: Any, batch_stats: Any, batches: Iterable) -> dict[str, float]:
     """top1 / top5 / loss over every example of the eval split exactly once (padding is masked out)."""
     totals = None
-    for batch in batches:
-        sums = run.eval_step(params, batch_stats, sharding.global_batch(batch, run.batch_sharding))
+    for batch in sharding.prefetch_to_device(batches, DEVICE_PREFETCH, run.batch_sharding):
+        sums = run.eval_step(params, batch_stats, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])

@@ -1,0 +1,243 @@
+"""One command on a GPU (or TPU) host: how fast qkv_vit trains there, and against timm on the same device.
+
+    python benchmarks/device_check.py                      # about 7 minutes on one GPU; writes device_check.jsonl
+    python benchmarks/device_check.py --out $OUT/device_check.jsonl --budget-s 420
+    python benchmarks/device_check.py --smoke              # a 1-block model at 32x32 on any backend, seconds
+
+Measures, in order of importance, until --budget-s is spent (what does not fit is recorded as skipped):
+host-to-device copy rates of a uint8 and a float32 batch; then the trainer's own training step (AdamW,
+BatchNorm statistics, the device-side finishing of uint8 batches: normalization, random erasing, mixup /
+cutmix) of XCiT-N12/16 and T12/16 at batch 256, 224x224, in bfloat16 and float32, QKV linear and F-SNE m=8,
+layer_impl "flax" and "cpu", on a device-resident uint8 batch and fed from host numpy batches (the
+trainer's feeding: two batches in flight): images/s, step time, compile time, MFU against the device's
+bfloat16 peak, peak device memory; and, where torch and timm import, timm's XCiT training step (AMP
+bfloat16, AdamW) eager and under torch.compile on the same device.
+
+Needs jax, flax, optax and this package only: no TensorFlow, tfds, clu or ml_collections (the accelerator
+machines it is meant for lack them). Every measurement is printed and appended to the JSONL file as soon as
+it is made, so a run cut short keeps what it measured. The last line printed is a JSON summary.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+import harness
+from train_step import TRAIN_FLOPS_PER_MAC, peak_tflops
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NUM_CLASSES = 1000
+TIMM_NAMES = {"xcit_nano_12_p16": "xcit_nano_12_p16_224", "xcit_tiny_12_p16": "xcit_tiny_12_p16_224"}
+
+
+def plan(smoke: bool) -> list[dict[str, Any]]:
+    """The measurements, most important first. Step configs: model, qkv, dtype, layer_impl, feed."""
+    def step(model, qkv="linear", dtype="bfloat16", impl="flax", feed="device"):
+        return {"kind": "train_step", "model": model, "qkv": qkv, "dtype": dtype, "layer_impl": impl, "feed": feed}
+
+    nano, tiny = "xcit_nano_12_p16", "xcit_tiny_12_p16"
+    order = [{"kind": "copy"}, step(nano), {"kind": "timm", "model": nano, "compiled": False}, step(nano, feed="host"),
+             step(nano, impl="cpu"), step(nano, "fsne_m8"), step(nano, dtype="float32"), step(tiny),
+             {"kind": "timm", "model": nano, "compiled": True}, step(tiny, "fsne_m8"),
+             {"kind": "timm", "model": tiny, "compiled": False}, {"kind": "timm", "model": tiny, "compiled": True}]
+    if smoke:
+        return [{"kind": "copy"}, step(nano), step(nano, dtype="float32", impl="cpu", feed="host"),
+                {"kind": "timm", "model": nano, "compiled": False}]
+    every = [step(m, q, d, i, f) for m, q, d, i, f in itertools.product(
+        (nano, tiny), ("linear", "fsne_m8"), ("bfloat16", "float32"), ("flax", "cpu"), ("device", "host"))]
+    return order + [config for config in every if config not in order]
+
+
+def record(out: Path, result: dict[str, Any]) -> None:
+    print(json.dumps(result, sort_keys=True), flush=True)
+    with out.open("a") as file:
+        file.write(json.dumps(result, sort_keys=True) + "\n")
+
+
+def copy_rates(args: argparse.Namespace) -> dict[str, Any]:
+    """Host-to-device copy rate of one batch, uint8 and float32 (median of 5 copies, after one)."""
+    import jax
+    import numpy as np
+
+    device = jax.local_devices()[0]
+    result = {"batch": args.batch_size, "image_size": args.image_size}
+    for dtype in ("uint8", "float32"):
+        batch = np.zeros((args.batch_size, args.image_size, args.image_size, 3), dtype)
+        jax.device_put(batch, device).block_until_ready()
+        seconds = harness.median(harness.time_calls(lambda: jax.device_put(batch, device).block_until_ready(), 5))
+        result[f"{dtype}_gb_per_s"] = round(batch.nbytes / seconds / 1e9, 2)
+        result[f"{dtype}_images_per_s"] = round(args.batch_size / seconds, 1)
+    return result
+
+
+def optimizer_config(batch_size: int) -> types.SimpleNamespace:
+    """XCiT's AdamW recipe (what configs/imagenet.py sets), without ml_collections."""
+    return types.SimpleNamespace(name="adamw", lr=5e-4, scale_lr_by_batch=True, accumulation_steps=1,
+                                 warmup_init_lr=1e-6, min_lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
+                                 code_weight_decay=False, grad_clip_norm=0.0)
+
+
+def build_step(config: dict[str, Any], args: argparse.Namespace):
+    import jax
+    import jax.numpy as jnp
+
+    from qkv_vit import models
+    from qkv_vit.train import optimizer, sharding, steps
+    from qkv_vit.train.finishing import BatchFinishing
+
+    overrides = dict(depth=1, embed_dim=32, num_heads=4, cls_attn_layers=1) if args.smoke else {}
+    model = models.create(config["model"], qkv=None if config["qkv"] == "linear" else config["qkv"],
+                          dtype={"bfloat16": jnp.bfloat16, "float32": jnp.float32}[config["dtype"]],
+                          layer_impl=config["layer_impl"], **overrides)
+    opt = optimizer_config(args.batch_size)
+    schedule = optimizer.learning_rate(opt, args.batch_size, total_steps=500_000, warmup_steps=6_250)
+    recipe = BatchFinishing(IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, erasing_prob=0.25, mixup_alpha=0.8,
+                            cutmix_alpha=1.0, label_smoothing=0.1)  # XCiT's
+    mesh = sharding.make_mesh({"data": -1, "model": 1})
+    jitted = steps.jit_steps(model, optimizer.make_optimizer(opt, schedule), schedule, mesh, seed=0,
+                             image_size=args.image_size, ema_decay=None, sharding_strategy="replicate",
+                             accumulation_steps=1, skip_nonfinite=False, finishing=recipe)
+    return model, jitted, jax.jit(jitted.init_state, out_shardings=jitted.state_sharding)()
+
+
+def train_step(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    from qkv_vit.models.flops import count_macs
+    from qkv_vit.train import sharding
+
+    model, jitted, state = build_step(config, args)
+    rng = np.random.default_rng(0)
+    pool = [{"image": rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3), np.uint8),
+             "label": rng.integers(0, NUM_CLASSES, args.batch_size).astype(np.int32)} for _ in range(3)]
+    if config["feed"] == "device":
+        resident = sharding.global_batch(pool[0], jitted.batch_sharding)
+        batches = itertools.repeat(resident)
+    else:  # as the trainer feeds: host numpy batches put on the devices two steps ahead
+        batches = sharding.prefetch_to_device(itertools.cycle(pool), 2, jitted.batch_sharding)
+    start = time.perf_counter()
+    compiled = jitted.train_step.lower(state, next(batches)).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(1 + args.warmup):
+        state, metrics = compiled(state, next(batches))
+    jax.block_until_ready(metrics["loss"])
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = compiled(state, next(batches))
+    loss = float(jax.block_until_ready(metrics["loss"]))
+    step_s = (time.perf_counter() - start) / args.steps
+    devices = jax.devices()
+    images_per_s = args.batch_size / step_s
+    peak = peak_tflops(devices[0].device_kind, args.peak_tflops)
+    achieved = images_per_s * TRAIN_FLOPS_PER_MAC * count_macs(model, args.image_size) / 1e12
+    return {**config, "batch": args.batch_size, "image_size": args.image_size, "images_per_s": round(images_per_s, 1),
+            "step_ms": round(1e3 * step_s, 2), "compile_s": round(compile_s, 1), "loss": loss,
+            "model_tflops": round(achieved, 2), "mfu_vs_bf16_peak": round(achieved / (peak * len(devices)), 4)
+            if peak else None, **harness.peak_memory(devices)}
+
+
+def timm_step(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """timm's XCiT training step: AdamW, AMP bfloat16, channels-first float batches already on the device."""
+    try:
+        import timm
+        import torch
+    except ImportError as error:
+        return {**config, "skipped": f"needs torch and timm ({error})"}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    overrides = dict(depth=1, embed_dim=32, num_heads=4, cls_attn_layers=1, img_size=args.image_size) if args.smoke else {}
+    model = timm.create_model(TIMM_NAMES[config["model"]], num_classes=NUM_CLASSES, **overrides).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    targets = torch.softmax(torch.randn(args.batch_size, NUM_CLASSES, device=device), dim=-1)
+    forward = torch.compile(model) if config["compiled"] else model
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = torch.sum(-targets * torch.log_softmax(forward(images), dim=-1), dim=-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    step()
+    synchronize()
+    first_s = time.perf_counter() - start  # includes torch.compile's compilation
+    for _ in range(args.warmup):
+        step()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize()
+    step_s = (time.perf_counter() - start) / args.steps
+    memory = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return {**config, "device": device, "batch": args.batch_size, "image_size": args.image_size,
+            "images_per_s": round(args.batch_size / step_s, 1), "step_ms": round(1e3 * step_s, 2),
+            "first_step_s": round(first_s, 1), "torch": torch.__version__, "timm": timm.__version__,
+            "peak_memory_bytes": memory}
+
+
+MEASURE: dict[str, Callable[[dict[str, Any], argparse.Namespace], dict[str, Any]]] = {
+    "copy": lambda config, args: {**config, **copy_rates(args)}, "train_step": train_step, "timm": timm_step}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "device_check.jsonl"))
+    parser.add_argument("--budget-s", type=float, default=420.0, help="start no measurement after this many seconds")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+    parser.add_argument("--peak-tflops", type=float, help="bfloat16 peak TFLOP/s per device (default: a table)")
+    parser.add_argument("--smoke", action="store_true", help="a 1-block model at 32x32, batch 8, a short plan")
+    args = parser.parse_args(argv)
+    args.batch_size = args.batch_size or (8 if args.smoke else 256)
+    args.image_size = args.image_size or (32 if args.smoke else 224)
+    if args.smoke:
+        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import jax
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    device = jax.devices()[0]
+    record(out, {"kind": "device", "backend": jax.default_backend(), "device_kind": device.device_kind,
+                 "device_count": jax.device_count(), "jax": jax.__version__,
+                 "peak_bf16_tflops": peak_tflops(device.device_kind, args.peak_tflops), "smoke": args.smoke,
+                 "date": time.strftime("%Y-%m-%d"), **harness.machine()})
+    done, skipped = [], []
+    for config in plan(args.smoke):
+        if time.perf_counter() - started > args.budget_s:
+            skipped.append(config)
+            record(out, {**config, "skipped": f"over the {args.budget_s:.0f} s budget"})
+            continue
+        try:
+            result = MEASURE[config["kind"]](config, args)
+        except Exception as error:  # one failing configuration (e.g. out of memory) must not lose the others
+            result = {**config, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+        record(out, {**result, "elapsed_s": round(time.perf_counter() - started, 1)})
+        done.append(result)
+    summary = {"kind": "summary", "measured": len(done), "skipped": len(skipped), "out": str(out),
+               "seconds": round(time.perf_counter() - started, 1)}
+    harness.emit(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
