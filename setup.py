@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.7",  # code-analysis plots
     "absl-py>=2.0",
     "importlib_resources>=6.0",  # tensorflow-datasets imports it when building a data set but does not declare it
+    # mimalloc, preloaded by `python -m qkv_vit.main` where no tcmalloc is installed (qkv_vit/allocator.py).
+    "cmeel-mimalloc>=3.4; sys_platform == 'linux'",
 ]
 
 NOTEBOOK_RUNNER = ["nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"]

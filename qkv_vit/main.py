@@ -7,7 +7,15 @@ Exit codes: 0 finished; 2 bad input (flag, config value, data, weights), 3 loss 
 4 storage (workdir not writable, a checkpoint write failed, no checkpoint readable), each with one `error:`
 line on stderr that says what to do; 143 stopped by SIGTERM/SIGINT after saving (rerun to resume);
 1 an unexpected exception (a bug: its traceback is printed).
+
+On Linux the command first re-executes itself with a faster malloc preloaded (qkv_vit/allocator.py);
+QKV_VIT_ALLOCATOR=system keeps glibc's.
 """
+
+if __name__ == "__main__":  # before the heavy imports below, which the re-executed process then does once
+    from qkv_vit.allocator import preload_allocator
+
+    preload_allocator()
 
 import logging
 import re
@@ -19,6 +27,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from qkv_vit.allocator import describe_allocator
 from qkv_vit.errors import CheckpointError, ConfigError, one_line
 from qkv_vit.train import NonFiniteError, Preempted, train_and_evaluate
 
@@ -117,8 +126,8 @@ def main(argv: list[str]) -> int:
     del argv
     absl_logging.get_absl_logger().addFilter(QuietLibraries())
     initialize_distributed()
-    logging.info("JAX process %d/%d, %d local devices of %d.", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count())
+    logging.info("JAX process %d/%d, %d local devices of %d; memory allocator: %s.", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(), describe_allocator())
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except Preempted as stop:
