@@ -28,7 +28,7 @@ from qkv_vit.tree import flatten, unflatten
 
 HEAD = "head"
 CORRUPT_INFIX = ".corrupt-"
-REMOVAL_RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0, 4.0, None)  # then give up (about 8 s in all)
+REMOVAL_QUIET_S, REMOVAL_TIMEOUT_S = 0.5, 60.0  # see remove_unfinished_saves
 
 
 class RunCheckpoints:
@@ -189,21 +189,28 @@ class RunCheckpoints:
 def remove_unfinished_saves(directory: epath.Path) -> None:
     """Delete what killed or failed saves left (Orbax's temporary step directories); finished steps stay.
 
-    When one part of a save fails, Orbax reports it while the other parts may still be writing their files, so a
-    removal that meets new files is retried for a while; what still remains is removed by the next run's start.
+    When one part of a save fails, Orbax reports it while the other parts may still be writing their files, and
+    TensorStore recreates the directories it writes into: a removal is repeated until the path stays gone for
+    REMOVAL_QUIET_S, for up to REMOVAL_TIMEOUT_S; what still remains then is removed by the next run's start.
     """
     for unfinished in ocp.path.step.all_temporary_paths(directory):
         path = epath.Path(unfinished.get())
         logging.warning("Removing %s: an unfinished checkpoint write (the run was killed or the write failed).", path)
-        for delay in REMOVAL_RETRY_DELAYS_S:
-            try:
-                path.rmtree(missing_ok=True)
+        deadline = time.monotonic() + REMOVAL_TIMEOUT_S
+        while not removed_for_good(path):
+            if time.monotonic() > deadline:
+                logging.warning("Could not remove %s yet (writes still in flight); the next run removes it.", path)
                 break
-            except OSError as error:  # ENOTEMPTY: a write still in flight added a file
-                if delay is None:
-                    logging.warning("Could not remove %s yet (%s); the next run removes it.", path, error)
-                    break
-                time.sleep(delay)
+
+
+def removed_for_good(path: epath.Path) -> bool:
+    """Remove `path`; True if it is still absent REMOVAL_QUIET_S later."""
+    try:
+        path.rmtree(missing_ok=True)
+    except OSError:  # ENOTEMPTY: a write in flight added a file meanwhile
+        return False
+    time.sleep(REMOVAL_QUIET_S)
+    return not path.exists()
 
 
 def array_signature(tree: Any) -> list[tuple[tuple[int, ...], str]]:
