@@ -44,12 +44,15 @@ def decode_and_random_crop(encoded: tf.Tensor, seed: tf.Tensor, scale: Sequence[
         (top, left), (height, width) = _crop_window(tf.image.extract_jpeg_shape(encoded), seed, scale, ratio)
         return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, height, width]), channels=3)
 
-    def other():
-        image = decode(encoded)
-        (top, left), (height, width) = _crop_window(tf.shape(image), seed, scale, ratio)
-        return tf.slice(image, [top, left, 0], [height, width, 3])
+    return tf.ensure_shape(tf.cond(tf.io.is_jpeg(encoded), jpeg, lambda: random_crop(decode(encoded), seed, scale, ratio)),
+                           [None, None, 3])
 
-    return tf.ensure_shape(tf.cond(tf.io.is_jpeg(encoded), jpeg, other), [None, None, 3])
+
+def random_crop(image: tf.Tensor, seed: tf.Tensor, scale: Sequence[float] = (0.08, 1.0),
+                ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+    """The crop decode_and_random_crop takes, from an already decoded image (the same window for a seed)."""
+    (top, left), (height, width) = _crop_window(tf.shape(image), seed, scale, ratio)
+    return tf.slice(image, [top, left, 0], [height, width, 3])
 
 
 def resize(image: tf.Tensor, height: int | tf.Tensor, width: int | tf.Tensor, method: str = "bicubic") -> tf.Tensor:
@@ -125,17 +128,21 @@ def resize_and_center_crop(image: tf.Tensor, size: int, crop_ratio: float = 1.0,
     return tf.ensure_shape(tf.slice(resized, [top, left, 0], [size, size, 3]), [size, size, 3])
 
 
-def train_preprocess(config: ml_collections.ConfigDict,
-                     finish: bool = True) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """(encoded image, seed [2]) -> image_size x image_size x 3, with config.augment's recipe: float32 after
-    normalization and random erasing, or with finish=False uint8 after colour jitter (the device finishes it:
-    qkv_vit.train.finishing)."""
+def train_preprocess(config: ml_collections.ConfigDict, finish: bool = True,
+                     decoded: bool = False) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """(encoded image, or with `decoded` a uint8 HxWx3 one; seed [2]) -> image_size x image_size x 3, with
+    config.augment's recipe: float32 after normalization and random erasing, or with finish=False uint8 after
+    colour jitter (the device finishes it: qkv_vit.train.finishing)."""
     augment, size = config.augment, config.image_size
     fill = tuple(round(255 * m) for m in config.mean)  # timm fills rotations/shears with the mean colour
 
-    def preprocess(encoded: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    def preprocess(source: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         crop_seed, flip_seed, randaugment_seed, jitter_seed, erasing_seed = split_seed(seed, 5)
-        image = random_resized_crop(encoded, crop_seed, size, augment.crop_scale, augment.crop_ratio)
+        if decoded:
+            image = tf.ensure_shape(resize(random_crop(source, crop_seed, augment.crop_scale, augment.crop_ratio),
+                                           size, size), [size, size, 3])
+        else:
+            image = random_resized_crop(source, crop_seed, size, augment.crop_scale, augment.crop_ratio)
         if augment.flip_prob > 0:
             image = random_flip(image, flip_seed, augment.flip_prob)
         if augment.randaugment_layers > 0:

@@ -141,9 +141,11 @@ def _train_functions(config: ml_collections.ConfigDict, local_batch: int, num_cl
     """The per-image augmentation and (finishing on the host) the per-batch mixing, traced once and reused by every
     epoch's pipeline."""
     size, augment = config.image_size, config.augment
+    decoded = config.repeated_augmentation > 1  # see _train_epoch: each image is decoded once for its copies
+    image_spec = tf.TensorSpec([None, None, 3], tf.uint8) if decoded else tf.TensorSpec([], tf.string)
     preprocess = tf.function(
-        augment_lib.train_preprocess(config, finish),
-        input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)],
+        augment_lib.train_preprocess(config, finish, decoded),
+        input_signature=[image_spec, tf.TensorSpec([2], tf.int64)],
     )
     if not finish:
         return preprocess, None
@@ -164,12 +166,7 @@ def _train_epoch(source: Source, config: ml_collections.ConfigDict, split, local
     records = source.read(split, shuffle_seed=shuffle_seed)
     if config.shuffle_buffer > 1:
         records = records.shuffle(config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-    if config.repeated_augmentation > 1:
-        # Repeated augmentation (Hoffer et al.; DeiT/XCiT): each image several times in a row, so in the
-        # same batch with different augmentations; the epoch keeps its length and sees fewer images.
-        repeats = config.repeated_augmentation
-        records = records.flat_map(lambda example: tf.data.Dataset.from_tensors(example).repeat(repeats))
-    records = records.take(steps * local_batch).enumerate().skip(skip_batches * local_batch)
+    records = _positions(records, config, steps * local_batch, skip_batches * local_batch)
 
     # The closures only call already-traced tf.functions: nothing for AutoGraph to convert (and it warns).
     @tf.autograph.experimental.do_not_convert
@@ -188,6 +185,31 @@ def _train_epoch(source: Source, config: ml_collections.ConfigDict, split, local
         batches = batches.enumerate(start=skip_batches).map(mix_batch_at, num_parallel_calls=_parallel(config),
                                                             deterministic=True)
     return _with_options(batches.prefetch(config.prefetch))
+
+
+def _positions(records: tf.data.Dataset, config: ml_collections.ConfigDict, total: int,
+               first: int) -> tf.data.Dataset:
+    """(position in the epoch, example) for positions first .. total - 1 of the epoch's stream.
+
+    Repeated augmentation (Hoffer et al.; DeiT/XCiT) puts each image `repeated_augmentation` times in a row, so
+    in the same batch with different augmentations; the epoch keeps its length and sees fewer images. Each image
+    is then decoded once for all its copies (1.15x the images/s of decoding per copy with 500x375 JPEGs,
+    benchmarks/README.md), after the skipped records of a resumed epoch, which stay encoded.
+    """
+    repeats = config.repeated_augmentation
+    if repeats == 1:
+        return records.take(total).enumerate().skip(first)
+    records = records.take(-(-total // repeats)).enumerate().skip(first // repeats)
+
+    def decode(index: tf.Tensor, example: dict) -> tuple[tf.Tensor, dict]:
+        return index, {"image": augment_lib.decode(example["image"]), "label": example["label"]}
+
+    def copies(index: tf.Tensor, example: dict) -> tf.data.Dataset:
+        positions = tf.data.Dataset.range(repeats).map(lambda copy: index * repeats + copy)
+        return tf.data.Dataset.zip(positions, tf.data.Dataset.from_tensors(example).repeat(repeats))
+
+    decoded = records.map(decode, num_parallel_calls=_parallel(config), deterministic=True)
+    return decoded.flat_map(copies).skip(first % repeats).take(total - first)
 
 
 def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
