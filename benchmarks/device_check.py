@@ -45,9 +45,8 @@ def plan(smoke: bool) -> list[dict[str, Any]]:
              step(nano, impl="cpu"), step(nano, "fsne_m8"), step(nano, dtype="float32"), step(tiny),
              {"kind": "timm", "model": nano, "compiled": True}, step(tiny, "fsne_m8"),
              {"kind": "timm", "model": tiny, "compiled": False}, {"kind": "timm", "model": tiny, "compiled": True}]
-    if smoke:
-        return [{"kind": "copy"}, step(nano), step(nano, dtype="float32", impl="cpu", feed="host"),
-                {"kind": "timm", "model": nano, "compiled": False}]
+    if smoke:  # one step configuration through every path: flax layers, host feeding, bf16
+        return [{"kind": "copy"}, step(nano, feed="host"), {"kind": "timm", "model": nano, "compiled": False}]
     every = [step(m, q, d, i, f) for m, q, d, i, f in itertools.product(
         (nano, tiny), ("linear", "fsne_m8"), ("bfloat16", "float32"), ("flax", "cpu"), ("device", "host"))]
     return order + [config for config in every if config not in order]
