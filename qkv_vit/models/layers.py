@@ -29,10 +29,17 @@ dense_init = nn.initializers.truncated_normal(stddev=0.02)
 conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def resolve_layer_impl(layer_impl: str) -> str:
-    """"flax" or "cpu" for an XCiT `layer_impl`; ValueError for an unknown one."""
+def check_layer_impl(layer_impl: str) -> None:
+    """ValueError for an unknown `layer_impl` (without starting a JAX backend, as resolving "auto" does)."""
     if layer_impl not in LAYER_IMPLS:
         raise ValueError(f"Unknown layer_impl {layer_impl!r}: choose one of {LAYER_IMPLS}.")
+
+
+def resolve_layer_impl(layer_impl: str) -> str:
+    """"flax" or "cpu" for an XCiT `layer_impl`; ValueError for an unknown one. Resolving "auto" asks JAX for its
+    backend, which starts it: call this when the model is applied, not when it is built (jax.distributed must
+    be initialized before any backend starts)."""
+    check_layer_impl(layer_impl)
     if layer_impl == "auto":
         return "cpu" if jax.default_backend() == "cpu" else "flax"
     return layer_impl

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from qkv_vit.models.blocks import ClassAttentionBlock, XCABlock
 from qkv_vit.models.embedding import STAGE_WIDTH_DIVISORS, ConvPatchEmbed, FourierPositionalEncoding
-from qkv_vit.models.layers import dense, layer_norm, resolve_layer_impl
+from qkv_vit.models.layers import check_layer_impl, dense, layer_norm, resolve_layer_impl
 from qkv_vit.models.qkv import QKVSpec
 
 Dtype = Any
@@ -23,7 +23,8 @@ class XCiT(nn.Module):
 
     With num_classes=0 there is no head and the call returns the pooled features (B, embed_dim).
     `dtype` is the compute dtype of matmuls and convolutions (e.g. jnp.bfloat16); parameters, the residual
-    stream, LayerNorm, LayerScale, XCA's attention map and the logits stay float32, as under PyTorch's autocast.
+    stream, LayerNorm, LayerScale, XCA's gram and softmax (then cast for the product with v) and the logits stay
+    float32, as under PyTorch's autocast.
     The `qkv_*`, `shared_layer` and `code_*` fields choose the query/key/value embedding (models/qkv.py).
     `layer_impl` chooses the layers' implementation ("auto", "flax", "cpu": models/layers.py), the same
     parameters either way; `batch_norm_group_size` G normalizes BatchNorm over groups of G images.
@@ -175,7 +176,7 @@ def validate_architecture(model: XCiT) -> None:
         raise ValueError(f"depth and cls_attn_layers must be >= 0, got {model.depth} and {model.cls_attn_layers}.")
     if not model.eta > 0:  # LayerScale's initial value: 0 or less would start every residual branch shut or inverted
         raise ValueError(f"eta (LayerScale's initial value) must be > 0, got {model.eta}.")
-    resolve_layer_impl(model.layer_impl)  # ValueError for an unknown one
+    check_layer_impl(model.layer_impl)
     if model.batch_norm_group_size is not None and model.batch_norm_group_size < 1:
         raise ValueError(f"batch_norm_group_size must be >= 1 (or None: the whole batch), got {model.batch_norm_group_size}.")
     if model.global_pool not in GLOBAL_POOLS:
