@@ -533,3 +533,31 @@ def test_command_line_mistakes_are_one_line_with_their_exit_code(tmp_path, data_
         assert process.returncode == code and len(errors) == 1 and "Traceback" not in stderr, (name, stderr[-3000:])
         assert all(word in errors[0] for word in words), (name, errors[0])
     assert not list(tmp_path.glob("*/checkpoints")) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("failure, gone", [(errno.ENOTEMPTY, True), (errno.EACCES, False)])
+def test_an_unfinished_save_is_removed_after_a_write_in_flight_and_left_with_a_warning_when_it_cannot_be(
+        tmp_path, monkeypatch, caplog, failure, gone):
+    from etils import epath
+    from qkv_vit.train import checkpointing
+
+    unfinished = tmp_path / "5.orbax-checkpoint-tmp-1234"
+    (unfinished / "params").mkdir(parents=True)
+    path_class = type(epath.Path(tmp_path))  # epath's concrete class (rmtree is defined there)
+    remove, calls = path_class.rmtree, []
+
+    def rmtree_failing_once(self, **kwargs):
+        calls.append(self)
+        if len(calls) == 1:  # a write in flight adding a file, or a permission missing
+            raise OSError(failure, os.strerror(failure), str(self))
+        if failure == errno.EACCES:
+            raise AssertionError("a permission error is not retried")
+        remove(self, **kwargs)
+
+    monkeypatch.setattr(path_class, "rmtree", rmtree_failing_once)
+    monkeypatch.setattr(checkpointing, "REMOVAL_QUIET_S", 0.01)
+    with caplog.at_level(logging.WARNING):
+        checkpointing.remove_unfinished_saves(epath.Path(tmp_path))
+    assert unfinished.exists() is not gone
+    assert ("remove it by hand" in caplog.text) is not gone
+    assert len(calls) == (2 if gone else 1)

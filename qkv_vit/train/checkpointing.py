@@ -10,6 +10,7 @@ is read back (one scalar, through the same storage layers as a restore) before t
 carries on for hours with checkpoints that can never restore.
 """
 
+import errno
 import logging
 import time
 from typing import Any
@@ -197,18 +198,23 @@ def remove_unfinished_saves(directory: epath.Path) -> None:
         path = epath.Path(unfinished.get())
         logging.warning("Removing %s: an unfinished checkpoint write (the run was killed or the write failed).", path)
         deadline = time.monotonic() + REMOVAL_TIMEOUT_S
-        while not removed_for_good(path):
-            if time.monotonic() > deadline:
-                logging.warning("Could not remove %s yet (writes still in flight); the next run removes it.", path)
-                break
+        try:
+            while not removed_for_good(path):
+                if time.monotonic() > deadline:
+                    logging.warning("Could not remove %s yet (writes still in flight); the next run removes it.", path)
+                    break
+        except OSError as error:  # permissions, a read-only disk: waiting will not help
+            logging.warning("Could not remove %s (%s); remove it by hand (the run goes on without it).", path, error)
 
 
 def removed_for_good(path: epath.Path) -> bool:
-    """Remove `path`; True if it is still absent REMOVAL_QUIET_S later."""
+    """Remove `path`; True if it is still absent REMOVAL_QUIET_S later. OSError for a failure other than a write in
+    flight changing the tree meanwhile."""
     try:
         path.rmtree(missing_ok=True)
-    except OSError:  # ENOTEMPTY: a write in flight added a file meanwhile
-        return False
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.ENOENT):  # not a file appearing or vanishing meanwhile
+            raise
     time.sleep(REMOVAL_QUIET_S)
     return not path.exists()
 
