@@ -50,7 +50,8 @@ def choose_allocator(environ: Mapping[str, str], platform: str = sys.platform,
         return None
     if choice != "auto":
         if not Path(choice).is_file():
-            raise SystemExit(f"error: {CHOICE_VARIABLE}={choice!r} is neither 'auto', 'system' nor a library file.")
+            print(f"error: {CHOICE_VARIABLE}={choice!r} is neither 'auto', 'system' nor a library file.", file=sys.stderr)
+            raise SystemExit(2)  # bad input, as main's other mistakes
         return choice
     for name in TCMALLOC_NAMES:
         if library := find_library(name):
@@ -64,21 +65,34 @@ def preload_allocator() -> None:
     if library is None:
         return
     try:  # the command line as started (python -m ..., python -c ..., a wrapper script): re-run it unchanged
-        argv = Path("/proc/self/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        command_line = Path("/proc/self/cmdline").read_bytes()
     except OSError:
         return
+    argv = command_line.removesuffix(b"\0").split(b"\0")  # each argument ends with a NUL; empty ones stay
     environ = {**os.environ, "LD_PRELOAD": library, PRELOADED_VARIABLE: library}
+    # gperftools' tcmalloc reports every allocation over 1 GiB on stderr; XLA's buffers often are.
+    environ.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(2**50))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [arg.decode(errors="surrogateescape") for arg in argv], environ)
 
 
 def describe_allocator() -> str:
-    """A line for the log: which malloc this process runs with."""
+    """A line for the log: which malloc this process runs with (the preload checked in /proc/self/maps)."""
     library = os.environ.get(PRELOADED_VARIABLE)
-    if library:
+    if library and is_mapped(library):
         return f"{Path(library).name} (preloaded by qkv_vit; {CHOICE_VARIABLE}=system keeps glibc's)"
+    if library:
+        return f"glibc's malloc: the loader did not preload {library}"
     if os.environ.get("LD_PRELOAD"):
         return f"LD_PRELOAD={os.environ['LD_PRELOAD']} (set by the user)"
     return "glibc's malloc (apt install libtcmalloc-minimal4 for a faster one)" if sys.platform.startswith(
         "linux") else "the system's malloc"
+
+
+def is_mapped(library: str) -> bool:
+    """Whether the library (a path or a soname such as libtcmalloc_minimal.so.4) is loaded in this process."""
+    try:
+        return Path(library).name.split(".so")[0] in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
