@@ -109,17 +109,19 @@ def test_each_epoch_sees_distinct_examples_in_a_new_order(folder, cache_dir):
     assert [id_to_label[i] for i in epochs[0]] == labels.tolist()
 
 
-def test_repeated_augmentation_repeats_each_image_in_the_same_batch(folder, cache_dir, tmp_path):
+def test_repeated_augmentation_repeats_each_image_in_the_same_batch_a_round_apart(folder, cache_dir, tmp_path):
     config = folder_config(folder, cache_dir, repeated_augmentation=3)
     batches = take(data.build_train_iterator(config, 6, seed=0, **ONE_PROCESS), 8)  # one epoch: 48 = 16 x 3
-    ids = np.concatenate([ids_from_images(b["image"]) for b in batches]).reshape(-1, 3)
-    assert np.all(ids == ids[:, :1]) and len(set(ids[:, 0])) == 16
+    for batch in batches:  # two images x three copies, ordered copy by copy: a b a b a b
+        ids = ids_from_images(batch["image"]).reshape(3, 2)
+        assert np.all(ids == ids[:1]) and ids[0, 0] != ids[0, 1]
+    assert len({i for batch in batches for i in ids_from_images(batch["image"])}) == 16
     # With the real recipe the copies share the label but are augmented differently.
     digits = digits_config(tmp_path, preset="xcit", repeated_augmentation=3)
     digits.augment.mixup_alpha = digits.augment.cutmix_alpha = 0.0
     batch = next(data.build_train_iterator(digits, 12, seed=0, **ONE_PROCESS))
-    assert np.all(batch["label"].reshape(-1, 3) == batch["label"].reshape(-1, 3)[:, :1])
-    assert not np.array_equal(batch["image"][0], batch["image"][1])
+    assert np.all(batch["label"].reshape(3, -1) == batch["label"].reshape(3, -1)[:1])
+    assert not np.array_equal(batch["image"][0], batch["image"][4])  # copies of one image, augmented differently
 
 
 def test_default_process_and_devices_come_from_jax(cache_dir):

@@ -172,7 +172,7 @@ def _train_epoch(source: Source, config: ml_collections.ConfigDict, split, local
     @tf.autograph.experimental.do_not_convert
     def augment_example(index: tf.Tensor, example: dict) -> dict:
         seed = tf.stack([tf.constant(example_seed, tf.int64), index])
-        return {"image": augment(example["image"], seed), "label": example["label"]}
+        return {"image": augment(example["image"], seed), "label": example["label"], "position": index}
 
     @tf.autograph.experimental.do_not_convert
     def mix_batch_at(step: tf.Tensor, batch: dict) -> dict:
@@ -180,7 +180,8 @@ def _train_epoch(source: Source, config: ml_collections.ConfigDict, split, local
         return {"image": images, "label": batch["label"], "soft_label": soft_labels}
 
     batches = records.map(augment_example, num_parallel_calls=_parallel(config), deterministic=True)
-    batches = batches.batch(local_batch, drop_remainder=True)
+    batches = batches.batch(local_batch, drop_remainder=True).map(
+        functools.partial(_spread_copies, repeats=config.repeated_augmentation))
     if mix is not None:
         batches = batches.enumerate(start=skip_batches).map(mix_batch_at, num_parallel_calls=_parallel(config),
                                                             deterministic=True)
@@ -212,12 +213,25 @@ def _positions(records: tf.data.Dataset, config: ml_collections.ConfigDict, tota
     return decoded.flat_map(copies).skip(first % repeats).take(total - first)
 
 
+def _spread_copies(batch: dict, repeats: int) -> dict:
+    """The batch ordered by (copy, image) instead of (image, copy): the repeated-augmentation copies of an image,
+    next to each other in the stream, end up a whole round of images apart. So each device's shard, each ghost
+    BatchNorm group and each mixing pair holds distinct images where the batch allows, as XCiT's RASampler
+    spreads an image's copies over different GPUs."""
+    positions = batch.pop("position")
+    if repeats == 1:
+        return batch
+    order = tf.argsort((positions % repeats) * 2**40 + positions // repeats, stable=True)
+    return {key: tf.gather(value, order) for key, value in batch.items()}
+
+
 def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.deterministic = True  # same seed, same batches, whatever the thread timing
     # big_vision's settings: the pipeline's own thread pool, and no op that spreads itself over several threads
     # (parallelism comes from the parallel maps, which AUTOTUNE sizes within the pool).
-    options.threading.private_threadpool_size = os.cpu_count() or 1
+    options.threading.private_threadpool_size = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1  # the cores this process may use (a SLURM task's, say), not the host's
     options.threading.max_intra_op_parallelism = 1
     return dataset.with_options(options)
 
