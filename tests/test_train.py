@@ -257,3 +257,22 @@ def test_metrics_file_is_strict_json_with_non_finite_values_as_null(tmp_path):
     record, = read_metrics(tmp_path)  # read back as NaN, so arithmetic on a column still works
     assert np.isnan(record["train/loss"]) and np.isnan(record["train/grad_norm"]) and record["train/top1"] == 0.5
 
+
+
+@pytest.mark.parametrize(
+    "group, batch, mixing, warning",
+    [(2, 12, 0.0, "straddle the devices' shards of 3 images"), (4, 12, 0.0, "straddle the devices' shards of 3 images"),
+     (6, 12, 0.0, None), (3, 12, 0.0, None), (4, 16, 0.0, None), (8, 16, 0.0, None), (None, 4, 0.8, "it holds 1 image: nothing is mixed"), (None, 8, 0.8, None)],
+)
+def test_run_config_warns_where_batch_norm_groups_or_mixing_do_not_fit_the_device_shards(
+        monkeypatch, caplog, tiny_config, group, batch, mixing, warning):
+    monkeypatch.setattr(trainer.jax, "device_count", lambda: 4)  # the check only needs the count
+    tiny_config.global_batch_size = tiny_config.eval_batch_size = batch
+    tiny_config.data.augment.update(mixup_alpha=mixing, mix_prob=1.0)
+    tiny_config.model.batch_norm_group_size = group
+    with caplog.at_level(logging.WARNING):
+        trainer.validate_run_config(tiny_config, trainer.build_model(tiny_config, num_classes=10))
+    if warning is None:
+        assert not caplog.records
+    else:
+        assert warning in caplog.text

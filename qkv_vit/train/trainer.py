@@ -132,10 +132,18 @@ def validate_run_config(config: ml_collections.ConfigDict, model: models.XCiT) -
         size = config.get(name)
         if size is not None and size % devices:
             raise ConfigError(f"config.{name}={size} is not divisible by the {devices} devices; use a multiple of {devices}.")
-    group = model.batch_norm_group_size
+    group, per_device = model.batch_norm_group_size, config.global_batch_size // devices
     if group is not None and config.global_batch_size % group:
         raise ConfigError(f"config.model.batch_norm_group_size={group} does not divide config.global_batch_size="
                           f"{config.global_batch_size}: BatchNorm normalizes groups of that many images of each batch.")
+    if group is not None and per_device % group and group % per_device:
+        logging.warning("BatchNorm groups of %d images straddle the devices' shards of %d images: XLA gathers their "
+                        "activations across devices for every BatchNorm (slower). A group size that divides the "
+                        "per-device batch, or is a multiple of it, avoids that.", group, per_device)
+    augment = config.data.augment
+    if per_device < 2 and augment.mix_prob > 0 and (augment.mixup_alpha > 0 or augment.cutmix_alpha > 0):
+        logging.warning("Each device mixes (mixup / cutmix) its own shard of the batch, and it holds %d image: nothing "
+                        "is mixed. Use a larger global batch, or fewer devices.", per_device)
     if config.data.image_size % model.patch_size:
         raise ConfigError(
             f"config.data.image_size={config.data.image_size} is not divisible by the patch size {model.patch_size}: "
