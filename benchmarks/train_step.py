@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compiling) one")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    parser.add_argument("--layer-impl", default="auto", choices=models.LAYER_IMPLS,
+                        help="flax's layers or the CPU kernels (auto: cpu on a CPU backend)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--depth", type=int, help="override the model's depth (e.g. 1 for a smoke test)")
     parser.add_argument("--embed-dim", type=int, help="override the token width")
@@ -96,7 +98,7 @@ def make_config(args: argparse.Namespace):
     config = base_config()
     config.model_name, config.qkv, config.compute_dtype = args.model, args.qkv, args.dtype
     overrides = {"qkv_embed": args.qkv_embed, "depth": args.depth, "embed_dim": args.embed_dim,
-                 "num_heads": args.num_heads, "cls_attn_layers": args.cls_attn_layers}
+                 "num_heads": args.num_heads, "cls_attn_layers": args.cls_attn_layers, "layer_impl": args.layer_impl}
     config.model.update({key: value for key, value in overrides.items() if value is not None})
     config.global_batch_size = args.batch_size
     config.data.image_size = args.image_size
@@ -184,6 +186,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "qkv": args.qkv or (args.qkv_embed or run.model.qkv_embed),
         "qkv_embed": run.model.qkv_embed,
         "dtype": args.dtype,
+        "layer_impl": args.layer_impl,
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "num_classes": args.num_classes,
