@@ -58,19 +58,19 @@ def both(factory, x):
 
 def test_layer_norm_implementations_agree():
     x, = random_arrays((2, 5, 8), offset=3.0)  # a large mean tests the variance formula
-    flax_fn, cpu_fn, leaves = both(lambda impl: layers.layer_norm(impl, "norm"), x)
+    flax_fn, cpu_fn, leaves = both(lambda impl: layers.make_layer_norm(impl, "norm"), x)
     grads_close(cpu_fn, flax_fn, (x, *leaves))
 
 
 def test_dense_implementations_agree_on_token_grids():
     x, = random_arrays((2, 5, 8))
-    flax_fn, cpu_fn, leaves = both(lambda impl: layers.dense(impl, 6, jnp.float32, "fc"), x)
+    flax_fn, cpu_fn, leaves = both(lambda impl: layers.make_dense(impl, 6, jnp.float32, "fc"), x)
     grads_close(cpu_fn, flax_fn, (x, *leaves))
 
 
 def test_depthwise_conv_implementations_agree_and_equal_a_grouped_convolution():
     x, = random_arrays((2, 5, 7, 6))
-    flax_fn, cpu_fn, leaves = both(lambda impl: layers.depthwise_conv3x3(impl, 6, jnp.float32, "conv"), x)
+    flax_fn, cpu_fn, leaves = both(lambda impl: layers.make_depthwise_conv3x3(impl, 6, jnp.float32, "conv"), x)
     grads_close(cpu_fn, flax_fn, (x, *leaves))
 
     def grouped(x, kernel):

@@ -88,7 +88,7 @@ def random_embedding(spec, dim=12, tokens=5, seed=0):
 
 @pytest.mark.parametrize("code_mode", ["concat", "add"])
 def test_efficient_fsne_equals_the_concatenation_formula(code_mode):
-    spec = QKVSpec(embed="fsne", code_size=3, code_mode=code_mode, hidden_dim=7)
+    spec = QKVSpec(qkv_embed="fsne", code_size=3, code_mode=code_mode, qkv_hidden_dim=7)
     module, params, x = random_embedding(spec)
     out = module.apply({"params": params}, x)
     w1, b1, w2, b2, codes = (params[k] for k in ("hidden_kernel", "hidden_bias", "output_kernel", "output_bias", "codes"))
@@ -100,7 +100,7 @@ def test_efficient_fsne_equals_the_concatenation_formula(code_mode):
 
 
 def test_fsne_with_equal_codes_gives_equal_queries_keys_values():
-    module, params, x = random_embedding(QKVSpec(embed="fsne", code_size=4))
+    module, params, x = random_embedding(QKVSpec(qkv_embed="fsne", code_size=4))
     params = {**params, "codes": jnp.broadcast_to(params["codes"][0], params["codes"].shape)}
     out = module.apply({"params": params}, x)
     np.testing.assert_array_equal(out[:, :, 0], out[:, :, 1])
@@ -117,10 +117,10 @@ def explicit_linear_map(spec, params, dim):
     for t in range(3):
         w1_t, b1_t = (w1, b1) if shared_first else (w1[t], b1[t])
         w2_t, b2_t = (w2, b2) if shared_second else (w2[t], b2[t])
-        if spec.embed == "fsne" and spec.code_mode == "concat":
+        if spec.qkv_embed == "fsne" and spec.code_mode == "concat":
             b1_t = params["codes"][t] @ w1_t[dim:] + b1_t
             w1_t = w1_t[:dim]
-        elif spec.embed == "fsne":
+        elif spec.qkv_embed == "fsne":
             b1_t = params["codes"][t] @ w1_t + b1_t
         maps.append((w1_t @ w2_t, b1_t @ w2_t + b2_t))
     return maps
@@ -129,11 +129,11 @@ def explicit_linear_map(spec, params, dim):
 @pytest.mark.parametrize(
     "spec",
     [
-        QKVSpec(embed="sne", hidden_dim=6, activation="identity"),
-        QKVSpec(embed="psne", shared_layer="first", hidden_dim=6, activation="identity"),
-        QKVSpec(embed="psne", shared_layer="second", hidden_dim=6, activation="identity"),
-        QKVSpec(embed="fsne", code_size=3, hidden_dim=6, activation="identity"),
-        QKVSpec(embed="fsne", code_mode="add", hidden_dim=6, activation="identity"),
+        QKVSpec(qkv_embed="sne", qkv_hidden_dim=6, qkv_activation="identity"),
+        QKVSpec(qkv_embed="psne", shared_layer="first", qkv_hidden_dim=6, qkv_activation="identity"),
+        QKVSpec(qkv_embed="psne", shared_layer="second", qkv_hidden_dim=6, qkv_activation="identity"),
+        QKVSpec(qkv_embed="fsne", code_size=3, qkv_hidden_dim=6, qkv_activation="identity"),
+        QKVSpec(qkv_embed="fsne", code_mode="add", qkv_hidden_dim=6, qkv_activation="identity"),
     ],
     ids=["sne", "psne_first", "psne_second", "fsne_concat", "fsne_add"],
 )
@@ -143,7 +143,7 @@ def test_identity_activation_collapses_to_a_linear_map(spec):
     for t, (matrix, bias) in enumerate(explicit_linear_map(spec, params, 12)):
         assert matrix.shape == (12, 12)
         np.testing.assert_allclose(out[:, :, t], x @ matrix + bias, rtol=1e-4, atol=1e-4)
-    relu = module.clone(spec=QKVSpec(**{**spec.__dict__, "activation": "relu"}))
+    relu = module.clone(spec=QKVSpec(**{**spec.__dict__, "qkv_activation": "relu"}))
     assert not np.allclose(relu.apply({"params": params}, x), out)  # the non-linearity matters
 
 

@@ -6,10 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qkv_vit.models.layers import dense
+from qkv_vit.models.layers import Dtype, make_dense
 from qkv_vit.models.qkv import NonlinearQKV, QKVSpec, qkv_embedding
-
-Dtype = Any
 
 
 def inverse_l2_norm(x: jnp.ndarray, axis: int, eps: float = 1e-12) -> jnp.ndarray:
@@ -52,7 +50,7 @@ class XCA(nn.Module):
         q, k, v = (split_heads(t, self.num_heads) for t in embedded)
         attn = self.attention_map(q, k, train)
         out = jnp.einsum("bhcd,bnhd->bnhc", attn.astype(v.dtype), v).reshape(batch, tokens, self.dim)
-        out = dense(self.layer_impl, self.dim, self.dtype, name="proj")(out)
+        out = make_dense(self.layer_impl, self.dim, self.dtype, name="proj")(out)
         return nn.Dropout(self.proj_drop_rate, deterministic=not train)(out)
 
     def attention_map(self, q: jnp.ndarray, k: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -95,12 +93,12 @@ class ClassAttention(nn.Module):
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         attn = nn.Dropout(self.attn_drop_rate, deterministic=not train)(attn)
         cls_token = jnp.einsum("bhqn,bnhc->bqhc", attn, v).reshape(x.shape[0], 1, self.dim)
-        cls_token = dense(self.layer_impl, self.dim, self.dtype, name="proj")(cls_token)
+        cls_token = make_dense(self.layer_impl, self.dim, self.dtype, name="proj")(cls_token)
         return nn.Dropout(self.proj_drop_rate, deterministic=not train)(cls_token)
 
     def queries_keys_values(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         """The class token's query (B, 1, C) and every token's key and value (B, N, C)."""
         if self.qkv is None:
-            return tuple(dense(self.layer_impl, self.dim, self.dtype, name=t)(x[:, :1] if t == "q" else x) for t in "qkv")
+            return tuple(make_dense(self.layer_impl, self.dim, self.dtype, name=t)(x[:, :1] if t == "q" else x) for t in "qkv")
         q, k, v = embed_queries_keys_values(self.qkv, self.dim, self.dtype, self.layer_impl, x)
         return q[:, :1], k, v

@@ -6,10 +6,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from qkv_vit.models.attention import XCA, ClassAttention
-from qkv_vit.models.layers import batch_norm, dense, depthwise_conv3x3, gelu, layer_norm
+from qkv_vit.models.layers import Dtype, gelu, make_batch_norm, make_dense, make_depthwise_conv3x3, make_layer_norm
 from qkv_vit.models.qkv import QKVSpec
-
-Dtype = Any
 
 
 def drop_path(rate: float, train: bool) -> nn.Dropout:
@@ -36,9 +34,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         out_dim = x.shape[-1]
-        x = gelu(dense(self.layer_impl, self.hidden_dim, self.dtype, name="fc1")(x))
+        x = gelu(make_dense(self.layer_impl, self.hidden_dim, self.dtype, name="fc1")(x))
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-        x = dense(self.layer_impl, out_dim, self.dtype, name="fc2")(x)
+        x = make_dense(self.layer_impl, out_dim, self.dtype, name="fc2")(x)
         return nn.Dropout(self.drop_rate, deterministic=not train)(x)
 
 
@@ -53,9 +51,9 @@ class LPI(nn.Module):
     def __call__(self, x: jnp.ndarray, height: int, width: int, train: bool) -> jnp.ndarray:
         batch, tokens, channels = x.shape
         x = x.reshape(batch, height, width, channels).astype(self.dtype)
-        x = gelu(depthwise_conv3x3(self.layer_impl, channels, self.dtype, name="conv1")(x))
-        x = batch_norm(train, self.dtype, "bn", self.layer_impl, self.batch_norm_group_size)(x)
-        x = depthwise_conv3x3(self.layer_impl, channels, self.dtype, name="conv2")(x)
+        x = gelu(make_depthwise_conv3x3(self.layer_impl, channels, self.dtype, name="conv1")(x))
+        x = make_batch_norm(train, self.dtype, "bn", self.layer_impl, self.batch_norm_group_size)(x)
+        x = make_depthwise_conv3x3(self.layer_impl, channels, self.dtype, name="conv2")(x)
         return x.reshape(batch, tokens, channels)
 
 
@@ -83,9 +81,9 @@ class XCABlock(nn.Module):
         lpi = LPI(self.dtype, impl, self.batch_norm_group_size, name="local_mp")
         drop = drop_path(self.drop_path_rate, train)
         # The reference applies norm3/LPI before norm2/MLP (names kept for weight compatibility).
-        x = x + drop(layer_scale(self, "gamma1", self.eta, attn(layer_norm(impl, "norm1")(x), train)))
-        x = x + drop(layer_scale(self, "gamma3", self.eta, lpi(layer_norm(impl, "norm3")(x), height, width, train)))
-        x = x + drop(layer_scale(self, "gamma2", self.eta, mlp(layer_norm(impl, "norm2")(x), train)))
+        x = x + drop(layer_scale(self, "gamma1", self.eta, attn(make_layer_norm(impl, "norm1")(x), train)))
+        x = x + drop(layer_scale(self, "gamma3", self.eta, lpi(make_layer_norm(impl, "norm3")(x), height, width, train)))
+        x = x + drop(layer_scale(self, "gamma2", self.eta, mlp(make_layer_norm(impl, "norm2")(x), train)))
         return x
 
 
@@ -112,8 +110,8 @@ class ClassAttentionBlock(nn.Module):
         impl = self.layer_impl
         attn = ClassAttention(self.dim, self.num_heads, self.attn_drop_rate, self.proj_drop_rate, self.qkv, self.dtype,
                               impl, name="attn")
-        norm2 = layer_norm(impl, "norm2")
-        x_norm = layer_norm(impl, "norm1")(x)
+        norm2 = make_layer_norm(impl, "norm2")
+        x_norm = make_layer_norm(impl, "norm1")(x)
         x_attn = jnp.concatenate([attn(x_norm, train).astype(x_norm.dtype), x_norm[:, 1:]], axis=1)
         x = x + layer_scale(self, "gamma1", self.eta, x_attn)
         x = norm2(x) if self.tokens_norm else jnp.concatenate([norm2(x[:, :1]), x[:, 1:]], axis=1)

@@ -22,8 +22,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
-
 
 # --- normalization statistics and LayerNorm ---------------------------------------------------------------------
 
@@ -79,7 +77,7 @@ class LayerNorm(nn.Module):
     with the hand-written gradient above."""
 
     epsilon: float = 1e-6
-    dtype: Dtype = jnp.float32
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -201,7 +199,7 @@ class DepthwiseConv3x3(nn.Module):
     `bias` (C,)), computed as nine shifted multiply-adds with the hand-written gradient above."""
 
     features: int
-    dtype: Dtype = jnp.float32
+    dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
 
     @nn.compact

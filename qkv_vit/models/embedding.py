@@ -7,9 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from qkv_vit.models.layers import batch_norm, conv_init, gelu
-
-Dtype = Any
+from qkv_vit.models.layers import Dtype, conv_init, gelu, make_batch_norm
 
 STAGE_WIDTH_DIVISORS = {16: (8, 4, 2, 1), 8: (4, 2, 1)}
 
@@ -39,7 +37,7 @@ class ConvPatchEmbed(nn.Module):
                 kernel_init=conv_init,
                 name=f"conv_{stage}",
             )(x)
-            x = batch_norm(train, self.dtype, f"bn_{stage}", self.layer_impl, self.batch_norm_group_size)(x)
+            x = make_batch_norm(train, self.dtype, f"bn_{stage}", self.layer_impl, self.batch_norm_group_size)(x)
         return x  # (B, H / patch, W / patch, embed_dim)
 
 

@@ -52,7 +52,7 @@ def gelu(x: jnp.ndarray) -> jnp.ndarray:
     return 0.5 * x * (1 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
-def layer_norm(layer_impl: str, name: str) -> nn.Module:
+def make_layer_norm(layer_impl: str, name: str) -> nn.Module:
     """LayerNorm over the last axis, statistics and output in float32 whatever the compute dtype (as under
     PyTorch's autocast, which runs layer_norm in float32): the residual stream stays float32."""
     if layer_impl == "cpu":
@@ -60,13 +60,13 @@ def layer_norm(layer_impl: str, name: str) -> nn.Module:
     return nn.LayerNorm(LAYER_NORM_EPSILON, dtype=jnp.float32, use_fast_variance=False, name=name)
 
 
-def dense(layer_impl: str, features: int, dtype: Dtype, name: str, kernel_init: Any = dense_init) -> nn.Module:
+def make_dense(layer_impl: str, features: int, dtype: Dtype, name: str, kernel_init: Any = dense_init) -> nn.Module:
     """nn.Dense (float32 parameters, `dtype` compute) with timm's init, bias zero."""
     kind = cpu_kernels.Dense if layer_impl == "cpu" else nn.Dense
     return kind(features, dtype=dtype, kernel_init=kernel_init, name=name)
 
 
-def depthwise_conv3x3(layer_impl: str, features: int, dtype: Dtype, name: str) -> nn.Module:
+def make_depthwise_conv3x3(layer_impl: str, features: int, dtype: Dtype, name: str) -> nn.Module:
     """Depthwise 3x3 convolution, padding 1, stride 1, with bias: parameters `kernel` (3, 3, 1, C), `bias` (C,)."""
     if layer_impl == "cpu":
         return cpu_kernels.DepthwiseConv3x3(features, dtype, conv_init, name=name)
@@ -141,7 +141,7 @@ class BatchNorm(nn.Module):
         return y.reshape(x.shape), mean, var
 
 
-def batch_norm(train: bool, dtype: Dtype, name: str, layer_impl: str = "flax",
+def make_batch_norm(train: bool, dtype: Dtype, name: str, layer_impl: str = "flax",
                group_size: int | None = None) -> BatchNorm:
     return BatchNorm(use_running_average=not train, dtype=dtype, layer_impl=layer_impl, group_size=group_size,
                      name=name)

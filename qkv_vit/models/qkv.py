@@ -22,9 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from qkv_vit.models.cpu_kernels import token_matrix
-from qkv_vit.models.layers import dense, dense_init
-
-Dtype = Any
+from qkv_vit.models.layers import Dtype, dense_init, make_dense
 
 QKV_EMBEDDINGS = ("linear", "sne", "psne", "fsne")
 SHARED_LAYERS = ("first", "second")
@@ -38,35 +36,35 @@ ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
 class QKVSpec:
     """How q, k and v are computed from the normalized tokens; one spec for every block that uses it."""
 
-    embed: str = "linear"
-    hidden_dim: int | None = None  # None: the token width d
+    qkv_embed: str = "linear"
+    qkv_hidden_dim: int | None = None  # None: the token width d
     shared_layer: str = "first"  # psne only
     code_size: int = 8  # fsne with code_mode="concat"
     code_mode: str = "concat"
     code_init_std: float = 1.0
-    activation: str = "relu"
+    qkv_activation: str = "relu"
 
     def __post_init__(self) -> None:
-        choices = {"embed": QKV_EMBEDDINGS, "shared_layer": SHARED_LAYERS, "code_mode": CODE_MODES,
-                   "activation": tuple(ACTIVATIONS)}
+        choices = {"qkv_embed": QKV_EMBEDDINGS, "shared_layer": SHARED_LAYERS, "code_mode": CODE_MODES,
+                   "qkv_activation": tuple(ACTIVATIONS)}
         for field, valid in choices.items():
             if getattr(self, field) not in valid:
-                raise ValueError(f"Unknown {qkv_option_name(field)} {getattr(self, field)!r}: choose one of {valid}.")
-        if self.hidden_dim is not None and self.hidden_dim <= 0:
-            raise ValueError(f"qkv_hidden_dim must be positive, got {self.hidden_dim}.")
-        if self.embed == "fsne" and self.code_mode == "concat" and self.code_size <= 0:
+                raise ValueError(f"Unknown {field} {getattr(self, field)!r}: choose one of {valid}.")
+        if self.qkv_hidden_dim is not None and self.qkv_hidden_dim <= 0:
+            raise ValueError(f"qkv_hidden_dim must be positive, got {self.qkv_hidden_dim}.")
+        if self.qkv_embed == "fsne" and self.code_mode == "concat" and self.code_size <= 0:
             raise ValueError(f"code_size must be positive for F-SNE, got {self.code_size}.")
         if self.code_init_std < 0:
             raise ValueError(f"code_init_std must be >= 0, got {self.code_init_std}.")
 
     def hidden(self, dim: int) -> int:
-        return self.hidden_dim or dim
+        return self.qkv_hidden_dim or dim
 
     def layers_shared(self) -> tuple[bool, bool]:
         """Whether the first and the second layer are shared by q, k and v."""
-        if self.embed == "sne":
+        if self.qkv_embed == "sne":
             return False, False
-        if self.embed == "psne":
+        if self.qkv_embed == "psne":
             return self.shared_layer == "first", self.shared_layer == "second"
         return True, True  # fsne
 
@@ -74,16 +72,11 @@ class QKVSpec:
         return self.code_size if self.code_mode == "concat" else dim
 
 
-def qkv_option_name(field: str) -> str:
-    """The XCiT / create() argument a QKVSpec field comes from."""
-    return {"embed": "qkv_embed", "hidden_dim": "qkv_hidden_dim", "activation": "qkv_activation"}.get(field, field)
-
-
 def qkv_embedding(spec: QKVSpec, dim: int, dtype: Dtype, layer_impl: str = "flax", name: str = "qkv") -> nn.Module:
     """The module mapping tokens (B, N, d) to q, k, v; its output reshapes to (B, N, 3, d)."""
-    if spec.embed == "linear":
+    if spec.qkv_embed == "linear":
         # One Dense(3d), named as in the reference so that PyTorch weights load unchanged.
-        return dense(layer_impl, 3 * dim, dtype, name=name)
+        return make_dense(layer_impl, 3 * dim, dtype, name=name)
     return NonlinearQKV(spec, dim, dtype, layer_impl, name=name)
 
 
@@ -109,7 +102,7 @@ class NonlinearQKV(nn.Module):
     @nn.compact
     def embed(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         tokens = (token_matrix(x) if self.layer_impl == "cpu" else x).astype(self.dtype)
-        activation = ACTIVATIONS[self.spec.activation]
+        activation = ACTIVATIONS[self.spec.qkv_activation]
         hidden = [activation(h) for h in self.first_layer(tokens)]
         return tuple(out.reshape(*x.shape[:-1], self.dim) for out in self.second_layer(hidden))
 
@@ -121,7 +114,7 @@ class NonlinearQKV(nn.Module):
             kernel = self.param("hidden_kernel", dense_init, (3, dim, hidden), jnp.float32).astype(self.dtype)
             bias = self.param("hidden_bias", nn.initializers.zeros, (3, hidden), jnp.float32).astype(self.dtype)
             return [tokens @ kernel[t] + bias[t] for t in range(3)]
-        if spec.embed != "fsne":
+        if spec.qkv_embed != "fsne":
             kernel = self.param("hidden_kernel", dense_init, (dim, hidden), jnp.float32)
             bias = self.param("hidden_bias", nn.initializers.zeros, (hidden,), jnp.float32)
             return [tokens @ kernel.astype(self.dtype) + bias.astype(self.dtype)] * 3
@@ -156,11 +149,11 @@ class NonlinearQKV(nn.Module):
 def qkv_params_per_block(spec: QKVSpec, dim: int) -> int:
     """PAPER.md's parameter formula for one block's q, k, v embedding."""
     d, h = dim, spec.hidden(dim)
-    if spec.embed == "linear":
+    if spec.qkv_embed == "linear":
         return 3 * d * d + 3 * d
-    if spec.embed == "sne":
+    if spec.qkv_embed == "sne":
         return 3 * (d * h + h + h * d + d)
-    if spec.embed == "psne":
+    if spec.qkv_embed == "psne":
         return d * h + h + 3 * (h * d + d) if spec.shared_layer == "first" else 3 * (d * h + h) + h * d + d
     if spec.code_mode == "concat":
         m = spec.code_size
@@ -171,7 +164,7 @@ def qkv_params_per_block(spec: QKVSpec, dim: int) -> int:
 def qkv_macs_per_token(spec: QKVSpec, dim: int) -> int:
     """Multiply-accumulates per token of the embedding as computed here (F-SNE's d->h matmul runs once)."""
     d, h = dim, spec.hidden(dim)
-    if spec.embed == "linear":
+    if spec.qkv_embed == "linear":
         return 3 * d * d
     shared_first, _ = spec.layers_shared()
     return (1 if shared_first else 3) * d * h + (3 * h * d)  # the second layer always maps 3 hidden states

@@ -3,6 +3,7 @@
 Images are NHWC. Variables hold `params` and `batch_stats` (patch-embedding and LPI BatchNorm).
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -10,10 +11,8 @@ import jax.numpy as jnp
 
 from qkv_vit.models.blocks import ClassAttentionBlock, XCABlock
 from qkv_vit.models.embedding import STAGE_WIDTH_DIVISORS, ConvPatchEmbed, FourierPositionalEncoding
-from qkv_vit.models.layers import check_layer_impl, dense, layer_norm, resolve_layer_impl
+from qkv_vit.models.layers import Dtype, check_layer_impl, make_dense, make_layer_norm, resolve_layer_impl
 from qkv_vit.models.qkv import QKVSpec
-
-Dtype = Any
 
 GLOBAL_POOLS = ("token", "avg")
 
@@ -65,15 +64,8 @@ class XCiT(nn.Module):
 
     @property
     def qkv_spec(self) -> QKVSpec:
-        return QKVSpec(
-            embed=self.qkv_embed,
-            hidden_dim=self.qkv_hidden_dim,
-            shared_layer=self.shared_layer,
-            code_size=self.code_size,
-            code_mode=self.code_mode,
-            code_init_std=self.code_init_std,
-            activation=self.qkv_activation,
-        )
+        """The embedding options, which QKVSpec names as XCiT does."""
+        return QKVSpec(**{field.name: getattr(self, field.name) for field in dataclasses.fields(QKVSpec)})
 
     def setup(self) -> None:
         impl = resolve_layer_impl(self.layer_impl)
@@ -115,10 +107,10 @@ class XCiT(nn.Module):
             for _ in range(self.cls_attn_layers)
         ]
         self.pos_drop = nn.Dropout(self.pos_drop_rate)
-        self.norm = layer_norm(impl, "norm")
+        self.norm = make_layer_norm(impl, "norm")
         self.head_drop = nn.Dropout(self.drop_rate)
         if self.num_classes > 0:
-            self.head = dense(impl, self.num_classes, self.dtype, name="head")
+            self.head = make_dense(impl, self.num_classes, self.dtype, name="head")
 
     def patch_tokens(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Patch tokens after the XCA blocks, as a grid (B, H / patch, W / patch, embed_dim), before the norm."""
