@@ -115,7 +115,7 @@ def setup_run(config, num_classes: int):
     trainer.check_config(config)
     model = trainer.build_model(config, num_classes)
     trainer.validate_run_config(config, model)  # the trainer's one-line errors (batch vs devices, ...)
-    return trainer.build_run(config, workdir=None, source=None, num_classes=num_classes)
+    return trainer.build_run(config, workdir=None, source=None, model=trainer.build_model(config, num_classes))
 
 
 def local_batch(batch_size: int, image_size: int, num_classes: int, seed: int = 0) -> dict:

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             fields = ("qkv_embed", "qkv_hidden_dim", "shared_layer", "code_size", "code_mode", "qkv_in_class_attention")
             overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
-            options = {**models.model_config(args.model, args.qkv), **overrides, "num_classes": args.num_classes}
+            options = {**models.architecture(args.model, args.qkv), **overrides, "num_classes": args.num_classes}
             options = {k: v for k, v in options.items() if k not in models.MODEL_CONFIGS[args.model]}
             label = ", ".join(f"{k}={v}" for k, v in options.items() if k != "num_classes") or "linear"
             reports = [report(args.model, label, options, args.image_size)]

@@ -28,7 +28,7 @@ SEED_KEYS = ("seed", "data.seed")
 IGNORED_KEYS = SEED_KEYS + (
     "init_from", "data.cache_dir", "data.data_dir", "data.path", "log_every_steps", "eval_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "async_checkpointing", "eval_batch_size", "data.num_parallel_calls",
-    "data.prefetch", "mesh.data", "mesh.model", "sharding", "nonfinite", "eval_name",
+    "data.prefetch", "mesh.data", "mesh.fsdp", "mesh.model", "sharding", "nonfinite", "eval_name",
 )
 # Shown through the data / model / QKV columns rather than as settings.
 LABELLED_KEYS = ("model_name", "qkv", "data.source", "data.name", "data.num_classes")
@@ -49,8 +49,8 @@ PAPER_TRANSFER = {("xcit_nano_12_p16", "linear"): "92.2 (XCiT)", ("xcit_nano_12_
 
 
 @dataclasses.dataclass
-class Run:
-    """One workdir as read back: its flattened config, model.json, and where it stands."""
+class RunRecord:
+    """One workdir as read back (the trainer's own run is train.trainer.Run): its flattened config, model.json, and where it stands."""
 
     workdir: str
     config: dict[str, Any]
@@ -78,18 +78,19 @@ class Row:
     key: tuple = ()
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested JSON config as {"data.source": ..., "optimizer.lr": ...}; lists become tuples (hashable)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_dotted(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
     return flat
 
 
 # Keys added to the config after a run started read as today's default, so old and new runs still group.
-DEFAULTS = flatten(base_config().to_dict())
+DEFAULTS = flatten_dotted(base_config().to_dict())
 
 
 def find_runs(paths: Iterable[str]) -> list[epath.Path]:
@@ -109,14 +110,16 @@ def find_runs(paths: Iterable[str]) -> list[epath.Path]:
     return sorted(found, key=str)
 
 
-def read_run(workdir: epath.Path) -> Run:
+def read_run(workdir: epath.Path) -> RunRecord:
     config = json.loads((workdir / "config.json").read_text())
     model = json.loads((workdir / "model.json").read_text())
+    if "model_config" in model:  # the architecture's key in model.json files written before it was renamed
+        model["architecture"] = model.pop("model_config")
     records = read_metrics(workdir)
     total, why = total_steps(config, model)
     top1_key = f"{config.get('eval_name', 'val')}/top1"
     finals = [r for r in records if r["step"] == total and top1_key in r]
-    return Run(str(workdir), {**DEFAULTS, **flatten(config)}, model, total, max((r["step"] for r in records), default=0),
+    return RunRecord(str(workdir), {**DEFAULTS, **flatten_dotted(config)}, model, total, max((r["step"] for r in records), default=0),
                finals[-1] if finals else None, why)
 
 
@@ -145,7 +148,7 @@ def data_label(config: dict[str, Any]) -> str:
 
 
 def model_label(model: dict[str, Any]) -> str:
-    name, options = model["model_name"], model["model_config"]
+    name, options = model["model_name"], model["architecture"]
     named = models.MODEL_CONFIGS.get(name, {})
     changed = [f"{key} {options[key]}" for key in named if key in options and options[key] != named[key]]
     return f"{name} ({', '.join(changed)})" if changed else name
@@ -163,13 +166,13 @@ def qkv_label(options: dict[str, Any]) -> str:
     return f"{kind} ({', '.join(details)})" if details else kind
 
 
-def group_key(run: Run) -> tuple:
+def group_key(run: RunRecord) -> tuple:
     items = {k: v for k, v in run.config.items() if k not in IGNORED_KEYS}
     return (data_label(run.config),) + tuple(sorted(items.items(), key=lambda item: item[0]))
 
 
-def paper_number(run: Run) -> str:
-    options, name = run.model["model_config"], run.model["model_name"]
+def paper_number(run: RunRecord) -> str:
+    options, name = run.model["architecture"], run.model["model_name"]
     if data_label(run.config) != "imagenet2012" or model_label(run.model) != name:
         return ""
     if options.get("qkv_embed") == "linear":
@@ -177,9 +180,9 @@ def paper_number(run: Run) -> str:
     return PROPOSED_IMAGENET.get(name, "") if options.get("qkv_embed") == "fsne" else ""
 
 
-def summarize(runs: Sequence[Run]) -> list[Row]:
+def summarize(runs: Sequence[RunRecord]) -> list[Row]:
     """One row per group of finished runs that differ only by seed."""
-    groups: dict[tuple, list[Run]] = {}
+    groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
         if run.finished:
             groups.setdefault(group_key(run), []).append(run)
@@ -188,7 +191,7 @@ def summarize(runs: Sequence[Run]) -> list[Row]:
         first, eval_name = members[0], members[0].config.get("eval_name", "val")
         same_data = [dict(other[1:]) for other in groups if other[0] == key[0]]
         settings = ", ".join(f"{k}={first.config.get(k)}" for k in varying_settings(same_data))
-        rows.append(Row(data_label(first.config), model_label(first.model), qkv_label(first.model["model_config"]),
+        rows.append(Row(data_label(first.config), model_label(first.model), qkv_label(first.model["architecture"]),
                         first.model["num_params"], settings, [100 * r.final[f"{eval_name}/top1"] for r in members],
                         [100 * r.final[f"ema_{eval_name}/top1"] for r in members if f"ema_{eval_name}/top1" in r.final],
                         paper_number(first), key))
@@ -229,7 +232,7 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def markdown(runs: Sequence[Run]) -> str:
+def markdown(runs: Sequence[RunRecord]) -> str:
     """The results table, the transfer means when all four data sets are there, and the unfinished runs."""
     rows = summarize(runs)
     lines = rows_table(rows) if rows else ["No finished runs."]
@@ -268,7 +271,7 @@ def table_line(cells: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("paths", nargs="+", help="Run directories, or directories holding runs (searched recursively).")
+    parser.add_argument("paths", nargs="+", help="RunRecord directories, or directories holding runs (searched recursively).")
     parser.add_argument("--out", help="Also write the table to this file.")
     args = parser.parse_args(argv)
     try:

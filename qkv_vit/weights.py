@@ -1,37 +1,85 @@
-"""Reading trained weights from anything this project writes, on whatever devices this process has.
+"""Weights to start from or to analyse, from anything this project writes: `read_weights(path)`.
 
-Accepted: converted PyTorch weights (`python -m qkv_vit.convert`), a run's workdir, its `checkpoints/`
-directory (latest step) or one step directory. Arrays are restored onto this process's first device,
-so a checkpoint saved on a pod (or on 8 devices, FSDP-sharded) loads on a laptop.
+Accepted: converted PyTorch weights (`python -m qkv_vit.convert`, written by `save_converted`), a run's
+workdir, its `checkpoints/` directory (latest step) or one step directory. Arrays are restored onto this
+process's first device, so a checkpoint saved on a pod (or on 8 devices, FSDP-sharded) loads on a laptop.
+Each comes with the architecture it belongs to where one was recorded (converted weights, a run's
+model.json). Fitting loaded weights into a model for fine-tuning (`merge_for_fine_tuning`) is here too; a
+run's own checkpoints (save, exact resume, damaged steps) are train/checkpointing.py's.
 """
 
+import dataclasses
+import json
+import logging
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from qkv_vit.convert.saved import load_converted
 from qkv_vit.errors import CheckpointError, ConfigError, describe_cause
 from qkv_vit.paths import PathLike, as_path
+from qkv_vit.tree import flatten, unflatten
+
+# Converted weights: an Orbax checkpoint with the items `variables` and `architecture` (JSON: XCiT's constructor
+# arguments, models.architecture_of). Directories converted before the item was renamed call it `model_config`.
+ARCHITECTURE_ITEMS = ("architecture", "model_config")
+HEAD = "head"
 
 
-def read_variables(path: PathLike, use_ema: bool = False) -> dict[str, Any]:
-    """{'params', 'batch_stats'} (params = the EMA copy if use_ema and the run kept one).
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...}
+    architecture: dict[str, Any] | None  # as stored (JSON; models.architecture_from_json), None if none was
 
-    FileNotFoundError if `path` holds neither; CheckpointError if what it holds cannot be read back.
+
+def read_weights(path: PathLike, use_ema: bool = False) -> Weights:
+    """The weights at `path` (params = the EMA copy if use_ema and the run kept one) and their architecture.
+
+    FileNotFoundError if `path` holds neither converted weights nor a run's checkpoint; ConfigError for use_ema
+    without EMA parameters; CheckpointError if what it holds cannot be read back.
     """
     path = as_path(path)
-    if (path / "variables").is_dir() and (path / "model_config").is_dir():
-        return read_or_explain(path, lambda: load_converted(path).variables)
-    item = find_state_item(path)
-    state = read_or_explain(item.parent, lambda: restore_on_local_device(item))
+    item = converted_architecture_item(path)
+    if item is not None:
+        return read_or_explain(path, lambda: restore_converted(path, item))
+    state_item = find_state_item(path)
+    state = read_or_explain(state_item.parent, lambda: restore_on_local_device(state_item))
     params = state["params"]
     if use_ema:
         if not state.get("ema_params"):
             raise ConfigError(f"{path} has no EMA parameters (the run did not set config.ema_decay).")
         params = state["ema_params"]
-    return {"params": params, "batch_stats": state.get("batch_stats", {})}
+    variables = {"params": params, "batch_stats": state.get("batch_stats", {})}
+    return Weights(variables, run_architecture(state_item))
+
+
+def save_converted(directory: str | Path, variables: dict[str, Any], architecture: dict[str, Any]) -> Path:
+    """Write converted weights; FileExistsError if `directory` exists. Orbax writes to a temporary directory and
+    renames it when complete, so a killed conversion leaves nothing that looks valid."""
+    directory = Path(directory).absolute()
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists; choose a new output directory or remove it first.")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(directory, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables),
+                                                               architecture=ocp.args.JsonSave(architecture)))
+    return directory
+
+
+def converted_architecture_item(path: epath.Path) -> str | None:
+    """The name of the architecture item if `path` holds converted weights, else None."""
+    if not (path / "variables").is_dir():
+        return None
+    return next((name for name in ARCHITECTURE_ITEMS if (path / name).is_dir()), None)
+
+
+def restore_converted(path: epath.Path, architecture_item: str) -> Weights:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(path, args=ocp.args.Composite(
+            **{"variables": ocp.args.StandardRestore(), architecture_item: ocp.args.JsonRestore()}))
+    return Weights(dict(restored["variables"]), dict(restored[architecture_item]))
 
 
 def find_state_item(path: epath.Path) -> epath.Path:
@@ -46,6 +94,16 @@ def find_state_item(path: epath.Path) -> epath.Path:
         f"{path} is neither converted weights (python -m qkv_vit.convert) nor a qkv_vit run directory "
         "(expected checkpoints/<step>/state)."
     )
+
+
+def run_architecture(state_item: epath.Path) -> dict[str, Any] | None:
+    """The architecture in the model.json of the run that wrote WORKDIR/checkpoints/<step>/state; None if absent."""
+    model_json = state_item.parent.parent.parent / "model.json"
+    try:
+        summary = json.loads(model_json.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("architecture", summary.get("model_config"))  # the key's name before it was renamed
 
 
 def read_or_explain(checkpoint: epath.Path, read: Callable[[], Any]) -> Any:
@@ -67,3 +125,39 @@ def restore_on_local_device(item_dir: epath.Path) -> dict[str, Any]:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree)
     return checkpointer.restore(item_dir, target)
+
+
+def check_fine_tuning_fit(fresh: dict[str, Any], loaded: dict[str, Any], source: str) -> list[tuple[str, ...]]:
+    """The head variables to re-initialize (class count differs); ConfigError naming every other mismatch.
+
+    `fresh` may hold arrays or shapes only (jax.ShapeDtypeStruct), so this runs before anything compiles.
+    """
+    fresh_flat = flatten(fresh)
+    loaded_flat = flatten(loaded)
+    missing = [k for k in fresh_flat if k not in loaded_flat]
+    unexpected = [k for k in loaded_flat if k not in fresh_flat and not is_head(k)]
+    reshaped = [k for k in fresh_flat if k in loaded_flat and np.shape(loaded_flat[k]) != np.shape(fresh_flat[k])]
+    problems = [k for k in missing + reshaped if not is_head(k)] + unexpected
+    if problems:
+        raise ConfigError(
+            f"init_from={source} does not fit the configured model ({len(problems)} variables differ): "
+            + ", ".join("/".join(k) for k in problems[:10])
+            + (" ..." if len(problems) > 10 else "")
+            + ". Check config.model_name and the QKV options against the checkpoint's."
+        )
+    return [k for k in missing + reshaped if is_head(k)]
+
+
+def merge_for_fine_tuning(fresh: dict[str, Any], loaded: dict[str, Any], source: str) -> dict[str, Any]:
+    """Loaded weights over a fresh init: every variable must match, except the head, which is re-initialized
+    when the class count differs. Anything else that differs is a ConfigError naming the variables."""
+    reinit_head = check_fine_tuning_fit(fresh, loaded, source)
+    if reinit_head:
+        logging.info("init_from: re-initialized the classifier head (class count differs from %s).", source)
+    fresh_flat, loaded_flat = flatten(fresh), flatten(loaded)
+    merged = {k: (fresh_flat[k] if k in reinit_head else loaded_flat[k]) for k in fresh_flat}
+    return unflatten(merged)
+
+
+def is_head(path: tuple[str, ...]) -> bool:
+    return len(path) >= 2 and path[1] == HEAD

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from qkv_vit import models
-from qkv_vit.analysis import analyze_codes, code_statistics, collect_codes, embed_2d, load_params
+from qkv_vit.analysis import analyze_codes, code_statistics, collect_codes, embed_2d
 from qkv_vit.analysis.__main__ import main as analysis_main
-from qkv_vit.convert import save_converted
+from qkv_vit.weights import read_weights, save_converted
 
 
 def params_with_codes(codes_by_layer):
@@ -82,7 +82,7 @@ def test_reads_converted_weights_and_checkpoint_manager_dirs(tmp_path, fsne_para
     manager.wait_until_finished()
     expected = variables["params"]["blocks_1"]["attn"]["qkv"]["codes"]
     for directory in ("converted", "run"):
-        codes = load_params(tmp_path / directory)["blocks_1"]["attn"]["qkv"]["codes"]
+        codes = read_weights(tmp_path / directory).variables["params"]["blocks_1"]["attn"]["qkv"]["codes"]
         np.testing.assert_array_equal(codes, expected)
 
 

@@ -12,13 +12,13 @@ from qkv_vit import models
 from qkv_vit.convert import (
     WeightMismatchError,
     infer_architecture,
-    load_converted,
     load_pytorch_weights,
     read_state_dict,
 )
-from qkv_vit.convert.__main__ import main as convert_main, parse_args, resolve_model_config
+from qkv_vit.convert.__main__ import main as convert_main, parse_args, resolve_architecture
 from qkv_vit.models import XCiT
 from qkv_vit.tree import flatten
+from qkv_vit.weights import read_weights
 
 NAME = "xcit_p8_d2_img64"
 
@@ -168,10 +168,11 @@ def test_cli_writes_an_orbax_checkpoint_that_reproduces_the_reference(tmp_path, 
     fixtures = require_fixtures()
     source = fixtures / "xcit_p16_d3_img96_tokensnorm.safetensors"
     assert convert_main([str(source), str(tmp_path / "out"), "--tokens-norm"]) == 0
-    converted = load_converted(tmp_path / "out")
-    assert converted.model_config["tokens_norm"] is True and converted.model_config["num_classes"] == 7
+    converted = read_weights(tmp_path / "out")
+    assert converted.architecture["tokens_norm"] is True and converted.architecture["num_classes"] == 7
+    assert converted.architecture["dtype"] == "float32"  # JSON: the dtype by name
     fixture = np.load(fixtures / "xcit_p16_d3_img96_tokensnorm.npz")
-    logits = XCiT(**converted.model_config).apply(converted.variables, fixture["images"])
+    logits = XCiT(**models.architecture_from_json(converted.architecture)).apply(converted.variables, fixture["images"])
     assert np.abs(np.asarray(logits) - fixture["logits"]).max() < 1e-4
 
 
@@ -193,8 +194,21 @@ def test_cli_recognizes_a_named_model(capsys):
         patch_size=8, embed_dim=128, depth=12, num_heads=4, mlp_ratio=4.0, cls_attn_layers=2, num_classes=10,
         use_pos_embed=True,
     )
-    config = resolve_model_config(parse_args(["src.pth", "dst"]), inferred)
+    config = resolve_architecture(parse_args(["src.pth", "dst"]), inferred)
     assert "Weights match xcit_nano_12_p8" in capsys.readouterr().out
-    assert config == models.model_config("xcit_nano_12_p8", num_classes=10)
-    tiny_12 = resolve_model_config(parse_args(["src.pth", "dst"]), {**inferred, "embed_dim": 192})
+    assert config == models.architecture("xcit_nano_12_p8", num_classes=10)
+    tiny_12 = resolve_architecture(parse_args(["src.pth", "dst"]), {**inferred, "embed_dim": 192})
     assert tiny_12["tokens_norm"] is True  # read from the named model, not from the weights
+
+
+def test_weights_converted_before_the_architecture_item_was_renamed_still_read(tmp_path):
+    import orbax.checkpoint as ocp
+
+    architecture = models.architecture("xcit_nano_12_p8", num_classes=3)
+    variables = {"params": {"head": {"bias": np.zeros(3, np.float32)}}, "batch_stats": {}}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:  # the layout of the earlier version
+        checkpointer.save(tmp_path / "old", args=ocp.args.Composite(
+            variables=ocp.args.StandardSave(variables), model_config=ocp.args.JsonSave(architecture)))
+    weights = read_weights(tmp_path / "old")
+    assert weights.architecture == architecture
+    np.testing.assert_array_equal(weights.variables["params"]["head"]["bias"], np.zeros(3))

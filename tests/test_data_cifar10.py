@@ -34,7 +34,8 @@ def config(tmp_path_factory):
 
 
 def test_counts_and_classes(config):
-    assert data.dataset_info(config) == (50_000, 10_000, 10, CLASSES)
+    info = data.dataset_info(config)
+    assert (info.train_examples, info.eval_examples, info.num_classes, info.class_names) == (50_000, 10_000, 10, CLASSES)
     source = sources.open_source(config)
     assert source.label_counts("train") == [5_000] * 10
     assert source.label_counts("test") == [1_000] * 10

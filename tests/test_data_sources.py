@@ -39,7 +39,8 @@ def folder_config(path, cache_dir, **overrides):
 # ---- the offline default ----
 
 def test_offline_digits_default(cache_dir):
-    num_train, num_eval, num_classes, names = data.dataset_info(digits_config(cache_dir))
+    info = data.dataset_info(digits_config(cache_dir))
+    num_train, num_eval, num_classes, names = info.train_examples, info.eval_examples, info.num_classes, info.class_names
     assert (num_train, num_eval, num_classes) == (1437, 360, 10)
     assert names == [str(d) for d in range(10)]
     assert data.get_config().source == "digits"

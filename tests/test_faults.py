@@ -28,7 +28,7 @@ from qkv_vit.errors import CheckpointError, ConfigError
 from qkv_vit.train import logging_utils, train_and_evaluate, trainer
 from qkv_vit.train.checkpointing import RunCheckpoints
 from qkv_vit.train.logging_utils import read_metrics
-from qkv_vit.weights import read_variables
+from qkv_vit.weights import read_weights
 
 # Orbax leaves the coroutines of a restore that failed on a damaged file unawaited; Python reports them when collected.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -123,7 +123,7 @@ def test_kill_9_during_a_step_and_an_async_checkpoint_write_resumes_exactly(tmp_
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "8.orbax-checkpoint-tmp: an unfinished checkpoint write" in rerun.stderr
     assert f"Resuming from {checkpoints}/4." in rerun.stderr
-    final = read_variables(workdir)
+    final = read_weights(workdir).variables
     assert_same(final["params"], reference["params"])
     assert_same(final["batch_stats"], reference["batch_stats"])
     assert steps_on_disk(workdir) == [16, 20, 24] and not list(checkpoints.glob("*tmp*"))
@@ -217,9 +217,9 @@ def back_to_step(workdir, step):
 
 
 def test_a_checkpoint_records_what_its_step_means(reference):
-    assert saved_meta(reference["workdir"], 20) | {"model_config": None} == {
+    assert saved_meta(reference["workdir"], 20) | {"architecture": None} == {
         "step": 20, "data_position": 20, "images_seen": 20 * 16, "global_batch_size": 16, "accumulation_steps": 1,
-        "total_steps": TOTAL_STEPS, "train_examples": 1437, "model_name": "xcit_nano_12_p8", "model_config": None}
+        "total_steps": TOTAL_STEPS, "train_examples": 1437, "model_name": "xcit_nano_12_p8", "architecture": None}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -252,7 +252,7 @@ def test_a_checkpoint_from_before_the_definition_was_recorded_is_checked_against
         meta_file = workdir / "checkpoints" / str(step) / "meta" / "metadata"
         meta = json.loads(meta_file.read_text())
         meta_file.write_text(json.dumps({key: meta[key] for key in ("step", "data_position", "train_examples",
-                                                                    "model_name", "model_config")}))
+                                                                    "model_name", "architecture")}))
     with pytest.raises(ConfigError, match=r"made with global_batch_size=16 \(step 20: 320 images seen\), but this "
                                           r"config gives global_batch_size=32"):
         train_and_evaluate(small_config(data_cache, global_batch_size=32), workdir)

@@ -55,7 +55,7 @@ def test_every_named_model_has_a_count():
 def test_param_count_is_exact(name):
     model = models.create(name)
     assert models.param_count(model) == PARAM_COUNTS[name]
-    assert reference_param_count(**models.model_config(name)) == PARAM_COUNTS[name]
+    assert reference_param_count(**models.architecture(name)) == PARAM_COUNTS[name]
 
 
 @pytest.mark.parametrize("patch_size", [16, 8])

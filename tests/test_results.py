@@ -36,8 +36,8 @@ def fake_run(root, name, *, top1, seed=0, qkv="linear", model_name="xcit_nano_12
     workdir = root / name
     workdir.mkdir(parents=True)
     (workdir / "config.json").write_text(json.dumps(config_json))
-    model_config = models.model_config(model_name, qkv)
-    model = {"model_name": model_name, "qkv": qkv, "model_config": model_config, "num_params": num_params}
+    architecture = models.architecture(model_name, qkv)
+    model = {"model_name": model_name, "qkv": qkv, "architecture": architecture, "num_params": num_params}
     (workdir / "model.json").write_text(json.dumps(model))
     records = [{"step": 2, "train/loss": 2.0}, {"step": 2, "val/top1": 0.99, "val/count": 360.0}]
     final = {"step": last_step or total_steps, "val/top1": top1, "val/top5": 1.0, "val/count": 360.0}

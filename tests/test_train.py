@@ -11,8 +11,7 @@ import pytest
 
 from qkv_vit import data, models
 from qkv_vit.train import NonFiniteError, train_and_evaluate
-from qkv_vit.train.checkpointing import merge_for_fine_tuning
-from qkv_vit.weights import read_variables
+from qkv_vit.weights import merge_for_fine_tuning, read_weights
 from qkv_vit.paths import as_path
 from qkv_vit.train.logging_utils import JsonlWriter, read_metrics
 from qkv_vit.train.optimizer import decay_mask, learning_rate, make_optimizer
@@ -30,7 +29,11 @@ def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config)
     assert int(state.step) == 4
     assert json.loads((tmp_path / "config.json").read_text())["model_name"] == "xcit_nano_12_p8"
     summary = json.loads((tmp_path / "model.json").read_text())
-    assert summary["qkv"] == "fsne_m8" and summary["model_config"]["embed_dim"] == 32
+    assert summary["qkv"] == "fsne_m8" and summary["architecture"]["embed_dim"] == 32
+    assert summary["architecture"]["dtype"] == "float32" and summary["architecture"]["num_classes"] == 10
+    weights = read_weights(tmp_path / "checkpoints" / "4")  # a step directory finds its run's architecture
+    assert weights.architecture == summary["architecture"]
+    assert models.XCiT(**models.architecture_from_json(weights.architecture)) == trainer.build_model(tiny_config, 10)
     assert summary["num_params"] == models.count_params(state.params)
     assert summary["data"] == {"source": "the offline digits data set", "train_split": "train", "train_examples": 1437,
                                "eval_split": "test", "eval_examples": 360}
@@ -82,13 +85,13 @@ def test_resume_continues_to_the_same_parameters(tmp_path, tiny_config):
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config):
     train_and_evaluate(tiny_config, tmp_path)  # steps 1-4, checkpoints 2 and 4
-    good = read_variables(tmp_path)
+    good = read_weights(tmp_path).variables
     tiny_config.total_steps = 8
     tiny_config.optimizer.lr = 1e30  # the next update overflows the parameters
     with pytest.raises(NonFiniteError, match=r"NaN/inf at step 5.*Last good checkpoint: step 4"):
         train_and_evaluate(tiny_config, tmp_path)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
-    assert params_close(read_variables(tmp_path)["params"], good["params"])
+    assert params_close(read_weights(tmp_path).variables["params"], good["params"])
 
 
 def test_nonfinite_skip_policy_drops_the_update_and_counts_it(tmp_path, tiny_config):

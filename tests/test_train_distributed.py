@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO
 from qkv_vit import data
 from qkv_vit.train import train_and_evaluate, trainer
-from qkv_vit.weights import read_variables
+from qkv_vit.weights import read_weights
 from qkv_vit.train.logging_utils import read_metrics
 
 TOLERANCE = 2e-5  # float32, different reduction orders across devices
@@ -79,7 +79,7 @@ def test_one_device_equals_eight_devices_data_and_fsdp(tmp_path, prepared, data_
     assert result.returncode == 0, result.stderr[-3000:]
     one_losses = [m["train/loss"] for m in read_metrics(tmp_path / "one") if "train/loss" in m]
     for name in ("data8", "fsdp"):
-        variables = read_variables(tmp_path / name)
+        variables = read_weights(tmp_path / name).variables
         assert max_difference(variables["params"], jax.device_get(reference.params)) < TOLERANCE
         assert max_difference(variables["batch_stats"], jax.device_get(reference.batch_stats)) < TOLERANCE
         losses = [m["train/loss"] for m in read_metrics(tmp_path / name) if "train/loss" in m]
@@ -119,7 +119,7 @@ def test_two_processes_train_together_like_one(tmp_path, prepared, data_cache, m
 
     monkeypatch.setattr(trainer.data, "build_train_iterator", two_process_stream)
     reference = train_and_evaluate(prepared, tmp_path / "single")
-    variables = read_variables(tmp_path / "multi")
+    variables = read_weights(tmp_path / "multi").variables
     assert max_difference(variables["params"], jax.device_get(reference.params)) < TOLERANCE
     final_eval = [m for m in read_metrics(tmp_path / "multi") if "val/count" in m][-1]
     assert final_eval["val/count"] == 360  # each process evaluated its half; together every example once
@@ -142,10 +142,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path, prepared, data
     assert process.returncode == 143, err[-3000:]
     saved = sorted(int(p.name) for p in (tmp_path / "interrupted" / "checkpoints").iterdir())
     assert len(saved) == 1 and 3 <= saved[0] < 100  # the signal's checkpoint, and only it
-    assert read_variables(tmp_path / "interrupted")["params"]  # loadable
+    assert read_weights(tmp_path / "interrupted").variables["params"]  # loadable
 
     run_cli(tmp_path / "interrupted", *steps, data_cache=data_cache)
-    resumed = read_variables(tmp_path / "interrupted")
+    resumed = read_weights(tmp_path / "interrupted").variables
     assert max_difference(resumed["params"], jax.device_get(straight.params)) == 0.0
     assert max_difference(resumed["batch_stats"], jax.device_get(straight.batch_stats)) == 0.0
 

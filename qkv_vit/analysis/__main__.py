@@ -3,8 +3,8 @@
 import argparse
 import sys
 
-from qkv_vit.analysis.loading import load_params
 from qkv_vit.analysis.report import analyze_codes
+from qkv_vit.weights import read_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=("pca", "tsne"), default="pca", help="2-D embedding of the codes")
     args = parser.parse_args(argv)
     try:
-        stats = analyze_codes(load_params(args.checkpoint), args.out, args.method)
+        stats = analyze_codes(read_weights(args.checkpoint).variables["params"], args.out, args.method)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,16 +1,13 @@
-"""Importing PyTorch XCiT weights (timm or official layout) and writing them as an Orbax checkpoint."""
+"""Importing PyTorch XCiT weights (timm or official layout); qkv_vit.weights writes and reads them as an Orbax
+checkpoint."""
 
 from qkv_vit.convert.loading import WeightMismatchError, load_pytorch_weights
 from qkv_vit.convert.mapping import infer_architecture
-from qkv_vit.convert.saved import ConvertedWeights, load_converted, save_converted
 from qkv_vit.convert.state_dict import read_state_dict
 
 __all__ = [
-    "ConvertedWeights",
     "WeightMismatchError",
     "infer_architecture",
-    "load_converted",
     "load_pytorch_weights",
     "read_state_dict",
-    "save_converted",
 ]

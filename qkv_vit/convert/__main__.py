@@ -11,9 +11,9 @@ from typing import Any
 from qkv_vit import models
 from qkv_vit.convert.loading import WeightMismatchError, load_pytorch_weights
 from qkv_vit.convert.mapping import infer_architecture
-from qkv_vit.convert.saved import save_converted
 from qkv_vit.convert.state_dict import read_state_dict
 from qkv_vit.errors import one_line
+from qkv_vit.weights import save_converted
 
 SHAPE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "cls_attn_layers")
 
@@ -27,10 +27,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_model_config(args: argparse.Namespace, inferred: dict[str, Any]) -> dict[str, Any]:
+def resolve_architecture(args: argparse.Namespace, inferred: dict[str, Any]) -> dict[str, Any]:
     """The full constructor arguments: a named model's (checked against the weights) or the inferred ones."""
     if args.model:
-        return models.model_config(args.model, num_classes=inferred["num_classes"])
+        return models.architecture(args.model, num_classes=inferred["num_classes"])
     for name, named in models.MODEL_CONFIGS.items():
         if all(getattr(models.XCiT(**named), f) == inferred[f] for f in SHAPE_FIELDS):
             print(f"Weights match {name}; using its configuration.")
@@ -42,13 +42,13 @@ def resolve_model_config(args: argparse.Namespace, inferred: dict[str, Any]) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        model_config = resolve_model_config(args, infer_architecture(read_state_dict(args.src)))
-        variables = load_pytorch_weights(args.src, models.XCiT(**model_config))
-        out = save_converted(args.dst, variables, model_config)
+        model = models.XCiT(**resolve_architecture(args, infer_architecture(read_state_dict(args.src))))
+        variables = load_pytorch_weights(args.src, model)
+        out = save_converted(args.dst, variables, models.architecture_of(model))
     except (WeightMismatchError, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         print(f"error: {one_line(str(error))}", file=sys.stderr)  # one line, as every qkv_vit command
         return 2
-    print(f"Wrote {models.count_params(variables['params']):,} parameters of XCiT({model_config}) to {out}")
+    print(f"Wrote {models.count_params(variables['params']):,} parameters of XCiT({models.architecture_of(model)}) to {out}")
     return 0
 
 

@@ -19,11 +19,13 @@ from qkv_vit.data.pipeline import (
     local_batch_size,
     steps_per_epoch,
 )
-from qkv_vit.data.sources import Source, open_source
+from qkv_vit.data.sources import DatasetInfo, SkippedFiles, Source, open_source
 
 __all__ = [
     "DataConfigError",
+    "DatasetInfo",
     "EvalBatches",
+    "SkippedFiles",
     "Source",
     "augment_config",
     "build_eval_iterator",

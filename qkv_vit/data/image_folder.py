@@ -69,7 +69,8 @@ class PreparedFolder:
     class_names: list[str]
     num_examples: dict[str, int]
     num_skipped: int
-    skipped_files: list[str]
+    skipped_files: list[str]  # the first _MAX_LISTED_SKIPS
+    label_map_file: Path  # the conversion's record, which lists the skipped files
 
 
 def default_cache_dir() -> Path:
@@ -321,4 +322,5 @@ def _load(entry: Path) -> PreparedFolder:
         num_examples=label_map["num_examples"],
         num_skipped=label_map["num_skipped"],
         skipped_files=label_map["skipped_files"],
+        label_map_file=entry / LABEL_MAP,
     )

@@ -32,18 +32,16 @@ from qkv_vit.data import augment as augment_lib
 from qkv_vit.data.mixup import mix_batch
 from qkv_vit.data._tensorflow import tf
 from qkv_vit.data.errors import DataConfigError
-from qkv_vit.data.sources import Source, open_source
+from qkv_vit.data.sources import DatasetInfo, Source, open_source
 
 Batch = dict[str, np.ndarray]
 _EPOCH_OVERLAP = 8  # batches before an epoch ends at which the next epoch's pipeline starts warming up
 
 
-def dataset_info(data_config: ml_collections.ConfigDict) -> tuple[int, int, int, list[str]]:
-    """(train examples, eval examples, number of classes, class names) of the configured data."""
-    source = open_source(data_config)
-    num_classes = data_config.num_classes or source.num_classes
-    return (source.num_examples(source.train_split), source.num_examples(source.eval_split), num_classes,
-            source.class_names)
+def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
+    """What the configured data holds (examples per split used, classes, skipped files); DataConfigError if the
+    config cannot be read."""
+    return open_source(data_config).info(data_config.num_classes)
 
 
 def steps_per_epoch(data_config: ml_collections.ConfigDict, global_batch_size: int, *,

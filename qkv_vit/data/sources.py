@@ -36,6 +36,31 @@ HELD_OUT_SPLIT_NAMES = ("test", "testing", "validation", "valid", "val", "eval",
 
 
 @dataclasses.dataclass(frozen=True)
+class SkippedFiles:
+    """Files an image folder's conversion skipped as not decodable images (data.bad_files="skip")."""
+
+    count: int
+    examples: list[str]  # the first few, relative to the folder
+    listed_in: Path  # the file that lists them
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a configured data set holds and which parts a run uses."""
+
+    description: str  # e.g. "image folder /data/pets"
+    train_split: str
+    eval_split: str
+    train_examples: int
+    eval_examples: int
+    num_classes: int  # config.data.num_classes if set, else the data set's
+    class_names: list[str]
+    other_splits: list[str]  # present but neither trained nor evaluated on
+    train_eval_overlap: int  # examples the eval split shares with the train split (e.g. eval_split="train")
+    skipped_files: SkippedFiles | None
+
+
+@dataclasses.dataclass(frozen=True)
 class Source:
     """A prepared data set: the tfds builder to read, the splits to use and the class names."""
 
@@ -44,6 +69,7 @@ class Source:
     eval_split: str
     class_names: list[str]
     description: str
+    skipped_files: SkippedFiles | None = None  # image folders: what their conversion skipped
 
     @property
     def num_classes(self) -> int:
@@ -84,6 +110,13 @@ class Source:
             counts += np.bincount(batch[batch >= 0], minlength=self.num_classes)[: self.num_classes]  # -1: unlabelled
         return counts.tolist()
 
+    def info(self, num_classes: int | None = None) -> DatasetInfo:
+        """The data set's summary; `num_classes` (config.data.num_classes) overrides the data set's count."""
+        others = [split for split in self.builder.info.splits.keys() if split not in (self.train_split, self.eval_split)]
+        return DatasetInfo(self.description, self.train_split, self.eval_split, self.num_examples(self.train_split),
+                           self.num_examples(self.eval_split), num_classes or self.num_classes, self.class_names,
+                           others, self.overlap(self.train_split, self.eval_split), self.skipped_files)
+
     def read(self, split: str | tfds.typing.SplitArg, shuffle_seed: int | None = None) -> tf.data.Dataset:
         """Examples {"image": encoded bytes, "label": int32}; files shuffled when a seed is given."""
         read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
@@ -109,7 +142,9 @@ def open_source(config: ml_collections.ConfigDict) -> Source:
     else:
         prepared = image_folder.prepare_image_folder(config.path, config.cache_dir, config.bad_files)
         builder = tfds.builder_from_directory(os.fspath(prepared.tfds_dir))
-        source = _make_source(builder, config, None, None, f"image folder {config.path}")
+        skipped = SkippedFiles(prepared.num_skipped, prepared.skipped_files, prepared.label_map_file)
+        source = _make_source(builder, config, None, None, f"image folder {config.path}",
+                              skipped if prepared.num_skipped else None)
     if config.num_classes is not None and config.num_classes < source.num_classes:
         raise DataConfigError(
             f"num_classes={config.num_classes} is less than the {source.num_classes} classes of {source.description}."
@@ -157,7 +192,7 @@ def _not_prepared_message(name: str, data_dir: str | None) -> str:
 
 
 def _make_source(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict, train_default: str | None,
-                 eval_default: str | None, description: str) -> Source:
+                 eval_default: str | None, description: str, skipped_files: SkippedFiles | None = None) -> Source:
     """The source with its splits: the config's, else the data set's own defaults, else found by name."""
     features = builder.info.features
     if "image" not in features or "label" not in features:
@@ -167,7 +202,7 @@ def _make_source(builder: tfds.core.DatasetBuilder, config: ml_collections.Confi
     eval_split = config.eval_split or eval_default or _find_split(available, HELD_OUT_SPLIT_NAMES)
     if eval_split is None:
         raise DataConfigError(_no_held_out_split_message(description, available))
-    source = Source(builder, train_split, eval_split, list(features["label"].names), description)
+    source = Source(builder, train_split, eval_split, list(features["label"].names), description, skipped_files)
     source.check_split(source.train_split)
     source.check_split(source.eval_split)
     return source

@@ -1,6 +1,8 @@
 """The named XCiT models of the reference (timm / facebookresearch/xcit) and `create(name, **overrides)`."""
 
 import dataclasses
+import difflib
+import typing
 from typing import Any
 
 import flax.linen as nn
@@ -59,18 +61,50 @@ def list_models() -> list[str]:
     return list(MODEL_CONFIGS)
 
 
-def model_config(name: str, qkv_preset_name: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """The constructor arguments of a named model, a QKV preset and overrides applied in that order."""
+def architecture_fields() -> dict[str, Any]:
+    """XCiT's constructor arguments and their types (`int | None` for optional ones), in declaration order."""
+    hints = typing.get_type_hints(XCiT)
+    return {f.name: hints[f.name] for f in dataclasses.fields(XCiT) if f.init and f.name not in ("parent", "name")}
+
+
+def architecture(name: str, qkv: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """The architecture of a named model: XCiT's constructor arguments, with a QKV preset and overrides applied
+    in that order (XCiT(**architecture(...)) is the model). ValueError for an unknown name, preset or option."""
     if name not in MODEL_CONFIGS:
-        raise ValueError(f"Unknown model {name!r}. Known models: {', '.join(list_models())}.")
-    fields = {f.name for f in dataclasses.fields(XCiT) if f.init and f.name not in ("parent", "name")}
-    unknown = sorted(set(overrides) - fields)
+        raise ValueError(f"Unknown model {name!r}.{closest(name, list_models())} Known models: {', '.join(list_models())}.")
+    fields = architecture_fields()
+    unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise ValueError(f"Unknown XCiT option(s) {unknown} for {name}. Valid options: {', '.join(sorted(fields))}.")
+        raise ValueError(f"Unknown XCiT option(s) {unknown} for {name}.{closest(unknown[0], fields)} "
+                         f"Valid options: {', '.join(sorted(fields))}.")
     config = dict(MODEL_CONFIGS[name])
-    if qkv_preset_name:  # h relative to the width the model will have, an overridden embed_dim included
-        config.update(qkv_preset(qkv_preset_name, overrides.get("embed_dim", config["embed_dim"])))
+    if qkv:  # h relative to the width the model will have, an overridden embed_dim included
+        config.update(qkv_preset(qkv, overrides.get("embed_dim", config["embed_dim"])))
     return {**config, **overrides}
+
+
+def architecture_of(model: XCiT) -> dict[str, Any]:
+    """A model's constructor arguments as JSON values (the compute dtype by name, e.g. "float32"), as model.json
+    and converted weights store them; XCiT(**architecture_from_json(...)) rebuilds the model."""
+    fields = {name: getattr(model, name) for name in architecture_fields()}
+    return {**fields, "dtype": jnp.dtype(model.dtype).name}
+
+
+def architecture_from_json(stored: dict[str, Any]) -> dict[str, Any]:
+    """XCiT's constructor arguments from stored JSON: the dtype's name back to a dtype; keys XCiT does not know
+    (written by another version) dropped; a dtype that is not a name (older model.json files) left out."""
+    fields = architecture_fields()
+    options = {key: value for key, value in stored.items() if key in fields and key != "dtype"}
+    dtype = stored.get("dtype")
+    if isinstance(dtype, str) and dtype in ("float32", "bfloat16", "float16"):
+        options["dtype"] = jnp.dtype(dtype)
+    return options
+
+
+def closest(name: str, choices: Any) -> str:
+    """" Did you mean 'x'?" for the nearest valid name, or "" when none is close."""
+    match = difflib.get_close_matches(name, list(choices), n=1)
+    return f" Did you mean {match[0]!r}?" if match else ""
 
 
 def create(name: str, qkv: str | None = None, **overrides: Any) -> XCiT:
@@ -78,7 +112,7 @@ def create(name: str, qkv: str | None = None, **overrides: Any) -> XCiT:
 
     `qkv` names a QKV_PRESETS entry; single options (qkv_embed, code_size, ...) can also be overridden.
     """
-    return XCiT(**model_config(name, qkv, **overrides))
+    return XCiT(**architecture(name, qkv, **overrides))
 
 
 def init_shapes(model: nn.Module, image_size: int = 224) -> dict:

@@ -1,7 +1,8 @@
-"""Orbax checkpoints of a run (exact resume, surviving kills and damaged files) and the fine-tuning init path.
+"""Orbax checkpoints of a run: exact resume, surviving kills and damaged files (weights to start a fine-tuning
+run from are read by qkv_vit/weights.py).
 
 A run's checkpoints live in WORKDIR/checkpoints/<step>/ with two items: `state` (the TrainState) and
-`meta` (JSON: step, data position, model config). Orbax writes each step into `<step>.orbax-checkpoint-tmp`
+`meta` (JSON, "the step record": step, data position, what a step means, architecture). Orbax writes each step into `<step>.orbax-checkpoint-tmp`
 and renames it when complete, so a killed save never leaves a step that looks finished; what it leaves is
 removed when the next run opens the directory. A step that fails to read back (truncated or missing files,
 garbage metadata) is skipped for the previous one and renamed `<step>.corrupt-<time>`: never deleted, and
@@ -25,9 +26,7 @@ from jax.experimental import multihost_utils
 from qkv_vit.errors import CheckpointError, ConfigError, describe_cause
 from qkv_vit.paths import PathLike, as_path
 from qkv_vit.train.state import TrainState
-from qkv_vit.tree import flatten, unflatten
 
-HEAD = "head"
 CORRUPT_INFIX = ".corrupt-"
 REMOVAL_QUIET_S, REMOVAL_TIMEOUT_S = 0.5, 60.0  # see remove_unfinished_saves
 
@@ -57,7 +56,7 @@ class RunCheckpoints:
         return self.manager.latest_step()
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
-        """(state, meta) at `step`, each array placed with the sharding of `abstract_state`'s leaves."""
+        """(state, step record) at `step`, each array placed with the sharding of `abstract_state`'s leaves."""
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         )
@@ -66,7 +65,7 @@ class RunCheckpoints:
         return restored.state, restored.meta
 
     def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
-        """The newest checkpoint that reads back whole, as (state, meta); None when there is none.
+        """The newest checkpoint that reads back whole, as (state, step record); None when there is none.
 
         Unreadable newer ones are reported, and set aside once an older one restores; if none restores,
         nothing is moved and the error lists them all.
@@ -75,13 +74,13 @@ class RunCheckpoints:
         for step in sorted(self.manager.all_steps(), reverse=True):
             self.check_fits(step, abstract_state)
             try:
-                state, meta = self.restore(step, abstract_state)
+                state, record = self.restore(step, abstract_state)
                 error = None
             except Exception as caught:  # Orbax and TensorStore raise many types for missing or truncated files
                 error = caught
             if all_processes_agree(error is None):
                 self.set_aside([bad for bad, _ in unreadable])
-                return state, meta
+                return state, record
             error = error or RuntimeError("another process could not read it")
             logging.warning("Checkpoint %s cannot be read (%s); trying the previous one.",
                             self.directory / str(step), describe_cause(error))
@@ -122,7 +121,7 @@ class RunCheckpoints:
             multihost_utils.sync_global_devices("qkv_vit: unreadable checkpoints set aside")
         self.manager.reload()
 
-    def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> bool:
+    def save(self, step: int, state: TrainState, record: dict[str, Any]) -> bool:
         """Save `step` unless it is already saved (e.g. a SIGTERM right after a periodic save)."""
         if step in self.manager.all_steps():
             return False
@@ -130,7 +129,7 @@ class RunCheckpoints:
         self.writing_step = step
         try:
             saved = self.manager.save(
-                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)), force=True
             )
         except Exception as error:  # full disk, permissions, a vanished directory: whatever the storage says
             raise self.save_failed(error) from error
@@ -229,39 +228,3 @@ def all_processes_agree(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
-
-
-def check_fine_tuning_fit(fresh: dict[str, Any], loaded: dict[str, Any], source: str) -> list[tuple[str, ...]]:
-    """The head variables to re-initialize (class count differs); ConfigError naming every other mismatch.
-
-    `fresh` may hold arrays or shapes only (jax.ShapeDtypeStruct), so this runs before anything compiles.
-    """
-    fresh_flat = flatten(fresh)
-    loaded_flat = flatten(loaded)
-    missing = [k for k in fresh_flat if k not in loaded_flat]
-    unexpected = [k for k in loaded_flat if k not in fresh_flat and not is_head(k)]
-    reshaped = [k for k in fresh_flat if k in loaded_flat and np.shape(loaded_flat[k]) != np.shape(fresh_flat[k])]
-    problems = [k for k in missing + reshaped if not is_head(k)] + unexpected
-    if problems:
-        raise ConfigError(
-            f"init_from={source} does not fit the configured model ({len(problems)} variables differ): "
-            + ", ".join("/".join(k) for k in problems[:10])
-            + (" ..." if len(problems) > 10 else "")
-            + ". Check config.model_name and the QKV options against the checkpoint's."
-        )
-    return [k for k in missing + reshaped if is_head(k)]
-
-
-def merge_for_fine_tuning(fresh: dict[str, Any], loaded: dict[str, Any], source: str) -> dict[str, Any]:
-    """Loaded weights over a fresh init: every variable must match, except the head, which is re-initialized
-    when the class count differs. Anything else that differs is a ConfigError naming the variables."""
-    reinit_head = check_fine_tuning_fit(fresh, loaded, source)
-    if reinit_head:
-        logging.info("init_from: re-initialized the classifier head (class count differs from %s).", source)
-    fresh_flat, loaded_flat = flatten(fresh), flatten(loaded)
-    merged = {k: (fresh_flat[k] if k in reinit_head else loaded_flat[k]) for k in fresh_flat}
-    return unflatten(merged)
-
-
-def is_head(path: tuple[str, ...]) -> bool:
-    return len(path) >= 2 and path[1] == HEAD

@@ -1,5 +1,6 @@
 """Defaults of a training run; each configs/*.py starts from base_config() and overrides a few fields."""
 
+import typing
 from typing import Any
 
 import jax.numpy as jnp
@@ -15,26 +16,12 @@ from qkv_vit.train.sharding import SHARDING_STRATEGIES
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # parameters stay float32 either way
 NONFINITE_POLICIES = ("stop", "skip")  # a NaN/inf step: stop the run, or skip the update
 
-MODEL_OPTIONS = {  # XCiT options a config may set; None keeps the named model's value
-    "drop_path_rate": float,
-    "drop_rate": float,
-    "eta": float,
-    "tokens_norm": bool,
-    "qkv_embed": str,
-    "qkv_hidden_dim": int,
-    "shared_layer": str,
-    "code_size": int,
-    "code_mode": str,
-    "code_init_std": float,
-    "qkv_in_class_attention": bool,
-    "layer_impl": str,  # "auto" (default: "cpu" kernels on a CPU backend, flax layers elsewhere), "flax", "cpu"
-    "batch_norm_group_size": int,  # ghost BatchNorm: statistics over groups of this many images (XCiT: 64)
-    # Architecture overrides for tiny test/quickstart models:
-    "embed_dim": int,
-    "depth": int,
-    "num_heads": int,
-    "cls_attn_layers": int,
-    "patch_size": int,
+# The XCiT options a config may set (config.model.*; None keeps the named model's value): every constructor
+# argument of XCiT, read from the dataclass, but the two the run sets itself: num_classes (from the data, or
+# config.data.num_classes) and dtype (config.compute_dtype).
+MODEL_OPTIONS: dict[str, type] = {
+    name: next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
+    for name, kind in models.architecture_fields().items() if name not in ("num_classes", "dtype")
 }
 
 

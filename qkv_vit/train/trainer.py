@@ -14,7 +14,7 @@ import errno
 import json
 import logging
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -25,19 +25,17 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from qkv_vit import data, models
-from qkv_vit.data import image_folder
 from qkv_vit.errors import CheckpointError, ConfigError, describe_cause
 from qkv_vit.paths import PathLike, as_path
 from qkv_vit.train import sharding, steps
-from qkv_vit.train.checkpointing import (RunCheckpoints, all_processes_agree, check_fine_tuning_fit,
-                                         merge_for_fine_tuning)
+from qkv_vit.train.checkpointing import RunCheckpoints, all_processes_agree
 from qkv_vit.train.config import COMPUTE_DTYPES, check_config
 from qkv_vit.train.finishing import BatchFinishing
 from qkv_vit.train.logging_utils import create_writer, read_metrics
 from qkv_vit.train.optimizer import learning_rate, make_optimizer
 from qkv_vit.train.preemption import PreemptionWatcher
 from qkv_vit.train.state import TrainState
-from qkv_vit.weights import read_variables
+from qkv_vit.weights import check_fine_tuning_fit, merge_for_fine_tuning, read_weights
 
 DEVICE_PREFETCH = 2  # batches on their way to the devices ahead of the step
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # disk full, read-only
@@ -64,23 +62,23 @@ class Run:
     total_steps: int
     schedule: optax.Schedule
     optimizer: optax.GradientTransformation
-    init_state: Any  # () -> TrainState, a fresh initialization
-    abstract_state: TrainState
-    state_sharding: Any
+    init_state: Callable[[], TrainState]  # a fresh initialization
+    abstract_state: TrainState  # of jax.ShapeDtypeStruct
+    state_sharding: TrainState  # of jax.sharding.NamedSharding
     batch_sharding: jax.sharding.NamedSharding
-    train_step: Any
-    eval_step: Any
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # (state, batch) -> (state, metrics)
+    eval_step: Callable[[Any, Any, dict], dict]  # (params, batch_stats, batch) -> sums of top1, top5, loss, count
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: PathLike) -> TrainState:
     """Train to config.total_steps (or total_epochs), resuming from WORKDIR/checkpoints if present."""
     workdir = as_path(workdir)
     check_config(config)  # every value's type, length and range
-    model = build_model(config, num_classes=None)  # errors in model options before any data is read
+    model = build_model(config, config.data.num_classes)  # errors in model options before any data is read
     validate_run_config(config, model)
     check_workdir_path(workdir)
     prepare_workdir(workdir)
-    run = setup_run(config, workdir)
+    run = setup_run(config, workdir, model)
     log_data_summary(run)
     checkpoints = RunCheckpoints(workdir, config)
     try:
@@ -116,6 +114,7 @@ def config_mistakes(keys: str):
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int | None) -> models.XCiT:
+    """config's XCiT; num_classes=None keeps the named model's (the data's count is set by setup_run)."""
     overrides = {key: value for key, value in config.model.items() if value is not None}
     if num_classes is not None:
         overrides["num_classes"] = num_classes
@@ -188,36 +187,37 @@ def prepare_workdir(workdir: epath.Path) -> None:
 
 def log_data_summary(run: Run) -> None:
     """What the run reads and evaluates on, and how many files the data set's conversion skipped as not images."""
-    config, source = run.config.data, run.source
-    others = [split for split in source.builder.info.splits.keys() if split not in (source.train_split, source.eval_split)]
-    logging.info("Data: %s, %d train examples (split %r); evaluation on split %r (%d examples)%s.", config.source,
-                 run.num_train_examples, source.train_split, source.eval_split, source.num_examples(source.eval_split),
-                 f"; also present: {others} (data.eval_split chooses)" if others else "")
-    shared = source.overlap(source.train_split, source.eval_split)
-    if shared:
+    info = run.source.info(run.config.data.num_classes)
+    logging.info("Data: %s, %d train examples (split %r); evaluation on split %r (%d examples)%s.", run.config.data.source,
+                 info.train_examples, info.train_split, info.eval_split, info.eval_examples,
+                 f"; also present: {info.other_splits} (data.eval_split chooses)" if info.other_splits else "")
+    if info.train_eval_overlap:
         logging.warning("The eval split %r shares %d examples with the train split %r (data.eval_split): the %s/* "
-                        "metrics include training images, so they are not held-out accuracy.", source.eval_split,
-                        shared, source.train_split, run.config.eval_name)
-    if config.source != "image_folder":
-        return
-    prepared = image_folder.prepare_image_folder(config.path, config.cache_dir, config.bad_files)  # cached: reads JSON
-    if prepared.num_skipped:
-        entry = next(p for p in prepared.tfds_dir.parents if (p / image_folder.LABEL_MAP).exists())
+                        "metrics include training images, so they are not held-out accuracy.", info.eval_split,
+                        info.train_eval_overlap, info.train_split, run.config.eval_name)
+    skipped = info.skipped_files
+    if skipped:
         logging.warning("Skipped %d unreadable or non-image files of %s (bad_files=%r), e.g. %s; all listed in %s.",
-                        prepared.num_skipped, config.path, config.bad_files, prepared.skipped_files[:3],
-                        entry / image_folder.LABEL_MAP)
+                        skipped.count, run.config.data.path, run.config.data.bad_files, skipped.examples[:3],
+                        skipped.listed_in)
 
 
-def setup_run(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
-    """The run's data source, model, schedule, optimizer, shardings and jitted steps (nothing compiled yet)."""
+def setup_run(config: ml_collections.ConfigDict, workdir: epath.Path, model: models.XCiT | None = None) -> Run:
+    """The run's data source, model, schedule, optimizer, shardings and jitted steps (nothing compiled yet).
+    `model`: config's model as build_model made it (None: built here); its class count becomes the data's
+    unless config.data.num_classes sets one."""
     source = data.open_source(config.data)
-    return build_run(config, workdir, source, config.data.num_classes or source.num_classes)
+    model = model or build_model(config, config.data.num_classes)
+    if config.data.num_classes is None and model.num_classes != source.num_classes:
+        model = model.clone(num_classes=source.num_classes)
+    return build_run(config, workdir, source, model)
 
 
 def build_run(config: ml_collections.ConfigDict, workdir: epath.Path | None, source: data.Source | None,
-              num_classes: int) -> Run:
-    """setup_run on a given source; None (e.g. a benchmark stepping on synthetic batches) reads no data."""
-    model = build_model(config, num_classes)
+              model: models.XCiT) -> Run:
+    """setup_run on a given source and model; source None (e.g. a benchmark stepping on synthetic batches) reads
+    no data."""
+    num_classes = model.num_classes
     mesh = sharding.make_mesh(config.mesh)
     total_steps, warmup_steps = run_length(config)
     with config_mistakes("config.optimizer"):
@@ -255,10 +255,10 @@ def initial_state(run: Run, checkpoints: RunCheckpoints) -> TrainState:
     )
     restored = checkpoints.restore_latest(abstract)
     if restored is not None:
-        state, saved_meta = restored
-        check_same_run_definition(run, saved_meta, checkpoints)
+        state, saved_record = restored
+        check_same_run_definition(run, saved_record, checkpoints)
         logging.info("Resuming from %s/%d.", checkpoints.directory, int(state.step))
-        warn_if_data_changed(run, saved_meta)
+        warn_if_data_changed(run, saved_record)
         return state
     loaded = read_init_from(run) if run.config.init_from else None  # checked before the init compiles
     state = fresh_state(run)
@@ -276,7 +276,7 @@ def run_definition(run: Run) -> dict[str, int]:
             "total_steps": run.total_steps}
 
 
-def check_same_run_definition(run: Run, saved_meta: dict[str, Any], checkpoints: RunCheckpoints) -> None:
+def check_same_run_definition(run: Run, saved_record: dict[str, Any], checkpoints: RunCheckpoints) -> None:
     """A checkpoint's step must keep its meaning under this config (e.g. a job requeued with another batch).
 
     Another global batch or accumulation: ConfigError (the step would stand for other images and updates). Another
@@ -285,24 +285,24 @@ def check_same_run_definition(run: Run, saved_meta: dict[str, Any], checkpoints:
     there as "finished"). Checkpoints from before these values were recorded are checked against the run's
     config.json and model.json, which described them.
     """
-    now, saved_meta = run_definition(run), {**definition_from_run_files(run.workdir), **saved_meta}
-    changed = {key: (saved_meta[key], now[key]) for key in RUN_DEFINITION
-               if saved_meta.get(key) is not None and saved_meta[key] != now[key]}
-    step = saved_meta["step"]
+    now, saved_record = run_definition(run), {**definition_from_run_files(run.workdir), **saved_record}
+    changed = {key: (saved_record[key], now[key]) for key in RUN_DEFINITION
+               if saved_record.get(key) is not None and saved_record[key] != now[key]}
+    step = saved_record["step"]
     if not changed:
         return
     if set(changed) == {"total_steps"} and step < run.total_steps:
         saved_total = changed["total_steps"][0]
         logging.warning("This run is now %d steps long, but %d when step %d was saved%s: it continues to step %d, with "
                         "the learning-rate schedule of the new length from step %d on.", run.total_steps, saved_total,
-                        step, data_changed_note(run, saved_meta), run.total_steps, step + 1)
+                        step, data_changed_note(run, saved_record), run.total_steps, step + 1)
         return
-    seen = saved_meta.get("images_seen", step * saved_meta.get("global_batch_size", run.config.global_batch_size))
+    seen = saved_record.get("images_seen", step * saved_record.get("global_batch_size", run.config.global_batch_size))
     raise ConfigError(
         f"The checkpoints in {checkpoints.directory} were made with "
         + ", ".join(f"{key}={saved}" for key, (saved, _) in changed.items())
         + f" (step {step}: {seen} images seen), but this config gives "
-        + ", ".join(f"{key}={new}" for key, (_, new) in changed.items()) + data_changed_note(run, saved_meta)
+        + ", ".join(f"{key}={new}" for key, (_, new) in changed.items()) + data_changed_note(run, saved_record)
         + (f", which would end the run at step {run.total_steps}, before or at the checkpoint"
            if set(changed) == {"total_steps"} else ", under which their step would mean other images and updates")
         + ". Rerun with " + " ".join(f"--config.{RUN_DEFINITION[key]}={saved}" for key, (saved, _) in changed.items())
@@ -324,20 +324,20 @@ def definition_from_run_files(workdir: epath.Path) -> dict[str, int]:
     return {key: value for key, value in definition.items() if value is not None}
 
 
-def data_changed_note(run: Run, saved_meta: dict[str, Any]) -> str:
-    saved = saved_meta.get("train_examples")
+def data_changed_note(run: Run, saved_record: dict[str, Any]) -> str:
+    saved = saved_record.get("train_examples")
     if saved is None or saved == run.num_train_examples:
         return ""
     return f" (the train split has {run.num_train_examples} examples now, {saved} then)"
 
 
-def warn_if_data_changed(run: Run, saved_meta: dict[str, Any]) -> None:
-    saved = saved_meta.get("train_examples")
+def warn_if_data_changed(run: Run, saved_record: dict[str, Any]) -> None:
+    saved = saved_record.get("train_examples")
     if saved is not None and saved != run.num_train_examples:
         logging.warning(
             "The train split has %d examples now but had %d when step %d was saved (files added or removed?): "
             "training goes on with the current data, so this run will not equal an uninterrupted one.",
-            run.num_train_examples, saved, saved_meta["step"])
+            run.num_train_examples, saved, saved_record["step"])
 
 
 def fresh_state(run: Run) -> TrainState:
@@ -348,7 +348,7 @@ def read_init_from(run: Run) -> dict[str, Any]:
     """config.init_from's variables, checked against the model's shapes (ConfigError naming what differs)."""
     source = run.config.init_from
     try:
-        loaded = read_variables(source, use_ema=run.config.init_from_ema)
+        loaded = read_weights(source, use_ema=run.config.init_from_ema).variables
     except FileNotFoundError as error:
         raise ConfigError(f"config.init_from: {error}") from error
     check_fine_tuning_fit({"params": run.abstract_state.params, "batch_stats": run.abstract_state.batch_stats},
@@ -395,7 +395,7 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
             # The checkpoint of a step goes before its evaluation, so a failing evaluation loses no training.
             if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step != total:
                 check_finite(run, state, checkpoints)
-                checkpoints.save(step, state, meta(run, step))
+                checkpoints.save(step, state, step_record(run, step))
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step != total:
                 log_eval(run, writer, step, state, eval_batches)
             if step != total and preemption.requested(step):
@@ -417,33 +417,28 @@ def final_evaluation_recorded(run: Run, step: int) -> bool:
     return not all_processes_agree(not recorded)  # evaluate only if all see it missing: nobody waits alone
 
 
-def meta(run: Run, step: int) -> dict[str, Any]:
-    """The checkpoint's JSON item: its step, the data position, and what a step means (RUN_DEFINITION)."""
+def step_record(run: Run, step: int) -> dict[str, Any]:
+    """What a checkpoint records beside the state (its JSON item): its step, the data position, what a step
+    means (RUN_DEFINITION) and the architecture."""
     return {"step": step, "data_position": step, "train_examples": run.num_train_examples,
             "images_seen": step * run.config.global_batch_size, **run_definition(run),
-            "model_name": run.config.model_name,
-            "model_config": json.loads(json.dumps(model_config(run.model), default=str))}
+            "model_name": run.config.model_name, "architecture": models.architecture_of(run.model)}
 
 
 def model_summary(run: Run) -> dict[str, Any]:
     """What the run trains and evaluates on, for tools that read workdirs (e.g. a results table)."""
     source = run.source
     return {"model_name": run.config.model_name, "qkv": run.config.qkv,
-            "model_config": json.loads(json.dumps(model_config(run.model), default=str)),
+            "architecture": models.architecture_of(run.model),
             "num_params": models.count_params(run.abstract_state.params), "total_steps": run.total_steps,
             "data": {"source": source.description, "train_split": source.train_split,
                      "train_examples": run.num_train_examples, "eval_split": source.eval_split,
                      "eval_examples": source.num_examples(source.eval_split)}}
 
 
-def model_config(model: models.XCiT) -> dict[str, Any]:
-    fields = [f.name for f in dataclasses.fields(model) if f.init and f.name not in ("parent", "name")]
-    return {name: getattr(model, name) for name in fields}
-
-
 def save_now(run: Run, state: TrainState, checkpoints: RunCheckpoints, step: int) -> None:
     check_finite(run, state, checkpoints)
-    checkpoints.save(step, state, meta(run, step))
+    checkpoints.save(step, state, step_record(run, step))
     checkpoints.wait()
 
 
