@@ -24,7 +24,7 @@ from typing import Any
 import harness
 
 PASSED_THROUGH = ("model", "qkv", "batch_size", "image_size", "steps", "warmup", "depth", "embed_dim",
-                  "cls_attn_layers", "dtype", "sharding", "mesh_model", "allocator")
+                  "cls_attn_layers", "dtype", "sharding", "mesh_fsdp", "allocator")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embed-dim", type=int)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--sharding", default="replicate", choices=["replicate", "fsdp"])
-    parser.add_argument("--mesh-model", type=int, default=1)
+    parser.add_argument("--mesh-fsdp", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--allocator", default="reuse", choices=harness.ALLOCATORS,
                         help="malloc settings of every run (train_step.py --allocator)")

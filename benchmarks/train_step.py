@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embed-dim", type=int, help="override the token width")
     parser.add_argument("--num-heads", type=int, help="override the head count")
     parser.add_argument("--cls-attn-layers", type=int, help="override the number of class-attention blocks")
-    parser.add_argument("--mesh-model", type=int, default=1, help="size of the mesh's model axis")
+    parser.add_argument("--mesh-fsdp", type=int, default=1, help="size of the mesh's fsdp axis")
     parser.add_argument("--sharding", default="replicate", choices=["replicate", "fsdp"])
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (overrides the table)")
     parser.add_argument("--profile", help="write a jax.profiler trace of the timed steps to this directory")
@@ -103,7 +103,7 @@ def make_config(args: argparse.Namespace):
     config.global_batch_size = args.batch_size
     config.data.image_size = args.image_size
     config.total_steps, config.optimizer.warmup_steps = 10_000, 100  # only shapes the lr schedule
-    config.mesh.model, config.sharding = args.mesh_model, args.sharding
+    config.mesh.fsdp, config.sharding = args.mesh_fsdp, args.sharding
     return config
 
 

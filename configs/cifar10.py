@@ -25,7 +25,7 @@ import ml_collections
 
 from qkv_vit import data
 from qkv_vit.errors import ConfigError
-from qkv_vit.train.config import base_config, parse_arg
+from qkv_vit.train.config import base_config, parse_arg, shrink_for_local_run
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 ARGUMENTS = dict(qkv="linear", epochs=100.0, depth=int, batch=128, seed=0, path=str(SHARED_ARCHIVE),
@@ -38,31 +38,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg, **ARGUMENTS)
     config = base_config()
     config.model_name = "xcit_nano_12_p8"
-    config.qkv = args["qkv"]
-    config.seed = args["seed"]
-    if args["depth"] is not None:
-        config.model.depth = args["depth"]
+    config.qkv = args.qkv
+    config.seed = args.seed
+    if args.depth is not None:
+        config.model.depth = args.depth
     config.model.drop_path_rate = 0.05
-    if args["source"] == "tfds":
+    if args.source == "tfds":
         config.data = data.get_config("small", source="tfds", name="cifar10")
-    elif args["source"] == "image_folder":
+    elif args.source == "image_folder":
         config.data = data.get_config("small", source="image_folder")
-        config.data.path = args["path"]
+        config.data.path = args.path
     else:
         raise ConfigError(f"source={args['source']!r}: use source=tfds, or leave it out for the image folder at path=.")
     config.data.image_size = 32
-    config.global_batch_size = args["batch"]
-    config.total_epochs = args["epochs"]
+    config.global_batch_size = args.batch
+    config.total_epochs = args.epochs
     config.optimizer.lr = 1e-3
     config.optimizer.warmup_epochs = 1.0
     config.log_every_steps = 100
     config.eval_every_steps = 2000
     config.checkpoint_every_steps = 1000
-    if args["runlocal"]:
-        config.total_steps = 3
-        config.global_batch_size = 16
-        config.model.update(depth=1, embed_dim=32)
-        config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 3
+    if args.runlocal:
+        shrink_for_local_run(config, steps=3, keep_data=True)
     return config
 
 

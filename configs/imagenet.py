@@ -50,7 +50,7 @@ CODE_SIZES = (4, 8, 16, 32)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg, **ARGUMENTS)
     config = base_config()
-    set_xcit_model(config, args["model"], args["qkv"], args["code_size"], args["hidden"])
+    set_xcit_model(config, args.model, args.qkv, args.code_size, args.hidden)
     size = config.model_name.removeprefix("xcit_").rsplit("_p", 1)[0]
     config.model.drop_path_rate = DROP_PATH[size]
     # XCiT's main.py wraps the model in plain DistributedDataParallel (no SyncBatchNorm): each of its 16 GPUs
@@ -60,16 +60,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.compute_dtype = "bfloat16"
 
     config.data = data.get_config("xcit", source="tfds", name="imagenet2012")
-    config.data.data_dir = args["data_dir"]
-    config.global_batch_size = args["batch"]
-    config.total_epochs = args["epochs"]
+    config.data.data_dir = args.data_dir
+    config.global_batch_size = args.batch
+    config.total_epochs = args.epochs
     config.optimizer.update(name="adamw", lr=5e-4, scale_lr_by_batch=True, warmup_epochs=5.0, weight_decay=0.05)
-    if args["ema"]:
+    if args.ema:
         config.ema_decay = 0.99996
     config.log_every_steps = 100
     config.eval_every_steps = 12_500  # about every 10 epochs at batch 1024
     config.checkpoint_every_steps = 2_500
-    if args["runlocal"]:
+    if args.runlocal:
         shrink_for_local_run(config)
         config.data.num_classes = 1000  # ImageNet's head, so a transfer test re-initializes it
     return config

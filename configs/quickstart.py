@@ -11,14 +11,14 @@ Arguments: qkv=<preset> (linear, sne, psne, fsne_m8, ...), runlocal (4 steps of 
 
 import ml_collections
 
-from qkv_vit.train.config import base_config, parse_arg
+from qkv_vit.train.config import base_config, parse_arg, shrink_for_local_run
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg, qkv="fsne_m8", runlocal=False)
     config = base_config()
     config.model_name = "xcit_nano_12_p8"
-    config.qkv = args["qkv"]
+    config.qkv = args.qkv
     config.model.update(embed_dim=64, depth=4, num_heads=4, cls_attn_layers=1)
     config.data.image_size = 32
     # Digits are not mirror-symmetric and 8x8 originals blur under strong crops: a light recipe.
@@ -33,9 +33,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.eval_every_steps = 200
     config.checkpoint_every_steps = 200
-    if args["runlocal"]:
-        config.total_steps = 4
-        config.global_batch_size = 16
-        config.model.update(embed_dim=32, depth=1)  # a 1-block model: compiles in seconds
-        config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+    if args.runlocal:
+        shrink_for_local_run(config, steps=4, every=2, keep_data=True)
     return config

@@ -49,29 +49,29 @@ SWEEP_QKV = ("linear", "fsne_m8")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_arg(arg, **ARGUMENTS)
-    if args["dataset"] not in DATASETS:
+    if args.dataset not in DATASETS:
         raise ConfigError(f"Unknown dataset={args['dataset']!r}; choose one of {', '.join(DATASETS)}.")
-    if args["opt"] not in DEFAULT_LR:
+    if args.opt not in DEFAULT_LR:
         raise ConfigError(f"Unknown opt={args['opt']!r}; choose sgd (the paper's recipe) or adamw.")
-    if not args["init"] and not args["runlocal"]:
+    if not args.init and not args.runlocal:
         raise ConfigError("configs/transfer.py needs init=<ImageNet run dir or converted weights> of the same model, "
                          "e.g. init=gs://BUCKET/in1k/n12_fsne_m8 (train one with configs/imagenet.py).")
     config = base_config()
-    set_xcit_model(config, args["model"], args["qkv"], args["code_size"], args["hidden"])
+    set_xcit_model(config, args.model, args.qkv, args.code_size, args.hidden)
     config.model.drop_path_rate = 0.0
     config.compute_dtype = "bfloat16"
-    config.init_from = args["init"]
+    config.init_from = args.init
 
-    config.data = data.get_config("transfer", source="tfds", name=args["dataset"])
-    config.data.data_dir = args["data_dir"]
-    config.global_batch_size = args["batch"]
-    config.total_epochs = args["epochs"]
-    config.optimizer.update(name=args["opt"], lr=args["lr"] or DEFAULT_LR[args["opt"]], scale_lr_by_batch=False,
-                            weight_decay=WEIGHT_DECAY[args["opt"]], warmup_epochs=5.0)
+    config.data = data.get_config("transfer", source="tfds", name=args.dataset)
+    config.data.data_dir = args.data_dir
+    config.global_batch_size = args.batch
+    config.total_epochs = args.epochs
+    config.optimizer.update(name=args.opt, lr=args.lr or DEFAULT_LR[args.opt], scale_lr_by_batch=False,
+                            weight_decay=WEIGHT_DECAY[args.opt], warmup_epochs=5.0)
     config.log_every_steps = 100
     config.eval_every_steps = 5_000
     config.checkpoint_every_steps = 2_500
-    if args["runlocal"]:
+    if args.runlocal:
         shrink_for_local_run(config)
     return config
 

@@ -131,10 +131,13 @@ def numbers(count: int, low: float | None = None, high: float | None = None, *, 
 
 
 def check_values(config: Mapping[str, Any], rules: RuleTable, prefix: str = "config.",
-                 error: type[ConfigError] = ConfigError) -> None:
-    """Every key of `config` against its rule (nested tables for nested configs); `error` names the first bad one."""
+                 error: type[ConfigError] = ConfigError, renamed: Mapping[str, str] | None = None) -> None:
+    """Every key of `config` against its rule (nested tables for nested configs); `error` names the first bad one.
+    `renamed`: {old full name: new full name} of keys renamed since configs were written with them."""
     for key in config.keys():
         name = f"{prefix}{key}"
+        if renamed and name in renamed:
+            raise error(f"{name} is now called {renamed[name]}: rename it in the config file or on the command line.")
         if key not in rules:
             close = difflib.get_close_matches(key, list(rules), n=1)
             raise error(f"{name} is not a known key{f' (did you mean {prefix}{close[0]}?)' if close else ''}: "
@@ -145,5 +148,5 @@ def check_values(config: Mapping[str, Any], rules: RuleTable, prefix: str = "con
         elif rule is not None:
             if not hasattr(config[key], "keys"):  # a ConfigDict (or dict) of its own keys
                 raise error(f"{name} must be a group of keys ({', '.join(rule)}), got {config[key]!r}.")
-            check_values(config[key], rule, f"{name}.", error)
+            check_values(config[key], rule, f"{name}.", error, renamed)
 

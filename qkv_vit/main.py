@@ -17,6 +17,7 @@ if __name__ == "__main__":  # before the heavy imports below, which the re-execu
 
     preload_allocator()
 
+import difflib
 import logging
 import re
 import sys
@@ -25,11 +26,13 @@ from typing import NoReturn
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
+import ml_collections
 from ml_collections import config_flags
 
 from qkv_vit.allocator import describe_allocator
 from qkv_vit.errors import CheckpointError, ConfigError, one_line
 from qkv_vit.train import NonFiniteError, Preempted, train_and_evaluate
+from qkv_vit.train.config import RENAMED_KEYS
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/quickstart.py.", lock_config=True)
@@ -51,18 +54,29 @@ EXIT_CODES = {  # errors a user can fix -> exit code; anything else is a bug and
 }
 
 
-class QuietLibraries(logging.Filter):
-    """Keep Orbax's and TensorFlow's per-save INFO chatter off the console; warnings still show.
+# Loggers of this package: the root logger (qkv_vit logs through `logging.info` etc.) and "qkv_vit.*".
+OWN_LOGGERS = ("root", "qkv_vit")
 
-    Orbax logs a failed background save with its whole traceback; the run then stops with our own `error:`
-    line naming the step and the cause, so Orbax's record keeps its one-line message and loses the traceback.
+
+class QuietLibraries(logging.Filter):
+    """On the console, the libraries' records (any logger but OWN_LOGGERS: Orbax, clu and tfds log through
+    absl's logger "absl", TensorFlow through "tensorflow", JAX through "jax.*") show from WARNING up, each as its
+    one-line message: their per-save INFO chatter stays off, and a failed background save is not followed by
+    Orbax's traceback before our own `error:` line, which names the step and the cause. Ours show whole.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        noisy = any(part in record.pathname for part in ("/orbax/", "/tensorflow/", "/jax/_src/"))
-        if "/orbax/" in record.pathname and record.exc_info:
+        if record.name.split(".")[0] in OWN_LOGGERS:
+            return True
+        if record.exc_info:
             record.exc_info = record.exc_text = None
-        return record.levelno >= logging.WARNING or not noisy
+        return record.levelno >= logging.WARNING
+
+
+def quiet_libraries() -> None:
+    """QuietLibraries on absl's handler, which prints every logger's records once absl's app (or a notebook's
+    absl_logging.use_absl_handler()) has installed it on the root logger."""
+    absl_logging.get_absl_handler().addFilter(QuietLibraries())
 
 
 def fail(message: str, exit_code: int) -> NoReturn:
@@ -72,6 +86,7 @@ def fail(message: str, exit_code: int) -> NoReturn:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a mistake on the command line reported as one `error:` line (exit code 2)."""
+    check_override_keys(argv)
     try:
         remaining = FLAGS(argv)
         FLAGS.config.keys()  # a config file that failed to load raises only when read
@@ -80,8 +95,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         if "Traceback (most recent call last)" in message:  # config_flags quotes get_config's traceback
             fail(f"{config_argument(argv)}: {last_line(message)}", BAD_INPUT_EXIT_CODE)
         fail(f"{message.rstrip('.')}. See --helpfull for the flags.", BAD_INPUT_EXIT_CODE)
-    except (AttributeError, KeyError) as error:  # config_flags: --config.<key> the config does not have
-        fail(unknown_key_message(argv, error), BAD_INPUT_EXIT_CODE)
+    except (AttributeError, KeyError) as error:  # an override check_override_keys let through (a bug of ours)
+        fail(f"{config_argument(argv)}: cannot apply an override ({error!r}).", BAD_INPUT_EXIT_CODE)
     except OSError as error:  # the config file is missing or does not import
         fail(f"{config_argument(argv)}: cannot load it ({last_line(str(error))}). Pass a config "
              "file such as configs/quickstart.py, optionally with :arguments.", BAD_INPUT_EXIT_CODE)
@@ -100,17 +115,53 @@ def last_line(message: str) -> str:
     return re.sub(r"^[\w.]*(Error|Exception): ", "", line)
 
 
-def unknown_key_message(argv: list[str], error: BaseException) -> str:
-    while not isinstance(error, KeyError) and error.__context__ is not None:
-        error = error.__context__  # config_dict raises AttributeError from the KeyError that has the hint
-    detail = one_line(str(error.args[0])) if error.args else str(error)  # "'optimzer' Did you mean ...?"
-    key = detail.split("'")[1] if detail.count("'") >= 2 else detail
-    hint = detail.split("'", 2)[2].strip() if detail.count("'") >= 2 else ""
-    given = [arg for arg in argv if arg.startswith("--config.") and key in arg.split("=")[0].split(".")]
-    return (f"{given[0] if given else '--config'}: the config has no key {key!r}"
-            + (f" ({hint[0].lower()}{hint[1:]})" if hint else "")
-            + ". Every key is listed in qkv_vit/train/config.py and in a run's config.json; an unknown key is an "
-            "error so that a typo is never silently ignored.")
+def check_override_keys(argv: list[str]) -> None:
+    """Each --config.KEY=VALUE (or --[no]config.KEY for a flag) must name a key the config file has: otherwise one
+    `error:` line with the closest key, or the new name of a renamed one. Checked on the config file loaded
+    apart, before absl applies the overrides."""
+    overrides = [arg for arg in argv[1:] if arg.startswith(("--config.", "--noconfig."))]
+    config = load_config_file(argv) if overrides else None
+    if config is None:  # no overrides, or a config file that does not load: parse_flags reports that
+        return
+    known = dotted_keys(config)
+    for arg in overrides:
+        key = arg.split("=", 1)[0].split("config.", 1)[1]
+        if f"config.{key}" in RENAMED_KEYS:
+            fail(f"{arg}: config.{key} is now called {RENAMED_KEYS[f'config.{key}']}.", BAD_INPUT_EXIT_CODE)
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            fail(f"{arg}: the config has no key {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}. Every "
+                 "key is listed in qkv_vit/train/config.py and in a run's config.json; an unknown key is an error so "
+                 "that a typo is never silently ignored.", BAD_INPUT_EXIT_CODE)
+
+
+def load_config_file(argv: list[str]) -> ml_collections.ConfigDict | None:
+    """The config that --config=FILE[:ARGS] loads, without overrides; None if it is not given or does not load."""
+    given = [arg for arg in argv[1:] if arg.startswith("--config=")]
+    if not given:
+        return None
+    apart = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=apart)
+    command_line = sys.argv
+    sys.argv = [argv[0], given[-1]]  # config_flags looks for --config.KEY overrides in sys.argv itself
+    try:
+        apart(sys.argv)
+        return apart.config
+    except Exception:  # noqa: BLE001 - whatever stops it loading, parse_flags reports from the real parse
+        return None
+    finally:
+        sys.argv = command_line
+
+
+def dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every leaf key of a config as "optimizer.lr", "data.augment.crop_scale", ..."""
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            keys += dotted_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def initialize_distributed() -> None:
@@ -124,7 +175,7 @@ def initialize_distributed() -> None:
 
 def main(argv: list[str]) -> int:
     del argv
-    absl_logging.get_absl_logger().addFilter(QuietLibraries())
+    quiet_libraries()
     initialize_distributed()
     logging.info("JAX process %d/%d, %d local devices of %d; memory allocator: %s.", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), describe_allocator())

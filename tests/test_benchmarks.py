@@ -66,7 +66,7 @@ def test_scaling_table_over_fake_devices_and_two_processes():
     result = run_benchmark("scaling.py", *TINY_RUN, "--devices", "2", "--processes", "2")
     rows = result["results"]
     assert [(row["processes"], row["devices"]) for row in rows] == [(1, 2), (2, 2)]
-    assert rows[0]["mesh"] == {"data": 2, "model": 1}
+    assert rows[0]["mesh"] == {"data": 2, "fsdp": 1}
     for row in rows:
         assert_positive_finite(row["images_per_sec"], row["step_time_s"])
         assert row["recompiled_after_first_step"] is False

@@ -2,6 +2,7 @@
 a step through the real trainer; sweeps expand to valid configs; the recipes say what PAPER.md says."""
 
 import ast
+import json
 import re
 
 import numpy as np
@@ -101,6 +102,23 @@ def test_quickstart_runlocal_trains_a_step(tmp_path, data_cache):
     train_one_step(load_config("quickstart", "runlocal"), tmp_path, data_cache)
 
 
+def test_config_model_takes_every_xcit_option_and_trains(tmp_path, data_cache):
+    """config.model.* is XCiT's own field list: the ablation options train, and --config.qkv=fsne is qkv=fsne."""
+    config = load_config("quickstart", "runlocal")
+    assert set(config.model) == set(models.architecture_fields()) - {"num_classes", "dtype"}
+    config.qkv = "fsne"  # as --config.qkv=fsne sets it
+    config.model.update(qkv_activation="identity", global_pool="avg", mlp_ratio=2)  # an int where a float is due
+    state = train_one_step(config, tmp_path, data_cache)
+    architecture = json.loads((tmp_path / "model.json").read_text())["architecture"]
+    assert (architecture["qkv_activation"], architecture["global_pool"], architecture["mlp_ratio"]) == ("identity", "avg", 2)
+    assert state.params["blocks_0"]["mlp"]["fc1"]["kernel"].shape == (32, 64)  # mlp_ratio 2 x width 32
+    flagged = load_config("imagenet", "model=nano_12_p16")
+    flagged.qkv = "fsne"
+    from_flag, from_argument = build_model(flagged, 10), build_model(load_config("imagenet", "model=nano_12_p16,qkv=fsne"), 10)
+    assert from_flag == from_argument
+    assert (from_flag.qkv_embed, from_flag.code_size, from_flag.qkv_hidden_dim) == ("fsne", 8, 128)
+
+
 @pytest.fixture(scope="module")
 def imagenet_runlocal(tmp_path_factory, data_cache):
     """configs/imagenet.py's runlocal, one step: a pretrained checkpoint for the transfer config."""
@@ -150,7 +168,7 @@ def test_imagenet_models_are_the_papers(arg, params):
 
 def test_imagenet_recipe_is_xcits():
     config = load_config("imagenet", "model=small_12_p16,qkv=fsne,code_size=16")
-    assert (config.model_name, config.qkv, config.model.code_size) == ("xcit_small_12_p16", "fsne_m8", 16)
+    assert (config.model_name, config.qkv, config.model.code_size) == ("xcit_small_12_p16", "fsne", 16)
     assert (config.global_batch_size, config.total_epochs, config.optimizer.name) == (1024, 400.0, "adamw")
     assert (config.optimizer.lr, config.optimizer.scale_lr_by_batch, config.optimizer.weight_decay) == (5e-4, True, 0.05)
     assert (config.optimizer.warmup_epochs, config.optimizer.warmup_init_lr, config.optimizer.min_lr) == (5.0, 1e-6, 1e-5)
@@ -186,12 +204,14 @@ def test_bad_arguments_are_one_line_errors(name, arg, message):
 
 
 def test_parse_arg_keeps_strings_without_a_spec_and_types_values_with_one():
-    assert parse_arg("qkv=fsne_m8,epochs=100,runlocal") == {"qkv": "fsne_m8", "epochs": "100", "runlocal": "true"}
-    assert parse_arg(None) == {}
+    assert parse_arg("qkv=fsne_m8,epochs=100,runlocal").to_dict() == {"qkv": "fsne_m8", "epochs": "100",
+                                                                       "runlocal": "true"}
+    assert parse_arg(None).to_dict() == {}
     spec = dict(qkv="linear", epochs=400.0, depth=int, path=str, runlocal=False)
-    assert parse_arg("depth=4,runlocal,path=a=b", **spec) == {"qkv": "linear", "epochs": 400.0, "depth": 4,
-                                                               "path": "a=b", "runlocal": True}
-    assert parse_arg("runlocal=false", **spec)["runlocal"] is False
+    args = parse_arg("depth=4,runlocal,path=a=b", **spec)
+    assert args.to_dict() == {"qkv": "linear", "epochs": 400.0, "depth": 4, "path": "a=b", "runlocal": True}
+    assert args.depth == args["depth"] == 4  # dot access, as big_vision's parse_arg
+    assert parse_arg("runlocal=false", **spec).runlocal is False
 
 
 def sweep_cases() -> list[tuple[str, str | None]]:

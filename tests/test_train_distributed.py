@@ -61,7 +61,7 @@ def test_one_device_equals_eight_devices_data_and_fsdp(tmp_path, prepared, data_
         from conftest import load_config
         from qkv_vit.train import train_and_evaluate
         assert jax.device_count() == 8, jax.devices()
-        for name, mesh, strategy in [("data8", dict(data=8, model=1), "replicate"), ("fsdp", dict(data=4, model=2), "fsdp")]:
+        for name, mesh, strategy in [("data8", dict(data=8, fsdp=1), "replicate"), ("fsdp", dict(data=4, fsdp=2), "fsdp")]:
             config = load_config("quickstart", "runlocal")
             config.model.update(embed_dim=32, depth=1, num_heads=4)
             config.data.cache_dir = {str(data_cache)!r}
@@ -72,7 +72,7 @@ def test_one_device_equals_eight_devices_data_and_fsdp(tmp_path, prepared, data_
             state = train_and_evaluate(config, {str(tmp_path)!r} + "/" + name)
             if strategy == "fsdp":
                 kernel = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]
-                assert "model" in str(kernel.sharding.spec), kernel.sharding
+                assert "fsdp" in str(kernel.sharding.spec), kernel.sharding
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)

@@ -4,6 +4,7 @@ from qkv_vit.models.layers import LAYER_IMPLS
 from qkv_vit.models.qkv import QKV_EMBEDDINGS, QKVSpec
 from qkv_vit.models.registry import (
     MODEL_CONFIGS,
+    QKV_PRESET_ALIASES,
     QKV_PRESETS,
     architecture,
     architecture_fields,
@@ -22,6 +23,7 @@ __all__ = [
     "LAYER_IMPLS",
     "MODEL_CONFIGS",
     "QKV_EMBEDDINGS",
+    "QKV_PRESET_ALIASES",
     "QKV_PRESETS",
     "QKVSpec",
     "XCiT",

@@ -46,10 +46,16 @@ QKV_PRESETS: dict[str, tuple[dict[str, Any], float]] = {
 }
 
 
+# Other names a preset goes by: plain "fsne" is F-SNE with m=8 (a code_size option given beside it wins).
+QKV_PRESET_ALIASES = {"fsne": "fsne_m8"}
+
+
 def qkv_preset(preset: str, embed_dim: int) -> dict[str, Any]:
-    """The XCiT options of a named QKV configuration for a given token width."""
+    """The XCiT options of a named QKV configuration (or an alias of one) for a given token width."""
+    preset = QKV_PRESET_ALIASES.get(preset, preset)
     if preset not in QKV_PRESETS:
-        raise ValueError(f"Unknown QKV preset {preset!r}. Known presets: {', '.join(QKV_PRESETS)}.")
+        raise ValueError(f"Unknown QKV preset {preset!r}.{closest(preset, QKV_PRESETS)} Known presets: "
+                         f"{', '.join([*QKV_PRESETS, *QKV_PRESET_ALIASES])}.")
     options, hidden_ratio = QKV_PRESETS[preset]
     if options["qkv_embed"] == "linear":
         return dict(options)

@@ -28,8 +28,9 @@ MODEL_OPTIONS: dict[str, type] = {
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-def parse_arg(arg: str | None, **spec: Any) -> dict[str, Any]:
-    """A config file's argument string, big_vision style: "qkv=fsne_m8,epochs=100,runlocal" -> dict.
+def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
+    """A config file's argument string, big_vision style: "qkv=fsne_m8,epochs=100,runlocal" -> a ConfigDict
+    (args.qkv or args["qkv"]).
 
     Without `spec` every value stays a string and a bare word means "true". With `spec`
     (name=default, or name=type for "no default", e.g. `depth=int`), only those names are accepted,
@@ -38,7 +39,7 @@ def parse_arg(arg: str | None, **spec: Any) -> dict[str, Any]:
     items = [item for item in (arg or "").split(",") if item]
     given = dict(item.split("=", 1) if "=" in item else (item, "true") for item in items)
     if not spec:
-        return given
+        return ml_collections.ConfigDict(given)
     unknown = sorted(set(given) - set(spec))
     if unknown:
         raise ConfigError(f"Unknown config argument(s) {unknown}; this config accepts: {', '.join(spec)}.")
@@ -51,7 +52,7 @@ def parse_arg(arg: str | None, **spec: Any) -> dict[str, Any]:
             parsed[name] = given[name]
         else:
             parsed[name] = _convert(name, given[name], kind)
-    return parsed
+    return ml_collections.ConfigDict(parsed)
 
 
 def _convert(name: str, value: str, kind: type) -> Any:
@@ -70,45 +71,50 @@ def set_xcit_model(config: ml_collections.ConfigDict, model: str, qkv: str, code
                    hidden: int | None = None) -> None:
     """A named XCiT (`nano_12_p16` or `xcit_nano_12_p16`) with a QKV embedding, as configs/imagenet.py takes it.
 
-    `qkv` is a models.QKV_PRESETS name or plain "fsne" (F-SNE with `code_size`, default 8, and h = d);
-    `code_size` only goes with F-SNE; `hidden` sets the QKV hidden width h of a non-linear embedding.
+    `qkv` is a models.QKV_PRESETS name ("fsne": F-SNE with `code_size`, default 8, and h = d); `code_size`
+    only goes with F-SNE; `hidden` sets the QKV hidden width h of a non-linear embedding.
     """
     name = model if model.startswith("xcit_") else f"xcit_{model}"
     if name not in models.MODEL_CONFIGS:
         sizes = ", ".join(n.removeprefix("xcit_") for n in models.MODEL_CONFIGS)
         raise ConfigError(f"Unknown model {model!r}; choose one of: {sizes}.")
-    if qkv != "fsne" and qkv not in models.QKV_PRESETS:
+    if qkv not in models.QKV_PRESETS and qkv not in models.QKV_PRESET_ALIASES:
         raise ConfigError(f"Unknown qkv={qkv!r}; choose fsne (with code_size=M) or one of: {', '.join(models.QKV_PRESETS)}.")
     if code_size is not None and not qkv.startswith("fsne"):
         raise ConfigError(f"code_size={code_size} only applies to F-SNE (qkv=fsne), not qkv={qkv}.")
     if hidden is not None and qkv == "linear":
         raise ConfigError("hidden= sets the hidden width of a non-linear QKV embedding; qkv=linear has none.")
     config.model_name = name
-    config.qkv = "fsne_m8" if qkv == "fsne" else qkv
-    if qkv == "fsne" or code_size is not None:
-        config.model.code_size = 8 if code_size is None else code_size
+    config.qkv = qkv
+    if code_size is not None:
+        config.model.code_size = code_size
     if hidden is not None:
         config.model.qkv_hidden_dim = hidden
 
 
-def shrink_for_local_run(config: ml_collections.ConfigDict) -> None:
-    """`runlocal`: the same recipe on the offline digits, a 1-block width-32 model, 2 steps of batch 16.
+def shrink_for_local_run(config: ml_collections.ConfigDict, steps: int = 2, every: int | None = None,
+                         keep_data: bool = False) -> None:
+    """Every config's `runlocal` argument: the same recipe on a 1-block width-32 model, `steps` steps of batch 16,
+    logging, evaluating and saving every `every` steps (default: at the end), on the offline digits unless
+    `keep_data` (then on the config's own data, at 32x32).
 
     The augmentation preset, optimizer and model family stay, so a CPU exercises the config's own code
     path in seconds; only data source, sizes and run length change.
     """
-    augment, repeats = config.data.augment, config.data.repeated_augmentation
-    config.data = data.get_config("small", source="digits")
-    config.data.update(augment=augment, repeated_augmentation=repeats, image_size=32, shuffle_buffer=256)
+    if not keep_data:
+        augment, repeats = config.data.augment, config.data.repeated_augmentation
+        config.data = data.get_config("small", source="digits")
+        config.data.update(augment=augment, repeated_augmentation=repeats, shuffle_buffer=256)
+    config.data.image_size = 32
     config.model.update(embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1)
     if config.model.batch_norm_group_size:  # keep the grouped BatchNorm, in groups the small batch holds
         config.model.batch_norm_group_size = 8
     config.compute_dtype = "float32"
     config.global_batch_size = 16
     config.eval_batch_size = 128
-    config.total_steps = 2
+    config.total_steps = steps
     config.optimizer.warmup_steps = 1
-    config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+    config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = every or steps
 
 
 # The rule of every key of base_config() (config.data has its own: qkv_vit.data.config.DATA_RULES). Model options
@@ -146,7 +152,7 @@ RUN_RULES = {
     "optimizer": OPTIMIZER_RULES,
     "ema_decay": rules.number(0.0, 1.0, high_open=True, optional=True),
     "nonfinite": rules.text(NONFINITE_POLICIES),
-    "mesh": {"data": rules.integer(1, or_minus_one=True), "model": rules.integer(1, or_minus_one=True)},
+    "mesh": {"data": rules.integer(1, or_minus_one=True), "fsdp": rules.integer(1, or_minus_one=True)},
     "sharding": rules.text(SHARDING_STRATEGIES),
     "log_every_steps": rules.integer(1),
     "eval_every_steps": rules.integer(0),  # 0: only at the end
@@ -160,10 +166,17 @@ RUN_RULES = {
 }
 
 
+# Keys renamed since configs were written with them: the old name is refused with the new one.
+RENAMED_KEYS = {
+    "config.mesh.model": "config.mesh.fsdp (the axis shards parameters, FSDP, and splits the batch: it is not "
+                         "tensor parallelism)",
+}
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Every value of a training config checked for type, length and range before any data is read: one
     ConfigError (DataConfigError for config.data) naming the first bad key, what it must be, and what it got."""
-    rules.check_values(config, RUN_RULES, "config.")
+    rules.check_values(config, RUN_RULES, "config.", renamed=RENAMED_KEYS)
     data.validate_config(config.data, prefix="config.data.")
 
 
@@ -204,8 +217,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.ema_decay = config_dict.placeholder(float)  # e.g. 0.99996; evaluations then also report ema_*
     config.nonfinite = "stop"  # NaN/inf loss or gradients: "stop" the run, or "skip" the step
 
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # -1: all remaining devices
-    config.sharding = "replicate"  # or "fsdp": parameters and optimizer state sharded over `model`
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+    config.sharding = "replicate"  # or "fsdp": parameters and optimizer state sharded over mesh.fsdp
 
     config.log_every_steps = 50
     config.eval_every_steps = 1000  # 0: only at the end

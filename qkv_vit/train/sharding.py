@@ -1,9 +1,11 @@
 """Device mesh and sharding rules: batch split over every device, parameters replicated or FSDP-sharded.
 
-The mesh has a `data` axis and a `model` axis (`config.mesh`, -1 = all remaining devices). The batch is
-split over both axes, so every device sees its own examples. With `config.sharding = "fsdp"` each
-parameter and optimizer-state array is sharded over `model` along its largest dimension that divides
-evenly (ZeRO-3 style); XLA inserts the gathers. With "replicate" every device holds everything.
+The mesh has a `data` axis and an `fsdp` axis (`config.mesh`, -1 = all remaining devices). The batch is
+split over both axes, so every device sees its own examples: there is no tensor parallelism. With
+`config.sharding = "fsdp"` each parameter and optimizer-state array of at least FSDP_MIN_SIZE_TO_SHARD_BYTES
+is sharded over `fsdp` along its largest dimension that divides evenly (ZeRO-3 style, as big_vision's
+`fsdp` rule with its min_size_to_shard_mb); XLA inserts the gathers. With "replicate" every device holds
+everything.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 if TYPE_CHECKING:  # type hints only: the step and the mesh need no ml_collections (nor TensorFlow)
     import ml_collections
 
-MESH_AXES = ("data", "model")
+MESH_AXES = ("data", "fsdp")
 SHARDING_STRATEGIES = ("replicate", "fsdp")
-FSDP_MIN_SIZE = 2**12  # arrays smaller than this stay replicated: sharding them costs more than it saves
+# Smaller arrays stay replicated under "fsdp": gathering them would cost more than their copies take (16 KiB:
+# 4096 float32 values, so that even XCiT-nano's kernels are sharded; big_vision's default is 4 MiB).
+FSDP_MIN_SIZE_TO_SHARD_BYTES = 16 * 2**10
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
-    """A (data, model) mesh over all devices (or `devices`), sizes from config; one -1 takes the rest."""
+    """A (data, fsdp) mesh over all devices (or `devices`), sizes from config; one -1 takes the rest."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
     if sizes.count(-1) > 1:
@@ -55,16 +59,17 @@ def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str) -> Any:
     """A NamedSharding for every leaf of an abstract (eval_shape) pytree."""
     if strategy not in SHARDING_STRATEGIES:
         raise ValueError(f"Unknown sharding strategy {strategy!r}: choose one of {SHARDING_STRATEGIES}.")
-    model_size = mesh.shape["model"]
+    fsdp_size = mesh.shape["fsdp"]
 
     def rule(leaf: Any) -> NamedSharding:
         shape = getattr(leaf, "shape", ())
-        if strategy == "replicate" or model_size == 1 or int(np.prod(shape)) < FSDP_MIN_SIZE:
+        size_bytes = int(np.prod(shape)) * np.dtype(getattr(leaf, "dtype", np.float32)).itemsize
+        if strategy == "replicate" or fsdp_size == 1 or size_bytes < FSDP_MIN_SIZE_TO_SHARD_BYTES:
             return replicated(mesh)
         for axis in np.argsort(shape)[::-1]:  # the largest dimension that divides evenly
-            if shape[axis] % model_size == 0:
+            if shape[axis] % fsdp_size == 0:
                 spec = [None] * len(shape)
-                spec[axis] = "model"
+                spec[axis] = "fsdp"
                 return NamedSharding(mesh, P(*spec))
         return replicated(mesh)
 
