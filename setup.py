@@ -32,7 +32,8 @@ EXTRAS_REQUIRE = {
     # pip install torch --index-url https://download.pytorch.org/whl/cpu
     "torch": ["torch>=2.1"],
     # The tests execute notebooks/*.ipynb in a Jupyter kernel, so dev includes what runs them.
-    "dev": ["pytest>=7.4", "pytest-xdist>=3.5", *NOTEBOOK_RUNNER],
+    # ruff is pinned: another release may format differently, and CI checks the format (pyproject.toml).
+    "dev": ["pytest>=7.4", "pytest-xdist>=3.5", "ruff==0.16.9", *NOTEBOOK_RUNNER],
     # Opening the notebooks locally: jupyter lab notebooks/
     "notebooks": [*NOTEBOOK_RUNNER, "jupyterlab>=4.0"],
 }

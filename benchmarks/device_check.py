@@ -24,8 +24,9 @@ import json
 import os
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import harness
 from train_step import TRAIN_FLOPS_PER_MAC, peak_tflops
@@ -37,18 +38,33 @@ TIMM_NAMES = {"xcit_nano_12_p16": "xcit_nano_12_p16_224", "xcit_tiny_12_p16": "x
 
 def plan(smoke: bool) -> list[dict[str, Any]]:
     """The measurements, most important first. Step configs: model, qkv, dtype, layer_impl, feed."""
+
     def step(model, qkv="linear", dtype="bfloat16", impl="flax", feed="device"):
         return {"kind": "train_step", "model": model, "qkv": qkv, "dtype": dtype, "layer_impl": impl, "feed": feed}
 
     nano, tiny = "xcit_nano_12_p16", "xcit_tiny_12_p16"
-    order = [{"kind": "copy"}, step(nano), {"kind": "timm", "model": nano, "compiled": False}, step(nano, feed="host"),
-             step(nano, impl="cpu"), step(nano, "fsne_m8"), step(nano, dtype="float32"), step(tiny),
-             {"kind": "timm", "model": nano, "compiled": True}, step(tiny, "fsne_m8"),
-             {"kind": "timm", "model": tiny, "compiled": False}, {"kind": "timm", "model": tiny, "compiled": True}]
+    order = [
+        {"kind": "copy"},
+        step(nano),
+        {"kind": "timm", "model": nano, "compiled": False},
+        step(nano, feed="host"),
+        step(nano, impl="cpu"),
+        step(nano, "fsne_m8"),
+        step(nano, dtype="float32"),
+        step(tiny),
+        {"kind": "timm", "model": nano, "compiled": True},
+        step(tiny, "fsne_m8"),
+        {"kind": "timm", "model": tiny, "compiled": False},
+        {"kind": "timm", "model": tiny, "compiled": True},
+    ]
     if smoke:  # one step configuration through every path: flax layers, host feeding, bf16
         return [{"kind": "copy"}, step(nano, feed="host"), {"kind": "timm", "model": nano, "compiled": False}]
-    every = [step(m, q, d, i, f) for m, q, d, i, f in itertools.product(
-        (nano, tiny), ("linear", "fsne_m8"), ("bfloat16", "float32"), ("flax", "cpu"), ("device", "host"))]
+    every = [
+        step(m, q, d, i, f)
+        for m, q, d, i, f in itertools.product(
+            (nano, tiny), ("linear", "fsne_m8"), ("bfloat16", "float32"), ("flax", "cpu"), ("device", "host")
+        )
+    ]
     return order + [config for config in every if config not in order]
 
 
@@ -68,7 +84,7 @@ def copy_rates(args: argparse.Namespace) -> dict[str, Any]:
     for dtype in ("uint8", "float32"):
         batch = np.zeros((args.batch_size, args.image_size, args.image_size, 3), dtype)
         jax.device_put(batch, device).block_until_ready()
-        seconds = harness.median(harness.time_calls(lambda: jax.device_put(batch, device).block_until_ready(), 5))
+        seconds = harness.median(harness.time_calls(lambda: jax.device_put(batch, device).block_until_ready(), 5))  # noqa: B023 - called at once
         result[f"{dtype}_gb_per_s"] = round(batch.nbytes / seconds / 1e9, 2)
         result[f"{dtype}_images_per_s"] = round(args.batch_size / seconds, 1)
     return result
@@ -76,9 +92,20 @@ def copy_rates(args: argparse.Namespace) -> dict[str, Any]:
 
 def optimizer_config(batch_size: int) -> types.SimpleNamespace:
     """XCiT's AdamW recipe (what configs/imagenet.py sets), without ml_collections."""
-    return types.SimpleNamespace(name="adamw", lr=5e-4, scale_lr_by_batch=True, accumulation_steps=1,
-                                 warmup_init_lr=1e-6, min_lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
-                                 code_weight_decay=False, grad_clip_norm=0.0)
+    return types.SimpleNamespace(
+        name="adamw",
+        lr=5e-4,
+        scale_lr_by_batch=True,
+        accumulation_steps=1,
+        warmup_init_lr=1e-6,
+        min_lr=1e-5,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.05,
+        code_weight_decay=False,
+        grad_clip_norm=0.0,
+    )
 
 
 def build_step(config: dict[str, Any], args: argparse.Namespace):
@@ -90,17 +117,38 @@ def build_step(config: dict[str, Any], args: argparse.Namespace):
     from qkv_vit.train.finishing import BatchFinishing
 
     overrides = dict(depth=1, embed_dim=32, num_heads=4, cls_attn_layers=1) if args.smoke else {}
-    model = models.create(config["model"], qkv=None if config["qkv"] == "linear" else config["qkv"],
-                          dtype={"bfloat16": jnp.bfloat16, "float32": jnp.float32}[config["dtype"]],
-                          layer_impl=config["layer_impl"], **overrides)
+    model = models.create(
+        config["model"],
+        qkv=None if config["qkv"] == "linear" else config["qkv"],
+        dtype={"bfloat16": jnp.bfloat16, "float32": jnp.float32}[config["dtype"]],
+        layer_impl=config["layer_impl"],
+        **overrides,
+    )
     opt = optimizer_config(args.batch_size)
     schedule = optimizer.learning_rate(opt, args.batch_size, total_steps=500_000, warmup_steps=6_250)
-    recipe = BatchFinishing(IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, erasing_prob=0.25, mixup_alpha=0.8,
-                            cutmix_alpha=1.0, label_smoothing=0.1)  # XCiT's
+    recipe = BatchFinishing(
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        NUM_CLASSES,
+        erasing_prob=0.25,
+        mixup_alpha=0.8,
+        cutmix_alpha=1.0,
+        label_smoothing=0.1,
+    )  # XCiT's
     mesh = sharding.make_mesh({"data": -1, "model": 1})
-    jitted = steps.jit_steps(model, optimizer.make_optimizer(opt, schedule), schedule, mesh, seed=0,
-                             image_size=args.image_size, ema_decay=None, sharding_strategy="replicate",
-                             accumulation_steps=1, skip_nonfinite=False, finishing=recipe)
+    jitted = steps.jit_steps(
+        model,
+        optimizer.make_optimizer(opt, schedule),
+        schedule,
+        mesh,
+        seed=0,
+        image_size=args.image_size,
+        ema_decay=None,
+        sharding_strategy="replicate",
+        accumulation_steps=1,
+        skip_nonfinite=False,
+        finishing=recipe,
+    )
     return model, jitted, jax.jit(jitted.init_state, out_shardings=jitted.state_sharding)()
 
 
@@ -113,8 +161,13 @@ def train_step(config: dict[str, Any], args: argparse.Namespace) -> dict[str, An
 
     model, jitted, state = build_step(config, args)
     rng = np.random.default_rng(0)
-    pool = [{"image": rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3), np.uint8),
-             "label": rng.integers(0, NUM_CLASSES, args.batch_size).astype(np.int32)} for _ in range(3)]
+    pool = [
+        {
+            "image": rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3), np.uint8),
+            "label": rng.integers(0, NUM_CLASSES, args.batch_size).astype(np.int32),
+        }
+        for _ in range(3)
+    ]
     if config["feed"] == "device":
         resident = sharding.global_batch(pool[0], jitted.batch_sharding)
         batches = itertools.repeat(resident)
@@ -135,11 +188,19 @@ def train_step(config: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     images_per_s = args.batch_size / step_s
     peak = peak_tflops(devices[0].device_kind, args.peak_tflops)
     achieved = images_per_s * TRAIN_FLOPS_PER_MAC * count_macs(model, args.image_size) / 1e12
-    return {**config, "batch": args.batch_size, "image_size": args.image_size, "images_per_s": round(images_per_s, 1),
-            "step_ms": round(1e3 * step_s, 2), "compile_s": round(compile_s, 1), "loss": loss,
-            "model_tflops": round(achieved, 2), "mfu_vs_bf16_peak": round(achieved / (peak * len(devices)), 4)
-            if peak else None, "step_memory_bytes": step_memory(compiled),
-            "process_peak_memory_so_far": harness.peak_memory(devices)}
+    return {
+        **config,
+        "batch": args.batch_size,
+        "image_size": args.image_size,
+        "images_per_s": round(images_per_s, 1),
+        "step_ms": round(1e3 * step_s, 2),
+        "compile_s": round(compile_s, 1),
+        "loss": loss,
+        "model_tflops": round(achieved, 2),
+        "mfu_vs_bf16_peak": round(achieved / (peak * len(devices)), 4) if peak else None,
+        "step_memory_bytes": step_memory(compiled),
+        "process_peak_memory_so_far": harness.peak_memory(devices),
+    }
 
 
 def step_memory(compiled: Any) -> int | None:
@@ -148,8 +209,12 @@ def step_memory(compiled: Any) -> int | None:
     analysis = compiled.memory_analysis()
     if analysis is None:
         return None
-    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
-               + analysis.temp_size_in_bytes)
+    return int(
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+        + analysis.temp_size_in_bytes
+    )
 
 
 def timm_step(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -162,7 +227,9 @@ def timm_step(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()  # this configuration's peak, not the process's
-    overrides = dict(depth=1, embed_dim=32, num_heads=4, cls_attn_layers=1, img_size=args.image_size) if args.smoke else {}
+    overrides = (
+        dict(depth=1, embed_dim=32, num_heads=4, cls_attn_layers=1, img_size=args.image_size) if args.smoke else {}
+    )
     model = timm.create_model(TIMM_NAMES[config["model"]], num_classes=NUM_CLASSES, **overrides).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
@@ -193,14 +260,25 @@ def timm_step(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     synchronize()
     step_s = (time.perf_counter() - start) / args.steps
     memory = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return {**config, "device": device, "batch": args.batch_size, "image_size": args.image_size,
-            "images_per_s": round(args.batch_size / step_s, 1), "step_ms": round(1e3 * step_s, 2),
-            "first_step_s": round(first_s, 1), "torch": torch.__version__, "timm": timm.__version__,
-            "peak_memory_bytes": memory}
+    return {
+        **config,
+        "device": device,
+        "batch": args.batch_size,
+        "image_size": args.image_size,
+        "images_per_s": round(args.batch_size / step_s, 1),
+        "step_ms": round(1e3 * step_s, 2),
+        "first_step_s": round(first_s, 1),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "peak_memory_bytes": memory,
+    }
 
 
 MEASURE: dict[str, Callable[[dict[str, Any], argparse.Namespace], dict[str, Any]]] = {
-    "copy": lambda config, args: {**config, **copy_rates(args)}, "train_step": train_step, "timm": timm_step}
+    "copy": lambda config, args: {**config, **copy_rates(args)},
+    "train_step": train_step,
+    "timm": timm_step,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -232,10 +310,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     device = jax.devices()[0]
-    record(out, {"kind": "device", "backend": jax.default_backend(), "device_kind": device.device_kind,
-                 "device_count": jax.device_count(), "jax": jax.__version__,
-                 "peak_bf16_tflops": peak_tflops(device.device_kind, args.peak_tflops), "smoke": args.smoke,
-                 "date": time.strftime("%Y-%m-%d"), **harness.machine()})
+    record(
+        out,
+        {
+            "kind": "device",
+            "backend": jax.default_backend(),
+            "device_kind": device.device_kind,
+            "device_count": jax.device_count(),
+            "jax": jax.__version__,
+            "peak_bf16_tflops": peak_tflops(device.device_kind, args.peak_tflops),
+            "smoke": args.smoke,
+            "date": time.strftime("%Y-%m-%d"),
+            **harness.machine(),
+        },
+    )
     done, skipped = [], []
     for config in plan(args.smoke):
         if time.perf_counter() - started > args.budget_s:
@@ -248,8 +336,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result = {**config, "error": f"{type(error).__name__}: {str(error)[:300]}"}
         record(out, {**result, "elapsed_s": round(time.perf_counter() - started, 1)})
         done.append(result)
-    summary = {"kind": "summary", "measured": len(done), "skipped": len(skipped), "out": str(out),
-               "seconds": round(time.perf_counter() - started, 1)}
+    summary = {
+        "kind": "summary",
+        "measured": len(done),
+        "skipped": len(skipped),
+        "out": str(out),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     harness.emit(summary)
     return summary
 

@@ -12,8 +12,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
@@ -88,8 +89,12 @@ def load_average() -> list[float] | None:
 
 
 def machine() -> dict[str, Any]:
-    return {"cpu": cpu_model(), "cores": available_cores(), "python": platform.python_version(),
-            "load_average": load_average()}
+    return {
+        "cpu": cpu_model(),
+        "cores": available_cores(),
+        "python": platform.python_version(),
+        "load_average": load_average(),
+    }
 
 
 def peak_rss_bytes() -> int:
@@ -102,8 +107,10 @@ def peak_memory(devices: Sequence[Any]) -> dict[str, Any]:
     """Peak device memory where the backend reports it (GPU, TPU), else the process's peak RSS, labeled."""
     stats = [d.memory_stats() for d in devices]
     if all(s and "peak_bytes_in_use" in s for s in stats):
-        return {"peak_memory_bytes": max(s["peak_bytes_in_use"] for s in stats),
-                "peak_memory_source": "device memory_stats peak_bytes_in_use (max over devices)"}
+        return {
+            "peak_memory_bytes": max(s["peak_bytes_in_use"] for s in stats),
+            "peak_memory_source": "device memory_stats peak_bytes_in_use (max over devices)",
+        }
     return {"peak_memory_bytes": peak_rss_bytes(), "peak_memory_source": "process peak RSS (no device memory stats)"}
 
 
@@ -153,8 +160,13 @@ def last_json_line(output: str) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def run_script(script: str, args: Sequence[str], env_extra: dict[str, str] | None = None,
-               timeout: float | None = None, system_allocator: bool = False) -> dict[str, Any]:
+def run_script(
+    script: str,
+    args: Sequence[str],
+    env_extra: dict[str, str] | None = None,
+    timeout: float | None = None,
+    system_allocator: bool = False,
+) -> dict[str, Any]:
     """Run benchmarks/SCRIPT in a fresh Python process and return its final JSON line.
 
     `system_allocator` starts it with glibc's default malloc settings whatever this process uses."""

@@ -31,8 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--allocator", default="reuse", choices=harness.ALLOCATORS,
-                        help="reuse: glibc keeps freed memory (see harness.ALLOCATOR_ENV); system: glibc's defaults")
+    parser.add_argument(
+        "--allocator",
+        default="reuse",
+        choices=harness.ALLOCATORS,
+        help="reuse: glibc keeps freed memory (see harness.ALLOCATOR_ENV); system: glibc's defaults",
+    )
     parser.add_argument("--depth", type=int, help="override the model's depth (e.g. 1 for a smoke test)")
     parser.add_argument("--embed-dim", type=int, help="override the token width")
     parser.add_argument("--cls-attn-layers", type=int, help="override the number of class-attention blocks")
@@ -56,10 +60,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from qkv_vit import models
 
-    overrides = {k: v for k, v in {"depth": args.depth, "embed_dim": args.embed_dim,
-                                         "cls_attn_layers": args.cls_attn_layers}.items() if v is not None}
-    model = models.create(args.model, qkv=args.qkv or None, num_classes=args.num_classes,
-                          dtype=jnp.dtype(args.dtype), **overrides)
+    overrides = {
+        k: v
+        for k, v in {"depth": args.depth, "embed_dim": args.embed_dim, "cls_attn_layers": args.cls_attn_layers}.items()
+        if v is not None
+    }
+    model = models.create(
+        args.model, qkv=args.qkv or None, num_classes=args.num_classes, dtype=jnp.dtype(args.dtype), **overrides
+    )
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, args.image_size, args.image_size, 3)))
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     forward = jax.jit(lambda v, images: model.apply(v, images, train=False))
@@ -70,32 +78,64 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         spec = PartitionSpec("data") if batch_size % jax.device_count() == 0 else PartitionSpec()
         images = jax.device_put(
             np.random.default_rng(0).standard_normal((batch_size, args.image_size, args.image_size, 3), np.float32),
-            NamedSharding(mesh, spec))
+            NamedSharding(mesh, spec),
+        )
         compiles_before, seconds_before = compile_events.snapshot()
-        first_s = harness.time_calls(lambda: jax.block_until_ready(forward(variables, images)), 1)[0]
+        first_s = harness.time_calls(lambda: jax.block_until_ready(forward(variables, images)), 1)[0]  # noqa: B023 - called at once
         compiles_after_first, seconds = compile_events.snapshot()
-        harness.time_calls(lambda: jax.block_until_ready(forward(variables, images)), args.warmup)
-        times = harness.time_calls(lambda: jax.block_until_ready(forward(variables, images)), args.steps)
+        harness.time_calls(lambda: jax.block_until_ready(forward(variables, images)), args.warmup)  # noqa: B023
+        times = harness.time_calls(lambda: jax.block_until_ready(forward(variables, images)), args.steps)  # noqa: B023
         call_s = harness.median(times)
-        rows.append({"batch_size": batch_size, "images_per_sec": batch_size / call_s, "call_time_s": call_s,
-                     "first_call_s": first_s, "compile_s": seconds - seconds_before,
-                     "recompiled_after_first_call": compile_events.snapshot()[0] > compiles_after_first})
+        rows.append(
+            {
+                "batch_size": batch_size,
+                "images_per_sec": batch_size / call_s,
+                "call_time_s": call_s,
+                "first_call_s": first_s,
+                "compile_s": seconds - seconds_before,
+                "recompiled_after_first_call": compile_events.snapshot()[0] > compiles_after_first,
+            }
+        )
     device = jax.devices()[0]
-    return {"benchmark": "infer", "model": args.model, "qkv": args.qkv or model.qkv_embed, "dtype": args.dtype,
-            "image_size": args.image_size, "params": models.count_params(variables["params"]), "results": rows,
-            "platform": device.platform, "device_kind": device.device_kind, "devices": jax.device_count(),
-            **harness.peak_memory(jax.local_devices()), "allocator": harness.allocator_in_use(), "jax": jax.__version__,
-            **harness.machine()}
+    return {
+        "benchmark": "infer",
+        "model": args.model,
+        "qkv": args.qkv or model.qkv_embed,
+        "dtype": args.dtype,
+        "image_size": args.image_size,
+        "params": models.count_params(variables["params"]),
+        "results": rows,
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "devices": jax.device_count(),
+        **harness.peak_memory(jax.local_devices()),
+        "allocator": harness.allocator_in_use(),
+        "jax": jax.__version__,
+        **harness.machine(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     result = measure(parse_args(argv))
-    print(f"{result['model']} qkv={result['qkv']} {result['dtype']} eval at {result['image_size']}px on "
-          f"{result['devices']} {result['platform']} device(s), {result['cpu']}, {result['cores']} cores")
-    print(harness.format_table(
-        ["batch", "images/s", "ms / batch", "compile s", "recompiled"],
-        [(r["batch_size"], f"{r['images_per_sec']:.1f}", f"{r['call_time_s'] * 1e3:.1f}", f"{r['compile_s']:.1f}",
-          r["recompiled_after_first_call"]) for r in result["results"]]))
+    print(
+        f"{result['model']} qkv={result['qkv']} {result['dtype']} eval at {result['image_size']}px on "
+        f"{result['devices']} {result['platform']} device(s), {result['cpu']}, {result['cores']} cores"
+    )
+    print(
+        harness.format_table(
+            ["batch", "images/s", "ms / batch", "compile s", "recompiled"],
+            [
+                (
+                    r["batch_size"],
+                    f"{r['images_per_sec']:.1f}",
+                    f"{r['call_time_s'] * 1e3:.1f}",
+                    f"{r['compile_s']:.1f}",
+                    r["recompiled_after_first_call"],
+                )
+                for r in result["results"]
+            ],
+        )
+    )
     harness.emit(result)
 
 

@@ -24,7 +24,7 @@ def main() -> None:
     args, rounds = sys.argv[1:], 1
     if "--rounds" in args:
         at = args.index("--rounds")
-        rounds, args = int(args[at + 1]), args[:at] + args[at + 2:]
+        rounds, args = int(args[at + 1]), args[:at] + args[at + 2 :]
     if not args:
         args = ["--preset", "xcit", "--image-size", "224", "--batch-size", "64", "--batches", "40"]
         if ARCHIVE.is_file():
@@ -39,13 +39,26 @@ def main() -> None:
             results.append(result)
     summary = {name: statistics.median(values) for name, values in speeds.items()}
     cores = results[-1]["cpu_count"]
-    print(f"median images/s: uint8 {summary['uint8']:.0f} ({summary['uint8'] / cores:.0f} per core), finished on the "
-          f"host {summary['host_finished']:.0f} ({summary['host_finished'] / cores:.0f} per core): "
-          f"{summary['uint8'] / summary['host_finished']:.2f}x")
-    print(json.dumps({"rounds": rounds, "images_per_second": speeds, "median": summary, "cpu_count": cores,
-                      "num_examples": results[0]["num_examples"],
-                      "preset": results[-1]["preset"], "image_size": results[-1]["image_size"],
-                      "batch_size": results[-1]["batch_size"], "source": results[-1]["source"]}))
+    print(
+        f"median images/s: uint8 {summary['uint8']:.0f} ({summary['uint8'] / cores:.0f} per core), finished on the "
+        f"host {summary['host_finished']:.0f} ({summary['host_finished'] / cores:.0f} per core): "
+        f"{summary['uint8'] / summary['host_finished']:.2f}x"
+    )
+    print(
+        json.dumps(
+            {
+                "rounds": rounds,
+                "images_per_second": speeds,
+                "median": summary,
+                "cpu_count": cores,
+                "num_examples": results[0]["num_examples"],
+                "preset": results[-1]["preset"],
+                "image_size": results[-1]["image_size"],
+                "batch_size": results[-1]["batch_size"],
+                "source": results[-1]["source"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

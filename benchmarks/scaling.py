@@ -23,8 +23,21 @@ from typing import Any
 
 import harness
 
-PASSED_THROUGH = ("model", "qkv", "batch_size", "image_size", "steps", "warmup", "depth", "embed_dim",
-                  "cls_attn_layers", "dtype", "sharding", "mesh_fsdp", "allocator")
+PASSED_THROUGH = (
+    "model",
+    "qkv",
+    "batch_size",
+    "image_size",
+    "steps",
+    "warmup",
+    "depth",
+    "embed_dim",
+    "cls_attn_layers",
+    "dtype",
+    "sharding",
+    "mesh_fsdp",
+    "allocator",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,8 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sharding", default="replicate", choices=["replicate", "fsdp"])
     parser.add_argument("--mesh-fsdp", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
-    parser.add_argument("--allocator", default="reuse", choices=harness.ALLOCATORS,
-                        help="malloc settings of every run (train_step.py --allocator)")
+    parser.add_argument(
+        "--allocator",
+        default="reuse",
+        choices=harness.ALLOCATORS,
+        help="malloc settings of every run (train_step.py --allocator)",
+    )
     args = parser.parse_args(argv)
     try:
         args.devices = [int(n) for n in args.devices.split(",") if n]
@@ -84,7 +101,7 @@ def core_sets(processes: int) -> list[set[int]] | None:
     if len(cores) < processes:
         return None
     share = len(cores) // processes
-    return [set(cores[i * share:(i + 1) * share]) for i in range(processes)]
+    return [set(cores[i * share : (i + 1) * share]) for i in range(processes)]
 
 
 def run_processes(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,12 +111,29 @@ def run_processes(args: argparse.Namespace) -> dict[str, Any]:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **with_device_count(1)}
     procs = []
     for process_id in range(args.processes):
-        command = [sys.executable, str(harness.BENCHMARKS / "train_step.py"), *train_step_args(args),
-                   "--coordinator-address", address, "--num-processes", str(args.processes),
-                   "--process-id", str(process_id)]
+        command = [
+            sys.executable,
+            str(harness.BENCHMARKS / "train_step.py"),
+            *train_step_args(args),
+            "--coordinator-address",
+            address,
+            "--num-processes",
+            str(args.processes),
+            "--process-id",
+            str(process_id),
+        ]
         pin = (lambda cores=pins[process_id]: os.sched_setaffinity(0, cores)) if pins else None
-        procs.append(subprocess.Popen(command, cwd=harness.REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, preexec_fn=pin))
+        procs.append(
+            subprocess.Popen(
+                command,
+                cwd=harness.REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=pin,
+            )
+        )
     outputs = [p.communicate(timeout=args.timeout) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         if p.returncode:
@@ -122,17 +156,65 @@ def main(argv: list[str] | None = None) -> None:
         results.append(result)
         print(f"{args.processes} processes: {result['images_per_sec']:.1f} images/s", flush=True)
     base = results[0]["images_per_sec"]
-    rows = [(r["processes"], r["devices"], r["batch_size"] // r["devices"], f"{r['step_time_s'] * 1e3:.0f}",
-             f"{r['images_per_sec']:.1f}", f"{r['images_per_sec'] / base:.2f}", f"{r['compile_s']:.1f}",
-             r["recompiled_after_first_step"]) for r in results]
-    print(harness.format_table(["processes", "devices", "batch / device", "step ms", "images/s", "vs first row",
-                                "compile s", "recompiled"], rows))
-    summary = [{k: r[k] for k in ("processes", "devices", "mesh", "step_time_s", "images_per_sec", "compile_s",
-                                  "recompiled_after_first_step", "peak_memory_bytes")} for r in results]
-    harness.emit({"benchmark": "scaling", "model": args.model, "qkv": args.qkv, "batch_size": args.batch_size,
-                  "image_size": args.image_size, "results": summary, "platform": results[0]["platform"],
-                  "cpu": results[0]["cpu"], "cores": results[0]["cores"], "load_average_before": load_before,
-                  "load_average_after": harness.load_average()})
+    rows = [
+        (
+            r["processes"],
+            r["devices"],
+            r["batch_size"] // r["devices"],
+            f"{r['step_time_s'] * 1e3:.0f}",
+            f"{r['images_per_sec']:.1f}",
+            f"{r['images_per_sec'] / base:.2f}",
+            f"{r['compile_s']:.1f}",
+            r["recompiled_after_first_step"],
+        )
+        for r in results
+    ]
+    print(
+        harness.format_table(
+            [
+                "processes",
+                "devices",
+                "batch / device",
+                "step ms",
+                "images/s",
+                "vs first row",
+                "compile s",
+                "recompiled",
+            ],
+            rows,
+        )
+    )
+    summary = [
+        {
+            k: r[k]
+            for k in (
+                "processes",
+                "devices",
+                "mesh",
+                "step_time_s",
+                "images_per_sec",
+                "compile_s",
+                "recompiled_after_first_step",
+                "peak_memory_bytes",
+            )
+        }
+        for r in results
+    ]
+    harness.emit(
+        {
+            "benchmark": "scaling",
+            "model": args.model,
+            "qkv": args.qkv,
+            "batch_size": args.batch_size,
+            "image_size": args.image_size,
+            "results": summary,
+            "platform": results[0]["platform"],
+            "cpu": results[0]["cpu"],
+            "cores": results[0]["cores"],
+            "load_average_before": load_before,
+            "load_average_after": harness.load_average(),
+        }
+    )
 
 
 if __name__ == "__main__":

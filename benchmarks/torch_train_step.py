@@ -34,8 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cls-attn-layers", type=int, help="override the number of class-attention blocks")
     parser.add_argument("--num-heads", type=int, help="override the head count")
     parser.add_argument("--threads", type=int, default=harness.available_cores(), help="torch.set_num_threads")
-    parser.add_argument("--adamw", default="default", choices=ADAMW_IMPLEMENTATIONS,
-                        help="torch.optim.AdamW implementation (default: what PyTorch picks)")
+    parser.add_argument(
+        "--adamw",
+        default="default",
+        choices=ADAMW_IMPLEMENTATIONS,
+        help="torch.optim.AdamW implementation (default: what PyTorch picks)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--steps and --threads must be >= 1, --warmup >= 0")
@@ -62,10 +66,15 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rss_before_model = harness.peak_rss_bytes()
-    overrides = {"depth": args.depth, "embed_dim": args.embed_dim, "num_heads": args.num_heads,
-                 "cls_attn_layers": args.cls_attn_layers}
-    model = torch_xcit.create(args.model, num_classes=args.num_classes,
-                              **{k: v for k, v in overrides.items() if v is not None}).train()
+    overrides = {
+        "depth": args.depth,
+        "embed_dim": args.embed_dim,
+        "num_heads": args.num_heads,
+        "cls_attn_layers": args.cls_attn_layers,
+    }
+    model = torch_xcit.create(
+        args.model, num_classes=args.num_classes, **{k: v for k, v in overrides.items() if v is not None}
+    ).train()
     optimizer = adamw(model, args.adamw)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     labels = torch.randint(0, args.num_classes, (args.batch_size,))
@@ -114,12 +123,16 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     result = benchmark(parse_args(argv))
-    print(f"PyTorch {result['torch']} eager {result['model']} batch {result['batch_size']} at "
-          f"{result['image_size']}px, "
-          f"{result['threads']} threads, AdamW {result['adamw']}, {result['cpu']}, {result['cores']} cores")
-    print(f"  params {result['params']:,}; step {result['step_time_s'] * 1e3:.1f} ms (median of {result['steps']}), "
-          f"{result['images_per_sec']:.1f} images/s; first step {result['first_step_s']:.1f} s; "
-          f"peak RSS {result['peak_memory_bytes'] / 2**30:.2f} GiB")
+    print(
+        f"PyTorch {result['torch']} eager {result['model']} batch {result['batch_size']} at "
+        f"{result['image_size']}px, "
+        f"{result['threads']} threads, AdamW {result['adamw']}, {result['cpu']}, {result['cores']} cores"
+    )
+    print(
+        f"  params {result['params']:,}; step {result['step_time_s'] * 1e3:.1f} ms (median of {result['steps']}), "
+        f"{result['images_per_sec']:.1f} images/s; first step {result['first_step_s']:.1f} s; "
+        f"peak RSS {result['peak_memory_bytes'] / 2**30:.2f} GiB"
+    )
     harness.emit(result)
 
 

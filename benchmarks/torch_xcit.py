@@ -119,15 +119,20 @@ class ConvPatchEmbed(nn.Module):
         super().__init__()
         if patch_size == 16:
             self.proj = nn.Sequential(
-                conv3x3(in_chans, embed_dim // 8, 2), act_layer(),
-                conv3x3(embed_dim // 8, embed_dim // 4, 2), act_layer(),
-                conv3x3(embed_dim // 4, embed_dim // 2, 2), act_layer(),
+                conv3x3(in_chans, embed_dim // 8, 2),
+                act_layer(),
+                conv3x3(embed_dim // 8, embed_dim // 4, 2),
+                act_layer(),
+                conv3x3(embed_dim // 4, embed_dim // 2, 2),
+                act_layer(),
                 conv3x3(embed_dim // 2, embed_dim, 2),
             )
         elif patch_size == 8:
             self.proj = nn.Sequential(
-                conv3x3(in_chans, embed_dim // 4, 2), act_layer(),
-                conv3x3(embed_dim // 4, embed_dim // 2, 2), act_layer(),
+                conv3x3(in_chans, embed_dim // 4, 2),
+                act_layer(),
+                conv3x3(embed_dim // 4, embed_dim // 2, 2),
+                act_layer(),
                 conv3x3(embed_dim // 2, embed_dim, 2),
             )
         else:
@@ -156,8 +161,20 @@ class LPI(nn.Module):
 
 
 class ClassAttentionBlock(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, proj_drop=0.0, attn_drop=0.0,
-                 drop_path=0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm, eta=1.0, tokens_norm=False):
+    def __init__(
+        self,
+        dim,
+        num_heads,
+        mlp_ratio=4.0,
+        qkv_bias=False,
+        proj_drop=0.0,
+        attn_drop=0.0,
+        drop_path=0.0,
+        act_layer=nn.GELU,
+        norm_layer=nn.LayerNorm,
+        eta=1.0,
+        tokens_norm=False,
+    ):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = ClassAttn(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
@@ -207,8 +224,19 @@ class XCA(nn.Module):
 
 
 class XCABlock(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, proj_drop=0.0, attn_drop=0.0,
-                 drop_path=0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm, eta=1.0):
+    def __init__(
+        self,
+        dim,
+        num_heads,
+        mlp_ratio=4.0,
+        qkv_bias=False,
+        proj_drop=0.0,
+        attn_drop=0.0,
+        drop_path=0.0,
+        act_layer=nn.GELU,
+        norm_layer=nn.LayerNorm,
+        eta=1.0,
+    ):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = XCA(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
@@ -231,10 +259,28 @@ class XCABlock(nn.Module):
 class Xcit(nn.Module):
     """timm's Xcit with its constructor defaults (qkv_bias=True, LayerNorm eps 1e-6, exact GELU)."""
 
-    def __init__(self, patch_size=16, in_chans=3, num_classes=1000, global_pool="token", embed_dim=768, depth=12,
-                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0,
-                 attn_drop_rate=0.0, drop_path_rate=0.0, cls_attn_layers=2, use_pos_embed=True, eta=1.0,
-                 tokens_norm=False, img_size=None):
+    def __init__(
+        self,
+        patch_size=16,
+        in_chans=3,
+        num_classes=1000,
+        global_pool="token",
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_rate=0.0,
+        pos_drop_rate=0.0,
+        proj_drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.0,
+        cls_attn_layers=2,
+        use_pos_embed=True,
+        eta=1.0,
+        tokens_norm=False,
+        img_size=None,
+    ):
         super().__init__()
         del img_size  # timm only checks it; any size divisible by the patch works
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -244,16 +290,41 @@ class Xcit(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = PositionalEncodingFourier(dim=embed_dim) if use_pos_embed else None
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
-        self.blocks = nn.ModuleList([
-            XCABlock(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, drop_path_rate,
-                     act_layer, norm_layer, eta)
-            for _ in range(depth)
-        ])
-        self.cls_attn_blocks = nn.ModuleList([
-            ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, 0.0,
-                                act_layer, norm_layer, eta, tokens_norm)
-            for _ in range(cls_attn_layers)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                XCABlock(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias,
+                    proj_drop_rate,
+                    attn_drop_rate,
+                    drop_path_rate,
+                    act_layer,
+                    norm_layer,
+                    eta,
+                )
+                for _ in range(depth)
+            ]
+        )
+        self.cls_attn_blocks = nn.ModuleList(
+            [
+                ClassAttentionBlock(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias,
+                    drop_rate,
+                    attn_drop_rate,
+                    0.0,
+                    act_layer,
+                    norm_layer,
+                    eta,
+                    tokens_norm,
+                )
+                for _ in range(cls_attn_layers)
+            ]
+        )
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()

@@ -52,16 +52,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--qkv", default="", help=f"a QKV preset: {', '.join(models.QKV_PRESETS)}")
     parser.add_argument("--qkv-embed", choices=models.QKV_EMBEDDINGS, help="the embedding alone, with its defaults")
     parser.add_argument("--all-qkv", action="store_true", help="every QKV preset, each in a fresh process")
-    parser.add_argument("--presets", default=",".join(models.QKV_PRESETS),
-                        help="with --all-qkv: the presets to compare, comma-separated (linear first)")
+    parser.add_argument(
+        "--presets",
+        default=",".join(models.QKV_PRESETS),
+        help="with --all-qkv: the presets to compare, comma-separated (linear first)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="with --all-qkv: interleaved rounds (medians reported)")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compiling) one")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    parser.add_argument("--layer-impl", default="auto", choices=models.LAYER_IMPLS,
-                        help="flax's layers or the CPU kernels (auto: cpu on a CPU backend)")
+    parser.add_argument(
+        "--layer-impl",
+        default="auto",
+        choices=models.LAYER_IMPLS,
+        help="flax's layers or the CPU kernels (auto: cpu on a CPU backend)",
+    )
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--depth", type=int, help="override the model's depth (e.g. 1 for a smoke test)")
     parser.add_argument("--embed-dim", type=int, help="override the token width")
@@ -71,8 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sharding", default="replicate", choices=["replicate", "fsdp"])
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (overrides the table)")
     parser.add_argument("--profile", help="write a jax.profiler trace of the timed steps to this directory")
-    parser.add_argument("--allocator", default="reuse", choices=harness.ALLOCATORS,
-                        help="reuse: glibc keeps freed memory (see harness.ALLOCATOR_ENV); system: glibc's defaults")
+    parser.add_argument(
+        "--allocator",
+        default="reuse",
+        choices=harness.ALLOCATORS,
+        help="reuse: glibc keeps freed memory (see harness.ALLOCATOR_ENV); system: glibc's defaults",
+    )
     parser.add_argument("--coordinator-address", help="host:port of process 0, for a multi-process run")
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
@@ -84,8 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.presets = [p for p in args.presets.split(",") if p]
     unknown = [p for p in args.presets if p not in models.QKV_PRESETS]
     if unknown or not args.presets or args.presets[0] != "linear":
-        parser.error(f"--presets must start with linear (the baseline) and name presets of {list(models.QKV_PRESETS)}, "
-                     f"got {args.presets}")
+        parser.error(
+            f"--presets must start with linear (the baseline) and name presets of {list(models.QKV_PRESETS)}, "
+            f"got {args.presets}"
+        )
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         parser.error("--steps and --repeats must be >= 1, --warmup >= 0")
     return args
@@ -97,8 +110,14 @@ def make_config(args: argparse.Namespace):
 
     config = base_config()
     config.model_name, config.qkv, config.compute_dtype = args.model, args.qkv, args.dtype
-    overrides = {"qkv_embed": args.qkv_embed, "depth": args.depth, "embed_dim": args.embed_dim,
-                 "num_heads": args.num_heads, "cls_attn_layers": args.cls_attn_layers, "layer_impl": args.layer_impl}
+    overrides = {
+        "qkv_embed": args.qkv_embed,
+        "depth": args.depth,
+        "embed_dim": args.embed_dim,
+        "num_heads": args.num_heads,
+        "cls_attn_layers": args.cls_attn_layers,
+        "layer_impl": args.layer_impl,
+    }
     config.model.update({key: value for key, value in overrides.items() if value is not None})
     config.global_batch_size = args.batch_size
     config.data.image_size = args.image_size
@@ -139,6 +158,7 @@ def peak_tflops(device_kind: str, override: float | None) -> float | None:
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import jax
+
     from qkv_vit import models
     from qkv_vit.models.flops import count_macs
     from qkv_vit.train import sharding
@@ -223,21 +243,29 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> None:
     gib = 2**30
-    print(f"{result['model']} qkv={result['qkv']} {result['dtype']} batch {result['batch_size']} at "
-          f"{result['image_size']}px on {result['devices']} {result['platform']} device(s) "
-          f"({result['processes']} process(es), mesh {result['mesh']}), {result['cpu']}, {result['cores']} cores")
+    print(
+        f"{result['model']} qkv={result['qkv']} {result['dtype']} batch {result['batch_size']} at "
+        f"{result['image_size']}px on {result['devices']} {result['platform']} device(s) "
+        f"({result['processes']} process(es), mesh {result['mesh']}), {result['cpu']}, {result['cores']} cores"
+    )
     print(f"  params {result['params']:,}, {result['macs_per_image'] / 1e9:.3f} GMACs/image")
-    print(f"  step {result['step_time_s'] * 1e3:.1f} ms (median of {result['steps']}), "
-          f"{result['images_per_sec']:.1f} images/s; process CPU time "
-          f"{result['cpu_time_per_step_s'] * 1e3:.0f} ms/step, "
-          f"{result['page_faults_per_step']:,.0f} page faults/step (allocator: {result['allocator']})")
+    print(
+        f"  step {result['step_time_s'] * 1e3:.1f} ms (median of {result['steps']}), "
+        f"{result['images_per_sec']:.1f} images/s; process CPU time "
+        f"{result['cpu_time_per_step_s'] * 1e3:.0f} ms/step, "
+        f"{result['page_faults_per_step']:,.0f} page faults/step (allocator: {result['allocator']})"
+    )
     print(f"  first step {result['first_step_s']:.1f} s (compile {result['compile_s']:.1f} s)")
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no known peak: --peak-tflops)"
     print(f"  {result['train_tflops_per_sec']:.3f} model TFLOP/s, MFU {mfu}")
-    print(f"  peak memory {result['peak_memory_bytes'] / gib:.2f} GiB ({result['peak_memory_source']}; "
-          f"RSS before the model {result['rss_before_model_bytes'] / gib:.2f} GiB)")
-    print(f"  recompiled after the first step: {result['recompiled_after_first_step']} "
-          f"({result['compiles_after_first_step']} compilations after it)")
+    print(
+        f"  peak memory {result['peak_memory_bytes'] / gib:.2f} GiB ({result['peak_memory_source']}; "
+        f"RSS before the model {result['rss_before_model_bytes'] / gib:.2f} GiB)"
+    )
+    print(
+        f"  recompiled after the first step: {result['recompiled_after_first_step']} "
+        f"({result['compiles_after_first_step']} compilations after it)"
+    )
 
 
 def child_args(args: argparse.Namespace, preset: str) -> list[str]:
@@ -264,8 +292,11 @@ def compare_presets(args: argparse.Namespace) -> dict[str, Any]:
         for preset in args.presets:
             result = harness.run_script("train_step.py", child_args(args, preset))
             runs[preset].append(result)
-            print(f"round {round_index + 1}/{args.repeats} {preset}: {result['step_time_s'] * 1e3:.1f} ms/step, "
-                  f"{result['images_per_sec']:.1f} images/s", flush=True)
+            print(
+                f"round {round_index + 1}/{args.repeats} {preset}: {result['step_time_s'] * 1e3:.1f} ms/step, "
+                f"{result['images_per_sec']:.1f} images/s",
+                flush=True,
+            )
     summary = {}
     for preset, results in runs.items():
         summary[preset] = {
@@ -280,15 +311,33 @@ def compare_presets(args: argparse.Namespace) -> dict[str, Any]:
     baseline = summary["linear"]["step_time_s"]
     for entry in summary.values():
         entry["step_time_vs_linear"] = entry["step_time_s"] / baseline
-    rows = [(p, f"{s['params']:,}", f"{s['macs_per_image'] / 1e9:.3f}", f"{s['step_time_s'] * 1e3:.0f}",
-             f"{s['images_per_sec']:.1f}", f"{100 * (s['step_time_vs_linear'] - 1):+.1f}%",
-             s["recompiled_after_first_step"]) for p, s in summary.items()]
+    rows = [
+        (
+            p,
+            f"{s['params']:,}",
+            f"{s['macs_per_image'] / 1e9:.3f}",
+            f"{s['step_time_s'] * 1e3:.0f}",
+            f"{s['images_per_sec']:.1f}",
+            f"{100 * (s['step_time_vs_linear'] - 1):+.1f}%",
+            s["recompiled_after_first_step"],
+        )
+        for p, s in summary.items()
+    ]
     print(harness.format_table(["qkv", "params", "GMACs", "step ms", "images/s", "vs linear", "recompiled"], rows))
     first = runs["linear"][0]
-    return {"benchmark": "train_step_all_qkv", "model": args.model, "dtype": args.dtype, "batch_size": args.batch_size,
-            "image_size": args.image_size, "repeats": args.repeats, "presets": summary,
-            "runs": runs, "load_average_before": load_before, "load_average_after": harness.load_average(),
-            **{k: first[k] for k in ("cpu", "cores", "platform", "device_kind", "devices", "jax")}}
+    return {
+        "benchmark": "train_step_all_qkv",
+        "model": args.model,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "repeats": args.repeats,
+        "presets": summary,
+        "runs": runs,
+        "load_average_before": load_before,
+        "load_average_after": harness.load_average(),
+        **{k: first[k] for k in ("cpu", "cores", "platform", "device_kind", "devices", "jax")},
+    }
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:

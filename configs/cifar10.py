@@ -28,8 +28,16 @@ from qkv_vit.errors import ConfigError
 from qkv_vit.train.config import base_config, parse_arg, shrink_for_local_run
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-ARGUMENTS = dict(qkv="linear", epochs=100.0, depth=int, batch=128, seed=0, path=str(SHARED_ARCHIVE),
-                 source="image_folder", runlocal=False)
+ARGUMENTS = dict(
+    qkv="linear",
+    epochs=100.0,
+    depth=int,
+    batch=128,
+    seed=0,
+    path=str(SHARED_ARCHIVE),
+    source="image_folder",
+    runlocal=False,
+)
 SWEEP_QKV = ("linear", "sne", "psne", "fsne_m8", "fsne_m8_wide")
 SWEEP_SEEDS = (0, 1, 2)
 

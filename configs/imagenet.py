@@ -37,11 +37,27 @@ from qkv_vit import data
 from qkv_vit.errors import ConfigError
 from qkv_vit.train.config import base_config, parse_arg, set_xcit_model, shrink_for_local_run
 
-ARGUMENTS = dict(model="nano_12_p16", qkv="linear", code_size=int, hidden=int, ema=False, batch=1024, epochs=400.0,
-                 data_dir=str, runlocal=False)
+ARGUMENTS = dict(
+    model="nano_12_p16",
+    qkv="linear",
+    code_size=int,
+    hidden=int,
+    ema=False,
+    batch=1024,
+    epochs=400.0,
+    data_dir=str,
+    runlocal=False,
+)
 # XCiT's stochastic depth per size (the same for patch 16 and 8); none in the class-attention blocks.
-DROP_PATH = {"nano_12": 0.0, "tiny_12": 0.0, "tiny_24": 0.05, "small_12": 0.05, "small_24": 0.1, "medium_24": 0.15,
-             "large_24": 0.25}
+DROP_PATH = {
+    "nano_12": 0.0,
+    "tiny_12": 0.0,
+    "tiny_24": 0.05,
+    "small_12": 0.05,
+    "small_24": 0.1,
+    "medium_24": 0.15,
+    "large_24": 0.25,
+}
 PAPER_SIZES = ("nano_12_p16", "tiny_12_p16", "small_12_p16")
 PAPER_QKV = ("linear", "sne", "psne", "fsne_m8", "fsne_m16", "fsne_m8_wide")
 CODE_SIZES = (4, 8, 16, 32)

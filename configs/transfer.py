@@ -39,8 +39,20 @@ from qkv_vit.sweep import point_name
 from qkv_vit.train.config import base_config, parse_arg, set_xcit_model, shrink_for_local_run
 
 DATASETS = ("cifar10", "cifar100", "cars196", "stl10")
-ARGUMENTS = dict(dataset="cifar10", model="nano_12_p16", qkv="linear", code_size=int, hidden=int, init=str, opt="sgd",
-                 lr=float, batch=768, epochs=1000.0, data_dir=str, runlocal=False)
+ARGUMENTS = dict(
+    dataset="cifar10",
+    model="nano_12_p16",
+    qkv="linear",
+    code_size=int,
+    hidden=int,
+    init=str,
+    opt="sgd",
+    lr=float,
+    batch=768,
+    epochs=1000.0,
+    data_dir=str,
+    runlocal=False,
+)
 DEFAULT_LR = {"sgd": 0.01, "adamw": 7.5e-6}
 WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 SWEEP_MODELS = ("nano_12_p16", "small_12_p16")
@@ -54,8 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args.opt not in DEFAULT_LR:
         raise ConfigError(f"Unknown opt={args['opt']!r}; choose sgd (the paper's recipe) or adamw.")
     if not args.init and not args.runlocal:
-        raise ConfigError("configs/transfer.py needs init=<ImageNet run dir or converted weights> of the same model, "
-                         "e.g. init=gs://BUCKET/in1k/n12_fsne_m8 (train one with configs/imagenet.py).")
+        raise ConfigError(
+            "configs/transfer.py needs init=<ImageNet run dir or converted weights> of the same model, "
+            "e.g. init=gs://BUCKET/in1k/n12_fsne_m8 (train one with configs/imagenet.py)."
+        )
     config = base_config()
     set_xcit_model(config, args.model, args.qkv, args.code_size, args.hidden)
     config.model.drop_path_rate = 0.0
@@ -66,8 +80,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.data_dir = args.data_dir
     config.global_batch_size = args.batch
     config.total_epochs = args.epochs
-    config.optimizer.update(name=args.opt, lr=args.lr or DEFAULT_LR[args.opt], scale_lr_by_batch=False,
-                            weight_decay=WEIGHT_DECAY[args.opt], warmup_epochs=5.0)
+    config.optimizer.update(
+        name=args.opt,
+        lr=args.lr or DEFAULT_LR[args.opt],
+        scale_lr_by_batch=False,
+        weight_decay=WEIGHT_DECAY[args.opt],
+        warmup_epochs=5.0,
+    )
     config.log_every_steps = 100
     config.eval_every_steps = 5_000
     config.checkpoint_every_steps = 2_500
@@ -81,7 +100,9 @@ def get_sweep(arg: str | None = None) -> list[str]:
     items = [item for item in (arg or "").split(",") if item]
     roots = [item.split("=", 1)[1] for item in items if item.startswith("init_root=")]
     if len(roots) != 1:
-        raise ConfigError('The transfer sweep needs one init_root=DIR: where the configs/imagenet.py sweep wrote its runs.')
+        raise ConfigError(
+            "The transfer sweep needs one init_root=DIR: where the configs/imagenet.py sweep wrote its runs."
+        )
     extra = "".join(f",{item}" for item in items if not item.startswith("init_root="))
     points = []
     for model in SWEEP_MODELS:

@@ -8,8 +8,8 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,9 +59,12 @@ def wait_all(processes: list[subprocess.Popen]) -> int:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True,
-                        help="A config file and its arguments, e.g. configs/imagenet.py:model=nano_12_p16.")
-    parser.add_argument("--workdir", required=True, help="The run's directory (gs://... on TPU pods; a shared path on SLURM).")
+    parser.add_argument(
+        "--config", required=True, help="A config file and its arguments, e.g. configs/imagenet.py:model=nano_12_p16."
+    )
+    parser.add_argument(
+        "--workdir", required=True, help="The run's directory (gs://... on TPU pods; a shared path on SLURM)."
+    )
     parser.add_argument("--dry-run", action="store_true", help="Print every command (and file) instead of running it.")
 
 
@@ -98,7 +101,9 @@ def run_steps(steps: Sequence[Step], dry_run: bool) -> int:
         print(f"+ {step.describe()}", file=sys.stderr, flush=True)
         code = step.execute()
         if code != 0:
-            print(f"error: step failed with exit code {code}: {step.commands[0] if step.commands else step.file[0]}",
-                  file=sys.stderr)
+            print(
+                f"error: step failed with exit code {code}: {step.commands[0] if step.commands else step.file[0]}",
+                file=sys.stderr,
+            )
             return code
     return 0

@@ -13,13 +13,15 @@ XLA_FLAGS=--xla_force_host_platform_device_count=K), which tests multi-host code
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from launch.common import Step, add_run_arguments, parse, run_steps, train_command, with_env
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--processes", type=int, default=1, help="Local processes training together (default 1).")
     parser.add_argument("--port", type=int, default=12355, help="The coordinator's port, with --processes > 1.")
     parser.add_argument("--cpu-devices", type=int, help="Run on the CPU with this many fake devices per process.")
@@ -37,8 +39,11 @@ def process_command(args: argparse.Namespace, overrides: Sequence[str], index: i
         env.append(f"CUDA_VISIBLE_DEVICES={index}")
     flags = []
     if args.processes > 1:
-        flags = [f"--coordinator_address=127.0.0.1:{args.port}", f"--num_processes={args.processes}",
-                 f"--process_id={index}"]
+        flags = [
+            f"--coordinator_address=127.0.0.1:{args.port}",
+            f"--num_processes={args.processes}",
+            f"--process_id={index}",
+        ]
     return with_env(train_command(args, overrides, *flags, python=args.python), env)
 
 

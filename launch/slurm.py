@@ -18,8 +18,8 @@ import argparse
 import re
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from launch.common import REPO, Step, add_run_arguments, parse, run_steps, train_command
 
@@ -27,7 +27,9 @@ PREEMPTED_EXIT_CODE = 143  # qkv_vit.main: stopped on SIGTERM after saving a che
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--cpus-per-task", type=int, default=8, help="Host cores per GPU process (input pipeline).")
@@ -35,8 +37,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--account")
     parser.add_argument("--time", default="72:00:00", help="Time limit; the job requeues itself when it is reached.")
     parser.add_argument("--job-name", help="Default: the workdir's last component.")
-    parser.add_argument("--setup", action="append", default=[],
-                        help='Shell lines run before srun (repeatable), e.g. "module load cuda" or "source .venv/bin/activate".')
+    parser.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        help='Shell lines run before srun (repeatable), e.g. "module load cuda" or "source .venv/bin/activate".',
+    )
     parser.add_argument("--python", default="python")
     add_run_arguments(parser)
     return parser
@@ -67,23 +73,28 @@ def sbatch_script(args: argparse.Namespace, overrides: Sequence[str]) -> str:
         "signal": "TERM@120",  # to every task: the trainer saves and exits 143 before the time limit
         "requeue": None,
     }
-    header = [f"#SBATCH --{key}" + ("" if value is None else f"={value}") for key, value in options.items()
-              if value is not None or key == "requeue"]
+    header = [
+        f"#SBATCH --{key}" + ("" if value is None else f"={value}")
+        for key, value in options.items()
+        if value is not None or key == "requeue"
+    ]
     train = train_command(args, overrides, "--distributed", python=args.python)
-    return "\n".join([
-        "#!/bin/bash",
-        *header,
-        "",
-        f"cd {shlex.quote(str(REPO))}",
-        *args.setup,
-        "export TF_CPP_MIN_LOG_LEVEL=2",
-        f"srun --kill-on-bad-exit=1 {train}",
-        "status=$?",
-        f"# {PREEMPTED_EXIT_CODE}: stopped by SIGTERM (time limit, preemption) after a checkpoint; requeue to resume.",
-        f'if [ "$status" -eq {PREEMPTED_EXIT_CODE} ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
-        'exit "$status"',
-        "",
-    ])
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            *header,
+            "",
+            f"cd {shlex.quote(str(REPO))}",
+            *args.setup,
+            "export TF_CPP_MIN_LOG_LEVEL=2",
+            f"srun --kill-on-bad-exit=1 {train}",
+            "status=$?",
+            f"# {PREEMPTED_EXIT_CODE}: stopped by SIGTERM (time limit, preemption) after a checkpoint; requeue to resume.",
+            f'if [ "$status" -eq {PREEMPTED_EXIT_CODE} ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
+            'exit "$status"',
+            "",
+        ]
+    )
 
 
 def plan(args: argparse.Namespace, overrides: Sequence[str]) -> list[Step]:

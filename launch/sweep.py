@@ -13,7 +13,7 @@ command resumes unfinished points and skips finished ones (the trainer finds the
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from launch import common, local, slurm, tpu_pod
 from qkv_vit.sweep import expand
@@ -22,10 +22,14 @@ LAUNCHERS = {"local": local, "slurm": slurm, "tpu_pod": tpu_pod}
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("launcher", choices=sorted(LAUNCHERS))
     parser.add_argument("--config", required=True, help="A config file with get_sweep(), without arguments.")
-    parser.add_argument("--sweep", default=None, help="The argument of get_sweep(), e.g. code_size or depth=4,epochs=2.")
+    parser.add_argument(
+        "--sweep", default=None, help="The argument of get_sweep(), e.g. code_size or depth=4,epochs=2."
+    )
     parser.add_argument("--workdir", required=True, help="The sweep's directory; each point gets a subdirectory.")
     parser.add_argument("--only", action="append", default=[], help="Run only this point (by name; repeatable).")
     return parser
@@ -46,7 +50,9 @@ def plan(argv: Sequence[str] | None) -> tuple[list[common.Step], bool]:
         if args.only and point.name not in args.only:
             continue
         workdir = f"{args.workdir.rstrip('/')}/{point.name}"
-        point_args, overrides = common.parse(launcher.parser(), [*rest, f"--config={point.config}", f"--workdir={workdir}"])
+        point_args, overrides = common.parse(
+            launcher.parser(), [*rest, f"--config={point.config}", f"--workdir={workdir}"]
+        )
         dry_run = point_args.dry_run
         steps += [step for step in launcher.plan(point_args, overrides) if step not in steps]
     return steps, dry_run

@@ -15,7 +15,7 @@ all workers see, a gs:// bucket. Rerunning the same command resumes from the wor
 import argparse
 import shlex
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from launch.common import REPO, Step, add_run_arguments, parse, run_steps, train_command, with_env
 
@@ -23,7 +23,9 @@ ARCHIVE = "qkv_vit-src.tar.gz"
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tpu", required=True, help="TPU VM name.")
     parser.add_argument("--zone", required=True)
     parser.add_argument("--project", help="Google Cloud project (default: gcloud's configured one).")
@@ -33,9 +35,15 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--setup", action="store_true", help="Copy this checkout to every worker and pip install it.")
     parser.add_argument("--remote-dir", default="qkv_vit", help="The checkout's directory on the workers (under ~).")
     parser.add_argument("--python", default="python3", help="The workers' Python.")
-    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the training processes (repeatable), "
-                        "e.g. TFDS_DATA_DIR=gs://BUCKET/tensorflow_datasets.")
-    parser.add_argument("--detach", action="store_true", help="Return at once; each worker logs to ~/qkv_vit-train.log.")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        help="KEY=VALUE for the training processes (repeatable), e.g. TFDS_DATA_DIR=gs://BUCKET/tensorflow_datasets.",
+    )
+    parser.add_argument(
+        "--detach", action="store_true", help="Return at once; each worker logs to ~/qkv_vit-train.log."
+    )
     add_run_arguments(parser)
     return parser
 
@@ -51,20 +59,40 @@ def on_all_workers(args: argparse.Namespace, command: str) -> str:
 
 def plan(args: argparse.Namespace, overrides: Sequence[str]) -> list[Step]:
     if not args.workdir.startswith("gs://"):
-        print(f"warning: workdir {args.workdir} is not a gs:// bucket; every worker must see the same directory.",
-              file=sys.stderr)
+        print(
+            f"warning: workdir {args.workdir} is not a gs:// bucket; every worker must see the same directory.",
+            file=sys.stderr,
+        )
     steps = []
     if args.create:
-        steps.append(Step((gcloud(args, "create", args.tpu, f"--accelerator-type={args.accelerator_type}",
-                                  f"--version={args.version}"),)))
+        steps.append(
+            Step(
+                (
+                    gcloud(
+                        args,
+                        "create",
+                        args.tpu,
+                        f"--accelerator-type={args.accelerator_type}",
+                        f"--version={args.version}",
+                    ),
+                )
+            )
+        )
     if args.setup:
         local_archive = f"/tmp/{ARCHIVE}"
-        pack = (f"git -C {shlex.quote(str(REPO))} ls-files -co --exclude-standard -z | "
-                f"tar -czf {local_archive} -C {shlex.quote(str(REPO))} --null -T -")
-        install = (f"mkdir -p {args.remote_dir} && tar -xzf {ARCHIVE} -C {args.remote_dir} && "
-                   f"{args.python} -m pip install -q -e ./{args.remote_dir} \"jax[tpu]\"")
-        steps += [Step((pack,)), Step((gcloud(args, "scp", local_archive, f"{args.tpu}:{ARCHIVE}", "--worker=all"),)),
-                  Step((on_all_workers(args, install),))]
+        pack = (
+            f"git -C {shlex.quote(str(REPO))} ls-files -co --exclude-standard -z | "
+            f"tar -czf {local_archive} -C {shlex.quote(str(REPO))} --null -T -"
+        )
+        install = (
+            f"mkdir -p {args.remote_dir} && tar -xzf {ARCHIVE} -C {args.remote_dir} && "
+            f'{args.python} -m pip install -q -e ./{args.remote_dir} "jax[tpu]"'
+        )
+        steps += [
+            Step((pack,)),
+            Step((gcloud(args, "scp", local_archive, f"{args.tpu}:{ARCHIVE}", "--worker=all"),)),
+            Step((on_all_workers(args, install),)),
+        ]
     train = train_command(args, overrides, "--distributed", python=args.python)
     if args.detach:
         train = f"nohup {train} > ~/qkv_vit-train.log 2>&1 < /dev/null &"

@@ -22,8 +22,8 @@ import ctypes.util
 import glob
 import os
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 CHOICE_VARIABLE = "QKV_VIT_ALLOCATOR"  # unset or "auto", "system", or a library's path
 PRELOADED_VARIABLE = "QKV_VIT_PRELOADED_ALLOCATOR"  # set in the re-executed process: never re-execute twice
@@ -39,9 +39,12 @@ def mimalloc_from_wheel() -> str | None:
     return None
 
 
-def choose_allocator(environ: Mapping[str, str], platform: str = sys.platform,
-                     find_library: Callable[[str], str | None] = ctypes.util.find_library,
-                     find_mimalloc: Callable[[], str | None] = mimalloc_from_wheel) -> str | None:
+def choose_allocator(
+    environ: Mapping[str, str],
+    platform: str = sys.platform,
+    find_library: Callable[[str], str | None] = ctypes.util.find_library,
+    find_mimalloc: Callable[[], str | None] = mimalloc_from_wheel,
+) -> str | None:
     """The library to preload, or None to keep the process as it is."""
     choice = environ.get(CHOICE_VARIABLE, "auto")
     if not platform.startswith("linux") or choice == "system" or environ.get("LD_PRELOAD"):
@@ -50,7 +53,9 @@ def choose_allocator(environ: Mapping[str, str], platform: str = sys.platform,
         return None
     if choice != "auto":
         if not Path(choice).is_file():
-            print(f"error: {CHOICE_VARIABLE}={choice!r} is neither 'auto', 'system' nor a library file.", file=sys.stderr)
+            print(
+                f"error: {CHOICE_VARIABLE}={choice!r} is neither 'auto', 'system' nor a library file.", file=sys.stderr
+            )
             raise SystemExit(2)  # bad input, as main's other mistakes
         return choice
     for name in TCMALLOC_NAMES:
@@ -86,8 +91,11 @@ def describe_allocator() -> str:
         return f"glibc's malloc: the loader did not preload {library}"
     if os.environ.get("LD_PRELOAD"):
         return f"LD_PRELOAD={os.environ['LD_PRELOAD']} (set by the user)"
-    return "glibc's malloc (apt install libtcmalloc-minimal4 for a faster one)" if sys.platform.startswith(
-        "linux") else "the system's malloc"
+    return (
+        "glibc's malloc (apt install libtcmalloc-minimal4 for a faster one)"
+        if sys.platform.startswith("linux")
+        else "the system's malloc"
+    )
 
 
 def is_mapped(library: str) -> bool:

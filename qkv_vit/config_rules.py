@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from qkv_vit.errors import ConfigError
 
@@ -39,8 +40,12 @@ class Rule:
 
 def is_number(value: Any) -> bool:
     """An int or float finite in float32, where it is used (not a bool, which Python counts as an int)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and abs(value) <= FLOAT32_MAX)
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and abs(value) <= FLOAT32_MAX
+    )
 
 
 def is_integer(value: Any) -> bool:
@@ -64,20 +69,29 @@ def describe_range(low: float | None, high: float | None, low_open: bool, high_o
     return f"{'<' if high_open else '<='} {shown(high)}" if high is not None else ""
 
 
-def integer(minimum: int | None = None, maximum: int | None = None, *, or_minus_one: bool = False,
-            optional: bool = False) -> Rule:
+def integer(
+    minimum: int | None = None, maximum: int | None = None, *, or_minus_one: bool = False, optional: bool = False
+) -> Rule:
     """An int in [minimum, maximum]; `or_minus_one`: -1 too (meaning "all" or "automatic")."""
     bounds = describe_range(minimum, maximum, False, False)
     words = "an integer" + (f" {bounds}" if bounds else "") + (" or -1" if or_minus_one else "")
 
     def accepts(value: Any) -> bool:
-        return is_integer(value) and ((in_range(value, minimum, maximum, False, False)) or (or_minus_one and value == -1))
+        return is_integer(value) and (
+            (in_range(value, minimum, maximum, False, False)) or (or_minus_one and value == -1)
+        )
 
     return Rule(words, accepts, optional)
 
 
-def number(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False,
-           optional: bool = False) -> Rule:
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> Rule:
     """A finite number in the interval (bounds included unless open)."""
     words = f"a finite number {describe_range(low, high, low_open, high_open)}".rstrip()
     return Rule(words, lambda v: is_number(v) and in_range(v, low, high, low_open, high_open), optional)
@@ -93,12 +107,22 @@ def flag(optional: bool = False) -> Rule:
 
 def of_type(kind: type, optional: bool = False) -> Rule:
     """Only the type (ranges checked by whoever uses the value, e.g. the model's own validation)."""
-    return {bool: flag, int: lambda optional: integer(optional=optional), float: lambda optional: number(optional=optional),
-            str: lambda optional: text(optional=optional)}[kind](optional)
+    return {
+        bool: flag,
+        int: lambda optional: integer(optional=optional),
+        float: lambda optional: number(optional=optional),
+        str: lambda optional: text(optional=optional),
+    }[kind](optional)
 
 
-def text(choices: tuple[str, ...] | None = None, *, nonempty: bool = False, forbidden: str = "",
-         reserved: tuple[str, ...] = (), optional: bool = False) -> Rule:
+def text(
+    choices: tuple[str, ...] | None = None,
+    *,
+    nonempty: bool = False,
+    forbidden: str = "",
+    reserved: tuple[str, ...] = (),
+    optional: bool = False,
+) -> Rule:
     """A string: one of `choices`, or any (non-empty) string without the `forbidden` characters that neither is
     nor starts with a `reserved` name."""
     if choices is not None:
@@ -108,14 +132,27 @@ def text(choices: tuple[str, ...] | None = None, *, nonempty: bool = False, forb
     words += f" that does not start with {' or '.join(map(repr, reserved))}" if reserved else ""
 
     def accepts(value: Any) -> bool:
-        return (isinstance(value, str) and bool(value or not nonempty) and not set(value) & set(forbidden)
-                and not value.startswith(reserved))
+        return (
+            isinstance(value, str)
+            and bool(value or not nonempty)
+            and not set(value) & set(forbidden)
+            and not value.startswith(reserved)
+        )
 
     return Rule(words, accepts, optional)
 
 
-def numbers(count: int, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-            high_open: bool = False, ordered: bool = False, what: str = "", hint: str = "") -> Rule:
+def numbers(
+    count: int,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    ordered: bool = False,
+    what: str = "",
+    hint: str = "",
+) -> Rule:
     """A tuple (or list) of `count` finite numbers, each in the interval, non-decreasing if `ordered`."""
     words = f"{count} numbers {what or ''}".rstrip()
     words += f" each {describe_range(low, high, low_open, high_open)}" if low is not None or high is not None else ""
@@ -125,13 +162,19 @@ def numbers(count: int, low: float | None = None, high: float | None = None, *, 
         if not isinstance(value, (tuple, list)) or len(value) != count or not all(is_number(v) for v in value):
             return False
         return all(in_range(v, low, high, low_open, high_open) for v in value) and (
-            not ordered or list(value) == sorted(value))
+            not ordered or list(value) == sorted(value)
+        )
 
     return Rule(words, accepts, hint=hint)
 
 
-def check_values(config: Mapping[str, Any], rules: RuleTable, prefix: str = "config.",
-                 error: type[ConfigError] = ConfigError, renamed: Mapping[str, str] | None = None) -> None:
+def check_values(
+    config: Mapping[str, Any],
+    rules: RuleTable,
+    prefix: str = "config.",
+    error: type[ConfigError] = ConfigError,
+    renamed: Mapping[str, str] | None = None,
+) -> None:
     """Every key of `config` against its rule (nested tables for nested configs); `error` names the first bad one.
     `renamed`: {old full name: new full name} of keys renamed since configs were written with them."""
     for key in config.keys():
@@ -140,8 +183,10 @@ def check_values(config: Mapping[str, Any], rules: RuleTable, prefix: str = "con
             raise error(f"{name} is now called {renamed[name]}: rename it in the config file or on the command line.")
         if key not in rules:
             close = difflib.get_close_matches(key, list(rules), n=1)
-            raise error(f"{name} is not a known key{f' (did you mean {prefix}{close[0]}?)' if close else ''}: "
-                        f"a config file set a key that nothing reads. Known keys here: {', '.join(rules)}.")
+            raise error(
+                f"{name} is not a known key{f' (did you mean {prefix}{close[0]}?)' if close else ''}: "
+                f"a config file set a key that nothing reads. Known keys here: {', '.join(rules)}."
+            )
         rule = rules[key]
         if isinstance(rule, Rule):
             rule.check(name, config[key], error)
@@ -149,4 +194,3 @@ def check_values(config: Mapping[str, Any], rules: RuleTable, prefix: str = "con
             if not hasattr(config[key], "keys"):  # a ConfigDict (or dict) of its own keys
                 raise error(f"{name} must be a group of keys ({', '.join(rule)}), got {config[key]!r}.")
             check_values(config[key], rule, f"{name}.", error, renamed)
-

@@ -24,9 +24,9 @@ import sys
 from typing import NoReturn
 
 import jax
+import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
-import ml_collections
 from ml_collections import config_flags
 
 from qkv_vit.allocator import describe_allocator
@@ -98,8 +98,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError) as error:  # an override check_override_keys let through (a bug of ours)
         fail(f"{config_argument(argv)}: cannot apply an override ({error!r}).", BAD_INPUT_EXIT_CODE)
     except OSError as error:  # the config file is missing or does not import
-        fail(f"{config_argument(argv)}: cannot load it ({last_line(str(error))}). Pass a config "
-             "file such as configs/quickstart.py, optionally with :arguments.", BAD_INPUT_EXIT_CODE)
+        fail(
+            f"{config_argument(argv)}: cannot load it ({last_line(str(error))}). Pass a config "
+            "file such as configs/quickstart.py, optionally with :arguments.",
+            BAD_INPUT_EXIT_CODE,
+        )
     return remaining
 
 
@@ -130,9 +133,12 @@ def check_override_keys(argv: list[str]) -> None:
             fail(f"{arg}: config.{key} is now called {RENAMED_KEYS[f'config.{key}']}.", BAD_INPUT_EXIT_CODE)
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            fail(f"{arg}: the config has no key {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}. Every "
-                 "key is listed in qkv_vit/train/config.py and in a run's config.json; an unknown key is an error so "
-                 "that a typo is never silently ignored.", BAD_INPUT_EXIT_CODE)
+            fail(
+                f"{arg}: the config has no key {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}. Every "
+                "key is listed in qkv_vit/train/config.py and in a run's config.json; an unknown key is an error so "
+                "that a typo is never silently ignored.",
+                BAD_INPUT_EXIT_CODE,
+            )
 
 
 def load_config_file(argv: list[str]) -> ml_collections.ConfigDict | None:
@@ -177,8 +183,14 @@ def main(argv: list[str]) -> int:
     del argv
     quiet_libraries()
     initialize_distributed()
-    logging.info("JAX process %d/%d, %d local devices of %d; memory allocator: %s.", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count(), describe_allocator())
+    logging.info(
+        "JAX process %d/%d, %d local devices of %d; memory allocator: %s.",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        describe_allocator(),
+    )
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except Preempted as stop:

@@ -1,7 +1,7 @@
 """Parameter and compute accounting of XCiT with each query/key/value embedding.
 
-  python -m qkv_vit.params xcit_nano_12_p16 --qkv-embed fsne --code-size 8
-  python -m qkv_vit.params --table            # model x QKV preset comparison
+python -m qkv_vit.params xcit_nano_12_p16 --qkv-embed fsne --code-size 8
+python -m qkv_vit.params --table            # model x QKV preset comparison
 """
 
 import argparse

@@ -14,7 +14,8 @@ import dataclasses
 import json
 import statistics
 import sys
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import ml_collections
 from etils import epath
@@ -26,9 +27,24 @@ from qkv_vit.train.logging_utils import read_metrics
 # Keys that do not change what a run learns (bookkeeping, where files live, hardware layout), and seeds.
 SEED_KEYS = ("seed", "data.seed")
 IGNORED_KEYS = SEED_KEYS + (
-    "init_from", "data.cache_dir", "data.data_dir", "data.path", "log_every_steps", "eval_every_steps",
-    "checkpoint_every_steps", "keep_checkpoints", "async_checkpointing", "eval_batch_size", "data.num_parallel_calls",
-    "data.prefetch", "mesh.data", "mesh.fsdp", "mesh.model", "sharding", "nonfinite", "eval_name",
+    "init_from",
+    "data.cache_dir",
+    "data.data_dir",
+    "data.path",
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "async_checkpointing",
+    "eval_batch_size",
+    "data.num_parallel_calls",
+    "data.prefetch",
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.model",
+    "sharding",
+    "nonfinite",
+    "eval_name",
 )
 # Shown through the data / model / QKV columns rather than as settings.
 LABELLED_KEYS = ("model_name", "qkv", "data.source", "data.name", "data.num_classes")
@@ -36,16 +52,33 @@ TRANSFER_SETS = ("cifar10", "cifar100", "cars196", "stl10")
 
 # Top-1 on ImageNet-1k at 224 (PAPER.md; XCiT's README for the other sizes), by model and QKV embedding.
 XCIT_IMAGENET = {
-    "xcit_nano_12_p16": 69.9, "xcit_tiny_12_p16": 77.1, "xcit_tiny_24_p16": 79.4, "xcit_small_12_p16": 82.0,
-    "xcit_small_24_p16": 82.6, "xcit_medium_24_p16": 82.7, "xcit_large_24_p16": 82.9, "xcit_nano_12_p8": 73.8,
-    "xcit_tiny_12_p8": 79.7, "xcit_tiny_24_p8": 81.9, "xcit_small_12_p8": 83.4, "xcit_small_24_p8": 83.9,
-    "xcit_medium_24_p8": 83.7, "xcit_large_24_p8": 84.4,
+    "xcit_nano_12_p16": 69.9,
+    "xcit_tiny_12_p16": 77.1,
+    "xcit_tiny_24_p16": 79.4,
+    "xcit_small_12_p16": 82.0,
+    "xcit_small_24_p16": 82.6,
+    "xcit_medium_24_p16": 82.7,
+    "xcit_large_24_p16": 82.9,
+    "xcit_nano_12_p8": 73.8,
+    "xcit_tiny_12_p8": 79.7,
+    "xcit_tiny_24_p8": 81.9,
+    "xcit_small_12_p8": 83.4,
+    "xcit_small_24_p8": 83.9,
+    "xcit_medium_24_p8": 83.7,
+    "xcit_large_24_p8": 84.4,
 }
-PROPOSED_IMAGENET = {"xcit_nano_12_p16": "71.4 (proposed, 3.1M)", "xcit_tiny_12_p16": "77.8 (proposed)",
-                     "xcit_small_12_p16": "82.1 (proposed)"}
+PROPOSED_IMAGENET = {
+    "xcit_nano_12_p16": "71.4 (proposed, 3.1M)",
+    "xcit_tiny_12_p16": "77.8 (proposed)",
+    "xcit_small_12_p16": "82.1 (proposed)",
+}
 # Mean top-1 over the four transfer data sets (PAPER.md).
-PAPER_TRANSFER = {("xcit_nano_12_p16", "linear"): "92.2 (XCiT)", ("xcit_nano_12_p16", "fsne"): "93.3 (F-SNE, 2.9M)",
-                  ("xcit_small_12_p16", "linear"): "94.5 (XCiT)", ("xcit_small_12_p16", "fsne"): "94.8 (proposed)"}
+PAPER_TRANSFER = {
+    ("xcit_nano_12_p16", "linear"): "92.2 (XCiT)",
+    ("xcit_nano_12_p16", "fsne"): "93.3 (F-SNE, 2.9M)",
+    ("xcit_small_12_p16", "linear"): "94.5 (XCiT)",
+    ("xcit_small_12_p16", "fsne"): "94.8 (proposed)",
+}
 
 
 @dataclasses.dataclass
@@ -119,8 +152,15 @@ def read_run(workdir: epath.Path) -> RunRecord:
     total, why = total_steps(config, model)
     top1_key = f"{config.get('eval_name', 'val')}/top1"
     finals = [r for r in records if r["step"] == total and top1_key in r]
-    return RunRecord(str(workdir), {**DEFAULTS, **flatten_dotted(config)}, model, total, max((r["step"] for r in records), default=0),
-               finals[-1] if finals else None, why)
+    return RunRecord(
+        str(workdir),
+        {**DEFAULTS, **flatten_dotted(config)},
+        model,
+        total,
+        max((r["step"] for r in records), default=0),
+        finals[-1] if finals else None,
+        why,
+    )
 
 
 def total_steps(config: dict[str, Any], model: dict[str, Any]) -> tuple[int | None, str]:
@@ -132,8 +172,12 @@ def total_steps(config: dict[str, Any], model: dict[str, Any]) -> tuple[int | No
     try:
         from qkv_vit import data  # the data's size: needs the data (or its prepared cache) on this machine
 
-        steps = data.steps_per_epoch(ml_collections.ConfigDict(config["data"]), config["global_batch_size"],
-                                     process_count=1, local_device_count=1)
+        steps = data.steps_per_epoch(
+            ml_collections.ConfigDict(config["data"]),
+            config["global_batch_size"],
+            process_count=1,
+            local_device_count=1,
+        )
     except Exception as error:  # noqa: BLE001 - any unreadable data only makes the length unknown
         return None, f"run length unknown: its data is not readable here ({type(error).__name__})"
     return round(config["total_epochs"] * steps), ""
@@ -157,8 +201,12 @@ def model_label(model: dict[str, Any]) -> str:
 def qkv_label(options: dict[str, Any]) -> str:
     kind = options.get("qkv_embed", "linear")
     hidden = options.get("qkv_hidden_dim") or options.get("embed_dim")
-    details = {"linear": [], "sne": [f"h={hidden}"], "psne": [f"h={hidden}", f"shared {options.get('shared_layer')}"],
-               "fsne": [f"m={options.get('code_size')}", f"h={hidden}"]}.get(kind, [])
+    details = {
+        "linear": [],
+        "sne": [f"h={hidden}"],
+        "psne": [f"h={hidden}", f"shared {options.get('shared_layer')}"],
+        "fsne": [f"m={options.get('code_size')}", f"h={hidden}"],
+    }.get(kind, [])
     if kind == "fsne" and options.get("code_mode", "concat") != "concat":
         details.append(f"codes {options['code_mode']}")
     if kind != "linear" and options.get("qkv_in_class_attention"):
@@ -191,10 +239,19 @@ def summarize(runs: Sequence[RunRecord]) -> list[Row]:
         first, eval_name = members[0], members[0].config.get("eval_name", "val")
         same_data = [dict(other[1:]) for other in groups if other[0] == key[0]]
         settings = ", ".join(f"{k}={first.config.get(k)}" for k in varying_settings(same_data))
-        rows.append(Row(data_label(first.config), model_label(first.model), qkv_label(first.model["architecture"]),
-                        first.model["num_params"], settings, [100 * r.final[f"{eval_name}/top1"] for r in members],
-                        [100 * r.final[f"ema_{eval_name}/top1"] for r in members if f"ema_{eval_name}/top1" in r.final],
-                        paper_number(first), key))
+        rows.append(
+            Row(
+                data_label(first.config),
+                model_label(first.model),
+                qkv_label(first.model["architecture"]),
+                first.model["num_params"],
+                settings,
+                [100 * r.final[f"{eval_name}/top1"] for r in members],
+                [100 * r.final[f"ema_{eval_name}/top1"] for r in members if f"ema_{eval_name}/top1" in r.final],
+                paper_number(first),
+                key,
+            )
+        )
     return sorted(rows, key=lambda r: (r.data, r.model, qkv_order(r.qkv), r.qkv, r.settings))
 
 
@@ -220,8 +277,11 @@ def transfer_means(rows: Sequence[Row]) -> list[tuple[Row, float]]:
         if row.data.endswith("(fine-tuned)") and dataset in TRANSFER_SETS:
             recipe = tuple(item for item in row.key[1:] if item[0] not in ("data.name", "data.num_classes"))
             by_recipe.setdefault(recipe, {})[dataset] = row
-    return [(found[TRANSFER_SETS[0]], statistics.fmean(statistics.fmean(found[d].top1) for d in TRANSFER_SETS))
-            for found in by_recipe.values() if set(found) == set(TRANSFER_SETS)]
+    return [
+        (found[TRANSFER_SETS[0]], statistics.fmean(statistics.fmean(found[d].top1) for d in TRANSFER_SETS))
+        for found in by_recipe.values()
+        if set(found) == set(TRANSFER_SETS)
+    ]
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -238,9 +298,13 @@ def markdown(runs: Sequence[RunRecord]) -> str:
     lines = rows_table(rows) if rows else ["No finished runs."]
     means = transfer_means(rows)
     if means:
-        lines += ["", "Transfer, mean top-1 over " + ", ".join(TRANSFER_SETS) + ":", "",
-                  table_line(["model", "QKV embedding", "params (CIFAR-10 head)", "mean top-1 (%)", "paper"]),
-                  table_line(["---", "---", "---:", "---:", "---"])]
+        lines += [
+            "",
+            "Transfer, mean top-1 over " + ", ".join(TRANSFER_SETS) + ":",
+            "",
+            table_line(["model", "QKV embedding", "params (CIFAR-10 head)", "mean top-1 (%)", "paper"]),
+            table_line(["---", "---", "---:", "---:", "---"]),
+        ]
         for row, mean in means:
             paper = PAPER_TRANSFER.get((row.model, row.qkv.split(" ")[0]), "")
             lines.append(table_line([row.model, row.qkv, f"{row.params:,}", f"{mean:.2f}", paper]))
@@ -271,7 +335,9 @@ def table_line(cells: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("paths", nargs="+", help="RunRecord directories, or directories holding runs (searched recursively).")
+    parser.add_argument(
+        "paths", nargs="+", help="RunRecord directories, or directories holding runs (searched recursively)."
+    )
     parser.add_argument("--out", help="Also write the table to this file.")
     args = parser.parse_args(argv)
     try:

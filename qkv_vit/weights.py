@@ -11,8 +11,9 @@ run's own checkpoints (save, exact resume, damaged steps) are train/checkpointin
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -63,8 +64,12 @@ def save_converted(directory: str | Path, variables: dict[str, Any], architectur
     if directory.exists():
         raise FileExistsError(f"{directory} already exists; choose a new output directory or remove it first.")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(directory, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables),
-                                                               architecture=ocp.args.JsonSave(architecture)))
+        checkpointer.save(
+            directory,
+            args=ocp.args.Composite(
+                variables=ocp.args.StandardSave(variables), architecture=ocp.args.JsonSave(architecture)
+            ),
+        )
     return directory
 
 
@@ -77,8 +82,12 @@ def converted_architecture_item(path: epath.Path) -> str | None:
 
 def restore_converted(path: epath.Path, architecture_item: str) -> Weights:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(path, args=ocp.args.Composite(
-            **{"variables": ocp.args.StandardRestore(), architecture_item: ocp.args.JsonRestore()}))
+        restored = checkpointer.restore(
+            path,
+            args=ocp.args.Composite(
+                **{"variables": ocp.args.StandardRestore(), architecture_item: ocp.args.JsonRestore()}
+            ),
+        )
     return Weights(dict(restored["variables"]), dict(restored[architecture_item]))
 
 

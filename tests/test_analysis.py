@@ -15,8 +15,10 @@ from qkv_vit.weights import read_weights, save_converted
 
 
 def params_with_codes(codes_by_layer):
-    return {layer: {"attn": {"qkv": {"codes": np.asarray(c, np.float32), "hidden_bias": np.zeros(2)}}}
-            for layer, c in codes_by_layer.items()}
+    return {
+        layer: {"attn": {"qkv": {"codes": np.asarray(c, np.float32), "hidden_bias": np.zeros(2)}}}
+        for layer, c in codes_by_layer.items()
+    }
 
 
 ORTHOGONAL = [[3.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 0, 5.0]]

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO, require_fixtures
 
+pytestmark = pytest.mark.slow  # trains, starts processes or converts real data: not in `pytest -m "not slow"`
+
 BENCHMARKS = REPO / "benchmarks"
 # A 1-block XCiT on 32x32 images; level-0 LLVM optimization keeps the compiles short (no timing is checked).
 TINY_MODEL = ["--image-size", "32", "--depth", "1", "--embed-dim", "32", "--cls-attn-layers", "1"]
@@ -21,8 +23,14 @@ FAST_COMPILE = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
 
 def run_benchmark(script, *args, timeout=600):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **FAST_COMPILE}
-    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -35,8 +43,15 @@ def assert_positive_finite(*values):
 def check_train_step_result(result, qkv):
     assert result["benchmark"] == "train_step" and result["qkv"] == qkv
     assert result["batch_size"] == 4 and result["image_size"] == 32 and len(result["step_times_s"]) == 2
-    assert_positive_finite(result["images_per_sec"], result["step_time_s"], result["compile_s"], result["params"],
-                           result["macs_per_image"], result["peak_memory_bytes"], result["final_loss"])
+    assert_positive_finite(
+        result["images_per_sec"],
+        result["step_time_s"],
+        result["compile_s"],
+        result["params"],
+        result["macs_per_image"],
+        result["peak_memory_bytes"],
+        result["final_loss"],
+    )
     assert result["images_per_sec"] == pytest.approx(4 / result["step_time_s"])
     assert result["compiles_in_first_step"] >= 1 and result["recompiled_after_first_step"] is False
     assert result["platform"] == "cpu" and result["mfu"] is None  # no known peak for a CPU
@@ -81,8 +96,20 @@ def test_versus_torch_runs_both_implementations():
 
 
 def test_input_pipeline_benchmark(data_cache):
-    result = run_benchmark("input_pipeline.py", "--cache-dir", str(data_cache), "--preset", "small",
-                           "--image-size", "32", "--batch-size", "8", "--batches", "2", "--no-class-counts")
+    result = run_benchmark(
+        "input_pipeline.py",
+        "--cache-dir",
+        str(data_cache),
+        "--preset",
+        "small",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--batches",
+        "2",
+        "--no-class-counts",
+    )
     assert result["num_examples"] == {"train": 1437, "test": 360}  # the offline digits
     assert_positive_finite(result["median"]["uint8"], result["median"]["host_finished"])
 
@@ -122,6 +149,7 @@ def test_torch_reference_parameter_count_is_timms():
 
 WITHOUT_TENSORFLOW = """
 import runpy, sys
+
 class Refuse:  # the GPU machines this script is for have none of these
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "clu", "ml_collections"):
@@ -138,9 +166,18 @@ def test_device_check_runs_without_tensorflow_and_records_every_measurement(tmp_
     skip with its reason), written as it goes. It builds and steps models (both layer implementations, the
     device-side finishing) with TensorFlow, tfds, clu and ml_collections refused: TF reads data, nothing more."""
     out = tmp_path / "device_check.jsonl"
-    command = [sys.executable, "-c", WITHOUT_TENSORFLOW, str(BENCHMARKS / "device_check.py"), "--smoke", "--out", str(out)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    command = [
+        sys.executable,
+        "-c",
+        WITHOUT_TENSORFLOW,
+        str(BENCHMARKS / "device_check.py"),
+        "--smoke",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     kinds = [r["kind"] for r in records]
@@ -153,4 +190,3 @@ def test_device_check_runs_without_tensorflow_and_records_every_measurement(tmp_
     assert (step["layer_impl"], step["feed"], step["dtype"]) == ("flax", "host", "bfloat16")
     assert "images_per_s" in records[3] or "needs torch and timm" in records[3].get("skipped", "")
     assert json.loads(result.stdout.strip().splitlines()[-1])["measured"] == 3
-

@@ -20,8 +20,16 @@ def test_every_key_of_the_default_configs_has_a_rule_and_passes_it(preset):
     check_config(config)  # a key without a rule is an unknown key: it would raise
 
 
-@pytest.mark.parametrize("name, arg", [("quickstart", None), ("cifar10", None), ("imagenet", None),
-                                       ("transfer", "init=/runs/in1k"), ("imagenet", "runlocal")])
+@pytest.mark.parametrize(
+    "name, arg",
+    [
+        ("quickstart", None),
+        ("cifar10", None),
+        ("imagenet", None),
+        ("transfer", "init=/runs/in1k"),
+        ("imagenet", "runlocal"),
+    ],
+)
 def test_the_shipped_configs_pass(name, arg):
     check_config(load_config(name, arg))
 
@@ -62,8 +70,11 @@ BAD_VALUES = [  # (key path, value, what the one error line must say)
     ("eval_name", "train", "that does not start with 'train' or 'ema_', got 'train'"),  # train/top1 exists already
     ("eval_name", "ema_val", "that does not start with 'train' or 'ema_', got 'ema_val'"),
     ("seed", 2**32, "config.seed must be an integer in [0, 4294967295], got 4294967296"),
-    ("model.code_init_std", 1e39, "config.model.code_init_std must be a finite number (or None to leave it unset), "
-                                  "got 1e+39"),  # inf in float32
+    (
+        "model.code_init_std",
+        1e39,
+        "config.model.code_init_std must be a finite number (or None to leave it unset), got 1e+39",
+    ),  # inf in float32
     ("total_epochs", 0.0, "config.total_epochs must be a finite number > 0"),
     ("total_steps", 0, "config.total_steps must be an integer >= 1"),
     ("global_batch_size", 0, "config.global_batch_size must be an integer >= 1, got 0"),
@@ -96,14 +107,19 @@ def test_a_bad_value_is_one_error_before_any_data_is_read(tmp_path, tiny_config,
 def test_a_key_a_config_file_misspelled_is_refused_with_the_closest_one(tiny_config):
     tiny_config.optimizer.unlock()
     tiny_config.optimizer.weight_decy = 0.1  # would otherwise be ignored: the run would decay with 0.05
-    with pytest.raises(ConfigError, match=r"config.optimizer.weight_decy is not a known key \(did you mean "
-                                          r"config.optimizer.weight_decay\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config.optimizer.weight_decy is not a known key \(did you mean "
+        r"config.optimizer.weight_decay\?\)",
+    ):
         check_config(tiny_config)
 
 
 def test_rules_say_what_they_accept():
-    check_values({"a": 3, "b": None, "c": (0.1, 0.2), "d": "x"},
-                 {"a": integer(1), "b": number(optional=True), "c": numbers(2, 0.0, 1.0, ordered=True), "d": text()})
+    check_values(
+        {"a": 3, "b": None, "c": (0.1, 0.2), "d": "x"},
+        {"a": integer(1), "b": number(optional=True), "c": numbers(2, 0.0, 1.0, ordered=True), "d": text()},
+    )
     for value in (True, 1.5, "1", None):
         with pytest.raises(ConfigError, match="config.a must be an integer >= 1"):
             check_values({"a": value}, {"a": integer(1)})

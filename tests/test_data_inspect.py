@@ -20,8 +20,22 @@ def test_inspect_digits_prints_counts_and_throughput(tmp_path, capsys):
 
 def test_inspect_image_folder(tmp_path, capsys):
     write_image_folder(tmp_path / "images", {"train": {"a": 5, "b": 3}, "val": {"a": 1, "b": 2}})
-    result = inspect.main(["--source", "image_folder", "--path", str(tmp_path / "images"), "--cache-dir",
-                           str(tmp_path / "cache"), "--preset", "small", "--batch-size", "4", "--batches", "1"])
+    result = inspect.main(
+        [
+            "--source",
+            "image_folder",
+            "--path",
+            str(tmp_path / "images"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--preset",
+            "small",
+            "--batch-size",
+            "4",
+            "--batches",
+            "1",
+        ]
+    )
     assert result["class_counts"] == {"train": {"a": 5, "b": 3}, "val": {"a": 1, "b": 2}}
 
 

@@ -45,14 +45,25 @@ PIL_COLOUR_OPS = [
     ("posterize3", lambda im: randaugment.posterize(im, 3), lambda p: PIL.ImageOps.posterize(p, 3)),
     ("solarize26", lambda im: randaugment.solarize(im, 26), lambda p: PIL.ImageOps.solarize(p, 26)),
     ("solarize200", lambda im: randaugment.solarize(im, 200), lambda p: PIL.ImageOps.solarize(p, 200)),
-    ("solarize_add", lambda im: randaugment.solarize_add(im, 99),
-     lambda p: p.point([min(255, i + 99) if i < 128 else i for i in range(256)] * 3)),
+    (
+        "solarize_add",
+        lambda im: randaugment.solarize_add(im, 99),
+        lambda p: p.point([min(255, i + 99) if i < 128 else i for i in range(256)] * 3),
+    ),
     ("color0.2", lambda im: randaugment.color(im, 0.2), lambda p: PIL.ImageEnhance.Color(p).enhance(0.2)),
     ("color1.8", lambda im: randaugment.color(im, 1.8), lambda p: PIL.ImageEnhance.Color(p).enhance(1.8)),
     ("contrast0.3", lambda im: randaugment.contrast(im, 0.3), lambda p: PIL.ImageEnhance.Contrast(p).enhance(0.3)),
     ("contrast1.7", lambda im: randaugment.contrast(im, 1.7), lambda p: PIL.ImageEnhance.Contrast(p).enhance(1.7)),
-    ("brightness0.4", lambda im: randaugment.brightness(im, 0.4), lambda p: PIL.ImageEnhance.Brightness(p).enhance(0.4)),
-    ("brightness1.6", lambda im: randaugment.brightness(im, 1.6), lambda p: PIL.ImageEnhance.Brightness(p).enhance(1.6)),
+    (
+        "brightness0.4",
+        lambda im: randaugment.brightness(im, 0.4),
+        lambda p: PIL.ImageEnhance.Brightness(p).enhance(0.4),
+    ),
+    (
+        "brightness1.6",
+        lambda im: randaugment.brightness(im, 1.6),
+        lambda p: PIL.ImageEnhance.Brightness(p).enhance(1.6),
+    ),
     ("sharpness0.1", lambda im: randaugment.sharpness(im, 0.1), lambda p: PIL.ImageEnhance.Sharpness(p).enhance(0.1)),
     ("sharpness1.9", lambda im: randaugment.sharpness(im, 1.9), lambda p: PIL.ImageEnhance.Sharpness(p).enhance(1.9)),
 ]
@@ -92,8 +103,11 @@ def test_geometric_op_is_identity_at_zero_and_fills_with_the_given_colour(op):
 def test_shear_matches_pil_away_from_the_borders():
     image = natural_image(20, 20)
     ours = np.asarray(randaugment.shear_x(tf.constant(image), 0.3, fill=(128, 128, 128)), np.int32)
-    theirs = np.asarray(PIL.Image.fromarray(image).transform(
-        (20, 20), PIL.Image.AFFINE, (1, 0.3, 0, 0, 1, 0), resample=PIL.Image.BILINEAR, fillcolor=(128, 128, 128)))
+    theirs = np.asarray(
+        PIL.Image.fromarray(image).transform(
+            (20, 20), PIL.Image.AFFINE, (1, 0.3, 0, 0, 1, 0), resample=PIL.Image.BILINEAR, fillcolor=(128, 128, 128)
+        )
+    )
     # PIL samples at pixel centres (+0.5), TF at integer coordinates: a shift of 0.15 px per row.
     assert np.abs(ours - theirs)[:, :12].mean() < 6  # the opposite shear gives ~38
 
@@ -122,6 +136,7 @@ def test_randaugment_with_probability_zero_is_identity():
 
 
 # ---- crop, flip, jitter, normalize, erasing, eval resize ----
+
 
 @pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
 def test_random_resized_crop_shape_dtype_determinism(image_format):
@@ -237,6 +252,7 @@ def test_op_inside_tf_data_equals_eager(name):
 
 # ---- mixup / cutmix and label smoothing ----
 
+
 def batch(size=8, pixels=16, classes=5):
     images = tf.random.stateless_normal([size, pixels, pixels, 3], [0, 1])
     labels = tf.constant(np.arange(size) % classes, tf.int32)
@@ -245,16 +261,18 @@ def batch(size=8, pixels=16, classes=5):
 
 def test_label_smoothing_only():
     images, labels = batch()
-    mixed, soft = mixup.mix_batch(images, labels, SEED, num_classes=5, mixup_alpha=0.0, cutmix_alpha=0.0,
-                                  label_smoothing=0.1)
+    mixed, soft = mixup.mix_batch(
+        images, labels, SEED, num_classes=5, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1
+    )
     np.testing.assert_array_equal(mixed, images)
     np.testing.assert_allclose(np.asarray(soft)[0], [0.92, 0.02, 0.02, 0.02, 0.02], rtol=1e-6)
 
 
 def test_mixup_blends_images_and_labels_with_the_same_lambda():
     images, labels = batch()
-    mixed, soft = mixup.mix_batch(images, labels, SEED, num_classes=5, mixup_alpha=0.8, cutmix_alpha=0.0,
-                                  label_smoothing=0.0)
+    mixed, soft = mixup.mix_batch(
+        images, labels, SEED, num_classes=5, mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.0
+    )
     lam = float(np.asarray(soft)[0, labels[0]])  # example 0 is mixed with example 7 (label 2)
     np.testing.assert_allclose(mixed[0], lam * images[0] + (1 - lam) * images[-1], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(soft).sum(axis=1), 1.0, rtol=1e-6)
@@ -263,8 +281,15 @@ def test_mixup_blends_images_and_labels_with_the_same_lambda():
 def test_cutmix_pastes_a_box_whose_area_sets_the_label_weights():
     images, labels = batch()
     for i in range(6):
-        mixed, soft = mixup.mix_batch(images, labels, tf.constant([5, i], tf.int64), num_classes=5,
-                                      mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0)
+        mixed, soft = mixup.mix_batch(
+            images,
+            labels,
+            tf.constant([5, i], tf.int64),
+            num_classes=5,
+            mixup_alpha=0.0,
+            cutmix_alpha=1.0,
+            label_smoothing=0.0,
+        )
         pasted = np.all(np.asarray(mixed[0]) == np.asarray(images[-1]), axis=-1)
         kept = np.all(np.asarray(mixed[0]) == np.asarray(images[0]), axis=-1)
         assert np.all(pasted | kept)

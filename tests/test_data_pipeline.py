@@ -47,6 +47,7 @@ def split_ids(folder, split):
 
 # ---- train batches ----
 
+
 def test_train_batches_leave_the_host_as_uint8_for_the_device_to_finish(cache_dir):
     batch = next(data.build_train_iterator(digits_config(cache_dir), 32, seed=0, **ONE_PROCESS))
     assert set(batch) == {"image", "label"}
@@ -92,14 +93,16 @@ def test_resuming_at_step_k_continues_the_stream_exactly(cache_dir):
     assert steps == 1437 // 256
     fresh = take(data.build_train_iterator(config, 256, seed=3, **ONE_PROCESS), steps + 3)
     for start in (2, steps + 1):  # inside the first epoch, and inside the second
-        resumed = take(data.build_train_iterator(config, 256, seed=3, start_step=start, **ONE_PROCESS), steps + 3 - start)
+        resumed = take(
+            data.build_train_iterator(config, 256, seed=3, start_step=start, **ONE_PROCESS), steps + 3 - start
+        )
         assert_same_batches(fresh[start:], resumed)
 
 
 def test_each_epoch_sees_distinct_examples_in_a_new_order(folder, cache_dir):
     config = folder_config(folder, cache_dir)
     batches = take(data.build_train_iterator(config, 8, seed=0, **ONE_PROCESS), 12)  # 2 epochs of 50 // 8 = 6
-    epochs = [np.concatenate([ids_from_images(b["image"]) for b in batches[e * 6:(e + 1) * 6]]) for e in (0, 1)]
+    epochs = [np.concatenate([ids_from_images(b["image"]) for b in batches[e * 6 : (e + 1) * 6]]) for e in (0, 1)]
     for ids in epochs:
         assert len(set(ids)) == 48 and set(ids) <= set(split_ids(folder, "train"))
     assert not np.array_equal(epochs[0], epochs[1])
@@ -133,6 +136,7 @@ def test_default_process_and_devices_come_from_jax(cache_dir):
 
 # ---- per-process sharding ----
 
+
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_processes_read_disjoint_parts_that_cover_the_split(folder, cache_dir, process_count):
     source = sources.open_source(folder_config(folder, cache_dir))
@@ -151,8 +155,14 @@ def test_train_iterators_of_different_processes_get_different_examples(folder, c
     local_batch = 2
     per_process = []
     for index in range(process_count):
-        iterator = data.build_train_iterator(config, local_batch * process_count, seed=0, process_index=index,
-                                             process_count=process_count, local_device_count=1)
+        iterator = data.build_train_iterator(
+            config,
+            local_batch * process_count,
+            seed=0,
+            process_index=index,
+            process_count=process_count,
+            local_device_count=1,
+        )
         steps = (50 // process_count) // local_batch  # one epoch
         per_process.append(set(np.concatenate([ids_from_images(b["image"]) for b in take(iterator, steps)])))
         assert len(per_process[-1]) == steps * local_batch
@@ -161,13 +171,15 @@ def test_train_iterators_of_different_processes_get_different_examples(folder, c
 
 # ---- exact evaluation ----
 
+
 @pytest.mark.parametrize("process_count,global_batch", [(1, 1), (1, 5), (1, 64), (2, 4), (4, 8), (4, 100)])
 def test_eval_counts_every_example_exactly_once(folder, cache_dir, process_count, global_batch):
     config = folder_config(folder, cache_dir)
     seen, lengths = [], set()
     for index in range(process_count):
-        batches = data.build_eval_iterator(config, global_batch, process_index=index, process_count=process_count,
-                                           local_device_count=1)
+        batches = data.build_eval_iterator(
+            config, global_batch, process_index=index, process_count=process_count, local_device_count=1
+        )
         lengths.add(len(batches))
         count = 0
         for batch in batches:

@@ -38,9 +38,15 @@ def folder_config(path, cache_dir, **overrides):
 
 # ---- the offline default ----
 
+
 def test_offline_digits_default(cache_dir):
     info = data.dataset_info(digits_config(cache_dir))
-    num_train, num_eval, num_classes, names = info.train_examples, info.eval_examples, info.num_classes, info.class_names
+    num_train, num_eval, num_classes, names = (
+        info.train_examples,
+        info.eval_examples,
+        info.num_classes,
+        info.class_names,
+    )
     assert (num_train, num_eval, num_classes) == (1437, 360, 10)
     assert names == [str(d) for d in range(10)]
     assert data.get_config().source == "digits"
@@ -61,6 +67,7 @@ def test_digits_are_prepared_once_and_readable_through_the_tfds_source(cache_dir
 
 
 # ---- image folders and tars ----
+
 
 @pytest.mark.parametrize("as_tar", [False, True], ids=["folder", "tar.gz"])
 def test_image_folder_is_prepared_with_sorted_classes_and_label_map(tmp_path, as_tar):
@@ -151,8 +158,11 @@ def test_files_the_pipeline_cannot_decode_are_skipped_at_conversion_or_named(tmp
     prepared = image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache", bad_files="skip")
     assert prepared.num_skipped == 3 and prepared.skipped_files == sorted(f"{split}/cat/{n}" for n in UNDECODABLE)
     assert prepared.num_examples == {"train": 9, "test": 4}
-    with pytest.raises(data.DataConfigError, match=rf"images/{split}/cat/\w+\.\w+ is not an image the input pipeline can "
-                                                   r"decode \(set bad_files='skip'"):
+    with pytest.raises(
+        data.DataConfigError,
+        match=rf"images/{split}/cat/\w+\.\w+ is not an image the input pipeline can "
+        r"decode \(set bad_files='skip'",
+    ):
         image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache2", bad_files="error")
 
 
@@ -160,8 +170,11 @@ def test_a_class_or_split_left_without_a_decodable_image_is_an_error(tmp_path):
     write_image_folder(tmp_path / "images", {"train": {"a": 3, "b": 3}})
     (tmp_path / "images" / "test" / "a").mkdir(parents=True)
     (tmp_path / "images" / "test" / "a" / "cut.jpg").write_bytes(UNDECODABLE["cut.jpg"])
-    with pytest.raises(data.DataConfigError, match=r"Class folder .*images/test/a holds no image the input pipeline "
-                                                   r"can decode \(every file was skipped\)"):
+    with pytest.raises(
+        data.DataConfigError,
+        match=r"Class folder .*images/test/a holds no image the input pipeline "
+        r"can decode \(every file was skipped\)",
+    ):
         image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache")
     assert list((tmp_path / "cache" / "image_folder").iterdir()) == []
 
@@ -171,13 +184,18 @@ def test_bad_files_error_is_an_error_for_a_folder_converted_with_skip(tmp_path):
     write_image_folder(tmp_path / "images", SMALL_FOLDER)
     (tmp_path / "images" / "train" / "cat" / "cut.jpg").write_bytes(UNDECODABLE["cut.jpg"])
     assert image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache").num_skipped == 1
-    with pytest.raises(data.DataConfigError, match=r"images: train/cat/cut.jpg is not an image the input pipeline "
-                                                   r"can decode \(1 such files were skipped"):
+    with pytest.raises(
+        data.DataConfigError,
+        match=r"images: train/cat/cut.jpg is not an image the input pipeline "
+        r"can decode \(1 such files were skipped",
+    ):
         image_folder.prepare_image_folder(tmp_path / "images", tmp_path / "cache", bad_files="error")
 
 
 def test_a_split_with_no_examples_is_an_error(cache_dir):
-    with pytest.raises(data.DataConfigError, match=r"Split 'test\[:0\]' of the offline digits data set has no examples"):
+    with pytest.raises(
+        data.DataConfigError, match=r"Split 'test\[:0\]' of the offline digits data set has no examples"
+    ):
         sources.open_source(digits_config(cache_dir, eval_split="test[:0]"))
 
 
@@ -188,8 +206,11 @@ def test_a_damaged_archive_is_one_error(tmp_path):
     cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     (tmp_path / "zip.tar").write_bytes(b"PK\x03\x04 not a tar")
     for path in (cut, tmp_path / "zip.tar"):
-        with pytest.raises(data.DataConfigError, match=rf"{path} cannot be extracted \(.*\): it is damaged, cut short "
-                                                       r"or not a tar archive"):
+        with pytest.raises(
+            data.DataConfigError,
+            match=rf"{path} cannot be extracted \(.*\): it is damaged, cut short "
+            r"or not a tar archive",
+        ):
             image_folder.prepare_image_folder(path, tmp_path / "cache")
 
 
@@ -224,8 +245,9 @@ def mac_archive(tmp_path, name="mac.tar.gz"):
 
 def test_archive_and_folder_clutter_is_not_data(tmp_path):
     write_image_folder(tmp_path / "images", SMALL_FOLDER)
-    plain = image_folder.prepare_image_folder(write_tar(tmp_path / "images", tmp_path / "plain.tar.gz"),
-                                              tmp_path / "cache")
+    plain = image_folder.prepare_image_folder(
+        write_tar(tmp_path / "images", tmp_path / "plain.tar.gz"), tmp_path / "cache"
+    )
     (tmp_path / "images" / "train" / "cat" / "Thumbs.db").write_bytes(b"\0")
     (tmp_path / "images" / "train" / "@eaDir" / "cat").mkdir(parents=True)  # Synology's thumbnail folders
     (tmp_path / "images" / "train" / "dog" / "Desktop.ini").write_text("[.ShellClassInfo]")
@@ -235,7 +257,10 @@ def test_archive_and_folder_clutter_is_not_data(tmp_path):
     for path in (mac_archive(tmp_path), tmp_path / "images"):
         prepared = image_folder.prepare_image_folder(path, tmp_path / "cache")
         assert (prepared.class_names, prepared.num_examples, prepared.num_skipped) == (
-            plain.class_names, plain.num_examples, 0), path
+            plain.class_names,
+            plain.num_examples,
+            0,
+        ), path
 
 
 def test_an_error_inside_an_archive_names_the_archive_and_member_not_a_temporary_path(tmp_path):
@@ -256,6 +281,7 @@ def test_hidden_files_are_ignored(tmp_path):
 
 
 # ---- clear errors before heavy work ----
+
 
 def test_error_missing_path(tmp_path):
     with pytest.raises(data.DataConfigError, match="does not exist"):
@@ -285,8 +311,9 @@ def test_error_wrong_split_name_lists_the_valid_ones(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("held_out", ["valid", "val", "validation", "eval", "dev", "Test", "VALID"])
 def test_the_usual_held_out_split_names_are_found(tmp_path, held_out):
-    write_image_folder(tmp_path / "images", {"Train" if held_out.isupper() else "train": {"a": 3, "b": 3},
-                                             held_out: {"a": 1, "b": 1}})
+    write_image_folder(
+        tmp_path / "images", {"Train" if held_out.isupper() else "train": {"a": 3, "b": 3}, held_out: {"a": 1, "b": 1}}
+    )
     source = sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache"))
     assert source.eval_split == held_out and source.num_examples(source.eval_split) == 2
 
@@ -301,10 +328,13 @@ def test_test_is_preferred_and_the_config_decides(tmp_path):
 def test_without_a_held_out_split_the_eval_split_must_be_asked_for(tmp_path):
     """Never a silent evaluation on the training images."""
     write_image_folder(tmp_path / "images", {"train": {"a": 3, "b": 3}, "extra": {"a": 1}})
-    with pytest.raises(data.DataConfigError, match=r"has no held-out split to evaluate on: its splits are "
-                                                   r"\['extra', 'train'\], and none is called test, .*, dev\. Set "
-                                                   r"data.eval_split: .* or data.eval_split='train' to evaluate on the "
-                                                   r"training images"):
+    with pytest.raises(
+        data.DataConfigError,
+        match=r"has no held-out split to evaluate on: its splits are "
+        r"\['extra', 'train'\], and none is called test, .*, dev\. Set "
+        r"data.eval_split: .* or data.eval_split='train' to evaluate on the "
+        r"training images",
+    ):
         sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache"))
     asked = sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache", eval_split="train"))
     assert (asked.train_split, asked.eval_split) == ("train", "train")
@@ -316,18 +346,23 @@ def test_subsplits_are_accepted(cache_dir):
 
 
 def test_error_unknown_source_and_unknown_tfds_name(cache_dir):
-    with pytest.raises(data.DataConfigError, match=r"source must be one of \['digits', 'tfds', 'image_folder'\], got 'folder'"):
+    with pytest.raises(
+        data.DataConfigError, match=r"source must be one of \['digits', 'tfds', 'image_folder'\], got 'folder'"
+    ):
         sources.open_source(digits_config(cache_dir, source="folder"))
     config = data.get_config("none", source="tfds", name="no_such_data_set")
     with pytest.raises(data.DataConfigError, match="no_such_data_set"):
         sources.open_source(config)
 
 
-@pytest.mark.parametrize("name,command", [
-    ("cifar10", "tfds build cifar10 --data_dir {d}"),
-    ("stl10", "tfds build stl10 --data_dir {d}"),
-    ("imagenet2012", "tfds build imagenet2012 --data_dir {d} --manual_dir {d}/downloads/manual"),
-])
+@pytest.mark.parametrize(
+    "name,command",
+    [
+        ("cifar10", "tfds build cifar10 --data_dir {d}"),
+        ("stl10", "tfds build stl10 --data_dir {d}"),
+        ("imagenet2012", "tfds build imagenet2012 --data_dir {d} --manual_dir {d}/downloads/manual"),
+    ],
+)
 def test_error_unprepared_tfds_data_set_shows_the_command(tmp_path, name, command):
     config = data.get_config("xcit", source="tfds", name=name)
     config.data_dir = str(tmp_path)
@@ -347,11 +382,14 @@ def test_error_batch_size_not_divisible(cache_dir):
         data.build_train_iterator(config, 4096, process_index=0, process_count=1, local_device_count=1)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("bad_files", "ignore", "bad_files"),
-    ("repeated_augmentation", 0, "repeated_augmentation"),
-    ("num_classes", 5, "num_classes=5"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("bad_files", "ignore", "bad_files"),
+        ("repeated_augmentation", 0, "repeated_augmentation"),
+        ("num_classes", 5, "num_classes=5"),
+    ],
+)
 def test_error_bad_config_values(cache_dir, field, value, message):
     with pytest.raises(data.DataConfigError, match=message):
         sources.open_source(digits_config(cache_dir, **{field: value}))

@@ -31,11 +31,16 @@ from qkv_vit.train.logging_utils import read_metrics
 from qkv_vit.weights import read_weights
 
 # Orbax leaves the coroutines of a restore that failed on a damaged file unawaited; Python reports them when collected.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 TOTAL_STEPS, EVERY = 24, 4
-RUN_FLAGS = [f"--config.total_steps={TOTAL_STEPS}", f"--config.checkpoint_every_steps={EVERY}",
-             "--config.log_every_steps=1", "--config.eval_every_steps=0", "--config.eval_batch_size=120"]
+RUN_FLAGS = [
+    f"--config.total_steps={TOTAL_STEPS}",
+    f"--config.checkpoint_every_steps={EVERY}",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=0",
+    "--config.eval_batch_size=120",
+]
 CLI_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 DEADLINE_S = 300  # only to end a test that hangs; nothing asserts a duration
 
@@ -60,8 +65,13 @@ def small_config(data_cache, **changes):
     config = load_config("quickstart", "runlocal")
     config.model.update(embed_dim=32, depth=1)
     config.data.cache_dir = str(data_cache)
-    config.update(total_steps=TOTAL_STEPS, checkpoint_every_steps=EVERY, log_every_steps=1, eval_every_steps=0,
-                  eval_batch_size=120)
+    config.update(
+        total_steps=TOTAL_STEPS,
+        checkpoint_every_steps=EVERY,
+        log_every_steps=1,
+        eval_every_steps=0,
+        eval_batch_size=120,
+    )
     config.update(changes)
     return config
 
@@ -70,9 +80,16 @@ MAIN = [sys.executable, "-m", "qkv_vit.main"]
 
 
 def cli_command(workdir, *flags, data_cache):
-    return [*MAIN, "--config=configs/quickstart.py:runlocal", f"--workdir={workdir}",
-            "--config.model.embed_dim=32", "--config.model.depth=1", f"--config.data.cache_dir={data_cache}",
-            *RUN_FLAGS, *flags]
+    return [
+        *MAIN,
+        "--config=configs/quickstart.py:runlocal",
+        f"--workdir={workdir}",
+        "--config.model.embed_dim=32",
+        "--config.model.depth=1",
+        f"--config.data.cache_dir={data_cache}",
+        *RUN_FLAGS,
+        *flags,
+    ]
 
 
 def steps_on_disk(workdir):
@@ -104,10 +121,15 @@ def test_kill_9_during_a_step_and_an_async_checkpoint_write_resumes_exactly(tmp_
     workdir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
 
     # Killed while training past step 8 with the checkpoint of step 8 still being written: only step 4 is complete.
-    flags, output = cli_command(workdir, data_cache=data_cache)[len(MAIN):], tmp_path / "held.out"
+    flags, output = cli_command(workdir, data_cache=data_cache)[len(MAIN) :], tmp_path / "held.out"
     with output.open("w") as stdout:
-        held = subprocess.Popen([sys.executable, "-c", HOLD_SAVE, *flags], cwd=REPO,
-                                env={**CLI_ENV, "BLOCK_STEP": "8"}, stdout=stdout, stderr=subprocess.DEVNULL)
+        held = subprocess.Popen(
+            [sys.executable, "-c", HOLD_SAVE, *flags],
+            cwd=REPO,
+            env={**CLI_ENV, "BLOCK_STEP": "8"},
+            stdout=stdout,
+            stderr=subprocess.DEVNULL,
+        )
     deadline = time.time() + DEADLINE_S
     # Wait until the step-8 save is held and a later step is done (so the next one is running), then kill.
     while "writing" not in output.read_text() or not any(m["step"] >= 9 for m in read_metrics(workdir)):
@@ -118,8 +140,14 @@ def test_kill_9_during_a_step_and_an_async_checkpoint_write_resumes_exactly(tmp_
     assert steps_on_disk(workdir) == [4] and (checkpoints / "8.orbax-checkpoint-tmp").is_dir()
 
     # The same command resumes from step 4, never from the half-written 8, and ends with the uninterrupted parameters.
-    rerun = subprocess.run(cli_command(workdir, data_cache=data_cache), cwd=REPO, env=CLI_ENV, capture_output=True,
-                           text=True, timeout=DEADLINE_S)
+    rerun = subprocess.run(
+        cli_command(workdir, data_cache=data_cache),
+        cwd=REPO,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "8.orbax-checkpoint-tmp: an unfinished checkpoint write" in rerun.stderr
     assert f"Resuming from {checkpoints}/4." in rerun.stderr
@@ -133,12 +161,15 @@ def test_kill_9_during_a_step_and_an_async_checkpoint_write_resumes_exactly(tmp_
 
 
 def largest_array_file(step_dir):
-    return max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
-               key=lambda p: p.stat().st_size)
+    return max(
+        (p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+        key=lambda p: p.stat().st_size,
+    )
 
 
-def test_truncated_latest_checkpoint_falls_back_to_the_previous_and_is_kept_aside(tmp_path, reference, data_cache,
-                                                                                 caplog):
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_and_is_kept_aside(
+    tmp_path, reference, data_cache, caplog
+):
     workdir = copy_run(reference, tmp_path)
     bad = largest_array_file(workdir / "checkpoints" / "24")
     os.truncate(bad, bad.stat().st_size // 2)
@@ -154,8 +185,9 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_and_is_kept_asid
 
 def abstract_state(config, workdir):
     run = trainer.setup_run(config, workdir)
-    return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                        run.abstract_state, run.state_sharding)
+    return jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), run.abstract_state, run.state_sharding
+    )
 
 
 DAMAGE = {
@@ -212,26 +244,45 @@ def back_to_step(workdir, step):
         if later > step:
             shutil.rmtree(workdir / "checkpoints" / str(later))
     metrics = workdir / "metrics.jsonl"
-    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
-                               if json.loads(line)["step"] <= step))
+    metrics.write_text(
+        "".join(line + "\n" for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= step)
+    )
 
 
 def test_a_checkpoint_records_what_its_step_means(reference):
     assert saved_meta(reference["workdir"], 20) | {"architecture": None} == {
-        "step": 20, "data_position": 20, "images_seen": 20 * 16, "global_batch_size": 16, "accumulation_steps": 1,
-        "total_steps": TOTAL_STEPS, "train_examples": 1437, "model_name": "xcit_nano_12_p8", "architecture": None}
+        "step": 20,
+        "data_position": 20,
+        "images_seen": 20 * 16,
+        "global_batch_size": 16,
+        "accumulation_steps": 1,
+        "total_steps": TOTAL_STEPS,
+        "train_examples": 1437,
+        "model_name": "xcit_nano_12_p8",
+        "architecture": None,
+    }
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(global_batch_size=32), r"made with global_batch_size=16 \(step 20: 320 images seen\), but this config gives "
-                                 r"global_batch_size=32, under which their step would mean other images and updates\. "
-                                 r"Rerun with --config.global_batch_size=16 to resume, or start a new --workdir"),
-    (dict(total_steps=12), r"made with total_steps=24 \(step 20: 320 images seen\), but this config gives "
-                           r"total_steps=12, which would end the run at step 12, before or at the checkpoint\. Rerun "
-                           r"with --config.total_steps=24"),
-])
-def test_a_rerun_that_changes_what_a_step_means_is_refused_and_keeps_the_config(tmp_path, reference, data_cache,
-                                                                                monkeypatch, change, message):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            dict(global_batch_size=32),
+            r"made with global_batch_size=16 \(step 20: 320 images seen\), but this config gives "
+            r"global_batch_size=32, under which their step would mean other images and updates\. "
+            r"Rerun with --config.global_batch_size=16 to resume, or start a new --workdir",
+        ),
+        (
+            dict(total_steps=12),
+            r"made with total_steps=24 \(step 20: 320 images seen\), but this config gives "
+            r"total_steps=12, which would end the run at step 12, before or at the checkpoint\. Rerun "
+            r"with --config.total_steps=24",
+        ),
+    ],
+)
+def test_a_rerun_that_changes_what_a_step_means_is_refused_and_keeps_the_config(
+    tmp_path, reference, data_cache, monkeypatch, change, message
+):
     workdir = copy_run(reference, tmp_path)
     back_to_step(workdir, 20)
     config = small_config(data_cache)
@@ -241,28 +292,39 @@ def test_a_rerun_that_changes_what_a_step_means_is_refused_and_keeps_the_config(
     with pytest.raises(ConfigError, match=message):
         train_and_evaluate(config, workdir)
     assert json.loads((workdir / "config.json").read_text()) == json.loads(
-        (reference["workdir"] / "config.json").read_text())  # still describes the checkpoints
+        (reference["workdir"] / "config.json").read_text()
+    )  # still describes the checkpoints
 
 
-def test_a_checkpoint_from_before_the_definition_was_recorded_is_checked_against_config_json(tmp_path, reference,
-                                                                                           data_cache):
+def test_a_checkpoint_from_before_the_definition_was_recorded_is_checked_against_config_json(
+    tmp_path, reference, data_cache
+):
     workdir = copy_run(reference, tmp_path)
     back_to_step(workdir, 20)
     for step in (16, 20):  # as a run of the previous version saved them
         meta_file = workdir / "checkpoints" / str(step) / "meta" / "metadata"
         meta = json.loads(meta_file.read_text())
-        meta_file.write_text(json.dumps({key: meta[key] for key in ("step", "data_position", "train_examples",
-                                                                    "model_name", "architecture")}))
-    with pytest.raises(ConfigError, match=r"made with global_batch_size=16 \(step 20: 320 images seen\), but this "
-                                          r"config gives global_batch_size=32"):
+        meta_file.write_text(
+            json.dumps(
+                {key: meta[key] for key in ("step", "data_position", "train_examples", "model_name", "architecture")}
+            )
+        )
+    with pytest.raises(
+        ConfigError,
+        match=r"made with global_batch_size=16 \(step 20: 320 images seen\), but this "
+        r"config gives global_batch_size=32",
+    ):
         train_and_evaluate(small_config(data_cache, global_batch_size=32), workdir)
 
 
 def test_another_accumulation_is_refused_like_another_batch(tmp_path, data_cache):
     run = trainer.setup_run(small_config(data_cache, optimizer={"accumulation_steps": 4}), tmp_path)
     meta = {"step": 8, "global_batch_size": 16, "accumulation_steps": 2, "total_steps": TOTAL_STEPS}
-    with pytest.raises(ConfigError, match=r"made with accumulation_steps=2 \(step 8: 128 images seen\), but this "
-                                          r"config gives accumulation_steps=4, .* --config.optimizer.accumulation_steps=2 "):
+    with pytest.raises(
+        ConfigError,
+        match=r"made with accumulation_steps=2 \(step 8: 128 images seen\), but this "
+        r"config gives accumulation_steps=4, .* --config.optimizer.accumulation_steps=2 ",
+    ):
         trainer.check_same_run_definition(run, meta, types.SimpleNamespace(directory=tmp_path / "checkpoints"))
 
 
@@ -271,12 +333,15 @@ def test_a_longer_run_continues_from_the_checkpoint_with_a_warning(tmp_path, ref
     with caplog.at_level(logging.INFO):
         state = train_and_evaluate(small_config(data_cache, total_steps=TOTAL_STEPS + 2), workdir)
     assert int(state.step) == TOTAL_STEPS + 2
-    assert (f"This run is now {TOTAL_STEPS + 2} steps long, but {TOTAL_STEPS} when step {TOTAL_STEPS} was saved: it "
-            f"continues to step {TOTAL_STEPS + 2}") in caplog.text
+    assert (
+        f"This run is now {TOTAL_STEPS + 2} steps long, but {TOTAL_STEPS} when step {TOTAL_STEPS} was saved: it "
+        f"continues to step {TOTAL_STEPS + 2}"
+    ) in caplog.text
 
 
-def test_the_final_state_is_saved_before_the_final_evaluation_and_a_rerun_only_evaluates(tmp_path, reference,
-                                                                                          data_cache, monkeypatch):
+def test_the_final_state_is_saved_before_the_final_evaluation_and_a_rerun_only_evaluates(
+    tmp_path, reference, data_cache, monkeypatch
+):
     workdir = copy_run(reference, tmp_path)
     back_to_step(workdir, 16)
     real_log_eval = trainer.log_eval
@@ -311,13 +376,17 @@ def test_a_workdir_path_orbax_would_read_as_a_glob_is_refused_before_any_work(tm
 
 def test_a_first_checkpoint_that_does_not_read_back_stops_the_run_at_once(tmp_path, data_cache, monkeypatch):
     """Whatever the cause: here Orbax merges no per-process files, as it does under a path it globs wrongly."""
+
     async def merges_nothing(*args, **kwargs):
         return None
 
     monkeypatch.setattr(ocp._src.serialization.ocdbt_utils, "merge_ocdbt_per_process_files", merges_nothing)
     monkeypatch.setattr(trainer, "log_train", lambda *args: pytest.fail("trained past the first checkpoint"))
-    with pytest.raises(CheckpointError, match=r"The checkpoint of step 4 was written to .* but cannot be read back "
-                                              r"\(.*\), so the run stops rather than train on"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"The checkpoint of step 4 was written to .* but cannot be read back "
+        r"\(.*\), so the run stops rather than train on",
+    ):
         train_and_evaluate(small_config(data_cache, log_every_steps=5), tmp_path / "run")
 
 
@@ -328,8 +397,9 @@ def files_of(step_dir):
     return {p.relative_to(step_dir): p.read_bytes() for p in sorted(step_dir.rglob("*")) if p.is_file()}
 
 
-def test_full_disk_while_saving_is_a_clear_error_and_the_previous_checkpoint_stays(tmp_path, reference, data_cache,
-                                                                                   monkeypatch):
+def test_full_disk_while_saving_is_a_clear_error_and_the_previous_checkpoint_stays(
+    tmp_path, reference, data_cache, monkeypatch
+):
     workdir = copy_run(reference, tmp_path)
     for step in (20, 24):
         shutil.rmtree(workdir / "checkpoints" / str(step))  # a run that has reached step 16
@@ -361,8 +431,9 @@ def test_a_failed_background_save_logs_one_line_not_orbax_traceback():
     orbax_path = os.path.join(os.path.dirname(ocp.__file__), "_src", "checkpointers", "async_checkpointer.py")
     orbax = logging.LogRecord("absl", logging.ERROR, orbax_path, 1, "Failed to run 1 Handler Commit", None, exc_info)
     ours = logging.LogRecord("root", logging.ERROR, trainer.__file__, 1, "a bug", None, exc_info)
-    chatter = logging.LogRecord("tensorflow", logging.INFO, "/elsewhere/tf.py", 1, "Creating a tf.data.Dataset", None,
-                                None)
+    chatter = logging.LogRecord(
+        "tensorflow", logging.INFO, "/elsewhere/tf.py", 1, "Creating a tf.data.Dataset", None, None
+    )
     progress = logging.LogRecord("root", logging.INFO, trainer.__file__, 1, "step 4/8", None, None)
     assert QuietLibraries().filter(orbax) and QuietLibraries().filter(ours) and QuietLibraries().filter(progress)
     assert not QuietLibraries().filter(chatter)  # by logger name, wherever the library's file lies
@@ -402,7 +473,12 @@ def test_nonfinite_loss_on_the_command_line_stops_with_exit_code_3_and_one_line(
     workdir = copy_run(reference, tmp_path)
     result = subprocess.run(
         cli_command(workdir, "--config.total_steps=28", "--config.optimizer.lr=1e30", data_cache=data_cache),
-        cwd=REPO, env=CLI_ENV, capture_output=True, text=True, timeout=DEADLINE_S)
+        cwd=REPO,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
     assert result.returncode == 3, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: Loss or gradients became NaN/inf at step 25") and "Traceback" not in result.stderr
@@ -427,7 +503,9 @@ def test_unreadable_and_non_image_files_are_skipped_and_counted_in_the_log(tmp_p
     monkeypatch.setattr(trainer, "initial_state", lambda *args: (_ for _ in ()).throw(SetUp()))
     with caplog.at_level(logging.INFO), pytest.raises(SetUp):
         train_and_evaluate(config, tmp_path / "run")
-    assert "Data: image_folder, 16 train examples (split 'train'); evaluation on split 'test' (4 examples)." in caplog.text
+    assert (
+        "Data: image_folder, 16 train examples (split 'train'); evaluation on split 'test' (4 examples)." in caplog.text
+    )
     assert f"Skipped 2 unreadable or non-image files of {root}" in caplog.text and "label_map.json" in caplog.text
 
 
@@ -469,10 +547,13 @@ def test_bad_config_fails_before_any_data_is_read(tmp_path, data_cache, monkeypa
     assert not tmp_path.joinpath("checkpoints").exists()
 
 
-@pytest.mark.parametrize("source, message", [
-    ("pretrain", r"init_from=.*pretrain does not fit the configured model \(\d+ variables differ\): .*blocks_1/"),
-    ("missing", r"config.init_from: .*missing is neither converted weights"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("pretrain", r"init_from=.*pretrain does not fit the configured model \(\d+ variables differ\): .*blocks_1/"),
+        ("missing", r"config.init_from: .*missing is neither converted weights"),
+    ],
+)
 def test_bad_init_from_fails_before_anything_compiles(tmp_path, reference, data_cache, monkeypatch, source, message):
     (tmp_path / "pretrain").symlink_to(reference["workdir"])
     config = small_config(data_cache, init_from=str(tmp_path / source))
@@ -506,30 +587,70 @@ def test_command_line_mistakes_are_one_line_with_their_exit_code(tmp_path, data_
     (tmp_path / "file").write_text("")
     eight_devices = {**CLI_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     cases = {  # name: (command, environment, exit code, words the error line must hold)
-        "unknown key": (cli_command(tmp_path / "key", "--config.optimzer.lr=1", data_cache=data_cache), CLI_ENV, 2,
-                        ["--config.optimzer.lr=1", "no key 'optimzer.lr'", "did you mean 'optimizer.lr'"]),
-        "batch vs devices": (cli_command(tmp_path / "batch", "--config.global_batch_size=12", data_cache=data_cache),
-                             eight_devices, 2, ["global_batch_size=12 is not divisible by the 8 devices"]),
-        "missing data": (cli_command(tmp_path / "data", "--config.data.source=image_folder",
-                                     f"--config.data.path={tmp_path}/nowhere", data_cache=data_cache), CLI_ENV, 2,
-                         ["nowhere does not exist"]),
-        "missing config file": ([*MAIN, "--config=configs/nowhere.py", f"--workdir={tmp_path}/config"], CLI_ENV, 2,
-                                ["--config=configs/nowhere.py: cannot load it", "No such file"]),
-        "bad config argument": ([*MAIN, "--config=configs/quickstart.py:qkv_preset=sne", f"--workdir={tmp_path}/arg"],
-                                CLI_ENV, 2, ["Unknown config argument(s) ['qkv_preset']", "accepts: qkv, runlocal"]),
-        "unwritable workdir": (cli_command(tmp_path / "file" / "run", data_cache=data_cache), CLI_ENV, 4,
-                               ["Cannot write to the workdir", "Not a directory"]),
-        "tuple of one number": (cli_command(tmp_path / "tuple", "--config.data.augment.crop_scale=(0.5,)",
-                                            data_cache=data_cache), CLI_ENV, 2,
-                                ["config.data.augment.crop_scale must be 2 numbers", "got (0.5,)"]),
-        "workdir read as a glob": (cli_command(tmp_path / "exp [v1]", data_cache=data_cache), CLI_ENV, 2,
-                                   ["exp [v1] has [ ] in its path"]),
+        "unknown key": (
+            cli_command(tmp_path / "key", "--config.optimzer.lr=1", data_cache=data_cache),
+            CLI_ENV,
+            2,
+            ["--config.optimzer.lr=1", "no key 'optimzer.lr'", "did you mean 'optimizer.lr'"],
+        ),
+        "batch vs devices": (
+            cli_command(tmp_path / "batch", "--config.global_batch_size=12", data_cache=data_cache),
+            eight_devices,
+            2,
+            ["global_batch_size=12 is not divisible by the 8 devices"],
+        ),
+        "missing data": (
+            cli_command(
+                tmp_path / "data",
+                "--config.data.source=image_folder",
+                f"--config.data.path={tmp_path}/nowhere",
+                data_cache=data_cache,
+            ),
+            CLI_ENV,
+            2,
+            ["nowhere does not exist"],
+        ),
+        "missing config file": (
+            [*MAIN, "--config=configs/nowhere.py", f"--workdir={tmp_path}/config"],
+            CLI_ENV,
+            2,
+            ["--config=configs/nowhere.py: cannot load it", "No such file"],
+        ),
+        "bad config argument": (
+            [*MAIN, "--config=configs/quickstart.py:qkv_preset=sne", f"--workdir={tmp_path}/arg"],
+            CLI_ENV,
+            2,
+            ["Unknown config argument(s) ['qkv_preset']", "accepts: qkv, runlocal"],
+        ),
+        "unwritable workdir": (
+            cli_command(tmp_path / "file" / "run", data_cache=data_cache),
+            CLI_ENV,
+            4,
+            ["Cannot write to the workdir", "Not a directory"],
+        ),
+        "tuple of one number": (
+            cli_command(tmp_path / "tuple", "--config.data.augment.crop_scale=(0.5,)", data_cache=data_cache),
+            CLI_ENV,
+            2,
+            ["config.data.augment.crop_scale must be 2 numbers", "got (0.5,)"],
+        ),
+        "workdir read as a glob": (
+            cli_command(tmp_path / "exp [v1]", data_cache=data_cache),
+            CLI_ENV,
+            2,
+            ["exp [v1] has [ ] in its path"],
+        ),
         "torch file of another architecture": (
-            [sys.executable, "-m", "qkv_vit.convert", str(tmp_path / "resnet.pth"), str(tmp_path / "out")], CLI_ENV,
-            2, ["not an XCiT checkpoint"]),
+            [sys.executable, "-m", "qkv_vit.convert", str(tmp_path / "resnet.pth"), str(tmp_path / "out")],
+            CLI_ENV,
+            2,
+            ["not an XCiT checkpoint"],
+        ),
     }
-    running = {name: subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      text=True) for name, (command, env, _, _) in cases.items()}
+    running = {
+        name: subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for name, (command, env, _, _) in cases.items()
+    }
     for name, process in running.items():
         _, stderr = process.communicate(timeout=DEADLINE_S)
         _, _, code, words = cases[name]
@@ -541,8 +662,10 @@ def test_command_line_mistakes_are_one_line_with_their_exit_code(tmp_path, data_
 
 @pytest.mark.parametrize("failure, gone", [(errno.ENOTEMPTY, True), (errno.EACCES, False)])
 def test_an_unfinished_save_is_removed_after_a_write_in_flight_and_left_with_a_warning_when_it_cannot_be(
-        tmp_path, monkeypatch, caplog, failure, gone):
+    tmp_path, monkeypatch, caplog, failure, gone
+):
     from etils import epath
+
     from qkv_vit.train import checkpointing
 
     unfinished = tmp_path / "5.orbax-checkpoint-tmp-1234"
@@ -567,11 +690,14 @@ def test_an_unfinished_save_is_removed_after_a_write_in_flight_and_left_with_a_w
     assert len(calls) == (2 if gone else 1)
 
 
-@pytest.mark.parametrize("override, words", [
-    ("--config.optimzer.lr=1", ["no key 'optimzer.lr'", "did you mean 'optimizer.lr'"]),
-    ("--config.mesh.model=2", ["config.mesh.model is now called config.mesh.fsdp"]),
-    ("--noconfig.async_checkpointin", ["no key 'async_checkpointin'", "did you mean 'async_checkpointing'"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("--config.optimzer.lr=1", ["no key 'optimzer.lr'", "did you mean 'optimizer.lr'"]),
+        ("--config.mesh.model=2", ["config.mesh.model is now called config.mesh.fsdp"]),
+        ("--noconfig.async_checkpointin", ["no key 'async_checkpointin'", "did you mean 'async_checkpointing'"]),
+    ],
+)
 def test_an_override_key_the_config_lacks_is_one_error_line_before_absl_parses(override, words, capsys):
     from qkv_vit.main import check_override_keys
 
@@ -579,7 +705,9 @@ def test_an_override_key_the_config_lacks_is_one_error_line_before_absl_parses(o
         check_override_keys(["main", f"--config={REPO}/configs/quickstart.py:runlocal", "--config.seed=1", override])
     error = capsys.readouterr().err
     assert stopped.value.code == 2 and error.startswith(f"error: {override}") and all(w in error for w in words)
-    check_override_keys(["main", f"--config={REPO}/configs/quickstart.py", "--config.mesh.fsdp=1", "--noconfig.init_from_ema"])
+    check_override_keys(
+        ["main", f"--config={REPO}/configs/quickstart.py", "--config.mesh.fsdp=1", "--noconfig.init_from_ema"]
+    )
 
 
 def test_a_config_file_that_sets_a_renamed_key_is_told_the_new_name(tiny_config):

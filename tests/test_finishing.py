@@ -4,17 +4,25 @@ mixup / cutmix (timm's algorithms, label smoothing folded into the targets), dra
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from qkv_vit.data import augment, mixup
 from qkv_vit.data._tensorflow import tf
 from qkv_vit.train import finishing
 
 SAMPLES = 2000  # draws per distribution: standard errors of about 1% of the quantities compared
-XCIT = finishing.BatchFinishing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=5,
-                                erasing_prob=0.25, erasing_area=(0.02, 1 / 3), erasing_aspect_min=0.3,
-                                mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0, mix_switch_prob=0.5,
-                                label_smoothing=0.1)
+XCIT = finishing.BatchFinishing(
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    num_classes=5,
+    erasing_prob=0.25,
+    erasing_area=(0.02, 1 / 3),
+    erasing_aspect_min=0.3,
+    mixup_alpha=0.8,
+    cutmix_alpha=1.0,
+    mix_prob=1.0,
+    mix_switch_prob=0.5,
+    label_smoothing=0.1,
+)
 
 
 def test_normalization_and_smoothed_targets_equal_the_hosts():
@@ -22,13 +30,15 @@ def test_normalization_and_smoothed_targets_equal_the_hosts():
     host = np.stack([augment.normalize(tf.constant(image), XCIT.mean, XCIT.std).numpy() for image in images])
     np.testing.assert_allclose(finishing.normalize(images, XCIT.mean, XCIT.std), host, rtol=1e-6, atol=1e-6)
     labels = np.array([0, 3, 4, 1], np.int32)
-    np.testing.assert_allclose(finishing.smooth_labels(labels, 5, 0.1),
-                               mixup.smooth_labels(tf.constant(labels), 5, 0.1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        finishing.smooth_labels(labels, 5, 0.1), mixup.smooth_labels(tf.constant(labels), 5, 0.1).numpy(), rtol=1e-6
+    )
 
 
 @tf.function
 def host_erased_fractions(count: int) -> tf.Tensor:
     """Fractions of a 24x24 image's pixels the host's random_erasing changes, over `count` seeds."""
+
     def fraction(i: tf.Tensor) -> tf.Tensor:
         image = tf.fill([24, 24, 3], 7.0)
         erased = augment.random_erasing(image, tf.stack([tf.constant(3, tf.int64), i]), 0.25, (0.02, 1 / 3), 0.3)
@@ -38,8 +48,9 @@ def host_erased_fractions(count: int) -> tf.Tensor:
 
 
 def test_random_erasing_draws_boxes_as_the_host_does():
-    device_erase = jax.jit(jax.vmap(finishing.random_erasing, in_axes=(0, 0, None, None, None, None)),
-                           static_argnums=(2, 3, 4, 5))
+    device_erase = jax.jit(
+        jax.vmap(finishing.random_erasing, in_axes=(0, 0, None, None, None, None)), static_argnums=(2, 3, 4, 5)
+    )
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(SAMPLES))
     images = np.full((SAMPLES, 24, 24, 3), 7.0, np.float32)
     device = np.asarray(device_erase(images, keys, 0.25, (0.02, 1 / 3), 0.3, "pixel"))
@@ -51,12 +62,14 @@ def test_random_erasing_draws_boxes_as_the_host_does():
         assert erased.min() >= 0.015 and erased.max() <= 1 / 3 + 0.03  # the area range, up to rounding
     assert abs(np.mean(device_fractions > 0) - np.mean(host_fractions > 0)) < 0.04
     device_areas, host_areas = device_fractions[device_fractions > 0], host_fractions[host_fractions > 0]
-    np.testing.assert_allclose(np.quantile(device_areas, [0.25, 0.5, 0.75]), np.quantile(host_areas, [0.25, 0.5, 0.75]),
-                               atol=0.03)
+    np.testing.assert_allclose(
+        np.quantile(device_areas, [0.25, 0.5, 0.75]), np.quantile(host_areas, [0.25, 0.5, 0.75]), atol=0.03
+    )
     noise = device[device_fractions > 0][np.any(device[device_fractions > 0] != 7.0, axis=-1)]
     assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05  # "pixel" mode: N(0, 1)
-    const = np.asarray(finishing.random_erasing(jnp.full((24, 24, 3), 7.0), jax.random.key(1), 1.0, (0.2, 0.3), 0.3,
-                                                "const"))
+    const = np.asarray(
+        finishing.random_erasing(jnp.full((24, 24, 3), 7.0), jax.random.key(1), 1.0, (0.2, 0.3), 0.3, "const")
+    )
     assert set(np.unique(const)) == {0.0, 7.0}
 
 
@@ -104,8 +117,11 @@ def test_mixing_draws_lam_and_the_switch_as_the_host_does():
     device_shares, device_cut = draws(lambda i: device_mix(jax.random.key(i)))
     assert abs(host_cut.mean() - device_cut.mean()) < 0.08 and abs(device_cut.mean() - 0.5) < 0.08  # switch prob
     # The share taken from the other image: mixup 1 - lam, lam ~ Beta(0.8, 0.8); cutmix the box, lam ~ Beta(1, 1).
-    np.testing.assert_allclose(np.quantile(device_shares, [0.1, 0.25, 0.5, 0.75, 0.9]),
-                               np.quantile(host_shares, [0.1, 0.25, 0.5, 0.75, 0.9]), atol=0.06)
+    np.testing.assert_allclose(
+        np.quantile(device_shares, [0.1, 0.25, 0.5, 0.75, 0.9]),
+        np.quantile(host_shares, [0.1, 0.25, 0.5, 0.75, 0.9]),
+        atol=0.06,
+    )
 
 
 def test_finishing_a_batch_normalizes_erases_each_image_and_mixes():

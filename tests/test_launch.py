@@ -25,21 +25,48 @@ def dry_run(capsys, module, *argv):
 
 
 def test_tpu_pod_runs_the_same_command_on_every_worker(capsys):
-    lines = dry_run(capsys, tpu_pod, "--tpu=pod", "--zone=us-central2-b", f"--config={CONFIG}",
-                    "--workdir=gs://bucket/in1k/n12", "--env=TFDS_DATA_DIR=gs://bucket/tfds", "--config.seed=1")
+    lines = dry_run(
+        capsys,
+        tpu_pod,
+        "--tpu=pod",
+        "--zone=us-central2-b",
+        f"--config={CONFIG}",
+        "--workdir=gs://bucket/in1k/n12",
+        "--env=TFDS_DATA_DIR=gs://bucket/tfds",
+        "--config.seed=1",
+    )
     assert len(lines) == 1
     argv = shlex.split(lines[0])
     assert argv[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--worker=all"]
     assert "--zone=us-central2-b" in argv
     remote = shlex.split(next(a for a in argv if a.startswith("--command=")).removeprefix("--command="))
     assert remote[:3] == ["cd", "qkv_vit", "&&"]
-    assert remote[3:] == ["TFDS_DATA_DIR=gs://bucket/tfds", "python3", "-m", "qkv_vit.main", f"--config={CONFIG}",
-                          "--workdir=gs://bucket/in1k/n12", "--distributed", "--config.seed=1"]
+    assert remote[3:] == [
+        "TFDS_DATA_DIR=gs://bucket/tfds",
+        "python3",
+        "-m",
+        "qkv_vit.main",
+        f"--config={CONFIG}",
+        "--workdir=gs://bucket/in1k/n12",
+        "--distributed",
+        "--config.seed=1",
+    ]
 
 
 def test_tpu_pod_create_and_setup_copy_this_checkout_to_all_workers(capsys):
-    lines = dry_run(capsys, tpu_pod, "--tpu=pod", "--zone=z", "--project=p", "--create", "--accelerator-type=v5litepod-16",
-                    "--setup", "--detach", f"--config={CONFIG}", "--workdir=gs://bucket/run")
+    lines = dry_run(
+        capsys,
+        tpu_pod,
+        "--tpu=pod",
+        "--zone=z",
+        "--project=p",
+        "--create",
+        "--accelerator-type=v5litepod-16",
+        "--setup",
+        "--detach",
+        f"--config={CONFIG}",
+        "--workdir=gs://bucket/run",
+    )
     create, pack, copy, install, train = lines
     assert create.startswith("gcloud compute tpus tpu-vm create pod --accelerator-type=v5litepod-16")
     assert "--project=p" in create and "--zone=z" in create
@@ -55,17 +82,43 @@ def test_tpu_pod_warns_when_the_workdir_is_not_a_bucket(capsys):
 
 
 def test_slurm_script_runs_one_process_per_gpu_with_srun(capsys):
-    lines = dry_run(capsys, slurm, "--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--account=proj",
-                    "--setup=source .venv/bin/activate", f"--config={CONFIG}", "--workdir=/shared/runs/n12",
-                    "--config.ema_decay=0.99996")
-    assert lines[0] == "# write /shared/runs/n12/launch.sbatch:" and lines[-1] == "sbatch /shared/runs/n12/launch.sbatch"
+    lines = dry_run(
+        capsys,
+        slurm,
+        "--nodes=4",
+        "--gpus-per-node=8",
+        "--partition=gpu",
+        "--account=proj",
+        "--setup=source .venv/bin/activate",
+        f"--config={CONFIG}",
+        "--workdir=/shared/runs/n12",
+        "--config.ema_decay=0.99996",
+    )
+    assert (
+        lines[0] == "# write /shared/runs/n12/launch.sbatch:" and lines[-1] == "sbatch /shared/runs/n12/launch.sbatch"
+    )
     script = [line.removeprefix("#   ") if line != "#" else "" for line in lines[1:-1]]  # the file, as printed
-    for option in ("--job-name=n12", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-task=1", "--partition=gpu",
-                   "--account=proj", "--signal=TERM@120", "--requeue"):
+    for option in (
+        "--job-name=n12",
+        "--nodes=4",
+        "--ntasks-per-node=8",
+        "--gpus-per-task=1",
+        "--partition=gpu",
+        "--account=proj",
+        "--signal=TERM@120",
+        "--requeue",
+    ):
         assert f"#SBATCH {option}" in script
     srun = next(line for line in script if line.startswith("srun "))
-    assert shlex.split(srun)[2:] == ["python", "-m", "qkv_vit.main", f"--config={CONFIG}", "--workdir=/shared/runs/n12",
-                                     "--distributed", "--config.ema_decay=0.99996"]
+    assert shlex.split(srun)[2:] == [
+        "python",
+        "-m",
+        "qkv_vit.main",
+        f"--config={CONFIG}",
+        "--workdir=/shared/runs/n12",
+        "--distributed",
+        "--config.ema_decay=0.99996",
+    ]
     assert script.index("source .venv/bin/activate") < script.index(srun)
     assert 'if [ "$status" -eq 143 ]; then scontrol requeue "$SLURM_JOB_ID"; fi' in script
 
@@ -79,8 +132,10 @@ def stub_bin(tmp_path, monkeypatch):
 
     def stub(name):
         path = bin_dir / name
-        path.write_text(f"#!{sys.executable}\nimport json, sys\n"
-                        f"open({str(bin_dir / (name + '.calls'))!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+        path.write_text(
+            f"#!{sys.executable}\nimport json, sys\n"
+            f"open({str(bin_dir / (name + '.calls'))!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        )
         path.chmod(0o755)
         return lambda: [json.loads(line) for line in (bin_dir / f"{name}.calls").read_text().splitlines()]
 
@@ -105,14 +160,32 @@ def test_tpu_pod_calls_gcloud_for_real(stub_bin):
 
 
 def test_local_processes_get_coordinator_flags_and_fake_devices(capsys):
-    lines = dry_run(capsys, local, "--processes=2", "--cpu-devices=4", "--port=23456", "--python=python",
-                    "--config=configs/quickstart.py:runlocal", "--workdir=/tmp/q", "--config.total_steps=2")
+    lines = dry_run(
+        capsys,
+        local,
+        "--processes=2",
+        "--cpu-devices=4",
+        "--port=23456",
+        "--python=python",
+        "--config=configs/quickstart.py:runlocal",
+        "--workdir=/tmp/q",
+        "--config.total_steps=2",
+    )
     assert len(lines) == 2
     for index, line in enumerate(lines):
         assert shlex.split(line) == [
-            "JAX_PLATFORMS=cpu", "XLA_FLAGS=--xla_force_host_platform_device_count=4", "python", "-m", "qkv_vit.main",
-            "--config=configs/quickstart.py:runlocal", "--workdir=/tmp/q", "--coordinator_address=127.0.0.1:23456",
-            "--num_processes=2", f"--process_id={index}", "--config.total_steps=2"]
+            "JAX_PLATFORMS=cpu",
+            "XLA_FLAGS=--xla_force_host_platform_device_count=4",
+            "python",
+            "-m",
+            "qkv_vit.main",
+            "--config=configs/quickstart.py:runlocal",
+            "--workdir=/tmp/q",
+            "--coordinator_address=127.0.0.1:23456",
+            "--num_processes=2",
+            f"--process_id={index}",
+            "--config.total_steps=2",
+        ]
     single = dry_run(capsys, local, "--python=python", "--config=configs/quickstart.py", "--workdir=w")
     assert single == ["python -m qkv_vit.main --config=configs/quickstart.py --workdir=w"]
 
@@ -120,7 +193,9 @@ def test_local_processes_get_coordinator_flags_and_fake_devices(capsys):
 def fake_trainer(tmp_path):
     """A stand-in for `python` that records its arguments and environment; process 1 fails if told to."""
     path = tmp_path / "fake_python"
-    path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(f"""
+    path.write_text(
+        f"#!{sys.executable}\n"
+        + textwrap.dedent(f"""
         import json, os, sys, time
         index = next(a for a in sys.argv if a.startswith("--process_id=")).split("=")[1]
         record = {{"argv": sys.argv[1:], "xla": os.environ.get("XLA_FLAGS"), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}}
@@ -130,7 +205,8 @@ def fake_trainer(tmp_path):
                 sys.exit(3)
             time.sleep(600)  # stopped by the launcher long before
         open({str(tmp_path)!r} + f"/finished{{index}}", "w").write("")
-    """))
+    """)
+    )
     path.chmod(0o755)
     return path
 
@@ -154,18 +230,37 @@ def test_local_stops_the_other_processes_when_one_fails(tmp_path, monkeypatch):
 
 
 def test_sweep_gives_each_point_its_own_workdir(capsys):
-    lines = dry_run(capsys, sweep, "local", "--config=configs/cifar10.py", "--sweep=depth=4,epochs=2",
-                    "--workdir=workdirs/c10/", "--python=python", "--config.log_every_steps=10")
+    lines = dry_run(
+        capsys,
+        sweep,
+        "local",
+        "--config=configs/cifar10.py",
+        "--sweep=depth=4,epochs=2",
+        "--workdir=workdirs/c10/",
+        "--python=python",
+        "--config.log_every_steps=10",
+    )
     assert len(lines) == 15
-    assert lines[0] == ("python -m qkv_vit.main --config=configs/cifar10.py:qkv=linear,seed=0,depth=4,epochs=2 "
-                        "--workdir=workdirs/c10/qkv-linear_seed-0_depth-4_epochs-2 --config.log_every_steps=10")
+    assert lines[0] == (
+        "python -m qkv_vit.main --config=configs/cifar10.py:qkv=linear,seed=0,depth=4,epochs=2 "
+        "--workdir=workdirs/c10/qkv-linear_seed-0_depth-4_epochs-2 --config.log_every_steps=10"
+    )
     only = dry_run(capsys, sweep, "local", "--config=configs/cifar10.py", "--workdir=w", "--only=qkv-sne_seed-2")
     assert len(only) == 1 and "--workdir=w/qkv-sne_seed-2" in only[0]
 
 
 def test_sweep_on_a_tpu_pod_sets_up_once_then_runs_each_point(capsys):
-    lines = dry_run(capsys, sweep, "tpu_pod", "--config=configs/imagenet.py", "--sweep=code_size,ema", "--tpu=pod",
-                    "--zone=z", "--setup", "--workdir=gs://b/codes")
+    lines = dry_run(
+        capsys,
+        sweep,
+        "tpu_pod",
+        "--config=configs/imagenet.py",
+        "--sweep=code_size,ema",
+        "--tpu=pod",
+        "--zone=z",
+        "--setup",
+        "--workdir=gs://b/codes",
+    )
     setup, runs = lines[:3], lines[3:]
     assert setup[0].startswith("git ") and "scp" in setup[1] and "pip install" in setup[2]
     assert len(runs) == 8 and all("--distributed" in run for run in runs)
@@ -174,11 +269,17 @@ def test_sweep_on_a_tpu_pod_sets_up_once_then_runs_each_point(capsys):
 
 @pytest.mark.parametrize(
     "module, argv, message",
-    [(local, ["--config=c.py", "--workdir=w", "--lr=3"], "unrecognized arguments ['--lr=3']"),
-     (sweep, ["local", "--config=configs/cifar10.py:qkv=sne", "--workdir=w"], "--config takes the file only"),
-     (sweep, ["local", "--config=configs/cifar10.py", "--workdir=w", "--only=nope"], "--only ['nope'] not in the sweep"),
-     (sweep, ["local", "--config=configs/quickstart.py", "--workdir=w"], "has no get_sweep"),
-     (slurm, ["--nodes=0", "--config=c.py", "--workdir=w"], "--nodes and --gpus-per-node must be >= 1")],
+    [
+        (local, ["--config=c.py", "--workdir=w", "--lr=3"], "unrecognized arguments ['--lr=3']"),
+        (sweep, ["local", "--config=configs/cifar10.py:qkv=sne", "--workdir=w"], "--config takes the file only"),
+        (
+            sweep,
+            ["local", "--config=configs/cifar10.py", "--workdir=w", "--only=nope"],
+            "--only ['nope'] not in the sweep",
+        ),
+        (sweep, ["local", "--config=configs/quickstart.py", "--workdir=w"], "has no get_sweep"),
+        (slurm, ["--nodes=0", "--config=c.py", "--workdir=w"], "--nodes and --gpus-per-node must be >= 1"),
+    ],
 )
 def test_bad_launch_arguments_are_one_line_errors(module, argv, message, capsys):
     with pytest.raises((SystemExit, ValueError)) as error:

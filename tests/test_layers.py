@@ -25,8 +25,11 @@ def grads_close(f, g, args, tolerance=TOLERANCE):
     close(f(*args), g(*args), tolerance)
     weights = np.random.default_rng(1).standard_normal(np.shape(g(*args))).astype(np.float32)
     argnums = tuple(range(len(args)))
-    for a, b in zip(jax.grad(lambda *a: (f(*a) * weights).sum(), argnums)(*args),
-                    jax.grad(lambda *a: (g(*a) * weights).sum(), argnums)(*args), strict=True):
+    for a, b in zip(
+        jax.grad(lambda *xs: (f(*xs) * weights).sum(), argnums)(*args),
+        jax.grad(lambda *xs: (g(*xs) * weights).sum(), argnums)(*args),
+        strict=True,
+    ):
         close(a, b, tolerance)
 
 
@@ -37,9 +40,11 @@ def random_arrays(*shapes, seed=0, offset=0.0):
 
 def module_function(module, collection="params"):
     """(x, *leaves) -> module output, the leaves being the module's variables in sorted-name order."""
+
     def run(x, *leaves):
         names = sorted(module.init(jax.random.key(0), x)[collection])
         return module.apply({collection: dict(zip(names, leaves))}, x)
+
     return run
 
 
@@ -49,45 +54,57 @@ def both(factory, x):
     flax_variables = flax_layer.init(jax.random.key(0), x)
     cpu_variables = cpu_layer.init(jax.random.key(0), x)
     assert jax.tree.map(np.shape, flax_variables) == jax.tree.map(np.shape, cpu_variables)
-    leaves = [np.asarray(v) + 0.1 * np.arange(np.size(v)).reshape(np.shape(v)) / max(np.size(v), 1)
-              for _, v in sorted(flax_variables["params"].items())]  # not the init's ones/zeros
+    leaves = [
+        np.asarray(v) + 0.1 * np.arange(np.size(v)).reshape(np.shape(v)) / max(np.size(v), 1)
+        for _, v in sorted(flax_variables["params"].items())
+    ]  # not the init's ones/zeros
     return module_function(flax_layer), module_function(cpu_layer), leaves
 
 
 # --- each layer, flax against cpu -----------------------------------------------------------------------------------
 
+
 def test_layer_norm_implementations_agree():
-    x, = random_arrays((2, 5, 8), offset=3.0)  # a large mean tests the variance formula
+    (x,) = random_arrays((2, 5, 8), offset=3.0)  # a large mean tests the variance formula
     flax_fn, cpu_fn, leaves = both(lambda impl: layers.make_layer_norm(impl, "norm"), x)
     grads_close(cpu_fn, flax_fn, (x, *leaves))
 
 
 def test_dense_implementations_agree_on_token_grids():
-    x, = random_arrays((2, 5, 8))
+    (x,) = random_arrays((2, 5, 8))
     flax_fn, cpu_fn, leaves = both(lambda impl: layers.make_dense(impl, 6, jnp.float32, "fc"), x)
     grads_close(cpu_fn, flax_fn, (x, *leaves))
 
 
 def test_depthwise_conv_implementations_agree_and_equal_a_grouped_convolution():
-    x, = random_arrays((2, 5, 7, 6))
+    (x,) = random_arrays((2, 5, 7, 6))
     flax_fn, cpu_fn, leaves = both(lambda impl: layers.make_depthwise_conv3x3(impl, 6, jnp.float32, "conv"), x)
     grads_close(cpu_fn, flax_fn, (x, *leaves))
 
     def grouped(x, kernel):
-        return jax.lax.conv_general_dilated(x, kernel[:, :, None, :], (1, 1), ((1, 1), (1, 1)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel[:, :, None, :],
+            (1, 1),
+            ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=x.shape[-1],
+        )
 
-    kernel, = random_arrays((3, 3, 6))
+    (kernel,) = random_arrays((3, 3, 6))
     grads_close(cpu_kernels.depthwise_conv3x3, grouped, (x, kernel))
 
 
 def batch_norm_function(impl, train, stats, group_size=None):
     """(x, scale, bias) -> (y, new batch_stats) of our BatchNorm."""
+
     def run(x, scale, bias):
         module = layers.BatchNorm(use_running_average=not train, layer_impl=impl, group_size=group_size)
-        y, updates = module.apply({"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x,
-                                  mutable=["batch_stats"])
+        y, updates = module.apply(
+            {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x, mutable=["batch_stats"]
+        )
         return y, updates["batch_stats"]
+
     return run
 
 
@@ -122,13 +139,16 @@ def test_ghost_batch_norm_equals_normalizing_each_group_alone(impl):
     grouped = batch_norm_function(impl, True, stats, group_size=4)
     alone = batch_norm_function(impl, True, stats)
     y, new_stats = grouped(x, scale, bias)
-    parts = [alone(x[i:i + 4], scale, bias) for i in (0, 4)]
+    parts = [alone(x[i : i + 4], scale, bias) for i in (0, 4)]
     close(y, np.concatenate([part[0] for part in parts]))
     close(new_stats["mean"], np.mean([part[1]["mean"] for part in parts], axis=0))  # the mean over groups
     close(new_stats["var"], np.mean([part[1]["var"] for part in parts], axis=0))
     assert np.abs(np.asarray(y) - np.asarray(alone(x, scale, bias)[0])).max() > 0.1
-    grads_close(lambda *a: grouped(*a)[0],
-                lambda x, s, b: jnp.concatenate([alone(x[i:i + 4], s, b)[0] for i in (0, 4)]), (x, scale, bias))
+    grads_close(
+        lambda *a: grouped(*a)[0],
+        lambda x, s, b: jnp.concatenate([alone(x[i : i + 4], s, b)[0] for i in (0, 4)]),
+        (x, scale, bias),
+    )
     with pytest.raises(ValueError, match="group_size=3 does not divide the batch of 8 images"):
         batch_norm_function(impl, True, stats, group_size=3)(x, scale, bias)
 
@@ -168,10 +188,11 @@ def model_pair(qkv, **options):
     return flax_model, flax_model.clone(layer_impl="cpu")
 
 
+@pytest.mark.slow  # compiles two whole models' gradients
 @pytest.mark.parametrize("qkv", ["linear", "fsne_m8"])
 def test_whole_models_agree_in_values_gradients_and_batch_statistics(qkv):
     flax_model, cpu_model = model_pair(qkv, qkv_in_class_attention=qkv != "linear")
-    images, = random_arrays((4, 16, 16, 3))
+    (images,) = random_arrays((4, 16, 16, 3))
     variables = flax_model.init(jax.random.key(0), images)
     assert jax.tree.map(np.shape, cpu_model.init(jax.random.key(0), images)) == jax.tree.map(np.shape, variables)
     close(jax.jit(cpu_model.apply)(variables, images), jax.jit(flax_model.apply)(variables, images))
@@ -180,6 +201,7 @@ def test_whole_models_agree_in_values_gradients_and_batch_statistics(qkv):
         def run(params):
             logits, updates = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
             return jnp.sum(logits * jnp.arange(5.0)), updates
+
         return jax.jit(jax.value_and_grad(run, has_aux=True))
 
     (flax_loss, flax_stats), flax_grads = loss(flax_model)(variables["params"])
@@ -201,6 +223,7 @@ def test_forward_mode_autodiff_goes_through_a_flax_model():
     assert logits.shape == (2, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["flax", "cpu"])
 def test_a_flax_train_step_has_no_custom_gradients_or_fusion_barriers(tiny_config, tmp_path, impl):
     from qkv_vit.train import trainer
@@ -209,7 +232,10 @@ def test_a_flax_train_step_has_no_custom_gradients_or_fusion_barriers(tiny_confi
     run = trainer.setup_run(tiny_config, tmp_path)
     state = jax.eval_shape(run.init_state)
     size = tiny_config.data.image_size
-    batch = {"image": jax.ShapeDtypeStruct((16, size, size, 3), jnp.uint8), "label": jax.ShapeDtypeStruct((16,), jnp.int32)}
+    batch = {
+        "image": jax.ShapeDtypeStruct((16, size, size, 3), jnp.uint8),
+        "label": jax.ShapeDtypeStruct((16,), jnp.int32),
+    }
     jaxpr = str(jax.make_jaxpr(run.train_step)(state, batch))
     kernels = ("custom_vjp_call" in jaxpr, "optimization_barrier" in jaxpr)
     assert kernels == ((False, False) if impl == "flax" else (True, True))
@@ -226,11 +252,12 @@ def test_auto_chooses_the_cpu_kernels_on_a_cpu_backend_only(monkeypatch):
 
 # --- bfloat16 -------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("impl", ["flax", "cpu"])
 def test_bfloat16_computes_matmuls_in_bfloat16_and_keeps_the_residual_stream_in_float32(impl):
     """As PyTorch's autocast: at eta = 1e-5 a bfloat16 residual stream would round LayerScale's updates away."""
     model = models.create("xcit_nano_12_p8", **TINY, eta=1e-5, layer_impl=impl, dtype=jnp.bfloat16)
-    images, = random_arrays((2, 32, 32, 3))
+    (images,) = random_arrays((2, 32, 32, 3))
     variables = model.init(jax.random.key(0), images)
     logits, state = model.apply(variables, images, capture_intermediates=True, mutable=["intermediates"])
     outputs = state["intermediates"]
@@ -240,4 +267,5 @@ def test_bfloat16_computes_matmuls_in_bfloat16_and_keeps_the_residual_stream_in_
     assert outputs["blocks_0"]["norm1"]["__call__"][0].dtype == jnp.float32
     assert logits.dtype == jnp.float32
     assert jax.tree.leaves(jax.tree.map(lambda p: p.dtype, variables["params"])) == [jnp.float32] * len(
-        jax.tree.leaves(variables["params"]))
+        jax.tree.leaves(variables["params"])
+    )

@@ -39,7 +39,16 @@ def reference_param_count(patch_size, embed_dim, depth, num_heads, cls_attn_laye
     mlp = (d * 4 * d + 4 * d) + (4 * d * d + d)
     xca_block = 3 * 2 * d + (3 * d * d + 3 * d) + num_heads + (d * d + d) + (2 * (9 * d + d) + 2 * d) + mlp + 3 * d
     class_block = 2 * 2 * d + 4 * (d * d + d) + mlp + 2 * d
-    return patch_embed + pos_embed + d + depth * xca_block + cls_attn_layers * class_block + 2 * d + d * num_classes + num_classes
+    return (
+        patch_embed
+        + pos_embed
+        + d
+        + depth * xca_block
+        + cls_attn_layers * class_block
+        + 2 * d
+        + d * num_classes
+        + num_classes
+    )
 
 
 def init(model, image_size=32, batch=2, seed=0):
@@ -59,7 +68,7 @@ def test_param_count_is_exact(name):
 
 
 @pytest.mark.parametrize("patch_size", [16, 8])
-@pytest.mark.parametrize("image_size", [32, 64, 224])
+@pytest.mark.parametrize("image_size", [32, 64, pytest.param(224, marks=pytest.mark.slow)])
 def test_output_shape_and_finite_for_any_size(patch_size, image_size):
     model = XCiT(patch_size=patch_size, **TINY)
     variables, images = init(model, image_size)
@@ -68,6 +77,7 @@ def test_output_shape_and_finite_for_any_size(patch_size, image_size):
     assert np.isfinite(logits).all()
 
 
+@pytest.mark.slow  # compiles over a mesh of fake devices
 @pytest.mark.parametrize("qkv", ["linear", "fsne_m8"])  # Dense, and the non-linear embeddings' own matmuls
 def test_batch_sharded_over_an_explicit_mesh(qkv):
     """Inputs sharded over jax.make_mesh's (explicit) data axis, a batch of one included, give the logits of
@@ -130,6 +140,7 @@ def test_train_mode_normalizes_with_batch_statistics():
     assert not np.allclose(train_logits, model.apply(variables, images, train=False))
 
 
+@pytest.mark.slow  # compiles the training-mode forward pass several times
 def test_drop_path_is_off_in_eval_and_stochastic_in_train():
     model = XCiT(patch_size=16, drop_path_rate=0.5, **{**TINY, "depth": 4})
     plain = XCiT(patch_size=16, **{**TINY, "depth": 4})
@@ -137,7 +148,9 @@ def test_drop_path_is_off_in_eval_and_stochastic_in_train():
     np.testing.assert_array_equal(model.apply(variables, images), plain.apply(variables, images))
 
     def train_logits(seed):
-        out, _ = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(seed)})
+        out, _ = model.apply(
+            variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(seed)}
+        )
         return out
 
     a, b = train_logits(0), train_logits(1)

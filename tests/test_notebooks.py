@@ -6,11 +6,12 @@ Each notebook reads QKV_VIT_NOTEBOOK_SMOKE=1 (a 2-block model, a few steps) and 
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # trains, starts processes or converts real data: not in `pytest -m "not slow"`
 
 nbformat = pytest.importorskip("nbformat", reason='nbformat is not installed: pip install -e ".[dev]"')
 nbclient = pytest.importorskip("nbclient", reason='nbclient is not installed: pip install -e ".[dev]"')
@@ -33,7 +34,9 @@ def notebook_env(tmp_path_factory, data_cache):
         env.setenv("QKV_VIT_NOTEBOOK_WORKDIR", str(root / "workdirs"))
         env.setenv("QKV_VIT_CACHE", str(data_cache))  # the digits tfds build, shared with the other tests
         # XLA's CPU backend without LLVM optimizations compiles about twice as fast; these runs only need to run.
-        env.setenv("XLA_FLAGS", " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"])))
+        env.setenv(
+            "XLA_FLAGS", " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+        )
         yield root / "workdirs"
 
 
@@ -100,7 +103,10 @@ def test_code_analysis_notebook_runs_and_shows_the_report(notebook_env):
     report = json.loads((notebook_env / "code_analysis" / "codes.json").read_text())
     assert list(report["layers"]) == ["blocks_0", "blocks_1"] and report["code_size"] == 8
     assert report["embedding"]["method"] == "pca"
-    assert json.loads((notebook_env / "code_analysis" / "tsne" / "codes.json").read_text())["embedding"]["method"] == "tsne"
+    assert (
+        json.loads((notebook_env / "code_analysis" / "tsne" / "codes.json").read_text())["embedding"]["method"]
+        == "tsne"
+    )
     assert len(images(nb)) == 4, "expected norms, cosines, PCA and t-SNE plots inline"
     printed = json.loads(stdout(outputs(nb, "json.dumps(summary")))
     assert printed == {key: value for key, value in report.items() if key != "embedding"}

@@ -91,7 +91,9 @@ def test_efficient_fsne_equals_the_concatenation_formula(code_mode):
     spec = QKVSpec(qkv_embed="fsne", code_size=3, code_mode=code_mode, qkv_hidden_dim=7)
     module, params, x = random_embedding(spec)
     out = module.apply({"params": params}, x)
-    w1, b1, w2, b2, codes = (params[k] for k in ("hidden_kernel", "hidden_bias", "output_kernel", "output_bias", "codes"))
+    w1, b1, w2, b2, codes = (
+        params[k] for k in ("hidden_kernel", "hidden_bias", "output_kernel", "output_bias", "codes")
+    )
     for t in range(3):
         code = jnp.broadcast_to(codes[t], x.shape[:2] + codes[t].shape)
         first_input = jnp.concatenate([x, code], axis=-1) if code_mode == "concat" else x + code
@@ -178,6 +180,7 @@ def train(model, steps, learning_rate=3e-3):
     return losses, variables["params"], params, first_grads
 
 
+@pytest.mark.slow  # trains a model for several steps
 def test_gradients_reach_the_codes():
     model = XCiT(**{**TINY, "depth": 2}, qkv_embed="fsne", code_size=4, qkv_in_class_attention=True)
     _, before, after, grads = train(model, steps=2)
@@ -188,6 +191,7 @@ def test_gradients_reach_the_codes():
         assert not np.allclose(before[block]["attn"]["qkv"]["codes"], after[block]["attn"]["qkv"]["codes"])
 
 
+@pytest.mark.slow  # trains each variant for several steps
 @pytest.mark.parametrize(
     "options",
     [
@@ -221,7 +225,9 @@ def test_bad_qkv_options_are_clear_errors(options, message):
         models.create("xcit_nano_12_p16", **options)
 
 
-@pytest.mark.parametrize("name, paper_gflops", [("xcit_nano_12_p16", 0.5), ("xcit_tiny_12_p16", 1.2), ("xcit_small_12_p16", 4.8)])
+@pytest.mark.parametrize(
+    "name, paper_gflops", [("xcit_nano_12_p16", 0.5), ("xcit_tiny_12_p16", 1.2), ("xcit_small_12_p16", 4.8)]
+)
 def test_macs_match_the_xcit_paper(name, paper_gflops):
     assert abs(count_macs(models.create(name)) / 1e9 - paper_gflops) < 0.06
 

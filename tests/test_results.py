@@ -22,8 +22,22 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", previous)
 
 
-def fake_run(root, name, *, top1, seed=0, qkv="linear", model_name="xcit_nano_12_p8", total_steps=4, last_step=None,
-             ema=None, data=None, changes=None, drop=(), num_params=1_234_567):
+def fake_run(
+    root,
+    name,
+    *,
+    top1,
+    seed=0,
+    qkv="linear",
+    model_name="xcit_nano_12_p8",
+    total_steps=4,
+    last_step=None,
+    ema=None,
+    data=None,
+    changes=None,
+    drop=(),
+    num_params=1_234_567,
+):
     """A workdir as the trainer writes it, with evaluations at step 2 (top-1 0.99) and at `last_step` (`top1`)."""
     config = load_config("quickstart", None)
     config.update(seed=seed, qkv=qkv, model_name=model_name, total_steps=total_steps)
@@ -91,13 +105,21 @@ def test_imagenet_rows_show_xcits_and_the_papers_numbers(tmp_path):
 
 def test_transfer_runs_on_all_four_sets_get_a_mean_next_to_the_papers(tmp_path):
     for name, top1 in zip(results.TRANSFER_SETS, [0.90, 0.80, 0.95, 0.97], strict=True):
-        fake_run(tmp_path, name, model_name="xcit_nano_12_p16", qkv="fsne_m8", top1=top1,
-                 data=dict(source="tfds", name=name), changes={"init_from": "gs://b/in1k/n12_fsne"})
+        fake_run(
+            tmp_path,
+            name,
+            model_name="xcit_nano_12_p16",
+            qkv="fsne_m8",
+            top1=top1,
+            data=dict(source="tfds", name=name),
+            changes={"init_from": "gs://b/in1k/n12_fsne"},
+        )
     table = results.markdown([results.read_run(p) for p in results.find_runs([tmp_path])])
     assert row(table, "cars196 (fine-tuned)")[-3:] == ["95.00", "1", ""]
     assert row(table, "90.50") == ["xcit_nano_12_p16", "fsne (m=8, h=128)", "1,234,567", "90.50", "93.3 (F-SNE, 2.9M)"]
 
 
+@pytest.mark.slow
 def test_a_real_run_is_read_as_the_trainer_wrote_it(tmp_path, tiny_config):
     tiny_config.total_steps = None
     tiny_config.total_epochs = 3 / 89  # 1437 digits / batch 16 = 89 steps per epoch: 3 steps, counted from the data
@@ -112,7 +134,9 @@ def test_a_real_run_is_read_as_the_trainer_wrote_it(tmp_path, tiny_config):
     shutil.copytree(tmp_path / "runs" / "real", tmp_path / "runs" / "cut")
     metrics = (tmp_path / "runs" / "cut" / "metrics.jsonl").read_text().splitlines()
     kept = [line for line in metrics if json.loads(line)["step"] < 3]
-    (tmp_path / "runs" / "cut" / "metrics.jsonl").write_text("\n".join(kept) + '\n{"step": 3, "val/to')  # killed mid-line
+    (tmp_path / "runs" / "cut" / "metrics.jsonl").write_text(
+        "\n".join(kept) + '\n{"step": 3, "val/to'
+    )  # killed mid-line
     table = results.markdown([results.read_run(p) for p in results.find_runs([tmp_path / "runs"])])
     assert row(table, "digits")[-2] == "1" and "cut: step 2 of 3" in table
 

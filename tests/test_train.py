@@ -6,17 +6,17 @@ import shutil
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from qkv_vit import data, models
-from qkv_vit.train import NonFiniteError, train_and_evaluate
-from qkv_vit.weights import merge_for_fine_tuning, read_weights
 from qkv_vit.paths import as_path
+from qkv_vit.train import NonFiniteError, train_and_evaluate, trainer
 from qkv_vit.train.logging_utils import JsonlWriter, read_metrics
 from qkv_vit.train.optimizer import decay_mask, learning_rate, make_optimizer
-from qkv_vit.train import trainer
 from qkv_vit.train.trainer import evaluate, fresh_state, setup_run
+from qkv_vit.weights import read_weights
+
+pytestmark = pytest.mark.slow  # trains, starts processes or converts real data: not in `pytest -m "not slow"`
 
 
 def params_close(a, b, atol=0.0):
@@ -35,8 +35,13 @@ def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config)
     assert weights.architecture == summary["architecture"]
     assert models.XCiT(**models.architecture_from_json(weights.architecture)) == trainer.build_model(tiny_config, 10)
     assert summary["num_params"] == models.count_params(state.params)
-    assert summary["data"] == {"source": "the offline digits data set", "train_split": "train", "train_examples": 1437,
-                               "eval_split": "test", "eval_examples": 360}
+    assert summary["data"] == {
+        "source": "the offline digits data set",
+        "train_split": "train",
+        "train_examples": 1437,
+        "eval_split": "test",
+        "eval_examples": 360,
+    }
     assert list(tmp_path.glob("events.out.tfevents.*"))
     metrics = read_metrics(tmp_path)
     train = [m for m in metrics if "train/loss" in m]
@@ -117,26 +122,32 @@ def test_fine_tuning_init_is_separate_from_resume(tmp_path, tiny_config):
     assert int(train_and_evaluate(tiny_config, tmp_path / "finetune").step) == 6
 
 
-def test_fine_tuning_reinitializes_a_head_of_another_size():
-    fresh = {"params": {"head": {"kernel": np.zeros((4, 5)), "bias": np.zeros(5)}, "norm": {"scale": np.ones(4)}}}
-    loaded = {"params": {"head": {"kernel": np.ones((4, 1000)), "bias": np.ones(1000)}, "norm": {"scale": np.full(4, 2.0)}}}
-    merged = merge_for_fine_tuning(fresh, loaded, "src")
-    assert merged["params"]["head"]["kernel"].shape == (4, 5) and (merged["params"]["norm"]["scale"] == 2).all()
-    loaded["params"]["norm"]["scale"] = np.ones(8)
-    with pytest.raises(ValueError, match="1 variables differ.*params/norm/scale"):
-        merge_for_fine_tuning(fresh, loaded, "src")
-
-
 def test_weight_decay_mask():
     params = {
-        "blocks_0": {"attn": {"qkv": {"hidden_kernel": 1, "hidden_bias": 1, "codes": 1}, "temperature": 1,
-                              "proj": {"kernel": 1, "bias": 1}},
-                     "norm1": {"scale": 1, "bias": 1}, "gamma1": 1, "mlp": {"fc1": {"kernel": 1}}},
-        "cls_token": 1, "pos_embed": {"token_projection": {"kernel": 1}}, "head": {"kernel": 1},
+        "blocks_0": {
+            "attn": {
+                "qkv": {"hidden_kernel": 1, "hidden_bias": 1, "codes": 1},
+                "temperature": 1,
+                "proj": {"kernel": 1, "bias": 1},
+            },
+            "norm1": {"scale": 1, "bias": 1},
+            "gamma1": 1,
+            "mlp": {"fc1": {"kernel": 1}},
+        },
+        "cls_token": 1,
+        "pos_embed": {"token_projection": {"kernel": 1}},
+        "head": {"kernel": 1},
     }
-    flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]}
+    flat = {
+        "/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]
+    }
     decayed = sorted(k for k, v in flat.items() if v)
-    assert decayed == ["blocks_0/attn/proj/kernel", "blocks_0/attn/qkv/hidden_kernel", "blocks_0/mlp/fc1/kernel", "head/kernel"]
+    assert decayed == [
+        "blocks_0/attn/proj/kernel",
+        "blocks_0/attn/qkv/hidden_kernel",
+        "blocks_0/mlp/fc1/kernel",
+        "head/kernel",
+    ]
     assert decay_mask(params, code_weight_decay=True)["blocks_0"]["attn"]["qkv"]["codes"]
 
 
@@ -192,8 +203,15 @@ def test_bad_config_is_a_clear_error_before_any_work(tmp_path, tiny_config, over
 
 @pytest.mark.parametrize(
     "name, arg",
-    [("quickstart", None), ("quickstart", "qkv=linear"), ("quickstart", "runlocal"),
-     ("cifar10", None), ("cifar10", "qkv=fsne_m8,epochs=5,depth=6"), ("cifar10", "runlocal"), ("cifar10", "source=tfds")],
+    [
+        ("quickstart", None),
+        ("quickstart", "qkv=linear"),
+        ("quickstart", "runlocal"),
+        ("cifar10", None),
+        ("cifar10", "qkv=fsne_m8,epochs=5,depth=6"),
+        ("cifar10", "runlocal"),
+        ("cifar10", "source=tfds"),
+    ],
 )
 def test_config_files_load_and_build_their_model(name, arg):
     from conftest import load_config
@@ -211,10 +229,14 @@ def test_the_log_names_the_evaluated_split_and_warns_when_it_holds_training_imag
     tiny_config.data.update(train_split="train[:90%]", eval_split="train")
     with caplog.at_level(logging.INFO):
         trainer.log_data_summary(setup_run(tiny_config, tmp_path))
-    assert ("1293 train examples (split 'train[:90%]'); evaluation on split 'train' (1437 examples); also present: "
-            "['test'] (data.eval_split chooses).") in caplog.text
-    assert ("The eval split 'train' shares 1293 examples with the train split 'train[:90%]' (data.eval_split): the "
-            "val/* metrics include training images") in caplog.text
+    assert (
+        "1293 train examples (split 'train[:90%]'); evaluation on split 'train' (1437 examples); also present: "
+        "['test'] (data.eval_split chooses)."
+    ) in caplog.text
+    assert (
+        "The eval split 'train' shares 1293 examples with the train split 'train[:90%]' (data.eval_split): the "
+        "val/* metrics include training images"
+    ) in caplog.text
     caplog.clear()
     tiny_config.data.eval_split = "train[90%:]"  # a held-out part of the train split: nothing shared, no warning
     with caplog.at_level(logging.INFO):
@@ -242,33 +264,50 @@ def test_metrics_file_is_rewritten_whole_where_appending_is_impossible(tmp_path)
     resumed = JsonlWriter(path, appendable=False)  # as on gs://: keeps the earlier lines, rewrites the object
     resumed.write_scalars(2, {"train/loss": 1.5})
     resumed.write_scalars(3, {"val/top1": 0.5})
-    assert read_metrics(tmp_path) == [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5},
-                                      {"step": 3, "val/top1": 0.5}]
+    assert read_metrics(tmp_path) == [
+        {"step": 1, "train/loss": 2.0},
+        {"step": 2, "train/loss": 1.5},
+        {"step": 3, "val/top1": 0.5},
+    ]
 
 
 def test_metrics_file_is_strict_json_with_non_finite_values_as_null(tmp_path):
     """A blown-up loss must not make metrics.jsonl unreadable to strict JSON parsers (jq, JavaScript)."""
     JsonlWriter(tmp_path / "metrics.jsonl").write_scalars(
-        3, {"train/loss": float("nan"), "train/grad_norm": float("inf"), "train/lr": -float("inf"), "train/top1": 0.5})
+        3, {"train/loss": float("nan"), "train/grad_norm": float("inf"), "train/lr": -float("inf"), "train/top1": 0.5}
+    )
 
     def refuse(token):
         raise ValueError(f"non-JSON token {token}")
 
     line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
     assert json.loads(line, parse_constant=refuse) == {
-        "step": 3, "train/loss": None, "train/grad_norm": None, "train/lr": None, "train/top1": 0.5}
-    record, = read_metrics(tmp_path)  # read back as NaN, so arithmetic on a column still works
+        "step": 3,
+        "train/loss": None,
+        "train/grad_norm": None,
+        "train/lr": None,
+        "train/top1": 0.5,
+    }
+    (record,) = read_metrics(tmp_path)  # read back as NaN, so arithmetic on a column still works
     assert np.isnan(record["train/loss"]) and np.isnan(record["train/grad_norm"]) and record["train/top1"] == 0.5
-
 
 
 @pytest.mark.parametrize(
     "group, batch, mixing, warning",
-    [(2, 12, 0.0, "straddle the devices' shards of 3 images"), (4, 12, 0.0, "straddle the devices' shards of 3 images"),
-     (6, 12, 0.0, None), (3, 12, 0.0, None), (4, 16, 0.0, None), (8, 16, 0.0, None), (None, 4, 0.8, "it holds 1 image: nothing is mixed"), (None, 8, 0.8, None)],
+    [
+        (2, 12, 0.0, "straddle the devices' shards of 3 images"),
+        (4, 12, 0.0, "straddle the devices' shards of 3 images"),
+        (6, 12, 0.0, None),
+        (3, 12, 0.0, None),
+        (4, 16, 0.0, None),
+        (8, 16, 0.0, None),
+        (None, 4, 0.8, "it holds 1 image: nothing is mixed"),
+        (None, 8, 0.8, None),
+    ],
 )
 def test_run_config_warns_where_batch_norm_groups_or_mixing_do_not_fit_the_device_shards(
-        monkeypatch, caplog, tiny_config, group, batch, mixing, warning):
+    monkeypatch, caplog, tiny_config, group, batch, mixing, warning
+):
     monkeypatch.setattr(trainer.jax, "device_count", lambda: 4)  # the check only needs the count
     tiny_config.global_batch_size = tiny_config.eval_batch_size = batch
     tiny_config.data.augment.update(mixup_alpha=mixing, mix_prob=1.0)

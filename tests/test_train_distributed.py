@@ -20,16 +20,27 @@ import pytest
 from conftest import REPO
 from qkv_vit import data
 from qkv_vit.train import train_and_evaluate, trainer
-from qkv_vit.weights import read_weights
 from qkv_vit.train.logging_utils import read_metrics
+from qkv_vit.weights import read_weights
+
+pytestmark = pytest.mark.slow  # trains, starts processes or converts real data: not in `pytest -m "not slow"`
 
 TOLERANCE = 2e-5  # float32, different reduction orders across devices
 
 
 def cli(workdir, *overrides, env_extra=None, data_cache=None):
-    command = [sys.executable, "-m", "qkv_vit.main", "--config=configs/quickstart.py:runlocal", f"--workdir={workdir}",
-               "--config.model.embed_dim=32", "--config.model.depth=1", f"--config.data.cache_dir={data_cache}",
-               "--config.data.augment.mixup_alpha=0.0", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "qkv_vit.main",
+        "--config=configs/quickstart.py:runlocal",
+        f"--workdir={workdir}",
+        "--config.model.embed_dim=32",
+        "--config.model.depth=1",
+        f"--config.data.cache_dir={data_cache}",
+        "--config.data.augment.mixup_alpha=0.0",
+        *overrides,
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env_extra or {})}
     return command, env
 
@@ -42,7 +53,9 @@ def run_cli(workdir, *overrides, env_extra=None, data_cache=None, timeout=300):
 
 
 def max_difference(a, b):
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 @pytest.fixture
@@ -56,7 +69,7 @@ def prepared(tiny_config, data_cache):
 def test_one_device_equals_eight_devices_data_and_fsdp(tmp_path, prepared, data_cache):
     reference = train_and_evaluate(prepared, tmp_path / "one")
     script = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(REPO / 'tests')!r})
+        import sys; sys.path.insert(0, {str(REPO / "tests")!r})
         import jax
         from conftest import load_config
         from qkv_vit.train import train_and_evaluate
@@ -75,7 +88,9 @@ def test_one_device_equals_eight_devices_data_and_fsdp(tmp_path, prepared, data_
                 assert "fsdp" in str(kernel.sharding.spec), kernel.sharding
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=400
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     one_losses = [m["train/loss"] for m in read_metrics(tmp_path / "one") if "train/loss" in m]
     for name in ("data8", "fsdp"):
@@ -97,8 +112,18 @@ PROCESS_STREAM = data.build_train_iterator
 
 def two_process_stream(data_config, global_batch_size, *, seed, start_step):
     """What a 2-process job feeds: each global batch is process 0's local batch, then process 1's."""
-    parts = [PROCESS_STREAM(data_config, global_batch_size, seed=seed, start_step=start_step,
-                                       process_index=i, process_count=2, local_device_count=1) for i in range(2)]
+    parts = [
+        PROCESS_STREAM(
+            data_config,
+            global_batch_size,
+            seed=seed,
+            start_step=start_step,
+            process_index=i,
+            process_count=2,
+            local_device_count=1,
+        )
+        for i in range(2)
+    ]
     while True:
         batches = [next(part) for part in parts]
         yield {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
@@ -108,9 +133,17 @@ def test_two_processes_train_together_like_one(tmp_path, prepared, data_cache, m
     port = free_port()
     procs = []
     for process_id in range(2):
-        command, env = cli(tmp_path / "multi", "--config.total_steps=6", f"--coordinator_address=127.0.0.1:{port}",
-                           "--num_processes=2", f"--process_id={process_id}", data_cache=data_cache)
-        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        command, env = cli(
+            tmp_path / "multi",
+            "--config.total_steps=6",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={process_id}",
+            data_cache=data_cache,
+        )
+        procs.append(
+            subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     outputs = [p.communicate(timeout=400) for p in procs]
     if any(p.returncode for p in procs) and "collectives" in (outputs[0][1] + outputs[1][1]).lower():
         pytest.skip("this jaxlib cannot run CPU collectives between processes (gloo)")
@@ -126,8 +159,12 @@ def test_two_processes_train_together_like_one(tmp_path, prepared, data_cache, m
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path, prepared, data_cache):
-    steps = ["--config.total_steps=100", "--config.log_every_steps=1", "--config.eval_every_steps=0",
-             "--config.checkpoint_every_steps=1000"]
+    steps = [
+        "--config.total_steps=100",
+        "--config.log_every_steps=1",
+        "--config.eval_every_steps=0",
+        "--config.checkpoint_every_steps=1000",
+    ]
     prepared.update(total_steps=100, log_every_steps=1, eval_every_steps=0, checkpoint_every_steps=1000)
     straight = train_and_evaluate(prepared, tmp_path / "straight")
 
@@ -169,6 +206,7 @@ for impl, group in (("flax", 2), ("flax", 4)):  # groups inside one device's 2 i
     results[f"{impl}{group}_var"] = np.asarray(stats["batch_stats"]["blocks_0"]["local_mp"]["bn"]["var"])
 # Mixing pairs images within each device's shard: image i's target mixes its label with its shard partner's.
 from qkv_vit.train.finishing import BatchFinishing, finish_train_batch
+
 recipe = BatchFinishing(mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=16, mixup_alpha=0.8, cutmix_alpha=1.0)
 labels = np.arange(16, dtype=np.int32)
 batch = {"image": np.zeros((16, 8, 8, 3), np.uint8), "label": labels}
@@ -187,8 +225,14 @@ def test_ghost_batch_norm_is_the_same_on_one_and_eight_devices_and_mixing_stays_
     """Groups of G consecutive images of the global batch: the result does not depend on the device count.
     Mixup / cutmix pair each image with one of its own device's shard (the script asserts it)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, "-c", GHOST_BN, str(tmp_path / "8.npz")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", GHOST_BN, str(tmp_path / "8.npz")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert jax.device_count() == 1
     monkeypatch.setattr(sys, "argv", ["ghost", str(tmp_path / "1.npz")])

@@ -18,8 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{len(stats['layers'])} layers of codes (m={stats['code_size']}); mean |cos| between C_q, C_k, C_v: "
-          f"{stats['mean_abs_cosine']:.3f} (max {stats['max_abs_cosine']:.3f}). Wrote {args.out}/codes.json and plots.")
+    print(
+        f"{len(stats['layers'])} layers of codes (m={stats['code_size']}); mean |cos| between C_q, C_k, C_v: "
+        f"{stats['mean_abs_cosine']:.3f} (max {stats['max_abs_cosine']:.3f}). Wrote {args.out}/codes.json and plots."
+    )
     return 0
 
 

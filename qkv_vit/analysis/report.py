@@ -54,7 +54,13 @@ def plot_norms(stats: dict[str, Any], path: Path) -> None:
     plt, fig, ax = _figure()
     layers = list(stats["layers"])
     for t in EMBEDDINGS:
-        ax.plot(range(len(layers)), [stats["layers"][layer]["norm"][t] for layer in layers], "o-", label=f"C_{t}", color=COLORS[t])
+        ax.plot(
+            range(len(layers)),
+            [stats["layers"][layer]["norm"][t] for layer in layers],
+            "o-",
+            label=f"C_{t}",
+            color=COLORS[t],
+        )
     ax.set_xticks(range(len(layers)), [short(layer) for layer in layers], rotation=45)
     _save(plt, fig, ax, path, "l2-norm of the codes per layer", "layer", "l2-norm")
 
@@ -63,7 +69,12 @@ def plot_cosines(stats: dict[str, Any], path: Path) -> None:
     plt, fig, ax = _figure()
     layers = list(stats["layers"])
     for a, b in PAIRS:
-        ax.plot(range(len(layers)), [stats["layers"][layer]["cosine"][a + b] for layer in layers], "o-", label=f"cos(C_{a}, C_{b})")
+        ax.plot(
+            range(len(layers)),
+            [stats["layers"][layer]["cosine"][a + b] for layer in layers],
+            "o-",
+            label=f"cos(C_{a}, C_{b})",
+        )
     ax.axhline(0.0, color="gray", linewidth=0.8)
     ax.set_ylim(-1.05, 1.05)
     ax.set_xticks(range(len(layers)), [short(layer) for layer in layers], rotation=45)

@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightMismatchError, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
         print(f"error: {one_line(str(error))}", file=sys.stderr)  # one line, as every qkv_vit command
         return 2
-    print(f"Wrote {models.count_params(variables['params']):,} parameters of XCiT({models.architecture_of(model)}) to {out}")
+    print(
+        f"Wrote {models.count_params(variables['params']):,} parameters of XCiT({models.architecture_of(model)}) to {out}"
+    )
     return 0
 
 

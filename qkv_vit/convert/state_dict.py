@@ -29,7 +29,7 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 TORCH_MISSING_MESSAGE = (
     "Reading {path} needs PyTorch, which is not installed. Install the extra with "
-    "`pip install -e \".[torch]\"` (or `pip install torch`; on a CPU-only machine "
+    '`pip install -e ".[torch]"` (or `pip install torch`; on a CPU-only machine '
     "`pip install torch --index-url https://download.pytorch.org/whl/cpu`). "
     ".safetensors files are read without PyTorch."
 )
@@ -74,8 +74,13 @@ def shown(keys: list[str]) -> str:
 
 # What training checkpoints pickle beside their weights that loading without running code may accept: XCiT's
 # argparse arguments, and the paths in a Lightning checkpoint's hyper-parameters.
-SAFE_GLOBALS = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
-                pathlib.PureWindowsPath)
+SAFE_GLOBALS = (
+    argparse.Namespace,
+    pathlib.PosixPath,
+    pathlib.WindowsPath,
+    pathlib.PurePosixPath,
+    pathlib.PureWindowsPath,
+)
 
 
 def read_safetensors(path: Path) -> StateDict:
@@ -84,8 +89,10 @@ def read_safetensors(path: Path) -> StateDict:
     try:
         return dict(load_file(str(path)))
     except Exception as error:  # safetensors raises its own SafetensorError for a bad header or a cut file
-        raise ValueError(f"{path} cannot be read as a .safetensors file ({describe_cause(error)}): it is damaged or "
-                         "cut short; download or save it again.") from None
+        raise ValueError(
+            f"{path} cannot be read as a .safetensors file ({describe_cause(error)}): it is damaged or "
+            "cut short; download or save it again."
+        ) from None
 
 
 def read_torch_file(path: Path) -> tuple[StateDict, list[str]]:
@@ -131,6 +138,7 @@ def strip_wrappers(state_dict: StateDict) -> StateDict:
     leads a key. A model inside another (`model.`, `backbone.`) leaves a prefix in front of `cls_token`; it is
     removed when every key has it, so nothing of the outer model is loaded by mistake.
     """
+
     def bare(key: str) -> str:
         parts = [part for part in key.split(".") if part != "_orig_mod"]
         while len(parts) > 1 and parts[0] in WRAPPER_COMPONENTS:

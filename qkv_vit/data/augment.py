@@ -9,7 +9,7 @@ so a (seed, example index) pair always gives the same image, whatever the parall
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import ml_collections
 
@@ -26,30 +26,39 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
-def _crop_window(shape: tf.Tensor, seed: tf.Tensor, scale: Sequence[float],
-                 ratio: Sequence[float]) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+def _crop_window(
+    shape: tf.Tensor, seed: tf.Tensor, scale: Sequence[float], ratio: Sequence[float]
+) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
-        aspect_ratio_range=tuple(ratio), area_range=tuple(scale), max_attempts=10,
+        shape,
+        bounding_boxes=tf.zeros([1, 0, 4]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=tuple(ratio),
+        area_range=tuple(scale),
+        max_attempts=10,
         use_image_if_no_bounding_boxes=True,  # no box found in 10 tries: the whole image
     )
     return tf.unstack(begin[:2]), tf.unstack(size[:2])
 
 
-def decode_and_random_crop(encoded: tf.Tensor, seed: tf.Tensor, scale: Sequence[float] = (0.08, 1.0),
-                           ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+def decode_and_random_crop(
+    encoded: tf.Tensor, seed: tf.Tensor, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)
+) -> tf.Tensor:
     """Random crop covering `scale` of the area at aspect ratio in `ratio`; JPEGs decode only the crop."""
 
     def jpeg():
         (top, left), (height, width) = _crop_window(tf.image.extract_jpeg_shape(encoded), seed, scale, ratio)
         return tf.image.decode_and_crop_jpeg(encoded, tf.stack([top, left, height, width]), channels=3)
 
-    return tf.ensure_shape(tf.cond(tf.io.is_jpeg(encoded), jpeg, lambda: random_crop(decode(encoded), seed, scale, ratio)),
-                           [None, None, 3])
+    return tf.ensure_shape(
+        tf.cond(tf.io.is_jpeg(encoded), jpeg, lambda: random_crop(decode(encoded), seed, scale, ratio)), [None, None, 3]
+    )
 
 
-def random_crop(image: tf.Tensor, seed: tf.Tensor, scale: Sequence[float] = (0.08, 1.0),
-                ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+def random_crop(
+    image: tf.Tensor, seed: tf.Tensor, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)
+) -> tf.Tensor:
     """The crop decode_and_random_crop takes, from an already decoded image (the same window for a seed)."""
     (top, left), (height, width) = _crop_window(tf.shape(image), seed, scale, ratio)
     return tf.slice(image, [top, left, 0], [height, width, 3])
@@ -61,11 +70,18 @@ def resize(image: tf.Tensor, height: int | tf.Tensor, width: int | tf.Tensor, me
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
-def random_resized_crop(encoded: tf.Tensor, seed: tf.Tensor, size: int, scale: Sequence[float] = (0.08, 1.0),
-                        ratio: Sequence[float] = (3 / 4, 4 / 3), method: str = "bicubic") -> tf.Tensor:
+def random_resized_crop(
+    encoded: tf.Tensor,
+    seed: tf.Tensor,
+    size: int,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    method: str = "bicubic",
+) -> tf.Tensor:
     """torchvision's RandomResizedCrop (aspect ratio drawn uniformly, not log-uniformly)."""
-    return tf.ensure_shape(resize(decode_and_random_crop(encoded, seed, scale, ratio), size, size, method),
-                           [size, size, 3])
+    return tf.ensure_shape(
+        resize(decode_and_random_crop(encoded, seed, scale, ratio), size, size, method), [size, size, 3]
+    )
 
 
 def random_flip(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
@@ -87,8 +103,15 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     return (tf.cast(image, tf.float32) / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.25, area: Sequence[float] = (0.02, 1 / 3),
-                   aspect_min: float = 0.3, mode: str = "pixel", attempts: int = 10) -> tf.Tensor:
+def random_erasing(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    prob: float = 0.25,
+    area: Sequence[float] = (0.02, 1 / 3),
+    aspect_min: float = 0.3,
+    mode: str = "pixel",
+    attempts: int = 10,
+) -> tf.Tensor:
     """timm RandomErasing (one box) on a normalized float image; "pixel" fills N(0, 1) noise, "const" zeros."""
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     apply_seed, area_seed, aspect_seed, top_seed, left_seed, noise_seed = split_seed(seed, 6)
@@ -128,8 +151,9 @@ def resize_and_center_crop(image: tf.Tensor, size: int, crop_ratio: float = 1.0,
     return tf.ensure_shape(tf.slice(resized, [top, left, 0], [size, size, 3]), [size, size, 3])
 
 
-def train_preprocess(config: ml_collections.ConfigDict, finish: bool = True,
-                     decoded: bool = False) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+def train_preprocess(
+    config: ml_collections.ConfigDict, finish: bool = True, decoded: bool = False
+) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """(encoded image, or with `decoded` a uint8 HxWx3 one; seed [2]) -> image_size x image_size x 3, with
     config.augment's recipe: float32 after normalization and random erasing, or with finish=False uint8 after
     colour jitter (the device finishes it: qkv_vit.train.finishing)."""
@@ -139,17 +163,24 @@ def train_preprocess(config: ml_collections.ConfigDict, finish: bool = True,
     def preprocess(source: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         crop_seed, flip_seed, randaugment_seed, jitter_seed, erasing_seed = split_seed(seed, 5)
         if decoded:
-            image = tf.ensure_shape(resize(random_crop(source, crop_seed, augment.crop_scale, augment.crop_ratio),
-                                           size, size), [size, size, 3])
+            image = tf.ensure_shape(
+                resize(random_crop(source, crop_seed, augment.crop_scale, augment.crop_ratio), size, size),
+                [size, size, 3],
+            )
         else:
             image = random_resized_crop(source, crop_seed, size, augment.crop_scale, augment.crop_ratio)
         if augment.flip_prob > 0:
             image = random_flip(image, flip_seed, augment.flip_prob)
         if augment.randaugment_layers > 0:
             image = randaugment_lib.randaugment(
-                image, randaugment_seed, num_layers=augment.randaugment_layers,
-                magnitude=augment.randaugment_magnitude, magnitude_std=augment.randaugment_magnitude_std,
-                magnitude_max=augment.randaugment_magnitude_max, prob=augment.randaugment_prob, fill=fill,
+                image,
+                randaugment_seed,
+                num_layers=augment.randaugment_layers,
+                magnitude=augment.randaugment_magnitude,
+                magnitude_std=augment.randaugment_magnitude_std,
+                magnitude_max=augment.randaugment_magnitude_max,
+                prob=augment.randaugment_prob,
+                fill=fill,
             )
         if augment.color_jitter > 0:
             image = color_jitter(image, jitter_seed, augment.color_jitter)
@@ -157,8 +188,14 @@ def train_preprocess(config: ml_collections.ConfigDict, finish: bool = True,
             return image
         image = normalize(image, config.mean, config.std)
         if augment.erasing_prob > 0:
-            image = random_erasing(image, erasing_seed, augment.erasing_prob, augment.erasing_area,
-                                   augment.erasing_aspect_min, augment.erasing_mode)
+            image = random_erasing(
+                image,
+                erasing_seed,
+                augment.erasing_prob,
+                augment.erasing_area,
+                augment.erasing_aspect_min,
+                augment.erasing_mode,
+            )
         return image
 
     return preprocess

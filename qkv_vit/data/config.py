@@ -118,10 +118,12 @@ TUPLE_HINT = 'On the command line write a tuple in quotes, e.g. --config.data.au
 SCALE_HINT = "Images are scaled to [0, 1] before normalizing: ImageNet's are mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)."
 
 AUGMENT_RULES = {
-    "crop_scale": rules.numbers(2, 0.0, 1.0, low_open=True, ordered=True, what="(min, max) of the area fraction",
-                                hint=TUPLE_HINT),
-    "crop_ratio": rules.numbers(2, 0.0, low_open=True, ordered=True, what="(min, max) of the aspect ratio",
-                                hint=TUPLE_HINT),
+    "crop_scale": rules.numbers(
+        2, 0.0, 1.0, low_open=True, ordered=True, what="(min, max) of the area fraction", hint=TUPLE_HINT
+    ),
+    "crop_ratio": rules.numbers(
+        2, 0.0, low_open=True, ordered=True, what="(min, max) of the aspect ratio", hint=TUPLE_HINT
+    ),
     "flip_prob": rules.probability(),
     "randaugment_layers": rules.integer(0),
     "randaugment_magnitude": rules.number(0.0),
@@ -131,8 +133,9 @@ AUGMENT_RULES = {
     "color_jitter": rules.number(0.0),
     "erasing_prob": rules.probability(),
     "erasing_mode": rules.text(("pixel", "const")),
-    "erasing_area": rules.numbers(2, 0.0, 1.0, low_open=True, ordered=True, what="(min, max) of the area fraction",
-                                  hint=TUPLE_HINT),
+    "erasing_area": rules.numbers(
+        2, 0.0, 1.0, low_open=True, ordered=True, what="(min, max) of the area fraction", hint=TUPLE_HINT
+    ),
     "erasing_aspect_min": rules.number(0.0, 1.0, low_open=True),  # aspect ratios in [min, 1/min]
     "mixup_alpha": rules.number(0.0),
     "cutmix_alpha": rules.number(0.0),
@@ -171,4 +174,6 @@ def validate_config(config: ml_collections.ConfigDict, prefix: str = "") -> None
     if config.source == "tfds" and not config.name:
         raise DataConfigError(f'source="tfds" needs {prefix}name, e.g. "imagenet2012" or "cifar10".')
     if config.source == "image_folder" and not config.path:
-        raise DataConfigError(f'source="image_folder" needs {prefix}path: a folder ROOT/<split>/<class>/ or a tar of one.')
+        raise DataConfigError(
+            f'source="image_folder" needs {prefix}path: a folder ROOT/<split>/<class>/ or a tar of one.'
+        )

@@ -33,8 +33,8 @@ import shutil
 import tarfile
 import uuid
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import tensorflow_datasets as tfds
 
@@ -49,9 +49,21 @@ LABEL_MAP = "label_map.json"
 # Names that are never data, at any level, compared without case (hidden names, starting with ".", neither): macOS
 # archive metadata and folder icons, Windows and Synology thumbnails, Python caches, trash and recovery folders;
 # and the ":Zone.Identifier" streams that copies out of Windows leave as files under WSL.
-CLUTTER_NAMES = frozenset(name.lower() for name in (
-    "__MACOSX", "Icon\r", "Thumbs.db", "ehthumbs.db", "desktop.ini", "@eaDir", "__pycache__", "$RECYCLE.BIN",
-    "System Volume Information", "lost+found"))
+CLUTTER_NAMES = frozenset(
+    name.lower()
+    for name in (
+        "__MACOSX",
+        "Icon\r",
+        "Thumbs.db",
+        "ehthumbs.db",
+        "desktop.ini",
+        "@eaDir",
+        "__pycache__",
+        "$RECYCLE.BIN",
+        "System Volume Information",
+        "lost+found",
+    )
+)
 CLUTTER_SUFFIXES = (":zone.identifier",)
 _TFDS_NAME = "image_folder"
 _MAX_LISTED_SKIPS = 1000
@@ -77,8 +89,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("QKV_VIT_CACHE", Path.home() / ".cache" / "qkv_vit"))
 
 
-def prepare_image_folder(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                         bad_files: str = "skip") -> PreparedFolder:
+def prepare_image_folder(
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, bad_files: str = "skip"
+) -> PreparedFolder:
     """Converts the folder or archive at `path` into a cached tfds data set, or reuses the cached one."""
     path = Path(path).expanduser()
     if not path.exists():
@@ -223,14 +236,17 @@ def scan_image_folder(folder: Located, bad_files: str = "skip") -> FolderScan:
     """Lists ROOT/<split>/<class>/<image>; raises DataConfigError for a layout that cannot work."""
     split_dirs = _subdirs(folder.root)
     if not split_dirs:
-        raise DataConfigError(f"No split folders in {folder.shown(folder.root)}: expected "
-                              "ROOT/<split>/<class>/<image>.jpg|png.")
+        raise DataConfigError(
+            f"No split folders in {folder.shown(folder.root)}: expected ROOT/<split>/<class>/<image>.jpg|png."
+        )
     splits, classes, skipped = {}, set(), []
     for split_dir in split_dirs:
         class_dirs = _subdirs(split_dir)
         if not class_dirs:
-            raise DataConfigError(f"Split folder {folder.shown(split_dir)} has no class folders: expected "
-                                  f"<split>/<class>/<image> below it.")
+            raise DataConfigError(
+                f"Split folder {folder.shown(split_dir)} has no class folders: expected "
+                f"<split>/<class>/<image> below it."
+            )
         examples = []
         for class_dir in class_dirs:
             files = _visible_files(class_dir)
@@ -238,8 +254,9 @@ def scan_image_folder(folder: Located, bad_files: str = "skip") -> FolderScan:
             for other in sorted(set(files) - set(images)):
                 _reject(other, folder, bad_files, skipped, "not a .jpg/.jpeg/.png file")
             if not images:
-                raise DataConfigError(f"Empty class folder {folder.shown(class_dir)}: it holds no "
-                                      f"{'/'.join(IMAGE_SUFFIXES)} images.")
+                raise DataConfigError(
+                    f"Empty class folder {folder.shown(class_dir)}: it holds no {'/'.join(IMAGE_SUFFIXES)} images."
+                )
             examples.extend((f, class_dir.name) for f in images)
             classes.add(class_dir.name)
         splits[split_dir.name] = examples
@@ -263,7 +280,11 @@ def _build(folder: Located, work: Path, bad_files: str) -> None:
     )
     generators = {split: _examples(files, folder, bad_files, scan.skipped) for split, files in scan.splits.items()}
     builder = tfds.dataset_builders.store_as_tfds_dataset(
-        name=_TFDS_NAME, version="1.0.0", features=features, split_datasets=generators, data_dir=work / "tfds",
+        name=_TFDS_NAME,
+        version="1.0.0",
+        features=features,
+        split_datasets=generators,
+        data_dir=work / "tfds",
         description=f"Image folder {folder.source}",
     )
     label_map = {
@@ -281,8 +302,9 @@ def _build(folder: Located, work: Path, bad_files: str) -> None:
     (work / LABEL_MAP).write_text(json.dumps(label_map, indent=1))
 
 
-def _examples(files: list[tuple[Path, str]], folder: Located, bad_files: str,
-              skipped: list[str]) -> Iterator[tuple[str, dict]]:
+def _examples(
+    files: list[tuple[Path, str]], folder: Located, bad_files: str, skipped: list[str]
+) -> Iterator[tuple[str, dict]]:
     """Yields tfds examples holding each file's bytes unchanged, for the files the pipeline can decode.
 
     A class folder of the split left with no decodable image is an error, as an empty class folder is.
@@ -290,7 +312,7 @@ def _examples(files: list[tuple[Path, str]], folder: Located, bad_files: str,
     kept = collections.Counter()
     with concurrent.futures.ThreadPoolExecutor(thread_name_prefix="qkv_vit_decode_check") as pool:
         for start in range(0, len(files), _DECODE_CHUNK):
-            chunk = files[start:start + _DECODE_CHUNK]
+            chunk = files[start : start + _DECODE_CHUNK]
             for (file, class_name), (data, readable) in zip(chunk, pool.map(_read_checked, [f for f, _ in chunk])):
                 if not readable:
                     _reject(file, folder, bad_files, skipped, "not an image the input pipeline can decode")
@@ -299,8 +321,10 @@ def _examples(files: list[tuple[Path, str]], folder: Located, bad_files: str,
                 relative = file.relative_to(folder.root).as_posix()
                 yield relative, {"image": data, "label": class_name, "file_name": relative}
     for class_dir in sorted({file.parent for file, _ in files} - set(kept)):
-        raise DataConfigError(f"Class folder {folder.shown(class_dir)} holds no image the input pipeline can decode "
-                              "(every file was skipped): remove it or replace its files.")
+        raise DataConfigError(
+            f"Class folder {folder.shown(class_dir)} holds no image the input pipeline can decode "
+            "(every file was skipped): remove it or replace its files."
+        )
 
 
 def _read_checked(file: Path) -> tuple[bytes, bool]:

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from qkv_vit.data.config import get_config
 from qkv_vit.data.errors import DataConfigError
@@ -38,8 +38,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-parallel-calls", type=int, default=-1, help="-1: AUTOTUNE")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-class-counts", action="store_true", help="skip reading every label (slow on ImageNet)")
-    parser.add_argument("--finish-on-host", action="store_true",
-                        help="finish batches on the host (float32, erasing, mixup) instead of shipping uint8")
+    parser.add_argument(
+        "--finish-on-host",
+        action="store_true",
+        help="finish batches on the host (float32, erasing, mixup) instead of shipping uint8",
+    )
     return parser.parse_args(argv)
 
 
@@ -54,8 +57,15 @@ def _config(args: argparse.Namespace):
 
 def measure_throughput(config, batch_size: int, batches: int, seed: int = 0, finish_on_host: bool = False) -> float:
     """Images per second of train batches, after one warm-up batch (graph tracing, buffer filling)."""
-    iterator = build_train_iterator(config, batch_size, seed=seed, process_index=0, process_count=1,
-                                    local_device_count=1, finish_on_host=finish_on_host)
+    iterator = build_train_iterator(
+        config,
+        batch_size,
+        seed=seed,
+        process_index=0,
+        process_count=1,
+        local_device_count=1,
+        finish_on_host=finish_on_host,
+    )
     next(iterator)
     start = time.perf_counter()
     for _ in range(batches):
@@ -83,11 +93,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     speed = measure_throughput(config, args.batch_size, args.batches, args.seed, args.finish_on_host)
     cores = os.cpu_count() or 1
     output = "float32 finished on the host" if args.finish_on_host else "uint8 for the device to finish"
-    print(f"train pipeline, preset {args.preset!r} at {config.image_size}x{config.image_size}, batch {args.batch_size}, "
-          f"{output}: {speed:.0f} images/s on {cores} CPUs ({speed / cores:.0f} per core)")
-    result.update(preset=args.preset, image_size=config.image_size, batch_size=args.batch_size, batches=args.batches,
-                  finish_on_host=args.finish_on_host, images_per_second=round(speed, 1),
-                  images_per_second_per_core=round(speed / cores, 1), cpu_count=cores)
+    print(
+        f"train pipeline, preset {args.preset!r} at {config.image_size}x{config.image_size}, batch {args.batch_size}, "
+        f"{output}: {speed:.0f} images/s on {cores} CPUs ({speed / cores:.0f} per core)"
+    )
+    result.update(
+        preset=args.preset,
+        image_size=config.image_size,
+        batch_size=args.batch_size,
+        batches=args.batches,
+        finish_on_host=args.finish_on_host,
+        images_per_second=round(speed, 1),
+        images_per_second_per_core=round(speed / cores, 1),
+        cpu_count=cores,
+    )
     print(json.dumps(result))
     return result
 

@@ -44,26 +44,42 @@ def _cutmix_box(height: tf.Tensor, width: tf.Tensor, lam: tf.Tensor, seed: tf.Te
     return inside, 1.0 - box_fraction
 
 
-def mix_batch(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, *, num_classes: int, mixup_alpha: float = 0.8,
-              cutmix_alpha: float = 1.0, mix_prob: float = 1.0, switch_prob: float = 0.5,
-              label_smoothing: float = 0.1) -> tuple[tf.Tensor, tf.Tensor]:
+def mix_batch(
+    images: tf.Tensor,
+    labels: tf.Tensor,
+    seed: tf.Tensor,
+    *,
+    num_classes: int,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    mix_prob: float = 1.0,
+    switch_prob: float = 0.5,
+    label_smoothing: float = 0.1,
+) -> tuple[tf.Tensor, tf.Tensor]:
     """(B,H,W,C) float images, (B,) int labels -> mixed images, (B, num_classes) soft labels summing to 1."""
     targets = smooth_labels(labels, num_classes, label_smoothing)
     if (mixup_alpha <= 0 and cutmix_alpha <= 0) or mix_prob <= 0:
         return images, targets
-    apply_seed, switch_seed, mixup_seed, cutmix_seed, box_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+    apply_seed, switch_seed, mixup_seed, cutmix_seed, box_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 5)
+    )
     apply = tf.random.stateless_uniform([], apply_seed) < mix_prob
     if mixup_alpha > 0 and cutmix_alpha > 0:
         use_cutmix = tf.random.stateless_uniform([], switch_seed) < switch_prob
     else:
         use_cutmix = tf.constant(cutmix_alpha > 0)
     lam_mixup = _beta(mixup_seed, mixup_alpha)
-    inside, lam_cutmix = _cutmix_box(tf.shape(images)[1], tf.shape(images)[2], _beta(cutmix_seed, cutmix_alpha), box_seed)
+    inside, lam_cutmix = _cutmix_box(
+        tf.shape(images)[1], tf.shape(images)[2], _beta(cutmix_seed, cutmix_alpha), box_seed
+    )
     reversed_images = tf.reverse(images, axis=[0])
     mixed = tf.cond(
         apply,
-        lambda: tf.cond(use_cutmix, lambda: tf.where(inside[None], reversed_images, images),
-                        lambda: lam_mixup * images + (1.0 - lam_mixup) * reversed_images),
+        lambda: tf.cond(
+            use_cutmix,
+            lambda: tf.where(inside[None], reversed_images, images),
+            lambda: lam_mixup * images + (1.0 - lam_mixup) * reversed_images,
+        ),
         lambda: images,
     )
     lam = tf.where(apply, tf.where(use_cutmix, lam_cutmix, lam_mixup), 1.0)

@@ -22,16 +22,16 @@ import concurrent.futures
 import functools
 import math
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
 from qkv_vit.data import augment as augment_lib
-from qkv_vit.data.mixup import mix_batch
 from qkv_vit.data._tensorflow import tf
 from qkv_vit.data.errors import DataConfigError
+from qkv_vit.data.mixup import mix_batch
 from qkv_vit.data.sources import DatasetInfo, Source, open_source
 
 Batch = dict[str, np.ndarray]
@@ -44,8 +44,13 @@ def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
     return open_source(data_config).info(data_config.num_classes)
 
 
-def steps_per_epoch(data_config: ml_collections.ConfigDict, global_batch_size: int, *,
-                    process_count: int | None = None, local_device_count: int | None = None) -> int:
+def steps_per_epoch(
+    data_config: ml_collections.ConfigDict,
+    global_batch_size: int,
+    *,
+    process_count: int | None = None,
+    local_device_count: int | None = None,
+) -> int:
     """Train batches per epoch, the same on every process (each drops its last partial batch)."""
     _, process_count = _processes(0, process_count)
     local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
@@ -72,9 +77,17 @@ def local_batch_size(global_batch_size: int, process_count: int, local_device_co
     return local_batch
 
 
-def build_train_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int, *, seed: int | None = None,
-                         process_index: int | None = None, process_count: int | None = None, start_step: int = 0,
-                         local_device_count: int | None = None, finish_on_host: bool = False) -> Iterator[Batch]:
+def build_train_iterator(
+    data_config: ml_collections.ConfigDict,
+    global_batch_size: int,
+    *,
+    seed: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_step: int = 0,
+    local_device_count: int | None = None,
+    finish_on_host: bool = False,
+) -> Iterator[Batch]:
     """Endless train batches {"image" (B,H,W,3) uint8, "label" (B,) int32}, for the device to finish; with
     `finish_on_host` {"image" float32 normalized and erased, "label", "soft_label" (B,C) float32}, mixed.
 
@@ -92,18 +105,28 @@ def build_train_iterator(data_config: ml_collections.ConfigDict, global_batch_si
     augment, mix = _train_functions(data_config, local_batch, num_classes, finish_on_host)
 
     def make_epoch(epoch: int, skip_batches: int) -> tf.data.Dataset:
-        return _train_epoch(source, data_config, split, local_batch, steps, augment, mix,
-                            seeds=[_derive_seed(seed, epoch, process_index, stream) for stream in range(3)],
-                            skip_batches=skip_batches)
+        return _train_epoch(
+            source,
+            data_config,
+            split,
+            local_batch,
+            steps,
+            augment,
+            mix,
+            seeds=[_derive_seed(seed, epoch, process_index, stream) for stream in range(3)],
+            skip_batches=skip_batches,
+        )
 
     return _endless(make_epoch, steps, start_step)
 
 
-def _train_steps(source: Source, local_batch: int, process_index: int,
-                 process_count: int) -> tuple[tfds.typing.SplitArg, int]:
+def _train_steps(
+    source: Source, local_batch: int, process_index: int, process_count: int
+) -> tuple[tfds.typing.SplitArg, int]:
     # drop_remainder: every process gets floor(N / process_count) examples, so all run the same steps.
-    split = tfds.split_for_jax_process(source.train_split, process_index=process_index,
-                                       process_count=process_count, drop_remainder=True)
+    split = tfds.split_for_jax_process(
+        source.train_split, process_index=process_index, process_count=process_count, drop_remainder=True
+    )
     steps = source.num_examples(split) // local_batch
     if steps == 0:
         raise DataConfigError(
@@ -134,8 +157,9 @@ def _parallel(config: ml_collections.ConfigDict) -> int:
     return tf.data.AUTOTUNE if config.num_parallel_calls < 0 else config.num_parallel_calls
 
 
-def _train_functions(config: ml_collections.ConfigDict, local_batch: int, num_classes: int,
-                     finish: bool) -> tuple[Callable, Callable | None]:
+def _train_functions(
+    config: ml_collections.ConfigDict, local_batch: int, num_classes: int, finish: bool
+) -> tuple[Callable, Callable | None]:
     """The per-image augmentation and (finishing on the host) the per-batch mixing, traced once and reused by every
     epoch's pipeline."""
     size, augment = config.image_size, config.augment
@@ -149,17 +173,34 @@ def _train_functions(config: ml_collections.ConfigDict, local_batch: int, num_cl
         return preprocess, None
     mix = tf.function(
         functools.partial(
-            mix_batch, num_classes=num_classes, mixup_alpha=augment.mixup_alpha, cutmix_alpha=augment.cutmix_alpha,
-            mix_prob=augment.mix_prob, switch_prob=augment.mix_switch_prob, label_smoothing=augment.label_smoothing,
+            mix_batch,
+            num_classes=num_classes,
+            mixup_alpha=augment.mixup_alpha,
+            cutmix_alpha=augment.cutmix_alpha,
+            mix_prob=augment.mix_prob,
+            switch_prob=augment.mix_switch_prob,
+            label_smoothing=augment.label_smoothing,
         ),
-        input_signature=[tf.TensorSpec([local_batch, size, size, 3], tf.float32), tf.TensorSpec([local_batch], tf.int32),
-                         tf.TensorSpec([2], tf.int64)],
+        input_signature=[
+            tf.TensorSpec([local_batch, size, size, 3], tf.float32),
+            tf.TensorSpec([local_batch], tf.int32),
+            tf.TensorSpec([2], tf.int64),
+        ],
     )
     return preprocess, mix
 
 
-def _train_epoch(source: Source, config: ml_collections.ConfigDict, split, local_batch: int, steps: int,
-                 augment: Callable, mix: Callable | None, seeds: list[int], skip_batches: int) -> tf.data.Dataset:
+def _train_epoch(
+    source: Source,
+    config: ml_collections.ConfigDict,
+    split,
+    local_batch: int,
+    steps: int,
+    augment: Callable,
+    mix: Callable | None,
+    seeds: list[int],
+    skip_batches: int,
+) -> tf.data.Dataset:
     example_seed, mix_seed, shuffle_seed = seeds
     records = source.read(split, shuffle_seed=shuffle_seed)
     if config.shuffle_buffer > 1:
@@ -179,15 +220,16 @@ def _train_epoch(source: Source, config: ml_collections.ConfigDict, split, local
 
     batches = records.map(augment_example, num_parallel_calls=_parallel(config), deterministic=True)
     batches = batches.batch(local_batch, drop_remainder=True).map(
-        functools.partial(_spread_copies, repeats=config.repeated_augmentation))
+        functools.partial(_spread_copies, repeats=config.repeated_augmentation)
+    )
     if mix is not None:
-        batches = batches.enumerate(start=skip_batches).map(mix_batch_at, num_parallel_calls=_parallel(config),
-                                                            deterministic=True)
+        batches = batches.enumerate(start=skip_batches).map(
+            mix_batch_at, num_parallel_calls=_parallel(config), deterministic=True
+        )
     return _with_options(batches.prefetch(config.prefetch))
 
 
-def _positions(records: tf.data.Dataset, config: ml_collections.ConfigDict, total: int,
-               first: int) -> tf.data.Dataset:
+def _positions(records: tf.data.Dataset, config: ml_collections.ConfigDict, total: int, first: int) -> tf.data.Dataset:
     """(position in the epoch, example) for positions first .. total - 1 of the epoch's stream.
 
     Repeated augmentation (Hoffer et al.; DeiT/XCiT) puts each image `repeated_augmentation` times in a row, so
@@ -228,8 +270,9 @@ def _with_options(dataset: tf.data.Dataset) -> tf.data.Dataset:
     options.deterministic = True  # same seed, same batches, whatever the thread timing
     # big_vision's settings: the pipeline's own thread pool, and no op that spreads itself over several threads
     # (parallelism comes from the parallel maps, which AUTOTUNE sizes within the pool).
-    options.threading.private_threadpool_size = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-        else os.cpu_count() or 1  # the cores this process may use (a SLURM task's, say), not the host's
+    options.threading.private_threadpool_size = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )  # the cores this process may use (a SLURM task's, say), not the host's
     options.threading.max_intra_op_parallelism = 1
     return dataset.with_options(options)
 
@@ -267,9 +310,16 @@ class EvalBatches:
         return self.num_batches
 
 
-def build_eval_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int, split: str | None = None, *,
-                        process_index: int | None = None, process_count: int | None = None,
-                        local_device_count: int | None = None, finish_on_host: bool = False) -> EvalBatches:
+def build_eval_iterator(
+    data_config: ml_collections.ConfigDict,
+    global_batch_size: int,
+    split: str | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    local_device_count: int | None = None,
+    finish_on_host: bool = False,
+) -> EvalBatches:
     """Eval batches {"image" uint8 (float32 normalized with `finish_on_host`), "label" int32, "mask" float32
     (1 real, 0 padding)} of `split` (default: the eval split)."""
     process_index, process_count = _processes(process_index, process_count)
@@ -277,19 +327,25 @@ def build_eval_iterator(data_config: ml_collections.ConfigDict, global_batch_siz
     source = open_source(data_config)
     split = split or source.eval_split
     source.check_split(split)
-    parts = [tfds.split_for_jax_process(split, process_index=index, process_count=process_count)
-             for index in range(process_count)]
+    parts = [
+        tfds.split_for_jax_process(split, process_index=index, process_count=process_count)
+        for index in range(process_count)
+    ]
     # Every process runs as many batches as the largest part needs, so collective ops stay in step.
     num_batches = math.ceil(max(source.num_examples(part) for part in parts) / local_batch)
     preprocess = augment_lib.eval_preprocess(data_config, finish_on_host)
     examples = source.read(parts[process_index]).map(
         lambda example: {"image": preprocess(example["image"]), "label": example["label"], "mask": tf.constant(1.0)},
-        num_parallel_calls=_parallel(data_config), deterministic=True,
+        num_parallel_calls=_parallel(data_config),
+        deterministic=True,
     )
     size = data_config.image_size
     padding = tf.data.Dataset.from_tensors(
-        {"image": tf.zeros([size, size, 3], tf.float32 if finish_on_host else tf.uint8), "label": tf.constant(0),
-         "mask": tf.constant(0.0)}
+        {
+            "image": tf.zeros([size, size, 3], tf.float32 if finish_on_host else tf.uint8),
+            "label": tf.constant(0),
+            "mask": tf.constant(0.0),
+        }
     ).repeat()
     batches = examples.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
     dataset = _with_options(batches.prefetch(data_config.prefetch))

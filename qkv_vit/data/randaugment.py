@@ -14,21 +14,34 @@ truncating. Each op matches PIL to within a couple of grey levels (see tests/tes
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from qkv_vit.data._tensorflow import tf
 
 # timm's _RAND_INCREASING_TRANSFORMS, in timm's order.
 OPS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
-    "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
-    "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 )
 _LEVEL_DENOMINATOR = 10.0  # timm's magnitude scale: level / 10 is the fraction of each op's range
 _TRANSLATE_FRACTION = 0.45  # timm's translate_pct
 
 
 # ---- colour ops (PIL ImageOps / ImageEnhance) ----
+
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
@@ -122,6 +135,7 @@ def posterize(image: tf.Tensor, bits: tf.Tensor | int) -> tf.Tensor:
 
 # ---- geometric ops (PIL Image.transform / rotate) ----
 
+
 def affine(image: tf.Tensor, matrix: Sequence[tf.Tensor | float], fill: Sequence[float]) -> tf.Tensor:
     """Output pixel (x, y) samples input (a x + b y + c, d x + e y + f), PIL's convention; outside: fill."""
     fill = tf.constant(fill, tf.float32)
@@ -130,8 +144,12 @@ def affine(image: tf.Tensor, matrix: Sequence[tf.Tensor | float], fill: Sequence
     # Shift by the fill colour so that TF's single scalar fill value (0) becomes a per-channel colour.
     shifted = tf.cast(image, tf.float32)[None] - fill
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=shifted, transforms=transform, output_shape=tf.shape(image)[:2], fill_value=0.0,
-        interpolation="BILINEAR", fill_mode="CONSTANT",
+        images=shifted,
+        transforms=transform,
+        output_shape=tf.shape(image)[:2],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
     )
     return _to_uint8(out[0] + fill)
 
@@ -163,8 +181,10 @@ def translate_y(image: tf.Tensor, pixels: tf.Tensor | float, fill: Sequence[floa
 
 # ---- magnitude -> argument, as timm's *_level_to_arg ----
 
-def op_branches(image: tf.Tensor, level: tf.Tensor, sign: tf.Tensor,
-                fill: Sequence[float]) -> list[Callable[[], tf.Tensor]]:
+
+def op_branches(
+    image: tf.Tensor, level: tf.Tensor, sign: tf.Tensor, fill: Sequence[float]
+) -> list[Callable[[], tf.Tensor]]:
     """One thunk per entry of OPS, at timm's argument for `level` (0..10) and `sign` (+-1)."""
     fraction = tf.cast(level, tf.float32) / _LEVEL_DENOMINATOR
     enhance = tf.maximum(0.1, 1.0 + sign * fraction * 0.9)
@@ -189,15 +209,24 @@ def op_branches(image: tf.Tensor, level: tf.Tensor, sign: tf.Tensor,
     ]
 
 
-def apply_op(image: tf.Tensor, name: str, level: float, sign: float = 1.0,
-             fill: Sequence[float] = (128.0, 128.0, 128.0)) -> tf.Tensor:
+def apply_op(
+    image: tf.Tensor, name: str, level: float, sign: float = 1.0, fill: Sequence[float] = (128.0, 128.0, 128.0)
+) -> tf.Tensor:
     """Applies one named op at a given level, e.g. for looking at what an op does."""
     return op_branches(image, tf.constant(level, tf.float32), tf.constant(sign, tf.float32), fill)[OPS.index(name)]()
 
 
-def randaugment(image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = 2, magnitude: float = 9.0,
-                magnitude_std: float = 0.5, magnitude_max: float = 10.0, prob: float = 0.5,
-                fill: Sequence[float] = (128.0, 128.0, 128.0)) -> tf.Tensor:
+def randaugment(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    *,
+    num_layers: int = 2,
+    magnitude: float = 9.0,
+    magnitude_std: float = 0.5,
+    magnitude_max: float = 10.0,
+    prob: float = 0.5,
+    fill: Sequence[float] = (128.0, 128.0, 128.0),
+) -> tf.Tensor:
     """timm's RandAugment on a uint8 HxWx3 image; `seed` is a stateless seed, shape [2]."""
     for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, max(num_layers, 1)))[:num_layers]:
         op_seed, apply_seed, level_seed, sign_seed = tf.unstack(tf.random.experimental.stateless_split(layer_seed, 4))

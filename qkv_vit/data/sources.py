@@ -85,7 +85,9 @@ class Source:
             examples = self.builder.info.splits[split].num_examples
         except (ValueError, KeyError) as error:
             valid = list(self.builder.info.splits.keys())
-            raise DataConfigError(f"Bad split {split!r} for {self.description}: {error} Valid splits: {valid}.") from None
+            raise DataConfigError(
+                f"Bad split {split!r} for {self.description}: {error} Valid splits: {valid}."
+            ) from None
         if not examples:
             raise DataConfigError(f"Split {split!r} of {self.description} has no examples: choose a larger part.")
 
@@ -95,12 +97,17 @@ class Source:
 
         def ranges(spec: str) -> list[tuple[str, int, int]]:  # (split, first index, end index); None: the split's end
             absolute = tfds.core.ReadInstruction.from_spec(spec).to_absolute(splits)
-            return [(a.splitname, a.from_ or 0, splits[a.splitname].num_examples if a.to is None else a.to)
-                    for a in absolute]
+            return [
+                (a.splitname, a.from_ or 0, splits[a.splitname].num_examples if a.to is None else a.to)
+                for a in absolute
+            ]
 
-        return sum(max(0, min(a_end, b_end) - max(a_start, b_start))
-                   for a_name, a_start, a_end in ranges(first) for b_name, b_start, b_end in ranges(second)
-                   if a_name == b_name)
+        return sum(
+            max(0, min(a_end, b_end) - max(a_start, b_start))
+            for a_name, a_start, a_end in ranges(first)
+            for b_name, b_start, b_end in ranges(second)
+            if a_name == b_name
+        )
 
     def label_counts(self, split: str) -> list[int]:
         """Examples per class in `split`, reading labels only (images stay encoded)."""
@@ -112,10 +119,21 @@ class Source:
 
     def info(self, num_classes: int | None = None) -> DatasetInfo:
         """The data set's summary; `num_classes` (config.data.num_classes) overrides the data set's count."""
-        others = [split for split in self.builder.info.splits.keys() if split not in (self.train_split, self.eval_split)]
-        return DatasetInfo(self.description, self.train_split, self.eval_split, self.num_examples(self.train_split),
-                           self.num_examples(self.eval_split), num_classes or self.num_classes, self.class_names,
-                           others, self.overlap(self.train_split, self.eval_split), self.skipped_files)
+        others = [
+            split for split in self.builder.info.splits.keys() if split not in (self.train_split, self.eval_split)
+        ]
+        return DatasetInfo(
+            self.description,
+            self.train_split,
+            self.eval_split,
+            self.num_examples(self.train_split),
+            self.num_examples(self.eval_split),
+            num_classes or self.num_classes,
+            self.class_names,
+            others,
+            self.overlap(self.train_split, self.eval_split),
+            self.skipped_files,
+        )
 
     def read(self, split: str | tfds.typing.SplitArg, shuffle_seed: int | None = None) -> tf.data.Dataset:
         """Examples {"image": encoded bytes, "label": int32}; files shuffled when a seed is given."""
@@ -143,8 +161,9 @@ def open_source(config: ml_collections.ConfigDict) -> Source:
         prepared = image_folder.prepare_image_folder(config.path, config.cache_dir, config.bad_files)
         builder = tfds.builder_from_directory(os.fspath(prepared.tfds_dir))
         skipped = SkippedFiles(prepared.num_skipped, prepared.skipped_files, prepared.label_map_file)
-        source = _make_source(builder, config, None, None, f"image folder {config.path}",
-                              skipped if prepared.num_skipped else None)
+        source = _make_source(
+            builder, config, None, None, f"image folder {config.path}", skipped if prepared.num_skipped else None
+        )
     if config.num_classes is not None and config.num_classes < source.num_classes:
         raise DataConfigError(
             f"num_classes={config.num_classes} is less than the {source.num_classes} classes of {source.description}."
@@ -191,12 +210,20 @@ def _not_prepared_message(name: str, data_dir: str | None) -> str:
     )
 
 
-def _make_source(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict, train_default: str | None,
-                 eval_default: str | None, description: str, skipped_files: SkippedFiles | None = None) -> Source:
+def _make_source(
+    builder: tfds.core.DatasetBuilder,
+    config: ml_collections.ConfigDict,
+    train_default: str | None,
+    eval_default: str | None,
+    description: str,
+    skipped_files: SkippedFiles | None = None,
+) -> Source:
     """The source with its splits: the config's, else the data set's own defaults, else found by name."""
     features = builder.info.features
     if "image" not in features or "label" not in features:
-        raise DataConfigError(f"{description} has no 'image' and 'label' features; it is not an image classification set.")
+        raise DataConfigError(
+            f"{description} has no 'image' and 'label' features; it is not an image classification set."
+        )
     available = list(builder.info.splits.keys())
     train_split = config.train_split or train_default or _find_split(available, TRAIN_SPLIT_NAMES) or "train"
     eval_split = config.eval_split or eval_default or _find_split(available, HELD_OUT_SPLIT_NAMES)

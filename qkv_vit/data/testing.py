@@ -8,8 +8,8 @@ check that sharding and evaluation cover every example exactly once.
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import PIL.Image
@@ -21,8 +21,12 @@ def id_colour(example_id: int) -> tuple[int, int, int]:
     return example_id % 256, example_id // 256 % 256, 200
 
 
-def write_image_folder(root: str | Path, splits: Mapping[str, Mapping[str, int]], size: tuple[int, int] = (12, 10),
-                       image_format: str = "png") -> dict[str, int]:
+def write_image_folder(
+    root: str | Path,
+    splits: Mapping[str, Mapping[str, int]],
+    size: tuple[int, int] = (12, 10),
+    image_format: str = "png",
+) -> dict[str, int]:
     """Writes ROOT/<split>/<class>/<n>.<format>; returns {"<split>/<class>/<file>": example id}."""
     root, ids, next_id = Path(root), {}, 0
     for split, classes in splits.items():
@@ -46,9 +50,12 @@ def write_tar(folder: str | Path, archive: str | Path, top: str = "images") -> P
     return archive
 
 
-def ids_from_images(images: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
-                    std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+def ids_from_images(
+    images: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> np.ndarray:
     """Inverse of id_colour for flat images (B,H,W,3), uint8 or normalized float: the example id of each."""
     centre = images[:, images.shape[1] // 2, images.shape[2] // 2]
-    pixels = centre.astype(np.int64) if images.dtype == np.uint8 else np.round((centre * std + mean) * 255).astype(np.int64)
+    pixels = (
+        centre.astype(np.int64) if images.dtype == np.uint8 else np.round((centre * std + mean) * 255).astype(np.int64)
+    )
     return pixels[:, 0] + 256 * pixels[:, 1]

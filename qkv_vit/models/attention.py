@@ -1,7 +1,5 @@
 """XCiT's two attentions: cross-covariance attention (XCA) over channels, and class attention (CaiT)."""
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,8 +19,9 @@ def split_heads(x: jnp.ndarray, num_heads: int) -> jnp.ndarray:
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
 
-def embed_queries_keys_values(spec: QKVSpec, dim: int, dtype: Dtype, layer_impl: str,
-                              x: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+def embed_queries_keys_values(
+    spec: QKVSpec, dim: int, dtype: Dtype, layer_impl: str, x: jnp.ndarray
+) -> tuple[jnp.ndarray, ...]:
     """q, k, v (B, N, dim) of tokens x from the block's embedding (a submodule named `qkv`)."""
     embedding = qkv_embedding(spec, dim, dtype, layer_impl)
     if isinstance(embedding, NonlinearQKV):
@@ -99,6 +98,8 @@ class ClassAttention(nn.Module):
     def queries_keys_values(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         """The class token's query (B, 1, C) and every token's key and value (B, N, C)."""
         if self.qkv is None:
-            return tuple(make_dense(self.layer_impl, self.dim, self.dtype, name=t)(x[:, :1] if t == "q" else x) for t in "qkv")
+            return tuple(
+                make_dense(self.layer_impl, self.dim, self.dtype, name=t)(x[:, :1] if t == "q" else x) for t in "qkv"
+            )
         q, k, v = embed_queries_keys_values(self.qkv, self.dim, self.dtype, self.layer_impl, x)
         return q[:, :1], k, v

@@ -1,7 +1,5 @@
 """XCiT's residual blocks: the XCA block (XCA, LPI, MLP) and the class-attention block."""
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -75,14 +73,17 @@ class XCABlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, height: int, width: int, train: bool) -> jnp.ndarray:
         impl = self.layer_impl
-        attn = XCA(self.dim, self.num_heads, self.attn_drop_rate, self.proj_drop_rate, self.qkv, self.dtype, impl,
-                   name="attn")
+        attn = XCA(
+            self.dim, self.num_heads, self.attn_drop_rate, self.proj_drop_rate, self.qkv, self.dtype, impl, name="attn"
+        )
         mlp = Mlp(int(self.dim * self.mlp_ratio), self.proj_drop_rate, self.dtype, impl, name="mlp")
         lpi = LPI(self.dtype, impl, self.batch_norm_group_size, name="local_mp")
         drop = drop_path(self.drop_path_rate, train)
         # The reference applies norm3/LPI before norm2/MLP (names kept for weight compatibility).
         x = x + drop(layer_scale(self, "gamma1", self.eta, attn(make_layer_norm(impl, "norm1")(x), train)))
-        x = x + drop(layer_scale(self, "gamma3", self.eta, lpi(make_layer_norm(impl, "norm3")(x), height, width, train)))
+        x = x + drop(
+            layer_scale(self, "gamma3", self.eta, lpi(make_layer_norm(impl, "norm3")(x), height, width, train))
+        )
         x = x + drop(layer_scale(self, "gamma2", self.eta, mlp(make_layer_norm(impl, "norm2")(x), train)))
         return x
 
@@ -108,8 +109,9 @@ class ClassAttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         impl = self.layer_impl
-        attn = ClassAttention(self.dim, self.num_heads, self.attn_drop_rate, self.proj_drop_rate, self.qkv, self.dtype,
-                              impl, name="attn")
+        attn = ClassAttention(
+            self.dim, self.num_heads, self.attn_drop_rate, self.proj_drop_rate, self.qkv, self.dtype, impl, name="attn"
+        )
         norm2 = make_layer_norm(impl, "norm2")
         x_norm = make_layer_norm(impl, "norm1")(x)
         x_attn = jnp.concatenate([attn(x_norm, train).astype(x_norm.dtype), x_norm[:, 1:]], axis=1)

@@ -22,11 +22,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
 # --- normalization statistics and LayerNorm ---------------------------------------------------------------------
 
-def statistics(x32: jnp.ndarray, axes: tuple[int, ...], keepdims: bool,
-               epsilon: float) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+
+def statistics(
+    x32: jnp.ndarray, axes: tuple[int, ...], keepdims: bool, epsilon: float
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Mean, biased (two-pass) variance and 1 / sqrt(variance + epsilon) of x32 over `axes`."""
     mean = jnp.mean(x32, axis=axes, keepdims=True)
     centered = x32 - mean
@@ -89,9 +90,11 @@ class LayerNorm(nn.Module):
 
 # --- BatchNorm in training mode ------------------------------------------------------------------------------------
 
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray,
-                     epsilon: float) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def batch_norm_train(
+    x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, epsilon: float
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Training-mode BatchNorm over every axis but the last: (y, batch mean, biased batch variance), in
     float32. The statistics are returned for the running averages only; callers must stop their gradient
     (the backward pass here ignores their cotangents)."""
@@ -123,6 +126,7 @@ batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)
 
 # --- Dense over a token matrix -------------------------------------------------------------------------------------
 
+
 def token_matrix(x: jnp.ndarray) -> jnp.ndarray:
     """x (..., features) as one (tokens, features) matrix. A leading axis of one is kept as it is: merging
     it away would drop a batch axis that is sharded over a mesh (explicit sharding, batch of one)."""
@@ -144,6 +148,7 @@ class Dense(nn.Dense):
 
 
 # --- depthwise 3x3 convolution -------------------------------------------------------------------------------------
+
 
 def _shifted_sum(padded: jnp.ndarray, taps: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
     """sum over dy, dx of padded[:, dy:dy+H, dx:dx+W] * taps[dy, dx]: a 3x3 depthwise correlation."""

@@ -1,7 +1,6 @@
 """XCiT's input side: convolutional patch embedding and Fourier positional encoding."""
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

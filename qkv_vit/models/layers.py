@@ -36,7 +36,7 @@ def check_layer_impl(layer_impl: str) -> None:
 
 
 def resolve_layer_impl(layer_impl: str) -> str:
-    """"flax" or "cpu" for an XCiT `layer_impl`; ValueError for an unknown one. Resolving "auto" asks JAX for its
+    """ "flax" or "cpu" for an XCiT `layer_impl`; ValueError for an unknown one. Resolving "auto" asks JAX for its
     backend, which starts it: call this when the model is applied, not when it is built (jax.distributed must
     be initialized before any backend starts)."""
     check_layer_impl(layer_impl)
@@ -70,12 +70,20 @@ def make_depthwise_conv3x3(layer_impl: str, features: int, dtype: Dtype, name: s
     """Depthwise 3x3 convolution, padding 1, stride 1, with bias: parameters `kernel` (3, 3, 1, C), `bias` (C,)."""
     if layer_impl == "cpu":
         return cpu_kernels.DepthwiseConv3x3(features, dtype, conv_init, name=name)
-    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=features, dtype=dtype,
-                   kernel_init=conv_init, name=name)
+    return nn.Conv(
+        features,
+        (3, 3),
+        padding=((1, 1), (1, 1)),
+        feature_group_count=features,
+        dtype=dtype,
+        kernel_init=conv_init,
+        name=name,
+    )
 
 
-def batch_norm_train(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray,
-                     epsilon: float) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def batch_norm_train(
+    x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, epsilon: float
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Training-mode BatchNorm over every axis but the last, differentiated by JAX: (y, mean, biased variance),
     in float32, with PyTorch's two-pass variance."""
     x32 = x.astype(jnp.float32)
@@ -126,8 +134,9 @@ class BatchNorm(nn.Module):
             running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased_var
         return y.astype(self.dtype)
 
-    def normalize_groups(self, x: jnp.ndarray, scale: jnp.ndarray,
-                         bias: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    def normalize_groups(
+        self, x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray
+    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         """(y, per-group means (groups, C), per-group biased variances (groups, C)); one group without group_size."""
         normalize = cpu_kernels.batch_norm_train if self.layer_impl == "cpu" else batch_norm_train
         batch, size = x.shape[0], self.group_size
@@ -141,7 +150,9 @@ class BatchNorm(nn.Module):
         return y.reshape(x.shape), mean, var
 
 
-def make_batch_norm(train: bool, dtype: Dtype, name: str, layer_impl: str = "flax",
-               group_size: int | None = None) -> BatchNorm:
-    return BatchNorm(use_running_average=not train, dtype=dtype, layer_impl=layer_impl, group_size=group_size,
-                     name=name)
+def make_batch_norm(
+    train: bool, dtype: Dtype, name: str, layer_impl: str = "flax", group_size: int | None = None
+) -> BatchNorm:
+    return BatchNorm(
+        use_running_average=not train, dtype=dtype, layer_impl=layer_impl, group_size=group_size, name=name
+    )

@@ -15,7 +15,7 @@ Dense1([x ; c_t]) = x W1x + (c_t W1c + b1): the codes only add one bias per embe
 """
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -32,6 +32,7 @@ ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "identity": lambda x: x,  # for ablations and for checking that each structure collapses to a linear map
 }
 
+
 @dataclasses.dataclass(frozen=True)
 class QKVSpec:
     """How q, k and v are computed from the normalized tokens; one spec for every block that uses it."""
@@ -45,8 +46,12 @@ class QKVSpec:
     qkv_activation: str = "relu"
 
     def __post_init__(self) -> None:
-        choices = {"qkv_embed": QKV_EMBEDDINGS, "shared_layer": SHARED_LAYERS, "code_mode": CODE_MODES,
-                   "qkv_activation": tuple(ACTIVATIONS)}
+        choices = {
+            "qkv_embed": QKV_EMBEDDINGS,
+            "shared_layer": SHARED_LAYERS,
+            "code_mode": CODE_MODES,
+            "qkv_activation": tuple(ACTIVATIONS),
+        }
         for field, valid in choices.items():
             if getattr(self, field) not in valid:
                 raise ValueError(f"Unknown {field} {getattr(self, field)!r}: choose one of {valid}.")

@@ -54,8 +54,10 @@ def qkv_preset(preset: str, embed_dim: int) -> dict[str, Any]:
     """The XCiT options of a named QKV configuration (or an alias of one) for a given token width."""
     preset = QKV_PRESET_ALIASES.get(preset, preset)
     if preset not in QKV_PRESETS:
-        raise ValueError(f"Unknown QKV preset {preset!r}.{closest(preset, QKV_PRESETS)} Known presets: "
-                         f"{', '.join([*QKV_PRESETS, *QKV_PRESET_ALIASES])}.")
+        raise ValueError(
+            f"Unknown QKV preset {preset!r}.{closest(preset, QKV_PRESETS)} Known presets: "
+            f"{', '.join([*QKV_PRESETS, *QKV_PRESET_ALIASES])}."
+        )
     options, hidden_ratio = QKV_PRESETS[preset]
     if options["qkv_embed"] == "linear":
         return dict(options)
@@ -77,12 +79,16 @@ def architecture(name: str, qkv: str | None = None, **overrides: Any) -> dict[st
     """The architecture of a named model: XCiT's constructor arguments, with a QKV preset and overrides applied
     in that order (XCiT(**architecture(...)) is the model). ValueError for an unknown name, preset or option."""
     if name not in MODEL_CONFIGS:
-        raise ValueError(f"Unknown model {name!r}.{closest(name, list_models())} Known models: {', '.join(list_models())}.")
+        raise ValueError(
+            f"Unknown model {name!r}.{closest(name, list_models())} Known models: {', '.join(list_models())}."
+        )
     fields = architecture_fields()
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise ValueError(f"Unknown XCiT option(s) {unknown} for {name}.{closest(unknown[0], fields)} "
-                         f"Valid options: {', '.join(sorted(fields))}.")
+        raise ValueError(
+            f"Unknown XCiT option(s) {unknown} for {name}.{closest(unknown[0], fields)} "
+            f"Valid options: {', '.join(sorted(fields))}."
+        )
     config = dict(MODEL_CONFIGS[name])
     if qkv:  # h relative to the width the model will have, an overridden embed_dim included
         config.update(qkv_preset(qkv, overrides.get("embed_dim", config["embed_dim"])))
@@ -108,7 +114,7 @@ def architecture_from_json(stored: dict[str, Any]) -> dict[str, Any]:
 
 
 def closest(name: str, choices: Any) -> str:
-    """" Did you mean 'x'?" for the nearest valid name, or "" when none is close."""
+    """ " Did you mean 'x'?" for the nearest valid name, or "" when none is close."""
     match = difflib.get_close_matches(name, list(choices), n=1)
     return f" Did you mean {match[0]!r}?" if match else ""
 

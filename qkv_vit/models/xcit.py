@@ -4,7 +4,6 @@ Images are NHWC. Variables hold `params` and `batch_stats` (patch-embedding and 
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -59,7 +58,7 @@ class XCiT(nn.Module):
 
     def __post_init__(self) -> None:
         validate_architecture(self)
-        self.qkv_spec  # validates the embedding options now, not at the first call
+        _ = self.qkv_spec  # building it validates the embedding options now, not at the first call
         super().__post_init__()
 
     @property
@@ -170,7 +169,9 @@ def validate_architecture(model: XCiT) -> None:
         raise ValueError(f"eta (LayerScale's initial value) must be > 0, got {model.eta}.")
     check_layer_impl(model.layer_impl)
     if model.batch_norm_group_size is not None and model.batch_norm_group_size < 1:
-        raise ValueError(f"batch_norm_group_size must be >= 1 (or None: the whole batch), got {model.batch_norm_group_size}.")
+        raise ValueError(
+            f"batch_norm_group_size must be >= 1 (or None: the whole batch), got {model.batch_norm_group_size}."
+        )
     if model.global_pool not in GLOBAL_POOLS:
         raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {model.global_pool!r}.")
     for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):

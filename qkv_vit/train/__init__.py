@@ -8,8 +8,13 @@ those are not installed; the names below load the trainer (which reads data thro
 import importlib
 from typing import Any
 
-_EXPORTS = {"NonFiniteError": "trainer", "Preempted": "trainer", "evaluate": "trainer",
-            "train_and_evaluate": "trainer", "base_config": "config"}
+_EXPORTS = {
+    "NonFiniteError": "trainer",
+    "Preempted": "trainer",
+    "evaluate": "trainer",
+    "train_and_evaluate": "trainer",
+    "base_config": "config",
+}
 
 __all__ = sorted(_EXPORTS)
 

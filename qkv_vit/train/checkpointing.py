@@ -82,8 +82,11 @@ class RunCheckpoints:
                 self.set_aside([bad for bad, _ in unreadable])
                 return state, record
             error = error or RuntimeError("another process could not read it")
-            logging.warning("Checkpoint %s cannot be read (%s); trying the previous one.",
-                            self.directory / str(step), describe_cause(error))
+            logging.warning(
+                "Checkpoint %s cannot be read (%s); trying the previous one.",
+                self.directory / str(step),
+                describe_cause(error),
+            )
             unreadable.append((step, error))
         if unreadable:
             listed = "; ".join(f"step {step}: {describe_cause(error)}" for step, error in unreadable)
@@ -129,7 +132,9 @@ class RunCheckpoints:
         self.writing_step = step
         try:
             saved = self.manager.save(
-                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)), force=True
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)),
+                force=True,
             )
         except Exception as error:  # full disk, permissions, a vanished directory: whatever the storage says
             raise self.save_failed(error) from error
@@ -145,8 +150,12 @@ class RunCheckpoints:
         try:
             restored = ocp.PyTreeCheckpointer().restore(
                 self.directory / str(step) / "state",
-                args=ocp.args.PyTreeRestore(item={"step": 0}, partial_restore=True,
-                                            restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)}))
+                args=ocp.args.PyTreeRestore(
+                    item={"step": 0},
+                    partial_restore=True,
+                    restore_args={"step": ocp.RestoreArgs(restore_type=np.ndarray)},
+                ),
+            )
             error = None if int(restored["step"]) == step else ValueError(f"it holds step {int(restored['step'])}")
         except Exception as caught:  # TensorStore and Orbax raise many types for what they cannot open
             error = caught

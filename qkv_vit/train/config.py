@@ -21,7 +21,8 @@ NONFINITE_POLICIES = ("stop", "skip")  # a NaN/inf step: stop the run, or skip t
 # config.data.num_classes) and dtype (config.compute_dtype).
 MODEL_OPTIONS: dict[str, type] = {
     name: next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
-    for name, kind in models.architecture_fields().items() if name not in ("num_classes", "dtype")
+    for name, kind in models.architecture_fields().items()
+    if name not in ("num_classes", "dtype")
 }
 
 
@@ -58,7 +59,9 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
 def _convert(name: str, value: str, kind: type) -> Any:
     if kind is bool:
         if value.lower() not in _BOOLEANS:
-            raise ConfigError(f"Config argument {name}={value!r} is not a boolean; use {name}, {name}=true or {name}=false.")
+            raise ConfigError(
+                f"Config argument {name}={value!r} is not a boolean; use {name}, {name}=true or {name}=false."
+            )
         return _BOOLEANS[value.lower()]
     try:
         return kind(value)
@@ -66,9 +69,9 @@ def _convert(name: str, value: str, kind: type) -> Any:
         raise ConfigError(f"Config argument {name}={value!r} is not a valid {kind.__name__}.") from None
 
 
-
-def set_xcit_model(config: ml_collections.ConfigDict, model: str, qkv: str, code_size: int | None = None,
-                   hidden: int | None = None) -> None:
+def set_xcit_model(
+    config: ml_collections.ConfigDict, model: str, qkv: str, code_size: int | None = None, hidden: int | None = None
+) -> None:
     """A named XCiT (`nano_12_p16` or `xcit_nano_12_p16`) with a QKV embedding, as configs/imagenet.py takes it.
 
     `qkv` is a models.QKV_PRESETS name ("fsne": F-SNE with `code_size`, default 8, and h = d); `code_size`
@@ -79,7 +82,9 @@ def set_xcit_model(config: ml_collections.ConfigDict, model: str, qkv: str, code
         sizes = ", ".join(n.removeprefix("xcit_") for n in models.MODEL_CONFIGS)
         raise ConfigError(f"Unknown model {model!r}; choose one of: {sizes}.")
     if qkv not in models.QKV_PRESETS and qkv not in models.QKV_PRESET_ALIASES:
-        raise ConfigError(f"Unknown qkv={qkv!r}; choose fsne (with code_size=M) or one of: {', '.join(models.QKV_PRESETS)}.")
+        raise ConfigError(
+            f"Unknown qkv={qkv!r}; choose fsne (with code_size=M) or one of: {', '.join(models.QKV_PRESETS)}."
+        )
     if code_size is not None and not qkv.startswith("fsne"):
         raise ConfigError(f"code_size={code_size} only applies to F-SNE (qkv=fsne), not qkv={qkv}.")
     if hidden is not None and qkv == "linear":
@@ -92,8 +97,9 @@ def set_xcit_model(config: ml_collections.ConfigDict, model: str, qkv: str, code
         config.model.qkv_hidden_dim = hidden
 
 
-def shrink_for_local_run(config: ml_collections.ConfigDict, steps: int = 2, every: int | None = None,
-                         keep_data: bool = False) -> None:
+def shrink_for_local_run(
+    config: ml_collections.ConfigDict, steps: int = 2, every: int | None = None, keep_data: bool = False
+) -> None:
     """Every config's `runlocal` argument: the same recipe on a 1-block width-32 model, `steps` steps of batch 16,
     logging, evaluating and saving every `every` steps (default: at the end), on the offline digits unless
     `keep_data` (then on the config's own data, at 32x32).
@@ -169,7 +175,7 @@ RUN_RULES = {
 # Keys renamed since configs were written with them: the old name is refused with the new one.
 RENAMED_KEYS = {
     "config.mesh.model": "config.mesh.fsdp (the axis shards parameters, FSDP, and splits the batch: it is not "
-                         "tensor parallelism)",
+    "tensor parallelism)",
 }
 
 

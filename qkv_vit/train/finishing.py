@@ -22,7 +22,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 ERASING_ATTEMPTS = 10  # timm's RandomErasing tries this many boxes and keeps the first that fits
 ERASING_STREAM, MIXING_STREAM = 1, 2  # fold_in tags: independent keys for the two random ops of a step
@@ -48,9 +49,20 @@ class BatchFinishing:
     @classmethod
     def from_config(cls, data_config: Any, num_classes: int) -> BatchFinishing:
         augment = data_config.augment
-        return cls(tuple(data_config.mean), tuple(data_config.std), num_classes, augment.erasing_prob,
-                   tuple(augment.erasing_area), augment.erasing_aspect_min, augment.erasing_mode, augment.mixup_alpha,
-                   augment.cutmix_alpha, augment.mix_prob, augment.mix_switch_prob, augment.label_smoothing)
+        return cls(
+            tuple(data_config.mean),
+            tuple(data_config.std),
+            num_classes,
+            augment.erasing_prob,
+            tuple(augment.erasing_area),
+            augment.erasing_aspect_min,
+            augment.erasing_mode,
+            augment.mixup_alpha,
+            augment.cutmix_alpha,
+            augment.mix_prob,
+            augment.mix_switch_prob,
+            augment.label_smoothing,
+        )
 
     @property
     def mixes(self) -> bool:
@@ -62,16 +74,18 @@ def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]
     return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def random_erasing(image: jax.Array, key: jax.Array, prob: float, area: tuple[float, float], aspect_min: float,
-                   mode: str) -> jax.Array:
+def random_erasing(
+    image: jax.Array, key: jax.Array, prob: float, area: tuple[float, float], aspect_min: float, mode: str
+) -> jax.Array:
     """timm's RandomErasing (one box) on one normalized image (H, W, C): with probability `prob`, the first of
     10 boxes of area fraction U(area) and log-uniform aspect in [aspect_min, 1 / aspect_min] that fits is filled
     with N(0, 1) noise ("pixel") or zeros ("const")."""
     height, width = image.shape[:2]
     apply_key, area_key, aspect_key, top_key, left_key, noise_key = jax.random.split(key, 6)
     target = jax.random.uniform(area_key, (ERASING_ATTEMPTS,), minval=area[0], maxval=area[1]) * (height * width)
-    log_aspect = jax.random.uniform(aspect_key, (ERASING_ATTEMPTS,), minval=math.log(aspect_min),
-                                    maxval=-math.log(aspect_min))
+    log_aspect = jax.random.uniform(
+        aspect_key, (ERASING_ATTEMPTS,), minval=math.log(aspect_min), maxval=-math.log(aspect_min)
+    )
     box_heights = jnp.round(jnp.sqrt(target * jnp.exp(log_aspect))).astype(jnp.int32)
     box_widths = jnp.round(jnp.sqrt(target / jnp.exp(log_aspect))).astype(jnp.int32)
     fits = (box_heights < height) & (box_widths < width)
@@ -98,9 +112,11 @@ def erase_each(images: jax.Array, keys: jax.Array, recipe: BatchFinishing) -> ja
     is drawn only for the images erased (a quarter at XCiT's 0.25); on GPU and TPU batched (vmap), where the
     noise is cheap and a loop over images is not. The values are the same either way.
     """
+
     def one(image: jax.Array, key: jax.Array) -> jax.Array:
-        return random_erasing(image, key, recipe.erasing_prob, recipe.erasing_area, recipe.erasing_aspect_min,
-                              recipe.erasing_mode)
+        return random_erasing(
+            image, key, recipe.erasing_prob, recipe.erasing_area, recipe.erasing_aspect_min, recipe.erasing_mode
+        )
 
     if jax.default_backend() == "cpu":
         return jax.lax.map(lambda pair: one(*pair), (images, keys))
@@ -153,15 +169,17 @@ def mix(images: jax.Array, labels: jax.Array, key: jax.Array, recipe: BatchFinis
     return mixed, lam * targets + (1.0 - lam) * targets[::-1]
 
 
-def finish_train_batch(batch: dict[str, jax.Array], key: jax.Array, recipe: BatchFinishing,
-                       mesh: Mesh | None = None) -> dict[str, jax.Array]:
+def finish_train_batch(
+    batch: dict[str, jax.Array], key: jax.Array, recipe: BatchFinishing, mesh: Mesh | None = None
+) -> dict[str, jax.Array]:
     """{"image" uint8, "label"} -> {"image" float32, "label", "soft_label"}: normalize, erase, mix per shard.
 
     `mesh`: the batch is sharded over all of its axes (the trainer's layout) and each device finishes its own
     shard (erasing keys still follow each image's position in the global batch); None: one shard.
     """
-    keys = jnp.stack([jax.random.key_data(jax.random.fold_in(key, stream)) for stream in (ERASING_STREAM,
-                                                                                          MIXING_STREAM)])
+    keys = jnp.stack(
+        [jax.random.key_data(jax.random.fold_in(key, stream)) for stream in (ERASING_STREAM, MIXING_STREAM)]
+    )
 
     def finish_shard(images: jax.Array, labels: jax.Array, keys: jax.Array, shard: jax.Array) -> tuple:
         erasing_key, mixing_key = (jax.random.wrap_key_data(data) for data in keys)
@@ -169,7 +187,8 @@ def finish_train_batch(batch: dict[str, jax.Array], key: jax.Array, recipe: Batc
         if recipe.erasing_prob > 0:
             first = shard * images.shape[0]  # this shard's first image in the global batch
             image_keys = jax.vmap(lambda index: jax.random.fold_in(erasing_key, first + index))(
-                jnp.arange(images.shape[0]))
+                jnp.arange(images.shape[0])
+            )
             images = erase_each(images, image_keys, recipe)
         return mix(images, labels, jax.random.fold_in(mixing_key, shard), recipe)
 
@@ -179,6 +198,8 @@ def finish_train_batch(batch: dict[str, jax.Array], key: jax.Array, recipe: Batc
         axes = tuple(mesh.axis_names)
         mixed, soft = jax.shard_map(
             lambda images, labels, keys: finish_shard(images, labels, keys, jax.lax.axis_index(axes)),
-            mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=(P(axes), P(axes)),
+            mesh=mesh,
+            in_specs=(P(axes), P(axes), P()),
+            out_specs=(P(axes), P(axes)),
         )(batch["image"], batch["label"], keys)
     return {"image": mixed, "label": batch["label"], "soft_label": soft}

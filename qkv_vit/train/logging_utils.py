@@ -6,7 +6,8 @@ or infinite value (a blown-up loss or gradient norm) is written as `null`. `read
 
 import json
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np

@@ -19,7 +19,9 @@ NO_DECAY_SUFFIXES = ("_bias",)  # the QKV embeddings' hidden_bias / output_bias
 NO_DECAY_MODULES = ("pos_embed",)  # the positional encoding's projection
 
 
-def learning_rate(opt: ml_collections.ConfigDict, global_batch_size: int, total_steps: int, warmup_steps: int) -> optax.Schedule:
+def learning_rate(
+    opt: ml_collections.ConfigDict, global_batch_size: int, total_steps: int, warmup_steps: int
+) -> optax.Schedule:
     """Linear warmup from warmup_init_lr to the peak lr, then cosine decay to min_lr, indexed by optimizer update.
 
     The peak is opt.lr, or with opt.scale_lr_by_batch opt.lr x (images per update) / 512, where an update sees
@@ -44,7 +46,9 @@ def decay_mask(params: Any, code_weight_decay: bool = False) -> Any:
         leaf = names[-1]
         if leaf == "codes":
             return code_weight_decay
-        no_decay = leaf in NO_DECAY_LEAVES or leaf.endswith(NO_DECAY_SUFFIXES) or any(m in names for m in NO_DECAY_MODULES)
+        no_decay = (
+            leaf in NO_DECAY_LEAVES or leaf.endswith(NO_DECAY_SUFFIXES) or any(m in names for m in NO_DECAY_MODULES)
+        )
         return not no_decay
 
     return jax.tree_util.tree_map_with_path(decays, params)

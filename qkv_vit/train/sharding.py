@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 if TYPE_CHECKING:  # type hints only: the step and the mesh need no ml_collections (nor TensorFlow)
     import ml_collections
@@ -81,8 +83,9 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) ->
     return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()}
 
 
-def prefetch_to_device(batches: Iterable[dict[str, np.ndarray]], size: int,
-                       sharding: NamedSharding) -> Iterator[dict[str, jax.Array]]:
+def prefetch_to_device(
+    batches: Iterable[dict[str, np.ndarray]], size: int, sharding: NamedSharding
+) -> Iterator[dict[str, jax.Array]]:
     """The global batches of `batches`, each put on its devices `size` batches ahead of its use.
 
     Transfers are asynchronous: while the step runs on one batch, the next `size` are already on their way

@@ -20,7 +20,9 @@ class TrainState:
     skipped_steps: jax.Array  # steps whose update was dropped for being non-finite (nonfinite="skip")
 
 
-def create_train_state(model: Any, optimizer: optax.GradientTransformation, rng: jax.Array, image_size: int, use_ema: bool) -> TrainState:
+def create_train_state(
+    model: Any, optimizer: optax.GradientTransformation, rng: jax.Array, image_size: int, use_ema: bool
+) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     variables = model.init(init_rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
     params = variables["params"]

@@ -3,7 +3,8 @@ share. Nothing here needs TensorFlow: a model can be stepped on synthetic batche
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,8 +88,9 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, model: Any,
-              finishing: BatchFinishing | None = None) -> dict[str, jax.Array]:
+def eval_step(
+    params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, model: Any, finishing: BatchFinishing | None = None
+) -> dict[str, jax.Array]:
     """Sums over the real (mask = 1) examples of a padded batch: count, loss, top-1 and top-5 hits.
 
     With `finishing` the images are uint8 and normalized here; without, they are already normalized float32.
@@ -119,24 +121,45 @@ class JittedSteps:
     eval_step: Callable  # (params, batch_stats, batch) -> sums
 
 
-def jit_steps(model: Any, optimizer: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh, *,
-              seed: int, image_size: int, ema_decay: float | None, sharding_strategy: str, accumulation_steps: int,
-              skip_nonfinite: bool, finishing: BatchFinishing | None) -> JittedSteps:
+def jit_steps(
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    *,
+    seed: int,
+    image_size: int,
+    ema_decay: float | None,
+    sharding_strategy: str,
+    accumulation_steps: int,
+    skip_nonfinite: bool,
+    finishing: BatchFinishing | None,
+) -> JittedSteps:
     """The steps jitted over `mesh`: the state placed by `sharding_strategy` ("replicate" or "fsdp"), the batch
     split over every device, the state donated to the train step; shapes from jax.eval_shape."""
-    init = functools.partial(create_train_state, model, optimizer, jax.random.PRNGKey(seed), image_size,
-                             ema_decay is not None)
+    init = functools.partial(
+        create_train_state, model, optimizer, jax.random.PRNGKey(seed), image_size, ema_decay is not None
+    )
     abstract_state = jax.eval_shape(init)
     state_sharding = sharding.state_shardings(abstract_state, mesh, sharding_strategy)
     batch_sharding = sharding.batch_sharding(mesh)
     jitted_train_step = jax.jit(
-        functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule, ema_decay=ema_decay,
-                          accumulation_steps=accumulation_steps, skip_nonfinite=skip_nonfinite, finishing=finishing,
-                          mesh=mesh),
+        functools.partial(
+            train_step,
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            ema_decay=ema_decay,
+            accumulation_steps=accumulation_steps,
+            skip_nonfinite=skip_nonfinite,
+            finishing=finishing,
+            mesh=mesh,
+        ),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
-    jitted_eval_step = jax.jit(functools.partial(eval_step, model=model, finishing=finishing),
-                               out_shardings=sharding.replicated(mesh))
+    jitted_eval_step = jax.jit(
+        functools.partial(eval_step, model=model, finishing=finishing), out_shardings=sharding.replicated(mesh)
+    )
     return JittedSteps(init, abstract_state, state_sharding, batch_sharding, jitted_train_step, jitted_eval_step)

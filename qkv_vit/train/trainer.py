@@ -14,7 +14,8 @@ import errno
 import json
 import logging
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -120,8 +121,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None) -> m
         overrides["num_classes"] = num_classes
     shown = {key: value for key, value in overrides.items() if key != "num_classes"}
     with config_mistakes(f"config.model_name={config.model_name!r}, config.qkv={config.qkv!r}, config.model: {shown}"):
-        return models.create(config.model_name, qkv=config.qkv or None, dtype=COMPUTE_DTYPES[config.compute_dtype],
-                             **overrides)
+        return models.create(
+            config.model_name, qkv=config.qkv or None, dtype=COMPUTE_DTYPES[config.compute_dtype], **overrides
+        )
 
 
 def validate_run_config(config: ml_collections.ConfigDict, model: models.XCiT) -> None:
@@ -130,19 +132,30 @@ def validate_run_config(config: ml_collections.ConfigDict, model: models.XCiT) -
     for name in ("global_batch_size", "eval_batch_size"):
         size = config.get(name)
         if size is not None and size % devices:
-            raise ConfigError(f"config.{name}={size} is not divisible by the {devices} devices; use a multiple of {devices}.")
+            raise ConfigError(
+                f"config.{name}={size} is not divisible by the {devices} devices; use a multiple of {devices}."
+            )
     group, per_device = model.batch_norm_group_size, config.global_batch_size // devices
     if group is not None and config.global_batch_size % group:
-        raise ConfigError(f"config.model.batch_norm_group_size={group} does not divide config.global_batch_size="
-                          f"{config.global_batch_size}: BatchNorm normalizes groups of that many images of each batch.")
+        raise ConfigError(
+            f"config.model.batch_norm_group_size={group} does not divide config.global_batch_size="
+            f"{config.global_batch_size}: BatchNorm normalizes groups of that many images of each batch."
+        )
     if group is not None and per_device % group and group % per_device:
-        logging.warning("BatchNorm groups of %d images straddle the devices' shards of %d images: XLA gathers their "
-                        "activations across devices for every BatchNorm (slower). A group size that divides the "
-                        "per-device batch, or is a multiple of it, avoids that.", group, per_device)
+        logging.warning(
+            "BatchNorm groups of %d images straddle the devices' shards of %d images: XLA gathers their "
+            "activations across devices for every BatchNorm (slower). A group size that divides the "
+            "per-device batch, or is a multiple of it, avoids that.",
+            group,
+            per_device,
+        )
     augment = config.data.augment
     if per_device < 2 and augment.mix_prob > 0 and (augment.mixup_alpha > 0 or augment.cutmix_alpha > 0):
-        logging.warning("Each device mixes (mixup / cutmix) its own shard of the batch, and it holds %d image: nothing "
-                        "is mixed. Use a larger global batch, or fewer devices.", per_device)
+        logging.warning(
+            "Each device mixes (mixup / cutmix) its own shard of the batch, and it holds %d image: nothing "
+            "is mixed. Use a larger global batch, or fewer devices.",
+            per_device,
+        )
     if config.data.image_size % model.patch_size:
         raise ConfigError(
             f"config.data.image_size={config.data.image_size} is not divisible by the patch size {model.patch_size}: "
@@ -188,18 +201,34 @@ def prepare_workdir(workdir: epath.Path) -> None:
 def log_data_summary(run: Run) -> None:
     """What the run reads and evaluates on, and how many files the data set's conversion skipped as not images."""
     info = run.source.info(run.config.data.num_classes)
-    logging.info("Data: %s, %d train examples (split %r); evaluation on split %r (%d examples)%s.", run.config.data.source,
-                 info.train_examples, info.train_split, info.eval_split, info.eval_examples,
-                 f"; also present: {info.other_splits} (data.eval_split chooses)" if info.other_splits else "")
+    logging.info(
+        "Data: %s, %d train examples (split %r); evaluation on split %r (%d examples)%s.",
+        run.config.data.source,
+        info.train_examples,
+        info.train_split,
+        info.eval_split,
+        info.eval_examples,
+        f"; also present: {info.other_splits} (data.eval_split chooses)" if info.other_splits else "",
+    )
     if info.train_eval_overlap:
-        logging.warning("The eval split %r shares %d examples with the train split %r (data.eval_split): the %s/* "
-                        "metrics include training images, so they are not held-out accuracy.", info.eval_split,
-                        info.train_eval_overlap, info.train_split, run.config.eval_name)
+        logging.warning(
+            "The eval split %r shares %d examples with the train split %r (data.eval_split): the %s/* "
+            "metrics include training images, so they are not held-out accuracy.",
+            info.eval_split,
+            info.train_eval_overlap,
+            info.train_split,
+            run.config.eval_name,
+        )
     skipped = info.skipped_files
     if skipped:
-        logging.warning("Skipped %d unreadable or non-image files of %s (bad_files=%r), e.g. %s; all listed in %s.",
-                        skipped.count, run.config.data.path, run.config.data.bad_files, skipped.examples[:3],
-                        skipped.listed_in)
+        logging.warning(
+            "Skipped %d unreadable or non-image files of %s (bad_files=%r), e.g. %s; all listed in %s.",
+            skipped.count,
+            run.config.data.path,
+            run.config.data.bad_files,
+            skipped.examples[:3],
+            skipped.listed_in,
+        )
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: epath.Path, model: models.XCiT | None = None) -> Run:
@@ -213,8 +242,9 @@ def setup_run(config: ml_collections.ConfigDict, workdir: epath.Path, model: mod
     return build_run(config, workdir, source, model)
 
 
-def build_run(config: ml_collections.ConfigDict, workdir: epath.Path | None, source: data.Source | None,
-              model: models.XCiT) -> Run:
+def build_run(
+    config: ml_collections.ConfigDict, workdir: epath.Path | None, source: data.Source | None, model: models.XCiT
+) -> Run:
     """setup_run on a given source and model; source None (e.g. a benchmark stepping on synthetic batches) reads
     no data."""
     num_classes = model.num_classes
@@ -224,15 +254,36 @@ def build_run(config: ml_collections.ConfigDict, workdir: epath.Path | None, sou
         schedule = learning_rate(config.optimizer, config.global_batch_size, total_steps, warmup_steps)
         optimizer = make_optimizer(config.optimizer, schedule)
     jitted = steps.jit_steps(
-        model, optimizer, schedule, mesh, seed=config.seed, image_size=config.data.image_size,
-        ema_decay=config.ema_decay, sharding_strategy=config.sharding,
-        accumulation_steps=config.optimizer.accumulation_steps, skip_nonfinite=config.nonfinite == "skip",
+        model,
+        optimizer,
+        schedule,
+        mesh,
+        seed=config.seed,
+        image_size=config.data.image_size,
+        ema_decay=config.ema_decay,
+        sharding_strategy=config.sharding,
+        accumulation_steps=config.optimizer.accumulation_steps,
+        skip_nonfinite=config.nonfinite == "skip",
         finishing=BatchFinishing.from_config(config.data, num_classes),  # the data pipeline ships uint8 batches
     )
     num_train_examples = source.num_examples(source.train_split) if source else 0
-    return Run(config, workdir, source, num_train_examples, model, mesh, total_steps, schedule, optimizer,
-               jitted.init_state, jitted.abstract_state, jitted.state_sharding, jitted.batch_sharding,
-               jitted.train_step, jitted.eval_step)
+    return Run(
+        config,
+        workdir,
+        source,
+        num_train_examples,
+        model,
+        mesh,
+        total_steps,
+        schedule,
+        optimizer,
+        jitted.init_state,
+        jitted.abstract_state,
+        jitted.state_sharding,
+        jitted.batch_sharding,
+        jitted.train_step,
+        jitted.eval_step,
+    )
 
 
 def run_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -266,14 +317,20 @@ def initial_state(run: Run, checkpoints: RunCheckpoints) -> TrainState:
 
 
 # What a step number means: the images per step and per update, and the schedule's length. Flags to restore each.
-RUN_DEFINITION = {"global_batch_size": "global_batch_size", "accumulation_steps": "optimizer.accumulation_steps",
-                  "total_steps": "total_steps"}
+RUN_DEFINITION = {
+    "global_batch_size": "global_batch_size",
+    "accumulation_steps": "optimizer.accumulation_steps",
+    "total_steps": "total_steps",
+}
 
 
 def run_definition(run: Run) -> dict[str, int]:
     config = run.config
-    return {"global_batch_size": config.global_batch_size, "accumulation_steps": config.optimizer.accumulation_steps,
-            "total_steps": run.total_steps}
+    return {
+        "global_batch_size": config.global_batch_size,
+        "accumulation_steps": config.optimizer.accumulation_steps,
+        "total_steps": run.total_steps,
+    }
 
 
 def check_same_run_definition(run: Run, saved_record: dict[str, Any], checkpoints: RunCheckpoints) -> None:
@@ -286,26 +343,41 @@ def check_same_run_definition(run: Run, saved_record: dict[str, Any], checkpoint
     config.json and model.json, which described them.
     """
     now, saved_record = run_definition(run), {**definition_from_run_files(run.workdir), **saved_record}
-    changed = {key: (saved_record[key], now[key]) for key in RUN_DEFINITION
-               if saved_record.get(key) is not None and saved_record[key] != now[key]}
+    changed = {
+        key: (saved_record[key], now[key])
+        for key in RUN_DEFINITION
+        if saved_record.get(key) is not None and saved_record[key] != now[key]
+    }
     step = saved_record["step"]
     if not changed:
         return
     if set(changed) == {"total_steps"} and step < run.total_steps:
         saved_total = changed["total_steps"][0]
-        logging.warning("This run is now %d steps long, but %d when step %d was saved%s: it continues to step %d, with "
-                        "the learning-rate schedule of the new length from step %d on.", run.total_steps, saved_total,
-                        step, data_changed_note(run, saved_record), run.total_steps, step + 1)
+        logging.warning(
+            "This run is now %d steps long, but %d when step %d was saved%s: it continues to step %d, with "
+            "the learning-rate schedule of the new length from step %d on.",
+            run.total_steps,
+            saved_total,
+            step,
+            data_changed_note(run, saved_record),
+            run.total_steps,
+            step + 1,
+        )
         return
     seen = saved_record.get("images_seen", step * saved_record.get("global_batch_size", run.config.global_batch_size))
     raise ConfigError(
         f"The checkpoints in {checkpoints.directory} were made with "
         + ", ".join(f"{key}={saved}" for key, (saved, _) in changed.items())
         + f" (step {step}: {seen} images seen), but this config gives "
-        + ", ".join(f"{key}={new}" for key, (_, new) in changed.items()) + data_changed_note(run, saved_record)
-        + (f", which would end the run at step {run.total_steps}, before or at the checkpoint"
-           if set(changed) == {"total_steps"} else ", under which their step would mean other images and updates")
-        + ". Rerun with " + " ".join(f"--config.{RUN_DEFINITION[key]}={saved}" for key, (saved, _) in changed.items())
+        + ", ".join(f"{key}={new}" for key, (_, new) in changed.items())
+        + data_changed_note(run, saved_record)
+        + (
+            f", which would end the run at step {run.total_steps}, before or at the checkpoint"
+            if set(changed) == {"total_steps"}
+            else ", under which their step would mean other images and updates"
+        )
+        + ". Rerun with "
+        + " ".join(f"--config.{RUN_DEFINITION[key]}={saved}" for key, (saved, _) in changed.items())
         + f" to resume, or start a new --workdir (with --config.init_from={run.workdir} to begin from these weights)."
     )
 
@@ -316,9 +388,11 @@ def definition_from_run_files(workdir: epath.Path) -> dict[str, int]:
     try:
         config = json.loads((workdir / "config.json").read_text())
         summary = json.loads((workdir / "model.json").read_text())
-        definition = {"global_batch_size": config["global_batch_size"],
-                      "accumulation_steps": config["optimizer"]["accumulation_steps"],
-                      "total_steps": summary.get("total_steps")}
+        definition = {
+            "global_batch_size": config["global_batch_size"],
+            "accumulation_steps": config["optimizer"]["accumulation_steps"],
+            "total_steps": summary.get("total_steps"),
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return {key: value for key, value in definition.items() if value is not None}
@@ -337,7 +411,10 @@ def warn_if_data_changed(run: Run, saved_record: dict[str, Any]) -> None:
         logging.warning(
             "The train split has %d examples now but had %d when step %d was saved (files added or removed?): "
             "training goes on with the current data, so this run will not equal an uninterrupted one.",
-            run.num_train_examples, saved, saved_record["step"])
+            run.num_train_examples,
+            saved,
+            saved_record["step"],
+        )
 
 
 def fresh_state(run: Run) -> TrainState:
@@ -351,8 +428,9 @@ def read_init_from(run: Run) -> dict[str, Any]:
         loaded = read_weights(source, use_ema=run.config.init_from_ema).variables
     except FileNotFoundError as error:
         raise ConfigError(f"config.init_from: {error}") from error
-    check_fine_tuning_fit({"params": run.abstract_state.params, "batch_stats": run.abstract_state.batch_stats},
-                          loaded, source)
+    check_fine_tuning_fit(
+        {"params": run.abstract_state.params, "batch_stats": run.abstract_state.batch_stats}, loaded, source
+    )
     return loaded
 
 
@@ -368,18 +446,24 @@ def fine_tuning_state(run: Run, state: TrainState, loaded: dict[str, Any]) -> Tr
     return state.replace(params=params, batch_stats=batch_stats, ema_params=ema)
 
 
-def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer: metric_writers.MetricWriter) -> TrainState:
+def train_loop(
+    run: Run, state: TrainState, checkpoints: RunCheckpoints, writer: metric_writers.MetricWriter
+) -> TrainState:
     config, start, total = run.config, int(state.step), run.total_steps
     if start >= total:
         if final_evaluation_recorded(run, start):
             logging.info("The run in %s already finished at step %d; nothing to do.", run.workdir, start)
         else:  # trained and saved, but the final evaluation did not complete (a crash, a kill)
-            logging.info("The run in %s finished training at step %d; running its final evaluation.", run.workdir, start)
+            logging.info(
+                "The run in %s finished training at step %d; running its final evaluation.", run.workdir, start
+            )
             log_eval(run, writer, start, state, build_eval_batches(config))
         return state
     train_batches = sharding.prefetch_to_device(
         data.build_train_iterator(config.data, config.global_batch_size, seed=config.seed, start_step=start),
-        DEVICE_PREFETCH, run.batch_sharding)
+        DEVICE_PREFETCH,
+        run.batch_sharding,
+    )
     eval_batches = build_eval_batches(config)
     report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
     pending, last_log = [], (start, time.perf_counter())
@@ -420,20 +504,34 @@ def final_evaluation_recorded(run: Run, step: int) -> bool:
 def step_record(run: Run, step: int) -> dict[str, Any]:
     """What a checkpoint records beside the state (its JSON item): its step, the data position, what a step
     means (RUN_DEFINITION) and the architecture."""
-    return {"step": step, "data_position": step, "train_examples": run.num_train_examples,
-            "images_seen": step * run.config.global_batch_size, **run_definition(run),
-            "model_name": run.config.model_name, "architecture": models.architecture_of(run.model)}
+    return {
+        "step": step,
+        "data_position": step,
+        "train_examples": run.num_train_examples,
+        "images_seen": step * run.config.global_batch_size,
+        **run_definition(run),
+        "model_name": run.config.model_name,
+        "architecture": models.architecture_of(run.model),
+    }
 
 
 def model_summary(run: Run) -> dict[str, Any]:
     """What the run trains and evaluates on, for tools that read workdirs (e.g. a results table)."""
     source = run.source
-    return {"model_name": run.config.model_name, "qkv": run.config.qkv,
-            "architecture": models.architecture_of(run.model),
-            "num_params": models.count_params(run.abstract_state.params), "total_steps": run.total_steps,
-            "data": {"source": source.description, "train_split": source.train_split,
-                     "train_examples": run.num_train_examples, "eval_split": source.eval_split,
-                     "eval_examples": source.num_examples(source.eval_split)}}
+    return {
+        "model_name": run.config.model_name,
+        "qkv": run.config.qkv,
+        "architecture": models.architecture_of(run.model),
+        "num_params": models.count_params(run.abstract_state.params),
+        "total_steps": run.total_steps,
+        "data": {
+            "source": source.description,
+            "train_split": source.train_split,
+            "train_examples": run.num_train_examples,
+            "eval_split": source.eval_split,
+            "eval_examples": source.num_examples(source.eval_split),
+        },
+    }
 
 
 def save_now(run: Run, state: TrainState, checkpoints: RunCheckpoints, step: int) -> None:
@@ -457,8 +555,14 @@ def check_finite(run: Run, state: TrainState, checkpoints: RunCheckpoints) -> No
     )
 
 
-def log_train(run: Run, writer: metric_writers.MetricWriter, step: int, pending: list[dict], last_log: tuple[int, float],
-              state: TrainState) -> tuple[int, float]:
+def log_train(
+    run: Run,
+    writer: metric_writers.MetricWriter,
+    step: int,
+    pending: list[dict],
+    last_log: tuple[int, float],
+    state: TrainState,
+) -> tuple[int, float]:
     previous_step, previous_time = last_log
     now = time.perf_counter()
     averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
@@ -488,4 +592,9 @@ def evaluate(run: Run, params: Any, batch_stats: Any, batches: Iterable) -> dict
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])
-    return {"top1": totals["top1"] / count, "top5": totals["top5"] / count, "loss": totals["loss"] / count, "count": count}
+    return {
+        "top1": totals["top1"] / count,
+        "top5": totals["top5"] / count,
+        "loss": totals["loss"] / count,
+        "count": count,
+    }
