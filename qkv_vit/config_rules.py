@@ -168,6 +168,28 @@ def numbers(
     return Rule(words, accepts, hint=hint)
 
 
+# What other trainers call a key of ours (timm's, PyTorch's), for "did you mean" when the name is far from ours.
+SYNONYMS = {
+    "learning_rate": "lr",
+    "batch_size": "global_batch_size",
+    "epochs": "total_epochs",
+    "steps": "total_steps",
+    "warmup_lr": "warmup_init_lr",
+    "clip_grad": "grad_clip_norm",
+    "model": "model_name",
+}
+
+
+def closest_key(key: str, known: list[str]) -> str | None:
+    """The known dotted key `key` most likely means: a sibling whose last part is close to (or the synonym of)
+    key's last part, else the closest whole key; None when nothing is close."""
+    group, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == group}
+    leaf = SYNONYMS.get(leaf, leaf) if SYNONYMS.get(leaf) in siblings else leaf
+    match = difflib.get_close_matches(leaf, list(siblings), n=1) or difflib.get_close_matches(key, known, n=1)
+    return siblings[match[0]] if match and match[0] in siblings else (match[0] if match else None)
+
+
 def check_values(
     config: Mapping[str, Any],
     rules: RuleTable,
@@ -182,9 +204,9 @@ def check_values(
         if renamed and name in renamed:
             raise error(f"{name} is now called {renamed[name]}: rename it in the config file or on the command line.")
         if key not in rules:
-            close = difflib.get_close_matches(key, list(rules), n=1)
+            close = closest_key(key, list(rules))
             raise error(
-                f"{name} is not a known key{f' (did you mean {prefix}{close[0]}?)' if close else ''}: "
+                f"{name} is not a known key{f' (did you mean {prefix}{close}?)' if close else ''}: "
                 f"a config file set a key that nothing reads. Known keys here: {', '.join(rules)}."
             )
         rule = rules[key]

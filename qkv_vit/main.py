@@ -17,7 +17,6 @@ if __name__ == "__main__":  # before the heavy imports below, which the re-execu
 
     preload_allocator()
 
-import difflib
 import logging
 import re
 import sys
@@ -30,6 +29,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from qkv_vit.allocator import describe_allocator
+from qkv_vit.config_rules import closest_key
 from qkv_vit.errors import CheckpointError, ConfigError, one_line
 from qkv_vit.train import NonFiniteError, Preempted, train_and_evaluate
 from qkv_vit.train.config import RENAMED_KEYS
@@ -132,9 +132,9 @@ def check_override_keys(argv: list[str]) -> None:
         if f"config.{key}" in RENAMED_KEYS:
             fail(f"{arg}: config.{key} is now called {RENAMED_KEYS[f'config.{key}']}.", BAD_INPUT_EXIT_CODE)
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+            close = closest_key(key, known)
             fail(
-                f"{arg}: the config has no key {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}. Every "
+                f"{arg}: the config has no key {key!r}{f' (did you mean {close!r}?)' if close else ''}. Every "
                 "key is listed in qkv_vit/train/config.py and in a run's config.json; an unknown key is an error so "
                 "that a typo is never silently ignored.",
                 BAD_INPUT_EXIT_CODE,

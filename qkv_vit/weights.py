@@ -45,7 +45,7 @@ def read_weights(path: PathLike, use_ema: bool = False) -> Weights:
     path = as_path(path)
     item = converted_architecture_item(path)
     if item is not None:
-        return read_or_explain(path, lambda: restore_converted(path, item))
+        return read_or_explain(path, lambda: Weights(restore_converted_variables(path), read_architecture(path)))
     state_item = find_state_item(path)
     state = read_or_explain(state_item.parent, lambda: restore_on_local_device(state_item))
     params = state["params"]
@@ -80,15 +80,25 @@ def converted_architecture_item(path: epath.Path) -> str | None:
     return next((name for name in ARCHITECTURE_ITEMS if (path / name).is_dir()), None)
 
 
-def restore_converted(path: epath.Path, architecture_item: str) -> Weights:
+def read_architecture(path: PathLike) -> dict[str, Any] | None:
+    """The architecture recorded with the weights at `path` (JSON, as read_weights gives it), without reading any
+    array: None where none was recorded; FileNotFoundError if `path` holds no weights."""
+    path = as_path(path)
+    item = converted_architecture_item(path)
+    if item is None:
+        return run_architecture(find_state_item(path))
+
+    def restore() -> dict[str, Any]:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            return checkpointer.restore(path, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
+    return dict(read_or_explain(path, restore))
+
+
+def restore_converted_variables(path: epath.Path) -> dict[str, Any]:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(
-            path,
-            args=ocp.args.Composite(
-                **{"variables": ocp.args.StandardRestore(), architecture_item: ocp.args.JsonRestore()}
-            ),
-        )
-    return Weights(dict(restored["variables"]), dict(restored[architecture_item]))
+        restored = checkpointer.restore(path, args=ocp.args.Composite(variables=ocp.args.StandardRestore()))
+    return dict(restored["variables"])
 
 
 def find_state_item(path: epath.Path) -> epath.Path:

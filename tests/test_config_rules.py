@@ -6,7 +6,7 @@ import pytest
 
 from conftest import load_config
 from qkv_vit import data
-from qkv_vit.config_rules import check_values, integer, number, numbers, text
+from qkv_vit.config_rules import check_values, closest_key, integer, number, numbers, text
 from qkv_vit.errors import ConfigError
 from qkv_vit.train import trainer
 from qkv_vit.train.config import RUN_RULES, base_config, check_config
@@ -127,3 +127,12 @@ def test_rules_say_what_they_accept():
         with pytest.raises(ConfigError, match="must be a finite number"):
             check_values({"a": value}, {"a": number()})
     assert set(RUN_RULES) == set(base_config().keys())
+
+
+def test_the_closest_key_reads_the_group_and_common_synonyms():
+    known = ["optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay", "global_batch_size", "total_epochs", "seed"]
+    assert closest_key("optimizer.learning_rate", known) == "optimizer.lr"  # a synonym, in its group
+    assert closest_key("optimzer.lr", known) == "optimizer.lr"  # a typo in the group
+    assert closest_key("optimizer.weight_decy", known) == "optimizer.weight_decay"
+    assert closest_key("batch_size", known) == "global_batch_size" and closest_key("epochs", known) == ("total_epochs")
+    assert closest_key("flux_capacitor", known) is None

@@ -6,6 +6,8 @@ Each notebook reads QKV_VIT_NOTEBOOK_SMOKE=1 (a 2-block model, a few steps) and 
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -111,3 +113,33 @@ def test_code_analysis_notebook_runs_and_shows_the_report(notebook_env):
     printed = json.loads(stdout(outputs(nb, "json.dumps(summary")))
     assert printed == {key: value for key, value in report.items() if key != "embedding"}
     assert "of independent random 8-d vectors" in stdout(outputs(nb, "random_abs_cosine ="))
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_the_install_cell_installs_a_clone_that_imports_only_as_a_namespace_package(name, tmp_path):
+    """Colab's situation: the repository cloned into ./qkv_vit (a folder without __init__.py, so `import qkv_vit`
+    finds an empty namespace package) and the package not installed: the cell must pip-install the clone. Where
+    the package is installed (this environment) it installs nothing."""
+    clone = tmp_path / "qkv_vit"
+    (clone / "configs").mkdir(parents=True)
+    (clone / "configs" / "quickstart.py").write_text("")
+    (clone / "qkv_vit").mkdir()
+    cells = json.loads((NOTEBOOKS / name).read_text())["cells"]
+    install_cell = next("".join(c["source"]) for c in cells if "def is_installed" in "".join(c["source"]))
+    script = (
+        "import importlib.util, subprocess\n"
+        "print('namespace', importlib.util.find_spec('qkv_vit') is not None)\n"  # the trap an import check falls in
+        "subprocess.run = lambda args, **kwargs: print('RUN', *args)\n" + install_cell
+    )
+    # -S: no site-packages, so the package is not installed there, as on a fresh Colab runtime.
+    fresh = subprocess.run(
+        [sys.executable, "-S", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert fresh.returncode == 0, fresh.stderr
+    assert (
+        "namespace True" in fresh.stdout and f"RUN {sys.executable} -m pip install --quiet -e {clone}" in fresh.stdout
+    )
+    installed = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert installed.returncode == 0 and "RUN" not in installed.stdout, installed.stderr

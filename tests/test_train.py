@@ -110,6 +110,30 @@ def test_nonfinite_skip_policy_drops_the_update_and_counts_it(tmp_path, tiny_con
     assert logged == [2, 4]
 
 
+def test_converted_weights_fine_tune_with_their_own_architecture_and_a_mismatch_says_how_to_match(
+    tmp_path, tiny_config
+):
+    from conftest import require_fixtures
+    from qkv_vit.convert.__main__ import main as convert_main
+
+    source = require_fixtures() / "xcit_p16_d3_img96_tokensnorm.safetensors"
+    assert convert_main([str(source), str(tmp_path / "converted"), "--tokens-norm"]) == 0
+    stored = read_weights(tmp_path / "converted")
+    tiny_config.init_from = str(tmp_path / "converted")
+    with pytest.raises(ValueError, match=r"architecture has .*--config\.model_from_init=true"):
+        train_and_evaluate(tiny_config, tmp_path / "typed")  # the quickstart's model: another architecture
+    tiny_config.model = {key: None for key in tiny_config.model}  # nothing about the model typed by hand
+    tiny_config.model_from_init = True
+    tiny_config.optimizer.update(lr=0.0, warmup_init_lr=0.0, min_lr=0.0, weight_decay=0.0)  # weights stay put
+    tuned = train_and_evaluate(tiny_config, tmp_path / "tuned")
+    architecture = json.loads((tmp_path / "tuned" / "model.json").read_text())["architecture"]
+    assert {k: architecture[k] for k in ("patch_size", "embed_dim", "depth", "tokens_norm")} == {
+        k: stored.architecture[k] for k in ("patch_size", "embed_dim", "depth", "tokens_norm")
+    }
+    assert architecture["num_classes"] == 10 != stored.architecture["num_classes"]  # the digits' head
+    np.testing.assert_array_equal(tuned.params["cls_token"], stored.variables["params"]["cls_token"])
+
+
 def test_fine_tuning_init_is_separate_from_resume(tmp_path, tiny_config):
     pretrained = train_and_evaluate(tiny_config, tmp_path / "pretrain")
     tiny_config.init_from = str(tmp_path / "pretrain")

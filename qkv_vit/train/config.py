@@ -169,6 +169,7 @@ RUN_RULES = {
     "async_checkpointing": rules.flag(),
     "init_from": rules.text(nonempty=True, optional=True),
     "init_from_ema": rules.flag(),
+    "model_from_init": rules.flag(),
 }
 
 
@@ -235,4 +236,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.init_from = config_dict.placeholder(str)  # fine-tuning: our run dir or converted PyTorch weights
     config.init_from_ema = False
+    # True: the architecture is the one recorded with init_from (converted weights, a run's model.json), with
+    # config.model.* on top (e.g. drop_path_rate); model_name and qkv are then not read.
+    config.model_from_init = False
     return config

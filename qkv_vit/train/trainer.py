@@ -36,7 +36,7 @@ from qkv_vit.train.logging_utils import create_writer, read_metrics
 from qkv_vit.train.optimizer import learning_rate, make_optimizer
 from qkv_vit.train.preemption import PreemptionWatcher
 from qkv_vit.train.state import TrainState
-from qkv_vit.weights import check_fine_tuning_fit, merge_for_fine_tuning, read_weights
+from qkv_vit.weights import check_fine_tuning_fit, merge_for_fine_tuning, read_architecture, read_weights
 
 DEVICE_PREFETCH = 2  # batches on their way to the devices ahead of the step
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # disk full, read-only
@@ -115,15 +115,82 @@ def config_mistakes(keys: str):
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int | None) -> models.XCiT:
-    """config's XCiT; num_classes=None keeps the named model's (the data's count is set by setup_run)."""
+    """config's XCiT; num_classes=None keeps the named model's (the data's count is set by setup_run). With
+    config.model_from_init the architecture is the one recorded with config.init_from, config.model.* on top."""
     overrides = {key: value for key, value in config.model.items() if value is not None}
     if num_classes is not None:
         overrides["num_classes"] = num_classes
+    dtype = COMPUTE_DTYPES[config.compute_dtype]
     shown = {key: value for key, value in overrides.items() if key != "num_classes"}
+    if config.model_from_init:
+        with config_mistakes(f"the architecture of config.init_from={config.init_from!r} and config.model: {shown}"):
+            return models.XCiT(**{**architecture_from_init(config), **overrides, "dtype": dtype})
     with config_mistakes(f"config.model_name={config.model_name!r}, config.qkv={config.qkv!r}, config.model: {shown}"):
-        return models.create(
-            config.model_name, qkv=config.qkv or None, dtype=COMPUTE_DTYPES[config.compute_dtype], **overrides
+        return models.create(config.model_name, qkv=config.qkv or None, dtype=dtype, **overrides)
+
+
+# XCiT options that change no variable's shape: a checkpoint of one setting fits a model of another.
+TRAINING_OPTIONS = (
+    "num_classes",
+    "dtype",
+    "layer_impl",
+    "batch_norm_group_size",
+    "drop_rate",
+    "pos_drop_rate",
+    "proj_drop_rate",
+    "attn_drop_rate",
+    "drop_path_rate",
+)
+
+
+def architecture_from_init(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """XCiT's arguments recorded with config.init_from (converted weights, a run's model.json), without the
+    class count (the data's) and the dtype (config.compute_dtype); ConfigError where none is recorded."""
+    if not config.init_from:
+        raise ConfigError(
+            "config.model_from_init=true takes the architecture from config.init_from, which is unset: "
+            "set --config.init_from=<converted weights or a run directory>."
         )
+    try:
+        stored = read_architecture(config.init_from)
+    except FileNotFoundError as error:
+        raise ConfigError(f"config.init_from: {error}") from error
+    if stored is None:
+        raise ConfigError(
+            f"config.init_from={config.init_from} records no architecture (its run has no model.json): "
+            "set config.model_name, config.qkv and config.model.* instead of config.model_from_init."
+        )
+    architecture = models.architecture_from_json(stored)
+    logging.info(
+        "Architecture from %s: %s.",
+        config.init_from,
+        {k: v for k, v in architecture.items() if k not in TRAINING_OPTIONS},
+    )
+    return {key: value for key, value in architecture.items() if key not in ("num_classes", "dtype")}
+
+
+def architecture_difference(model: models.XCiT, source: str) -> str:
+    """How the architecture recorded with `source` differs from `model`'s, and the flags that make them match;
+    "" where nothing is recorded or nothing that shapes a variable differs."""
+    try:
+        stored = read_architecture(source)
+    except (FileNotFoundError, CheckpointError):
+        return ""
+    configured = models.architecture_of(model)
+    differ = {
+        k: v for k, v in (stored or {}).items() if k in configured and k not in TRAINING_OPTIONS and v != configured[k]
+    }
+    if not differ:
+        return ""
+    return (
+        "The checkpoint's architecture has "
+        + ", ".join(f"{k}={v!r}" for k, v in differ.items())
+        + " where the config has "
+        + ", ".join(f"{k}={configured[k]!r}" for k in differ)
+        + ": add "
+        + " ".join(f"--config.model.{k}={v}" for k, v in differ.items())
+        + ", or --config.model_from_init=true to take the whole architecture from it."
+    )
 
 
 def validate_run_config(config: ml_collections.ConfigDict, model: models.XCiT) -> None:
@@ -428,9 +495,11 @@ def read_init_from(run: Run) -> dict[str, Any]:
         loaded = read_weights(source, use_ema=run.config.init_from_ema).variables
     except FileNotFoundError as error:
         raise ConfigError(f"config.init_from: {error}") from error
-    check_fine_tuning_fit(
-        {"params": run.abstract_state.params, "batch_stats": run.abstract_state.batch_stats}, loaded, source
-    )
+    fresh = {"params": run.abstract_state.params, "batch_stats": run.abstract_state.batch_stats}
+    try:
+        check_fine_tuning_fit(fresh, loaded, source)
+    except ConfigError as error:
+        raise ConfigError(f"{error} {architecture_difference(run.model, source)}".rstrip()) from error
     return loaded
 
 
