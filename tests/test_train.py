@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import shutil
 
 import jax
@@ -268,9 +269,11 @@ def test_the_log_names_the_evaluated_split_and_warns_when_it_holds_training_imag
     assert "evaluation on split 'train[90%:]' (144 examples)" in caplog.text and "shares" not in caplog.text
 
 
-def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path, tiny_config):
+def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path, tiny_config, caplog):
     tiny_config.checkpoint_every_steps = 0
-    train_and_evaluate(tiny_config, tmp_path)
+    with caplog.at_level(logging.INFO):
+        train_and_evaluate(tiny_config, tmp_path)
+    assert re.search(r"step 2/4: loss [\d.]+, [\d.]+ images/s, ETA \d+:\d\d:\d\d", caplog.text)  # our own ETA
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["4"]
 
 

@@ -10,6 +10,7 @@ did not complete only evaluates.
 
 import contextlib
 import dataclasses
+import datetime
 import errno
 import json
 import logging
@@ -639,7 +640,17 @@ def log_train(
     scalars = {f"train/{k}": v for k, v in averaged.items()}
     scalars.update({"train/images_per_sec": images_per_sec, "train/skipped_steps": int(state.skipped_steps)})
     writer.write_scalars(step, scalars)
-    logging.info("step %d/%d: loss %.4f, %.1f images/s", step, run.total_steps, averaged["loss"], images_per_sec)
+    # The ETA at the pace since the last log line (clu's ReportProgress logs its own through absl's logger, which
+    # the console leaves out with the other libraries' INFO records).
+    remaining_s = (run.total_steps - step) * (now - previous_time) / max(step - previous_step, 1)
+    logging.info(
+        "step %d/%d: loss %.4f, %.1f images/s, ETA %s",
+        step,
+        run.total_steps,
+        averaged["loss"],
+        images_per_sec,
+        datetime.timedelta(seconds=round(remaining_s)),
+    )
     return step, now
 
 
