@@ -54,8 +54,10 @@ def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config)
     assert not params_close(state.ema_params, state.params)  # a real average, not a copy
     assert evals[-1]["val/count"] == 360  # every held-out digit, once
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
-    # Rerunning the same command on a finished run is a no-op, not an error.
+    # Rerunning the same command on a finished run is a no-op, not an error, and writes no (empty) event file.
+    events = sorted(tmp_path.glob("events.out.tfevents.*"))
     again = train_and_evaluate(tiny_config, tmp_path)
+    assert sorted(tmp_path.glob("events.out.tfevents.*")) == events
     assert int(again.step) == 4 and params_close(again.params, state.params)
     assert len(read_metrics(tmp_path)) == len(metrics)
 

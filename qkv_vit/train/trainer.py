@@ -88,6 +88,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: PathLike) -> 
         if jax.process_index() == 0:  # after the resume check, so a mismatching rerun keeps the run's own config.json
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
             (workdir / "model.json").write_text(json.dumps(model_summary(run), indent=2))
+        if int(state.step) >= run.total_steps and final_evaluation_recorded(run, int(state.step)):
+            logging.info("The run in %s already finished at step %d; nothing to do.", workdir, int(state.step))
+            return state  # before the writer: it would leave an empty event file
         writer = create_writer(workdir)
         try:
             return train_loop(run, state, checkpoints, writer)
@@ -520,14 +523,9 @@ def train_loop(
     run: Run, state: TrainState, checkpoints: RunCheckpoints, writer: metric_writers.MetricWriter
 ) -> TrainState:
     config, start, total = run.config, int(state.step), run.total_steps
-    if start >= total:
-        if final_evaluation_recorded(run, start):
-            logging.info("The run in %s already finished at step %d; nothing to do.", run.workdir, start)
-        else:  # trained and saved, but the final evaluation did not complete (a crash, a kill)
-            logging.info(
-                "The run in %s finished training at step %d; running its final evaluation.", run.workdir, start
-            )
-            log_eval(run, writer, start, state, build_eval_batches(config))
+    if start >= total:  # trained and saved, but the final evaluation did not complete (a crash, a kill)
+        logging.info("The run in %s finished training at step %d; running its final evaluation.", run.workdir, start)
+        log_eval(run, writer, start, state, build_eval_batches(config))
         return state
     train_batches = sharding.prefetch_to_device(
         data.build_train_iterator(config.data, config.global_batch_size, seed=config.seed, start_step=start),
