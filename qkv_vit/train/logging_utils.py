@@ -1,4 +1,5 @@
-"""Where metrics go: TensorBoard and the console (clu), and WORKDIR/metrics.jsonl, one JSON object per step.
+"""Where metrics go: TensorBoard and the console (clu), and WORKDIR/metrics.jsonl, one JSON object per write
+(a step that logs training metrics and evaluates has two: the train record and the evaluation's).
 
 metrics.jsonl is strict JSON (RFC 8259) on every line, so `jq`, JavaScript and other strict readers accept it: a NaN
 or infinite value (a blown-up loss or gradient norm) is written as `null`. `read_metrics` gives it back as NaN.
