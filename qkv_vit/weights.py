@@ -139,8 +139,10 @@ def read_or_explain(checkpoint: epath.Path, read: Callable[[], Any]) -> Any:
 def restore_on_local_device(item_dir: epath.Path) -> dict[str, Any]:
     """Restore an Orbax pytree item with every array on this process's first device, whatever it was saved on."""
     checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(item_dir)
-    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+    # The item's own metadata, through its handler: the checkpointer's metadata() looks for a step-level
+    # _CHECKPOINT_METADATA file inside the item and warns on every healthy checkpoint that it is missing.
+    metadata = ocp.StandardCheckpointHandler().metadata(item_dir)
+    tree = getattr(metadata, "tree", metadata)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree)
     return checkpointer.restore(item_dir, target)

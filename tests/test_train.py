@@ -24,7 +24,7 @@ def params_close(a, b, atol=0.0):
     return all(np.allclose(x, y, atol=atol, rtol=0) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config):
+def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config, caplog):
     tiny_config.ema_decay = 0.9
     state = train_and_evaluate(tiny_config, tmp_path)
     assert int(state.step) == 4
@@ -32,7 +32,10 @@ def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config)
     summary = json.loads((tmp_path / "model.json").read_text())
     assert summary["qkv"] == "fsne_m8" and summary["architecture"]["embed_dim"] == 32
     assert summary["architecture"]["dtype"] == "float32" and summary["architecture"]["num_classes"] == 10
-    weights = read_weights(tmp_path / "checkpoints" / "4")  # a step directory finds its run's architecture
+    caplog.clear()  # the training's own records
+    with caplog.at_level(logging.WARNING):
+        weights = read_weights(tmp_path / "checkpoints" / "4")  # a step directory finds its run's architecture
+    assert not caplog.records, caplog.text  # a healthy checkpoint reads without a warning
     assert weights.architecture == summary["architecture"]
     assert models.XCiT(**models.architecture_from_json(weights.architecture)) == trainer.build_model(tiny_config, 10)
     assert summary["num_params"] == models.count_params(state.params)
