@@ -1,7 +1,6 @@
 """The named XCiT models of the reference (timm / facebookresearch/xcit) and `create(name, **overrides)`."""
 
 import dataclasses
-import difflib
 import typing
 from typing import Any
 
@@ -9,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qkv_vit.config_rules import closest_key
 from qkv_vit.models.xcit import XCiT
 
 # (embed_dim, depth, num_heads, eta, tokens_norm) per size, as in the reference's model functions.
@@ -114,9 +114,10 @@ def architecture_from_json(stored: dict[str, Any]) -> dict[str, Any]:
 
 
 def closest(name: str, choices: Any) -> str:
-    """ " Did you mean 'x'?" for the nearest valid name, or "" when none is close."""
-    match = difflib.get_close_matches(name, list(choices), n=1)
-    return f" Did you mean {match[0]!r}?" if match else ""
+    """ " Did you mean 'x'?" for the nearest valid name (config_rules.closest_key, as for config keys), or ""
+    when none is close."""
+    match = closest_key(name, list(choices))
+    return f" Did you mean {match!r}?" if match else ""
 
 
 def create(name: str, qkv: str | None = None, **overrides: Any) -> XCiT:

@@ -173,13 +173,9 @@ def architecture_from_init(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {key: value for key, value in architecture.items() if key not in ("num_classes", "dtype")}
 
 
-def architecture_difference(model: models.XCiT, source: str) -> str:
-    """How the architecture recorded with `source` differs from `model`'s, and the flags that make them match;
-    "" where nothing is recorded or nothing that shapes a variable differs."""
-    try:
-        stored = read_architecture(source)
-    except (FileNotFoundError, CheckpointError):
-        return ""
+def architecture_difference(model: models.XCiT, stored: dict[str, Any] | None) -> str:
+    """How a checkpoint's recorded architecture (`stored`, JSON) differs from `model`'s, and the flags that make
+    them match; "" where nothing is recorded or nothing that shapes a variable differs."""
     configured = models.architecture_of(model)
     differ = {
         k: v for k, v in (stored or {}).items() if k in configured and k not in TRAINING_OPTIONS and v != configured[k]
@@ -307,7 +303,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: epath.Path, model: mod
     `model`: config's model as build_model made it (None: built here); its class count becomes the data's
     unless config.data.num_classes sets one."""
     source = data.open_source(config.data)
-    model = model or build_model(config, config.data.num_classes)
+    model = model if model is not None else build_model(config, config.data.num_classes)
     if config.data.num_classes is None and model.num_classes != source.num_classes:
         model = model.clone(num_classes=source.num_classes)
     return build_run(config, workdir, source, model)
@@ -496,15 +492,15 @@ def read_init_from(run: Run) -> dict[str, Any]:
     """config.init_from's variables, checked against the model's shapes (ConfigError naming what differs)."""
     source = run.config.init_from
     try:
-        loaded = read_weights(source, use_ema=run.config.init_from_ema).variables
+        weights = read_weights(source, use_ema=run.config.init_from_ema)
     except FileNotFoundError as error:
         raise ConfigError(f"config.init_from: {error}") from error
     fresh = {"params": run.abstract_state.params, "batch_stats": run.abstract_state.batch_stats}
     try:
-        check_fine_tuning_fit(fresh, loaded, source)
+        check_fine_tuning_fit(fresh, weights.variables, source)
     except ConfigError as error:
-        raise ConfigError(f"{error} {architecture_difference(run.model, source)}".rstrip()) from error
-    return loaded
+        raise ConfigError(f"{error} {architecture_difference(run.model, weights.architecture)}".rstrip()) from error
+    return weights.variables
 
 
 def fine_tuning_state(run: Run, state: TrainState, loaded: dict[str, Any]) -> TrainState:
