@@ -57,6 +57,11 @@ def read_weights(path: PathLike, use_ema: bool = False) -> Weights:
     return Weights(variables, run_architecture(state_item))
 
 
+def read_variables(path: PathLike, use_ema: bool = False) -> dict[str, Any]:
+    """read_weights(path, use_ema).variables, under the name earlier versions had (users' scripts call it)."""
+    return read_weights(path, use_ema).variables
+
+
 def save_converted(directory: str | Path, variables: dict[str, Any], architecture: dict[str, Any]) -> Path:
     """Write converted weights; FileExistsError if `directory` exists. Orbax writes to a temporary directory and
     renames it when complete, so a killed conversion leaves nothing that looks valid."""

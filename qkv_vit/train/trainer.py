@@ -581,11 +581,12 @@ def step_record(run: Run, step: int) -> dict[str, Any]:
 
 def model_summary(run: Run) -> dict[str, Any]:
     """What the run trains and evaluates on, for tools that read workdirs (e.g. a results table)."""
-    source = run.source
+    source, architecture = run.source, models.architecture_of(run.model)
     return {
         "model_name": run.config.model_name,
         "qkv": run.config.qkv,
-        "architecture": models.architecture_of(run.model),
+        "architecture": architecture,
+        "model_config": architecture,  # the same, under the name earlier versions wrote (users' scripts read it)
         "num_params": models.count_params(run.abstract_state.params),
         "total_steps": run.total_steps,
         "data": {
