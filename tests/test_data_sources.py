@@ -66,6 +66,19 @@ def test_digits_are_prepared_once_and_readable_through_the_tfds_source(cache_dir
     assert sum(source.label_counts("train")) == 1437
 
 
+def test_preparing_offline_data_never_says_it_downloads(tmp_path, capsys, caplog):
+    """tfds prints "Downloading and preparing dataset" for every builder; ours download nothing and say so."""
+    with caplog.at_level("INFO"):
+        data.dataset_info(digits_config(tmp_path / "cache"))
+        write_image_folder(tmp_path / "folder", SMALL_FOLDER)
+        data.dataset_info(folder_config(tmp_path / "folder", tmp_path / "cache"))
+    printed = capsys.readouterr()
+    assert "ownload" not in printed.out + printed.err
+    assert "ownload" not in caplog.text
+    preparing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Preparing")]
+    assert len(preparing) == 2 and all("offline" in message for message in preparing)
+
+
 # ---- image folders and tars ----
 
 

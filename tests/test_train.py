@@ -26,8 +26,19 @@ def params_close(a, b, atol=0.0):
 
 def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config, caplog):
     tiny_config.ema_decay = 0.9
-    state = train_and_evaluate(tiny_config, tmp_path)
+    with caplog.at_level(logging.INFO):
+        state = train_and_evaluate(tiny_config, tmp_path)
     assert int(state.step) == 4
+    # The console's last line says where the results are; log.txt keeps every record, the libraries' INFO
+    # records the console leaves out (Orbax's, tfds's) included, and is closed when the run returns.
+    ours = [record.getMessage() for record in caplog.records if record.name == "root"]
+    assert ours[-1].startswith(
+        f"Finished: val/top1 {read_metrics(tmp_path)[-1]['val/top1']:.4f} at step 4; results in {tmp_path}"
+    )
+    log = (tmp_path / "log.txt").read_text()
+    assert "step 4/4: loss" in log and "Finished: val/top1" in log
+    assert "checkpoint_manager.py" in log and "INFO absl" in log
+    assert not [h for h in logging.getLogger().handlers if getattr(h, "baseFilename", "").startswith(str(tmp_path))]
     assert json.loads((tmp_path / "config.json").read_text())["model_name"] == "xcit_nano_12_p8"
     summary = json.loads((tmp_path / "model.json").read_text())
     assert summary["qkv"] == "fsne_m8" and summary["architecture"]["embed_dim"] == 32

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -142,6 +144,16 @@ def check_can_prepare() -> None:
             "Preparing a tfds data set needs the package importlib_resources, which tensorflow-datasets uses "
             "without declaring it: pip install importlib_resources"
         ) from None
+
+
+@contextlib.contextmanager
+def preparing_offline(what: str, where: os.PathLike | str) -> Iterator[None]:
+    """While one of our offline builders prepares `what` in `where`: tfds prints "Downloading and preparing
+    dataset ..." and "... downloaded and prepared" to stdout for every builder, including ours, which download
+    nothing (dataset_builder._log_download_bytes). A log line that says what happens replaces them."""
+    logging.info("Preparing %s in %s (once, offline: later runs read it from there).", what, where)
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def _tar_key(path: Path) -> str:
@@ -279,14 +291,15 @@ def _build(folder: Located, work: Path, bad_files: str) -> None:
         }
     )
     generators = {split: _examples(files, folder, bad_files, scan.skipped) for split, files in scan.splits.items()}
-    builder = tfds.dataset_builders.store_as_tfds_dataset(
-        name=_TFDS_NAME,
-        version="1.0.0",
-        features=features,
-        split_datasets=generators,
-        data_dir=work / "tfds",
-        description=f"Image folder {folder.source}",
-    )
+    with preparing_offline(f"the image folder {folder.source}", work.parent):
+        builder = tfds.dataset_builders.store_as_tfds_dataset(
+            name=_TFDS_NAME,
+            version="1.0.0",
+            features=features,
+            split_datasets=generators,
+            data_dir=work / "tfds",
+            description=f"Image folder {folder.source}",
+        )
     label_map = {
         "source": str(folder.source),
         "class_names": scan.class_names,

@@ -176,7 +176,8 @@ def _digits_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
     builder = digits.SklearnDigits(data_dir=os.fspath(cache_dir / "tfds"))
     if not builder.is_prepared():
         image_folder.check_can_prepare()
-        builder.download_and_prepare()  # seconds, offline: the images come from scikit-learn
+        with image_folder.preparing_offline("the digits data set from scikit-learn", builder.data_dir):
+            builder.download_and_prepare()  # seconds, offline: the images come from scikit-learn
     return builder
 
 

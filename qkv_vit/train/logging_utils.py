@@ -1,13 +1,16 @@
-"""Where metrics go: TensorBoard and the console (clu), and WORKDIR/metrics.jsonl, one JSON object per write
-(a step that logs training metrics and evaluates has two: the train record and the evaluation's).
+"""Where metrics and logs go: TensorBoard and the console (clu), WORKDIR/metrics.jsonl, one JSON object per write
+(a step that logs training metrics and evaluates has two: the train record and the evaluation's), and WORKDIR/log.txt,
+every log record of the run, the libraries' INFO records the console leaves out included.
 
 metrics.jsonl is strict JSON (RFC 8259) on every line, so `jq`, JavaScript and other strict readers accept it: a NaN
 or infinite value (a blown-up loss or gradient norm) is written as `null`. `read_metrics` gives it back as NaN.
 """
 
+import contextlib
 import json
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -74,6 +77,34 @@ def create_writer(workdir: PathLike) -> metric_writers.MetricWriter:
     if not lead:
         return default
     return metric_writers.MultiWriter([default, JsonlWriter(as_path(workdir) / "metrics.jsonl")])
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"
+
+
+def log_file_name(process_index: int) -> str:
+    """log.txt for process 0, log.process<i>.txt for the others (they share the workdir)."""
+    return "log.txt" if process_index == 0 else f"log.process{process_index}.txt"
+
+
+@contextlib.contextmanager
+def workdir_log(workdir: PathLike) -> Iterator[None]:
+    """While the run lasts, every log record at INFO and up (Orbax, tfds, clu and TensorFlow's Python records
+    included) is also appended to WORKDIR/log.txt, so the console can stay quiet without losing anything.
+    Local workdirs only: a cloud object cannot be appended to (there, the console is the log)."""
+    if not is_local(workdir):
+        yield
+        return
+    handler = logging.FileHandler(as_path(workdir) / log_file_name(jax.process_index()), encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def finite_or_none(value: float) -> float | None:

@@ -28,12 +28,12 @@ from etils import epath
 
 from qkv_vit import data, models
 from qkv_vit.errors import CheckpointError, ConfigError, describe_cause
-from qkv_vit.paths import PathLike, as_path
+from qkv_vit.paths import PathLike, as_path, is_local
 from qkv_vit.train import sharding, steps
 from qkv_vit.train.checkpointing import RunCheckpoints, all_processes_agree
 from qkv_vit.train.config import COMPUTE_DTYPES, check_config
 from qkv_vit.train.finishing import BatchFinishing
-from qkv_vit.train.logging_utils import create_writer, read_metrics
+from qkv_vit.train.logging_utils import create_writer, log_file_name, read_metrics, workdir_log
 from qkv_vit.train.optimizer import learning_rate, make_optimizer
 from qkv_vit.train.preemption import PreemptionWatcher
 from qkv_vit.train.state import TrainState
@@ -80,6 +80,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: PathLike) -> 
     validate_run_config(config, model)
     check_workdir_path(workdir)
     prepare_workdir(workdir)
+    with workdir_log(workdir):
+        return train_in_workdir(config, workdir, model)
+
+
+def train_in_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, model: models.XCiT) -> TrainState:
+    """train_and_evaluate once the config and model are checked and the workdir is writable."""
     run = setup_run(config, workdir, model)
     log_data_summary(run)
     checkpoints = RunCheckpoints(workdir, config)
@@ -93,7 +99,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: PathLike) -> 
             return state  # before the writer: it would leave an empty event file
         writer = create_writer(workdir)
         try:
-            return train_loop(run, state, checkpoints, writer)
+            state = train_loop(run, state, checkpoints, writer)
+            log_results(run)
+            return state
         except OSError as error:  # metrics and event files meet a full or read-only disk too, often first
             if error.errno not in STORAGE_ERRNOS:
                 raise
@@ -657,6 +665,21 @@ def log_eval(run: Run, writer: metric_writers.MetricWriter, step: int, state: Tr
         scalars.update({f"ema_{name}/{k}": v for k, v in ema.items()})
     writer.write_scalars(step, scalars)
     logging.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+
+
+def log_results(run: Run) -> None:
+    """The last line of a finished run: its final evaluation and where the results are."""
+    key = f"{run.config.eval_name}/top1"
+    final = [record for record in read_metrics(run.workdir) if key in record]
+    top1 = f"{key} {final[-1][key]:.4f} at step {final[-1]['step']}; " if final else ""
+    log = f", {log_file_name(jax.process_index())}" if is_local(run.workdir) else ""
+    logging.info(
+        "Finished: %sresults in %s (metrics.jsonl, checkpoints/%s; TensorBoard: tensorboard --logdir %s).",
+        top1,
+        run.workdir,
+        log,
+        run.workdir,
+    )
 
 
 def evaluate(run: Run, params: Any, batch_stats: Any, batches: Iterable) -> dict[str, float]:
