@@ -7,7 +7,7 @@
 
 Data: by default `../shared/data/cifar10-jpeg.tar.gz` (60,000 JPEGs: cifar10-jpeg/{train,test}/<class>/),
 prepared once into a tfds data set under ~/.cache/qkv_vit. Elsewhere, point `path=` at your own copy
-of such a folder or tar, or use `source=tfds` (needs `tfds build cifar10` on a machine with internet,
+of such a folder or tar, or use `source=tfds` (needs `python -m qkv_vit.data.prepare cifar10 --data_dir DIR` on a machine with internet,
 then --config.data.data_dir=...).
 Model: XCiT-N12/8 (patch 8, so a 4x4 token grid at 32x32), width 128, optionally with depth=N fewer blocks.
 Expected: 54.4% top-1 after 5 epochs with depth=6 (measured on a 2-core CPU in 26 minutes), and

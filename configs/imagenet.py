@@ -11,7 +11,7 @@ Needs an accelerator: 400 epochs of 1.28M images at batch 1024 (500k steps; XCiT
 
 Data: tfds `imagenet2012`, which cannot be downloaded automatically: put ILSVRC2012_img_train.tar and
 ILSVRC2012_img_val.tar in <data_dir>/downloads/manual/, run
-`tfds build imagenet2012 --data_dir <data_dir> --manual_dir <data_dir>/downloads/manual` once (README,
+`python -m qkv_vit.data.prepare imagenet2012 --data_dir <data_dir> --manual_dir <data_dir>/downloads/manual` once (README,
 "Input pipelines"), and pass data_dir=<data_dir> (a gs:// bucket works on TPU VMs).
 Recipe (PAPER.md, facebookresearch/xcit): 400 epochs, batch 1024, AdamW (eps 1e-8, weight decay 0.05),
 lr 5e-4 x batch/512, 5 warmup epochs from 1e-6, cosine to 1e-5, no clipping; the `xcit` augmentation

@@ -13,7 +13,7 @@ PyTorch weights (`python -m qkv_vit.convert`, for qkv=linear). The head is re-in
 count; nothing else may differ (model=, qkv=, code_size=, hidden= must match the checkpoint's run).
 
 Data: tfds `cifar10`, `cifar100`, `cars196`, `stl10` (train / test). This code never downloads: run
-`tfds build <name> --data_dir <data_dir>` on a machine with internet, copy <data_dir> if the training
+`python -m qkv_vit.data.prepare <name> --data_dir <data_dir>` on a machine with internet, copy <data_dir> if the training
 machine is offline, and pass data_dir=<data_dir> (README, "Input pipelines").
 Recipe (PAPER.md: XCiT follows DeiT; Touvron, facebookresearch/deit#45): batch 768, SGD (momentum 0.9)
 lr 0.01 (not scaled by batch), weight decay 1e-4, 1000 epochs, cosine after 5 warmup epochs from 1e-6 to

@@ -368,12 +368,31 @@ def test_error_unknown_source_and_unknown_tfds_name(cache_dir):
         sources.open_source(config)
 
 
+def test_prepare_builds_a_tfds_data_set_and_says_what_is_missing(tmp_path, capsys):
+    from qkv_vit.data import prepare
+
+    assert prepare.main(["sklearn_digits", "--data_dir", str(tmp_path)]) == 0
+    assert "sklearn_digits is prepared" in capsys.readouterr().out
+    config = data.get_config("none", source="tfds", name="sklearn_digits")
+    config.data_dir = str(tmp_path)
+    assert data.dataset_info(config).train_examples == 1437
+    manual = tmp_path / "manual"
+    assert prepare.main(["imagenet2012", "--data_dir", str(tmp_path), "--manual_dir", str(manual)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: preparing 'imagenet2012'") and str(manual) in error and "\n" not in error
+    assert prepare.main(["imagenet2013", "--data_dir", str(tmp_path)]) == 2
+    assert "Dataset imagenet2013 not found" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "name,command",
     [
-        ("cifar10", "tfds build cifar10 --data_dir {d}"),
-        ("stl10", "tfds build stl10 --data_dir {d}"),
-        ("imagenet2012", "tfds build imagenet2012 --data_dir {d} --manual_dir {d}/downloads/manual"),
+        ("cifar10", "python -m qkv_vit.data.prepare cifar10 --data_dir {d}"),
+        ("stl10", "python -m qkv_vit.data.prepare stl10 --data_dir {d}"),
+        (
+            "imagenet2012",
+            "python -m qkv_vit.data.prepare imagenet2012 --data_dir {d} --manual_dir {d}/downloads/manual",
+        ),
     ],
 )
 def test_error_unprepared_tfds_data_set_shows_the_command(tmp_path, name, command):

@@ -567,7 +567,7 @@ def test_missing_data_set_fails_before_anything_compiles(tmp_path, data_cache, m
     config = small_config(data_cache)
     config.data.update(source="tfds", name="cifar10", data_dir=str(tmp_path / "no_data"))
     monkeypatch.setattr(trainer, "fresh_state", lambda run: pytest.fail("compiled an initialization"))
-    with pytest.raises(data.DataConfigError, match=r"(?s)'cifar10' is not prepared .*tfds build cifar10"):
+    with pytest.raises(data.DataConfigError, match=r"(?s)'cifar10' is not prepared .*qkv_vit.data.prepare cifar10"):
         train_and_evaluate(config, tmp_path / "run")
 
 

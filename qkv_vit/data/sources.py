@@ -201,12 +201,12 @@ def _not_prepared_message(name: str, data_dir: str | None) -> str:
         return (
             f"tfds data set 'imagenet2012' is not prepared in {shown_dir}. ImageNet cannot be downloaded "
             f"automatically: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {manual}/ and run\n"
-            f"  tfds build imagenet2012 --data_dir {shown_dir} --manual_dir {manual}\n"
+            f"  python -m qkv_vit.data.prepare imagenet2012 --data_dir {shown_dir} --manual_dir {manual}\n"
             "then set config.data_dir to that directory."
         )
     return (
         f"tfds data set {name!r} is not prepared in {shown_dir}, and this code never downloads at run time. "
-        f"On a machine with internet run\n  tfds build {name} --data_dir {shown_dir}\n"
+        f"On a machine with internet run\n  python -m qkv_vit.data.prepare {name} --data_dir {shown_dir}\n"
         f"(copy {shown_dir}/{name}/ here if this machine is offline), then set config.data_dir to that directory."
     )
 
