@@ -360,7 +360,8 @@ def test_subsplits_are_accepted(cache_dir):
 
 def test_error_unknown_source_and_unknown_tfds_name(cache_dir):
     with pytest.raises(
-        data.DataConfigError, match=r"source must be one of \['digits', 'tfds', 'image_folder'\], got 'folder'"
+        data.DataConfigError,
+        match=r"source must be one of \['digits', 'tfds', 'image_folder', 'in_memory'\], got 'folder'",
     ):
         sources.open_source(digits_config(cache_dir, source="folder"))
     config = data.get_config("none", source="tfds", name="no_such_data_set")

@@ -14,7 +14,7 @@ from ml_collections import config_dict
 from qkv_vit import config_rules as rules
 from qkv_vit.data.errors import DataConfigError
 
-SOURCES = ("digits", "tfds", "image_folder")
+SOURCES = ("digits", "tfds", "image_folder", "in_memory")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -91,10 +91,10 @@ def get_config(preset: str = "small", source: str = "digits", name: str = "") ->
     image_size, repeats = _PRESET_SIZES[preset]
     return ml_collections.ConfigDict(
         dict(
-            source=source,  # "digits" (offline default), "tfds" or "image_folder"
+            source=source,  # "digits" (offline default), "tfds", "image_folder" or "in_memory" (path, or the digits)
             name=name,  # tfds data set name for source="tfds", e.g. "imagenet2012", "cifar10"
             data_dir=config_dict.placeholder(str),  # tfds data_dir; None: tfds's default (~/tensorflow_datasets)
-            path=config_dict.placeholder(str),  # image_folder: ROOT/<split>/<class>/*.jpg, or a .tar/.tar.gz of one
+            path=config_dict.placeholder(str),  # image_folder, in_memory: ROOT/<split>/<class>/*.jpg, or a tar of one
             cache_dir=config_dict.placeholder(str),  # prepared digits / image folders; None: ~/.cache/qkv_vit
             train_split=config_dict.placeholder(str),  # None: the source's usual train split
             eval_split=config_dict.placeholder(str),  # None: the source's usual eval split

@@ -25,16 +25,12 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import gzip
-import hashlib
 import io
 import json
 import logging
 import os
 import shutil
-import tarfile
 import uuid
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,35 +39,20 @@ import tensorflow_datasets as tfds
 from qkv_vit.data import augment
 from qkv_vit.data._tensorflow import tf
 from qkv_vit.data.errors import DataConfigError
-from qkv_vit.errors import describe_cause
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-LABEL_MAP = "label_map.json"
-# Names that are never data, at any level, compared without case (hidden names, starting with ".", neither): macOS
-# archive metadata and folder icons, Windows and Synology thumbnails, Python caches, trash and recovery folders;
-# and the ":Zone.Identifier" streams that copies out of Windows leave as files under WSL.
-CLUTTER_NAMES = frozenset(
-    name.lower()
-    for name in (
-        "__MACOSX",
-        "Icon\r",
-        "Thumbs.db",
-        "ehthumbs.db",
-        "desktop.ini",
-        "@eaDir",
-        "__pycache__",
-        "$RECYCLE.BIN",
-        "System Volume Information",
-        "lost+found",
-    )
+from qkv_vit.data.folders import (
+    TAR_SUFFIXES,
+    Located,
+    default_cache_dir,
+    extract,
+    folder_key,
+    reject,
+    scan_image_folder,
+    tar_key,
 )
-CLUTTER_SUFFIXES = (":zone.identifier",)
+
+LABEL_MAP = "label_map.json"
 _TFDS_NAME = "image_folder"
 _MAX_LISTED_SKIPS = 1000
-# Bumped when conversion changes what it accepts, so entries made by an older check are rebuilt (2: a full decode
-# with the pipeline's decoder instead of PIL's verify()).
-_CONVERSION_VERSION = 2
 _DECODE_CHUNK = 256  # files read and decoded ahead of the tfds writer, in parallel (bounded memory)
 
 
@@ -87,10 +68,6 @@ class PreparedFolder:
     label_map_file: Path  # the conversion's record, which lists the skipped files
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("QKV_VIT_CACHE", Path.home() / ".cache" / "qkv_vit"))
-
-
 def prepare_image_folder(
     path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, bad_files: str = "skip"
 ) -> PreparedFolder:
@@ -102,14 +79,14 @@ def prepare_image_folder(
     if not (is_tar or path.is_dir()):
         raise DataConfigError(f"{path} is neither a folder nor a {'/'.join(TAR_SUFFIXES)} archive.")
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    final = cache_dir / "image_folder" / (_tar_key(path) if is_tar else _folder_key(path))
+    final = cache_dir / "image_folder" / (tar_key(path) if is_tar else folder_key(path))
     if (final / LABEL_MAP).exists():
         return _check_cached(_load(final), path, bad_files)
     check_can_prepare()
     temporary = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     temporary.mkdir(parents=True)
     try:
-        folder = _extract(path, temporary / "extracted") if is_tar else Located(root=path, source=path)
+        folder = extract(path, temporary / "extracted") if is_tar else Located(root=path, source=path)
         _build(folder, temporary, bad_files)
         shutil.rmtree(temporary / "extracted", ignore_errors=True)  # the tfds records hold the bytes now
         if final.exists() and not (final / LABEL_MAP).exists():
@@ -154,131 +131,6 @@ def preparing_offline(what: str, where: os.PathLike | str) -> Iterator[None]:
     logging.info("Preparing %s in %s (once, offline: later runs read it from there).", what, where)
     with contextlib.redirect_stdout(io.StringIO()):
         yield
-
-
-def _tar_key(path: Path) -> str:
-    stat = path.stat()
-    key = f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:v{_CONVERSION_VERSION}"
-    return f"{_stem(path)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-def _folder_key(path: Path) -> str:
-    parts = [str(path.resolve()), f"v{_CONVERSION_VERSION}"]
-    for split_dir in _subdirs(path):
-        parts.append(f"{split_dir.name}:{split_dir.stat().st_mtime_ns}")
-        parts.extend(f"{split_dir.name}/{d.name}:{d.stat().st_mtime_ns}" for d in _subdirs(split_dir))
-    return f"{_stem(path)}-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:16]}"
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in TAR_SUFFIXES:
-        name = name.removesuffix(suffix)
-    return name or "root"
-
-
-def _is_clutter(path: Path) -> bool:
-    name = path.name.lower()
-    return name.startswith(".") or name in CLUTTER_NAMES or name.endswith(CLUTTER_SUFFIXES)
-
-
-def _subdirs(path: Path) -> list[Path]:
-    """Sub-folders that may hold data, sorted (hidden ones and clutter such as __MACOSX/ never do)."""
-    return sorted(p for p in path.iterdir() if p.is_dir() and not _is_clutter(p))
-
-
-def _visible_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_file() and not _is_clutter(p))
-
-
-@dataclasses.dataclass(frozen=True)
-class Located:
-    """Where the split folders are on disk, and how to name a path below them to the user."""
-
-    root: Path  # holds <split>/<class>/<image>
-    source: Path  # the folder or archive as the user gave it (config.data.path)
-    extracted: Path | None = None  # an archive's (temporary) extraction directory
-
-    def shown(self, path: Path) -> str:
-        """`path` as the user knows it: itself for a folder; the archive and the member for an archive."""
-        if self.extracted is None:
-            return str(path)
-        member = path.relative_to(self.extracted).as_posix()
-        return str(self.source) if member == "." else f"{self.source} (archive member {member})"
-
-
-def _extract(archive: Path, destination: Path) -> Located:
-    """Extracts the archive and locates the folder holding the split folders."""
-    logging.info("Extracting %s to %s", archive, destination)
-    try:
-        with tarfile.open(archive) as tar:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(destination, filter="data")  # refuses absolute paths, links out of the tree
-            else:  # Python without extraction filters (3.10 before 3.10.12)
-                for member in tar.getmembers():
-                    if member.name.startswith("/") or ".." in Path(member.name).parts:
-                        raise DataConfigError(f"Unsafe path {member.name!r} in {archive}.")
-                tar.extractall(destination)
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:  # cut short, not a tar, unsafe member
-        raise DataConfigError(
-            f"{archive} cannot be extracted ({describe_cause(error)}): it is damaged, cut short or not a tar archive, "
-            "or a member points outside it. Download or pack it again (tar czf NAME.tar.gz FOLDER), or give the "
-            "extracted folder as the path."
-        ) from None
-    root = destination
-    # An archive usually wraps ROOT in one top folder (cifar10-jpeg/train/...): step into it.
-    while len(children := _subdirs(root)) == 1 and _looks_like_root(children[0]):
-        root = children[0]
-    return Located(root=root, source=archive, extracted=destination)
-
-
-def _looks_like_root(path: Path) -> bool:
-    """True when `path` has the <split>/<class>/ folder levels below it."""
-    return any(_subdirs(split_dir) for split_dir in _subdirs(path))
-
-
-@dataclasses.dataclass
-class FolderScan:
-    splits: dict[str, list[tuple[Path, str]]]
-    class_names: list[str]
-    skipped: list[str]
-
-
-def scan_image_folder(folder: Located, bad_files: str = "skip") -> FolderScan:
-    """Lists ROOT/<split>/<class>/<image>; raises DataConfigError for a layout that cannot work."""
-    split_dirs = _subdirs(folder.root)
-    if not split_dirs:
-        raise DataConfigError(
-            f"No split folders in {folder.shown(folder.root)}: expected ROOT/<split>/<class>/<image>.jpg|png."
-        )
-    splits, classes, skipped = {}, set(), []
-    for split_dir in split_dirs:
-        class_dirs = _subdirs(split_dir)
-        if not class_dirs:
-            raise DataConfigError(
-                f"Split folder {folder.shown(split_dir)} has no class folders: expected "
-                f"<split>/<class>/<image> below it."
-            )
-        examples = []
-        for class_dir in class_dirs:
-            files = _visible_files(class_dir)
-            images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
-            for other in sorted(set(files) - set(images)):
-                _reject(other, folder, bad_files, skipped, "not a .jpg/.jpeg/.png file")
-            if not images:
-                raise DataConfigError(
-                    f"Empty class folder {folder.shown(class_dir)}: it holds no {'/'.join(IMAGE_SUFFIXES)} images."
-                )
-            examples.extend((f, class_dir.name) for f in images)
-            classes.add(class_dir.name)
-        splits[split_dir.name] = examples
-    return FolderScan(splits, sorted(classes), skipped)
-
-
-def _reject(file: Path, folder: Located, bad_files: str, skipped: list[str], why: str) -> None:
-    if bad_files == "error":
-        raise DataConfigError(f"{folder.shown(file)} is {why} (set bad_files='skip' to skip and count such files).")
-    skipped.append(file.relative_to(folder.root).as_posix())
 
 
 def _build(folder: Located, work: Path, bad_files: str) -> None:
@@ -328,7 +180,7 @@ def _examples(
             chunk = files[start : start + _DECODE_CHUNK]
             for (file, class_name), (data, readable) in zip(chunk, pool.map(_read_checked, [f for f, _ in chunk])):
                 if not readable:
-                    _reject(file, folder, bad_files, skipped, "not an image the input pipeline can decode")
+                    reject(file, folder, bad_files, skipped, "not an image the input pipeline can decode")
                     continue
                 kept[file.parent] += 1
                 relative = file.relative_to(folder.root).as_posix()

@@ -30,18 +30,13 @@ import tensorflow_datasets as tfds
 
 from qkv_vit.data import augment as augment_lib
 from qkv_vit.data._tensorflow import tf
+from qkv_vit.data.batching import local_batch_size, processes
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.mixup import mix_batch
-from qkv_vit.data.sources import DatasetInfo, Source, open_source
+from qkv_vit.data.sources import Source, open_source
 
 Batch = dict[str, np.ndarray]
 _EPOCH_OVERLAP = 8  # batches before an epoch ends at which the next epoch's pipeline starts warming up
-
-
-def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
-    """What the configured data holds (examples per split used, classes, skipped files); DataConfigError if the
-    config cannot be read."""
-    return open_source(data_config).info(data_config.num_classes)
 
 
 def steps_per_epoch(
@@ -52,29 +47,10 @@ def steps_per_epoch(
     local_device_count: int | None = None,
 ) -> int:
     """Train batches per epoch, the same on every process (each drops its last partial batch)."""
-    _, process_count = _processes(0, process_count)
+    _, process_count = processes(0, process_count)
     local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
     source = open_source(data_config)
     return _train_steps(source, local_batch, 0, process_count)[1]
-
-
-def local_batch_size(global_batch_size: int, process_count: int, local_device_count: int | None = None) -> int:
-    """The per-process batch; raises DataConfigError unless it splits evenly over processes and devices."""
-    if global_batch_size < 1 or global_batch_size % process_count:
-        raise DataConfigError(
-            f"Global batch size {global_batch_size} is not divisible by the process count {process_count}."
-        )
-    local_batch = global_batch_size // process_count
-    if local_device_count is None:
-        import jax  # only for the default: the data code itself never touches the accelerator
-
-        local_device_count = jax.local_device_count()
-    if local_batch % local_device_count:
-        raise DataConfigError(
-            f"Per-process batch size {local_batch} (global {global_batch_size} / {process_count} processes) "
-            f"is not divisible by the {local_device_count} local devices."
-        )
-    return local_batch
 
 
 def build_train_iterator(
@@ -97,7 +73,7 @@ def build_train_iterator(
     seed = data_config.seed if seed is None else seed
     if seed < 0 or start_step < 0:
         raise DataConfigError(f"seed and start_step must be >= 0, not {seed} and {start_step}.")
-    process_index, process_count = _processes(process_index, process_count)
+    process_index, process_count = processes(process_index, process_count)
     local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
     source = open_source(data_config)  # after the cheap checks: it may convert an image folder
     split, steps = _train_steps(source, local_batch, process_index, process_count)
@@ -134,17 +110,6 @@ def _train_steps(
             f"each of the {process_count} processes reads from {source.description}."
         )
     return split, steps
-
-
-def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise DataConfigError(f"process_index {process_index} is not in [0, process_count={process_count}).")
-    return process_index, process_count
 
 
 def _derive_seed(seed: int, epoch: int, process_index: int, stream: int) -> int:
@@ -322,7 +287,7 @@ def build_eval_iterator(
 ) -> EvalBatches:
     """Eval batches {"image" uint8 (float32 normalized with `finish_on_host`), "label" int32, "mask" float32
     (1 real, 0 padding)} of `split` (default: the eval split)."""
-    process_index, process_count = _processes(process_index, process_count)
+    process_index, process_count = processes(process_index, process_count)
     local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
     source = open_source(data_config)
     split = split or source.eval_split

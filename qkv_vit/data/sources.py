@@ -19,6 +19,14 @@ from qkv_vit.data import digits, image_folder
 from qkv_vit.data._tensorflow import tf
 from qkv_vit.data.config import validate_config
 from qkv_vit.data.errors import DataConfigError
+from qkv_vit.data.folders import (
+    HELD_OUT_SPLIT_NAMES,
+    TRAIN_SPLIT_NAMES,
+    default_cache_dir,
+    find_split,
+    no_held_out_split_message,
+)
+from qkv_vit.data.info import DatasetInfo, SkippedFiles
 
 # Train split, eval split and class count of the data sets the paper uses; any other tfds data
 # set with an "image" and a "label" feature works too (with train/test as default splits).
@@ -29,35 +37,8 @@ TFDS_DATASETS = {
     "stl10": ("train", "test", 10),
     "cars196": ("train", "test", 196),
 }
-# Default splits of sources that do not name theirs (image folders, other tfds sets): the first present, in this
-# order, compared case-insensitively. Without a held-out split the eval split must be asked for (config.eval_split).
-TRAIN_SPLIT_NAMES = ("train", "training")
-HELD_OUT_SPLIT_NAMES = ("test", "testing", "validation", "valid", "val", "eval", "evaluation", "dev")
-
-
-@dataclasses.dataclass(frozen=True)
-class SkippedFiles:
-    """Files an image folder's conversion skipped as not decodable images (data.bad_files="skip")."""
-
-    count: int
-    examples: list[str]  # the first few, relative to the folder
-    listed_in: Path  # the file that lists them
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What a configured data set holds and which parts a run uses."""
-
-    description: str  # e.g. "image folder /data/pets"
-    train_split: str
-    eval_split: str
-    train_examples: int
-    eval_examples: int
-    num_classes: int  # config.data.num_classes if set, else the data set's
-    class_names: list[str]
-    other_splits: list[str]  # present but neither trained nor evaluated on
-    train_eval_overlap: int  # examples the eval split shares with the train split (e.g. eval_split="train")
-    skipped_files: SkippedFiles | None
+# Sources that do not name their splits (image folders, other tfds sets) use the first present of
+# folders.TRAIN_SPLIT_NAMES and HELD_OUT_SPLIT_NAMES; without a held-out split the eval split must be asked for.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +153,7 @@ def open_source(config: ml_collections.ConfigDict) -> Source:
 
 
 def _digits_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else image_folder.default_cache_dir()
+    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     builder = digits.SklearnDigits(data_dir=os.fspath(cache_dir / "tfds"))
     if not builder.is_prepared():
         image_folder.check_can_prepare()
@@ -226,26 +207,11 @@ def _make_source(
             f"{description} has no 'image' and 'label' features; it is not an image classification set."
         )
     available = list(builder.info.splits.keys())
-    train_split = config.train_split or train_default or _find_split(available, TRAIN_SPLIT_NAMES) or "train"
-    eval_split = config.eval_split or eval_default or _find_split(available, HELD_OUT_SPLIT_NAMES)
+    train_split = config.train_split or train_default or find_split(available, TRAIN_SPLIT_NAMES) or "train"
+    eval_split = config.eval_split or eval_default or find_split(available, HELD_OUT_SPLIT_NAMES)
     if eval_split is None:
-        raise DataConfigError(_no_held_out_split_message(description, available))
+        raise DataConfigError(no_held_out_split_message(description, available))
     source = Source(builder, train_split, eval_split, list(features["label"].names), description, skipped_files)
     source.check_split(source.train_split)
     source.check_split(source.eval_split)
     return source
-
-
-def _find_split(available: list[str], names: tuple[str, ...]) -> str | None:
-    """The first of `names` (in their order of preference) that `available` has, ignoring case."""
-    by_name = {split.lower(): split for split in available}
-    return next((by_name[name] for name in names if name in by_name), None)
-
-
-def _no_held_out_split_message(description: str, available: list[str]) -> str:
-    return (
-        f"{description} has no held-out split to evaluate on: its splits are {available}, and none is called "
-        f"{', '.join(HELD_OUT_SPLIT_NAMES)}. Set data.eval_split: one of its splits; or hold out part of the train "
-        "split with data.train_split='train[:90%]' and data.eval_split='train[90%:]'; or data.eval_split='train' to "
-        "evaluate on the training images (the reported accuracy is then training accuracy)."
-    )

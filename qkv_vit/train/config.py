@@ -109,7 +109,9 @@ def shrink_for_local_run(
     """
     if not keep_data:
         augment, repeats = config.data.augment, config.data.repeated_augmentation
-        config.data = data.get_config("small", source="digits")
+        # The in-memory source reads the digits too (without a path), keeping its own code path.
+        source = "in_memory" if config.data.source == "in_memory" else "digits"
+        config.data = data.get_config("small", source=source)
         config.data.update(augment=augment, repeated_augmentation=repeats, shuffle_buffer=256)
     config.data.image_size = 32
     config.model.update(embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1)

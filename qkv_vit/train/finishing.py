@@ -26,7 +26,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 ERASING_ATTEMPTS = 10  # timm's RandomErasing tries this many boxes and keeps the first that fits
-ERASING_STREAM, MIXING_STREAM = 1, 2  # fold_in tags: independent keys for the two random ops of a step
+ERASING_STREAM, MIXING_STREAM, GEOMETRY_STREAM = 1, 2, 3  # fold_in tags: independent keys for a step's random ops
+CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many boxes, then falls back to the centre
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,11 @@ class BatchFinishing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int
+    # Crop and flip here too (the in-memory source, whose host does no per-image work); else the host did them.
+    geometry: bool = False
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    crop_ratio: tuple[float, float] = (1.0, 1.0)
+    flip_prob: float = 0.0
     erasing_prob: float = 0.0
     erasing_area: tuple[float, float] = (0.02, 1 / 3)
     erasing_aspect_min: float = 0.3
@@ -53,6 +59,10 @@ class BatchFinishing:
             tuple(data_config.mean),
             tuple(data_config.std),
             num_classes,
+            data_config.source == "in_memory",
+            tuple(augment.crop_scale),
+            tuple(augment.crop_ratio),
+            augment.flip_prob,
             augment.erasing_prob,
             tuple(augment.erasing_area),
             augment.erasing_aspect_min,
@@ -65,13 +75,63 @@ class BatchFinishing:
         )
 
     @property
+    def crops(self) -> bool:
+        return self.geometry and (self.crop_scale != (1.0, 1.0) or self.crop_ratio != (1.0, 1.0))
+
+    @property
     def mixes(self) -> bool:
         return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
 
 def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
-    """uint8 [0, 255] (B, H, W, 3) to float32 (x / 255 - mean) / std, as the host's `augment.normalize`."""
+    """[0, 255] images (B, H, W, 3), uint8 or float, to float32 (x / 255 - mean) / std, as the host's
+    `augment.normalize`."""
     return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def random_resized_crop(
+    image: jax.Array, key: jax.Array, scale: tuple[float, float], ratio: tuple[float, float]
+) -> jax.Array:
+    """torchvision's RandomResizedCrop on one float image (H, W, C), resized back to (H, W) (bicubic, antialiased):
+    the first of 10 boxes of area fraction U(scale) and log-uniform aspect in `ratio` that fits, else the centre
+    crop of the largest box within `ratio`."""
+    height, width = image.shape[:2]
+    area_key, aspect_key, top_key, left_key = jax.random.split(key, 4)
+    target = jax.random.uniform(area_key, (CROP_ATTEMPTS,), minval=scale[0], maxval=scale[1]) * (height * width)
+    aspect = jnp.exp(
+        jax.random.uniform(aspect_key, (CROP_ATTEMPTS,), minval=math.log(ratio[0]), maxval=math.log(ratio[1]))
+    )
+    widths = jnp.round(jnp.sqrt(target * aspect)).astype(jnp.int32)
+    heights = jnp.round(jnp.sqrt(target / aspect)).astype(jnp.int32)
+    fits = (widths > 0) & (widths <= width) & (heights > 0) & (heights <= height)
+    first = jnp.argmax(fits)
+    # The fallback: the whole image, narrowed to the nearest aspect within `ratio` (torchvision's).
+    in_ratio = min(max(width / height, ratio[0]), ratio[1])
+    fallback_w = min(width, round(height * in_ratio))
+    fallback_h = min(height, round(width / in_ratio))
+    box_w = jnp.where(fits[first], widths[first], fallback_w)
+    box_h = jnp.where(fits[first], heights[first], fallback_h)
+    top = jnp.where(fits[first], jax.random.randint(top_key, (), 0, height - box_h + 1), (height - fallback_h) // 2)
+    left = jnp.where(fits[first], jax.random.randint(left_key, (), 0, width - box_w + 1), (width - fallback_w) // 2)
+    scale_yx = jnp.stack([height / box_h, width / box_w]).astype(jnp.float32)
+    translation = -jnp.stack([top, left]).astype(jnp.float32) * scale_yx
+    resized = jax.image.scale_and_translate(
+        image, image.shape, (0, 1), scale_yx, translation, method="cubic", antialias=True
+    )
+    return jnp.clip(resized, 0.0, 255.0)  # bicubic overshoots; the host pipeline clips too
+
+
+def crop_and_flip_each(images: jax.Array, keys: jax.Array, recipe: BatchFinishing) -> jax.Array:
+    """Random-resized-crop (when the recipe crops) and horizontal flip of each float image with its own key."""
+
+    def one(image: jax.Array, key: jax.Array) -> jax.Array:
+        crop_key, flip_key = jax.random.split(key)
+        if recipe.crops:
+            image = random_resized_crop(image, crop_key, recipe.crop_scale, recipe.crop_ratio)
+        flip = jax.random.uniform(flip_key) < recipe.flip_prob
+        return jnp.where(flip, image[:, ::-1], image)
+
+    return jax.vmap(one)(images, keys)
 
 
 def random_erasing(
@@ -172,24 +232,27 @@ def mix(images: jax.Array, labels: jax.Array, key: jax.Array, recipe: BatchFinis
 def finish_train_batch(
     batch: dict[str, jax.Array], key: jax.Array, recipe: BatchFinishing, mesh: Mesh | None = None
 ) -> dict[str, jax.Array]:
-    """{"image" uint8, "label"} -> {"image" float32, "label", "soft_label"}: normalize, erase, mix per shard.
+    """{"image" uint8, "label"} -> {"image" float32, "label", "soft_label"}: crop and flip (recipe.geometry),
+    normalize, erase, mix per shard.
 
     `mesh`: the batch is sharded over all of its axes (the trainer's layout) and each device finishes its own
     shard (erasing keys still follow each image's position in the global batch); None: one shard.
     """
-    keys = jnp.stack(
-        [jax.random.key_data(jax.random.fold_in(key, stream)) for stream in (ERASING_STREAM, MIXING_STREAM)]
-    )
+    streams = (ERASING_STREAM, MIXING_STREAM, GEOMETRY_STREAM)
+    keys = jnp.stack([jax.random.key_data(jax.random.fold_in(key, stream)) for stream in streams])
 
     def finish_shard(images: jax.Array, labels: jax.Array, keys: jax.Array, shard: jax.Array) -> tuple:
-        erasing_key, mixing_key = (jax.random.wrap_key_data(data) for data in keys)
+        erasing_key, mixing_key, geometry_key = (jax.random.wrap_key_data(data) for data in keys)
+        first = shard * images.shape[0]  # this shard's first image in the global batch
+
+        def per_image(stream_key: jax.Array) -> jax.Array:  # one key per image, from its global position
+            return jax.vmap(lambda index: jax.random.fold_in(stream_key, first + index))(jnp.arange(images.shape[0]))
+
+        if recipe.geometry:
+            images = crop_and_flip_each(images.astype(jnp.float32), per_image(geometry_key), recipe)
         images = normalize(images, recipe.mean, recipe.std)
         if recipe.erasing_prob > 0:
-            first = shard * images.shape[0]  # this shard's first image in the global batch
-            image_keys = jax.vmap(lambda index: jax.random.fold_in(erasing_key, first + index))(
-                jnp.arange(images.shape[0])
-            )
-            images = erase_each(images, image_keys, recipe)
+            images = erase_each(images, per_image(erasing_key), recipe)
         return mix(images, labels, jax.random.fold_in(mixing_key, shard), recipe)
 
     if mesh is None or mesh.size == 1:

@@ -1,0 +1,314 @@
+"""Data sets that fit in memory (CIFAR-10/100, STL-10, the digits, image folders up to MAX_BYTES), decoded once
+into uint8 arrays without TensorFlow, and served as batches of those arrays.
+
+`data.source = "in_memory"` reads `data.path` (an image folder or tar, as for "image_folder") or, without a path,
+the offline digits. The first run decodes every image with PIL (in threads), resizes it as the eval pipeline
+does (short side to image_size / crop_ratio, bicubic, centre crop to image_size; an image already of that size
+is kept pixel for pixel) and caches the arrays in `<cache_dir>/in_memory/<key>.npz`; later runs load that file.
+
+The host does no per-image work at all: a train batch is a gather of rows, in an order drawn per epoch from the
+seed (the same permutation on every process; process p takes the p-th slice of each global batch, so processes
+read disjoint parts and together every example of the epoch). The train step crops and flips on the device
+(`qkv_vit.train.finishing`), from stateless keys, so resume stays exact. Crop: random-resized-crop over the
+stored image (`augment.crop_scale`, `crop_ratio`); flip: `augment.flip_prob`. RandAugment, colour jitter and
+repeated augmentation run only in the tf.data pipelines: they are refused here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from qkv_vit.data.config import validate_config
+from qkv_vit.data.errors import DataConfigError
+from qkv_vit.data.folders import (
+    HELD_OUT_SPLIT_NAMES,
+    TAR_SUFFIXES,
+    TRAIN_SPLIT_NAMES,
+    Located,
+    default_cache_dir,
+    extract,
+    find_split,
+    folder_key,
+    no_held_out_split_message,
+    reject,
+    scan_image_folder,
+    tar_key,
+)
+from qkv_vit.data.info import DatasetInfo, SkippedFiles
+
+MAX_BYTES = 16 << 30  # decoded arrays larger than this belong in a streaming source (image_folder, tfds)
+DIGITS_TEST_EVERY = 5  # the offline digits: every 5th image is held out (1,437 train / 360 test)
+_FORMAT_VERSION = 1  # bumped when the cached arrays would change
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySplit:
+    images: np.ndarray  # (N, S, S, 3) uint8
+    labels: np.ndarray  # (N,) int32
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySource:
+    """A data set held as arrays, with the interface of `sources.Source` that the trainer uses."""
+
+    splits: dict[str, ArraySplit]
+    train_split: str
+    eval_split: str
+    class_names: list[str]
+    description: str
+    skipped_files: SkippedFiles | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def num_examples(self, split: str) -> int:
+        return len(self.splits[split].labels)
+
+    def info(self, num_classes: int | None = None) -> DatasetInfo:
+        others = [split for split in self.splits if split not in (self.train_split, self.eval_split)]
+        overlap = self.num_examples(self.train_split) if self.train_split == self.eval_split else 0
+        return DatasetInfo(
+            self.description,
+            self.train_split,
+            self.eval_split,
+            self.num_examples(self.train_split),
+            self.num_examples(self.eval_split),
+            num_classes or self.num_classes,
+            self.class_names,
+            others,
+            overlap,
+            self.skipped_files,
+        )
+
+
+def open_in_memory(config: ml_collections.ConfigDict) -> ArraySource:
+    """The configured data as arrays (decoded now, or loaded from the cache); DataConfigError with the fix."""
+    validate_config(config)
+    check_device_augmentation(config)
+    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+    if config.path:
+        splits, class_names, skipped = _folder_arrays(Path(config.path).expanduser(), cache_dir, config)
+        description = f"image folder {config.path} (in memory)"
+    else:
+        splits, class_names, skipped = _digits_arrays(config.image_size), [str(d) for d in range(10)], None
+        description = "the offline digits data set (in memory)"
+    for split in (config.train_split, config.eval_split):
+        if split is not None and split not in splits:
+            raise DataConfigError(
+                f"Split {split!r} is not one of {description}'s splits {sorted(splits)} (source='in_memory' takes "
+                "whole splits: sub-splits such as 'train[:90%]' need source='image_folder')."
+            )
+    train_split = config.train_split or find_split(list(splits), TRAIN_SPLIT_NAMES) or "train"
+    eval_split = config.eval_split or find_split(list(splits), HELD_OUT_SPLIT_NAMES)
+    if eval_split is None:
+        raise DataConfigError(no_held_out_split_message(description, sorted(splits)))
+    if train_split not in splits:
+        raise DataConfigError(f"{description} has no train split: its splits are {sorted(splits)}.")
+    return ArraySource(splits, train_split, eval_split, class_names, description, skipped)
+
+
+def check_device_augmentation(config: ml_collections.ConfigDict) -> None:
+    """The in-memory source's train augmentation is what the device does: refuse what only tf.data does."""
+    augment = config.augment
+    host_only = {
+        "augment.randaugment_layers": augment.randaugment_layers,
+        "augment.color_jitter": augment.color_jitter,
+        "repeated_augmentation": config.repeated_augmentation - 1,
+    }
+    set_keys = [key for key, value in host_only.items() if value]
+    if set_keys:
+        raise DataConfigError(
+            f"source='in_memory' crops, flips, erases and mixes on the device; {', '.join(set_keys)} run only in "
+            "the tf.data pipelines. Set them off (randaugment_layers=0, color_jitter=0, repeated_augmentation=1) "
+            "or use source='image_folder' or 'tfds'."
+        )
+
+
+# ---- decoding once, with a cache ----
+
+
+def _folder_arrays(
+    path: Path, cache_dir: Path, config: ml_collections.ConfigDict
+) -> tuple[dict[str, ArraySplit], list[str], SkippedFiles | None]:
+    if not path.exists():
+        raise DataConfigError(f"Image folder path {path} does not exist.")
+    is_tar = path.is_file() and path.name.endswith(TAR_SUFFIXES)
+    if not (is_tar or path.is_dir()):
+        raise DataConfigError(f"{path} is neither a folder nor a {'/'.join(TAR_SUFFIXES)} archive.")
+    key = tar_key(path) if is_tar else folder_key(path)
+    entry = cache_dir / "in_memory" / f"{key}-{config.image_size}-{config.crop_ratio:g}-v{_FORMAT_VERSION}.npz"
+    if not entry.exists():
+        _decode_folder(path, is_tar, entry, config)
+    return _load(entry, config.bad_files, path)
+
+
+def _decode_folder(path: Path, is_tar: bool, entry: Path, config: ml_collections.ConfigDict) -> None:
+    """Decode every image of the folder into the cache file `entry`, written whole or not at all."""
+    work = entry.parent / f".tmp-{entry.stem}-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
+    try:
+        folder = extract(path, work / "extracted") if is_tar else Located(root=path, source=path)
+        scan = scan_image_folder(folder, config.bad_files)
+        bytes_needed = sum(len(files) for files in scan.splits.values()) * config.image_size**2 * 3
+        if bytes_needed > MAX_BYTES:
+            raise DataConfigError(
+                f"{path} would take {bytes_needed / 2**30:.1f} GiB decoded at {config.image_size}x{config.image_size}, "
+                f"more than source='in_memory' holds ({MAX_BYTES / 2**30:.0f} GiB): use source='image_folder'."
+            )
+        arrays = {}
+        for split, files in scan.splits.items():
+            images, labels = _decode_split(files, folder, scan, config)
+            arrays[f"{split}/images"], arrays[f"{split}/labels"] = images, labels
+        meta = {"class_names": scan.class_names, "skipped": scan.skipped, "splits": sorted(scan.splits)}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        temporary = work / "arrays.npz"
+        np.savez(temporary, **arrays)
+        os.replace(temporary, entry)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _decode_split(
+    files: list[tuple[Path, str]], folder: Located, scan, config: ml_collections.ConfigDict
+) -> tuple[np.ndarray, np.ndarray]:
+    label_of = {name: index for index, name in enumerate(scan.class_names)}
+    with concurrent.futures.ThreadPoolExecutor(thread_name_prefix="qkv_vit_decode") as pool:  # PIL frees the GIL
+        decoded = list(pool.map(lambda item: decode(item[0], config.image_size, config.crop_ratio), files))
+    kept = [(image, label_of[name]) for image, (file, name) in zip(decoded, files) if image is not None]
+    for image, (file, _) in zip(decoded, files):
+        if image is None:
+            reject(file, folder, config.bad_files, scan.skipped, "not an image PIL can decode")
+    if not kept:
+        raise DataConfigError(f"No image of {folder.shown(files[0][0].parent.parent)} could be decoded.")
+    return np.stack([image for image, _ in kept]), np.asarray([label for _, label in kept], np.int32)
+
+
+def decode(file: Path, image_size: int, crop_ratio: float = 1.0) -> np.ndarray | None:
+    """The whole image as (image_size, image_size, 3) uint8, as the eval pipeline sizes it: short side to
+    floor(image_size / crop_ratio) (bicubic, antialiased), centre crop; None if PIL cannot decode all of it."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(file) as opened:
+            image = opened.convert("RGB")  # decodes every row: a truncated file raises here
+    except (OSError, ValueError, PIL.Image.DecompressionBombError):
+        return None
+    return resize_and_crop(image, image_size, crop_ratio)
+
+
+def resize_and_crop(image, image_size: int, crop_ratio: float = 1.0) -> np.ndarray:
+    """PIL image -> (image_size, image_size, 3) uint8: short side to floor(image_size / crop_ratio), centre crop."""
+    import PIL.Image
+
+    short = math.floor(image_size / crop_ratio)
+    width, height = image.size
+    if min(width, height) != short:
+        scale = short / min(width, height)
+        image = image.resize((max(short, round(width * scale)), max(short, round(height * scale))), PIL.Image.BICUBIC)
+        width, height = image.size
+    left, top = (width - image_size) // 2, (height - image_size) // 2
+    return np.asarray(image.crop((left, top, left + image_size, top + image_size)), np.uint8)
+
+
+def _load(entry: Path, bad_files: str, path: Path) -> tuple[dict[str, ArraySplit], list[str], SkippedFiles | None]:
+    with np.load(entry) as arrays:
+        meta = json.loads(arrays["meta"].tobytes())
+        splits = {s: ArraySplit(arrays[f"{s}/images"], arrays[f"{s}/labels"]) for s in meta["splits"]}
+    skipped = meta["skipped"]
+    if skipped and bad_files == "error":
+        raise DataConfigError(
+            f"{path}: {skipped[0]} is not an image PIL can decode ({len(skipped)} such files were skipped when the "
+            f"folder was decoded into {entry}). Remove them, or set bad_files='skip'."
+        )
+    return splits, meta["class_names"], SkippedFiles(len(skipped), skipped[:5], entry) if skipped else None
+
+
+def _digits_arrays(image_size: int) -> dict[str, ArraySplit]:
+    """scikit-learn's digits (0..16 counts spread over 0..255, grey to RGB), resized to image_size."""
+    import PIL.Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    grey = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.stack([resize_and_crop(PIL.Image.fromarray(g).convert("RGB"), image_size) for g in grey])
+    test = np.arange(len(grey)) % DIGITS_TEST_EVERY == 0
+    labels = digits.target.astype(np.int32)
+    return {"train": ArraySplit(images[~test], labels[~test]), "test": ArraySplit(images[test], labels[test])}
+
+
+# ---- batches ----
+
+
+def train_steps(source: ArraySource, global_batch_size: int) -> int:
+    """Train steps per epoch: whole global batches of the train split (the remainder is left out each epoch)."""
+    steps = source.num_examples(source.train_split) // global_batch_size
+    if steps == 0:
+        raise DataConfigError(
+            f"Global batch size {global_batch_size} is larger than the {source.num_examples(source.train_split)} "
+            f"train examples of {source.description}."
+        )
+    return steps
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The train split's order in `epoch`: a permutation drawn from (seed, epoch), the same on every process."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def train_batches(
+    source: ArraySource,
+    global_batch_size: int,
+    seed: int,
+    start_step: int,
+    process_index: int,
+    process_count: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless {"image" (B,S,S,3) uint8, "label" (B,) int32}, B = global_batch_size / process_count: process p's
+    slice of each global batch. The first batch is batch `start_step` of the stream that starts at 0."""
+    split = source.splits[source.train_split]
+    steps, local = train_steps(source, global_batch_size), global_batch_size // process_count
+    epoch, step = divmod(start_step, steps)
+    while True:
+        order = epoch_order(seed, epoch, len(split.labels))
+        for position in range(step, steps):
+            first = position * global_batch_size + process_index * local
+            rows = order[first : first + local]
+            yield {"image": split.images[rows], "label": split.labels[rows]}
+        epoch, step = epoch + 1, 0
+
+
+class ArrayEvalBatches:
+    """Eval batches of one process: re-iterable, each pass covers its part of the split once, padded so that
+    every process runs the same number of batches (`mask` 0 on padding)."""
+
+    def __init__(self, split: ArraySplit, local_batch: int, process_index: int, process_count: int):
+        parts = np.array_split(np.arange(len(split.labels)), process_count)
+        self.split, self.rows, self.local_batch = split, parts[process_index], local_batch
+        self.num_batches = math.ceil(max(len(part) for part in parts) / local_batch)
+        self.num_examples = len(self.rows)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        size = self.split.images.shape[1:]
+        for index in range(self.num_batches):
+            rows = self.rows[index * self.local_batch : (index + 1) * self.local_batch]
+            pad = self.local_batch - len(rows)
+            yield {
+                "image": np.concatenate([self.split.images[rows], np.zeros((pad, *size), np.uint8)]),
+                "label": np.concatenate([self.split.labels[rows], np.zeros(pad, np.int32)]),
+                "mask": np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)]),
+            }
+
+    def __len__(self) -> int:
+        return self.num_batches
