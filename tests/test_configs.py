@@ -15,7 +15,7 @@ from conftest import REPO, load_config
 from qkv_vit import data, models, sweep
 from qkv_vit.train import train_and_evaluate
 from qkv_vit.train.config import parse_arg
-from qkv_vit.train.optimizer import make_optimizer
+from qkv_vit.train.optimizer import learning_rate, make_optimizer
 from qkv_vit.train.trainer import build_model
 
 
@@ -32,7 +32,15 @@ CONFIG_FILES = sorted(path.stem for path in (REPO / "configs").glob("*.py"))
 # Arguments tested beyond the docstring's commands; a config file missing here fails test_every_config_is_listed.
 EXTRA_ARGS = {
     "quickstart": [None, "runlocal"],
-    "cifar10": [None, "source=tfds", "batch=64,seed=2", "runlocal"],
+    "cifar10": [
+        None,
+        "source=tfds",
+        "batch=64,seed=2",
+        "runlocal",
+        "recipe=short,runlocal",
+        "recipe=short,epochs=10",
+        "recipe=short,source=in_memory",
+    ],
     "imagenet": [
         None,
         "model=tiny_24_p8,qkv=sne",
@@ -223,6 +231,38 @@ def test_imagenet_recipe_is_xcits():
     assert load_config("imagenet", "ema").ema_decay == 0.99996
 
 
+def test_cifar10_short_recipe_is_the_plain_pytorch_scripts():
+    """recipe=short: AdamW lr 1e-3 not scaled by batch, 10% linear warmup from 4e-5, cosine to 0, weight decay 0.05,
+    flips and label smoothing only, CIFAR-10's statistics, no drop path, 3 epochs at full depth."""
+    config = load_config("cifar10", "recipe=short")
+    assert (config.total_epochs, config.global_batch_size) == (3.0, 128)
+    assert build_model(config, 10).depth == 12  # the named model's full depth
+    opt = config.optimizer
+    assert (opt.lr, opt.scale_lr_by_batch, opt.weight_decay, opt.warmup_init_lr, opt.min_lr) == (
+        1e-3,
+        False,
+        0.05,
+        4e-5,
+        0,
+    )
+    assert opt.warmup_epochs == pytest.approx(0.3) and config.model.drop_path_rate == 0.0
+    augment = config.data.augment
+    assert (augment.flip_prob, augment.label_smoothing, augment.crop_scale, augment.randaugment_layers) == (
+        0.5,
+        0.1,
+        (1.0, 1.0),
+        0,
+    )
+    assert augment.erasing_prob == 0 and augment.mixup_alpha == 0 and augment.cutmix_alpha == 0
+    assert config.data.mean == (0.4914, 0.4822, 0.4465)
+    schedule = learning_rate(opt, config.global_batch_size, total_steps=1000, warmup_steps=100)
+    assert float(schedule(0)) == pytest.approx(4e-5, rel=1e-5) and float(schedule(100)) == pytest.approx(1e-3, rel=1e-5)
+    assert float(schedule(1000)) == 0
+    assert load_config("cifar10", "recipe=short,epochs=10").optimizer.warmup_epochs == pytest.approx(1.0)
+    long = load_config("cifar10")
+    assert (long.total_epochs, long.optimizer.scale_lr_by_batch, long.model.drop_path_rate) == (100.0, True, 0.05)
+
+
 def test_transfer_recipe_is_deits():
     config = load_config("transfer", "dataset=cars196,model=small_12_p16,init=/runs/s12")
     assert (config.data.name, config.data.image_size, config.data.augment.erasing_prob) == ("cars196", 224, 0.0)
@@ -243,6 +283,7 @@ def test_transfer_recipe_is_deits():
         ("imagenet", "epochs=ten", "not a valid float"),
         ("cifar10", "qvk=sne", r"Unknown config argument\(s\) \['qvk'\]"),
         ("cifar10", "source=hub", "source='hub'"),
+        ("cifar10", "recipe=medium", "recipe='medium': choose one of"),
         ("quickstart", "runlocal=maybe", "not a boolean"),
     ],
 )
