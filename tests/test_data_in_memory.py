@@ -1,6 +1,8 @@
 """The in-memory source: the same examples as the image-folder source, disjoint and complete per process, device
 crop and flip deterministic per seed and step, exact resume, and no TensorFlow needed."""
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO
 from qkv_vit import data
 from qkv_vit.data import in_memory
 from qkv_vit.data.testing import write_image_folder
@@ -197,3 +200,24 @@ print(batch["image"].shape, sum(int(b["mask"].sum()) for b in evaluation))
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["(32,", "32,", "32,", "3)", "360"]
+
+
+@pytest.mark.slow
+def test_training_in_memory_needs_no_tensorflow_tfds_or_clu(tmp_path):
+    """The command trains and evaluates with TensorFlow, tfds and clu unimportable (as on a GPU machine without
+    them): metrics.jsonl is written, no TensorBoard events, and the console says so."""
+    code = f"""
+import sys, runpy
+for name in ("tensorflow", "tensorflow_datasets", "clu"):
+    sys.modules[name] = None
+sys.argv = ["main", "--config=configs/quickstart.py:runlocal", "--workdir={tmp_path / "run"}",
+            "--config.data.source=in_memory", "--config.data.cache_dir={tmp_path / "cache"}"]
+runpy.run_module("qkv_vit.main", run_name="__main__")
+"""
+    env = {**os.environ, "QKV_VIT_ALLOCATOR": "system"}  # no re-execution: it would lose the blocked modules
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "no TensorBoard events" in run.stderr and "Finished: val/top1" in run.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["val/count"] == 360
+    assert not list((tmp_path / "run").glob("events.out.tfevents.*"))

@@ -15,12 +15,29 @@ from typing import Any
 
 import jax
 import numpy as np
-from clu import metric_writers
+
+try:
+    from clu import metric_writers
+except ImportError:  # clu writes through TensorFlow: without them, metrics.jsonl is the record (no TensorBoard)
+    metric_writers = None
 
 from qkv_vit.paths import PathLike, as_path, is_local
 
 
-class JsonlWriter(metric_writers.MetricWriter):
+class ScalarWriter:
+    """What the trainer writes metrics through (clu's MetricWriter interface, scalars only); writes nothing."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlWriter(metric_writers.MetricWriter if metric_writers is not None else ScalarWriter):
     """Adds {"step": s, "name": value, ...} lines, written out per call so a killed run keeps its history.
 
     Local files are appended to. Cloud objects (gs://...) cannot be appended to, so there the writer keeps
@@ -70,9 +87,18 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
 
-def create_writer(workdir: PathLike) -> metric_writers.MetricWriter:
-    """Process 0 writes TensorBoard events and metrics.jsonl; every process logs to its console."""
+def writes_tensorboard() -> bool:
+    """Whether runs write TensorBoard events (clu and TensorFlow installed)."""
+    return metric_writers is not None
+
+
+def create_writer(workdir: PathLike) -> ScalarWriter:
+    """Process 0 writes TensorBoard events and metrics.jsonl; every process logs its metrics (to log.txt). Without
+    clu (and TensorFlow), process 0 writes metrics.jsonl only."""
     lead = jax.process_index() == 0
+    if metric_writers is None:
+        logging.warning("clu and TensorFlow are not installed: no TensorBoard events; metrics.jsonl has every metric.")
+        return JsonlWriter(as_path(workdir) / "metrics.jsonl") if lead else ScalarWriter()
     default = metric_writers.create_default_writer(str(workdir), just_logging=not lead, asynchronous=False)
     if not lead:
         return default

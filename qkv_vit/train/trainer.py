@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers, periodic_actions
 from etils import epath
 
 from qkv_vit import data, models
@@ -33,11 +32,23 @@ from qkv_vit.train import sharding, steps
 from qkv_vit.train.checkpointing import RunCheckpoints, all_processes_agree
 from qkv_vit.train.config import COMPUTE_DTYPES, check_config
 from qkv_vit.train.finishing import BatchFinishing
-from qkv_vit.train.logging_utils import create_writer, log_file_name, read_metrics, workdir_log
+from qkv_vit.train.logging_utils import (
+    ScalarWriter,
+    create_writer,
+    log_file_name,
+    read_metrics,
+    workdir_log,
+    writes_tensorboard,
+)
 from qkv_vit.train.optimizer import learning_rate, make_optimizer
 from qkv_vit.train.preemption import PreemptionWatcher
 from qkv_vit.train.state import TrainState
 from qkv_vit.weights import check_fine_tuning_fit, merge_for_fine_tuning, read_architecture, read_weights
+
+try:
+    from clu import periodic_actions
+except ImportError:  # clu needs TensorFlow; without them there is no clu progress report (our own log line stays)
+    periodic_actions = None
 
 DEVICE_PREFETCH = 2  # batches on their way to the devices ahead of the step
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # disk full, read-only
@@ -57,7 +68,9 @@ class Run:
 
     config: ml_collections.ConfigDict
     workdir: epath.Path | None  # a local directory or a URL such as gs://bucket/run
-    source: data.Source | None  # the train and eval splits, read from config.data (None: no data, see build_run)
+    # The train and eval splits, read from config.data: a data.Source, or an ArraySource for source="in_memory"
+    # (None: no data, see build_run).
+    source: Any
     num_train_examples: int
     model: models.XCiT
     mesh: jax.sharding.Mesh
@@ -317,9 +330,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: epath.Path, model: mod
     return build_run(config, workdir, source, model)
 
 
-def build_run(
-    config: ml_collections.ConfigDict, workdir: epath.Path | None, source: data.Source | None, model: models.XCiT
-) -> Run:
+def build_run(config: ml_collections.ConfigDict, workdir: epath.Path | None, source: Any, model: models.XCiT) -> Run:
     """setup_run on a given source and model; source None (e.g. a benchmark stepping on synthetic batches) reads
     no data."""
     num_classes = model.num_classes
@@ -523,9 +534,7 @@ def fine_tuning_state(run: Run, state: TrainState, loaded: dict[str, Any]) -> Tr
     return state.replace(params=params, batch_stats=batch_stats, ema_params=ema)
 
 
-def train_loop(
-    run: Run, state: TrainState, checkpoints: RunCheckpoints, writer: metric_writers.MetricWriter
-) -> TrainState:
+def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer: ScalarWriter) -> TrainState:
     config, start, total = run.config, int(state.step), run.total_steps
     if start >= total:  # trained and saved, but the final evaluation did not complete (a crash, a kill)
         logging.info("The run in %s finished training at step %d; running its final evaluation.", run.workdir, start)
@@ -537,13 +546,14 @@ def train_loop(
         run.batch_sharding,
     )
     eval_batches = build_eval_batches(config)
-    report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
+    report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer) if periodic_actions else None
     pending, last_log = [], (start, time.perf_counter())
     with PreemptionWatcher(config.log_every_steps) as preemption:
         for step in range(start + 1, total + 1):
             state, metrics = run.train_step(state, next(train_batches))
             pending.append(metrics)
-            report(step)
+            if report:
+                report(step)
             if step % config.log_every_steps == 0 or step == total:
                 check_finite(run, state, checkpoints)
                 last_log = log_train(run, writer, step, pending, last_log, state)
@@ -562,7 +572,7 @@ def train_loop(
     return state
 
 
-def build_eval_batches(config: ml_collections.ConfigDict) -> data.EvalBatches:
+def build_eval_batches(config: ml_collections.ConfigDict) -> Iterable[dict[str, np.ndarray]]:
     return data.build_eval_iterator(config.data, config.eval_batch_size or config.global_batch_size)
 
 
@@ -630,7 +640,7 @@ def check_finite(run: Run, state: TrainState, checkpoints: RunCheckpoints) -> No
 
 def log_train(
     run: Run,
-    writer: metric_writers.MetricWriter,
+    writer: ScalarWriter,
     step: int,
     pending: list[dict],
     last_log: tuple[int, float],
@@ -657,7 +667,7 @@ def log_train(
     return step, now
 
 
-def log_eval(run: Run, writer: metric_writers.MetricWriter, step: int, state: TrainState, batches: Iterable) -> None:
+def log_eval(run: Run, writer: ScalarWriter, step: int, state: TrainState, batches: Iterable) -> None:
     name = run.config.eval_name
     scalars = {f"{name}/{k}": v for k, v in evaluate(run, state.params, state.batch_stats, batches).items()}
     if state.ema_params is not None:
@@ -673,13 +683,8 @@ def log_results(run: Run) -> None:
     final = [record for record in read_metrics(run.workdir) if key in record]
     top1 = f"{key} {final[-1][key]:.4f} at step {final[-1]['step']}; " if final else ""
     log = f", {log_file_name(jax.process_index())}" if is_local(run.workdir) else ""
-    logging.info(
-        "Finished: %sresults in %s (metrics.jsonl, checkpoints/%s; TensorBoard: tensorboard --logdir %s).",
-        top1,
-        run.workdir,
-        log,
-        run.workdir,
-    )
+    tensorboard = f"; TensorBoard: tensorboard --logdir {run.workdir}" if writes_tensorboard() else ""
+    logging.info("Finished: %sresults in %s (metrics.jsonl, checkpoints/%s%s).", top1, run.workdir, log, tensorboard)
 
 
 def evaluate(run: Run, params: Any, batch_stats: Any, batches: Iterable) -> dict[str, float]:
