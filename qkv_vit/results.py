@@ -186,8 +186,10 @@ def total_steps(config: dict[str, Any], model: dict[str, Any]) -> tuple[int | No
 def data_label(config: dict[str, Any]) -> str:
     source = config["data.source"]
     name = config["data.name"] if source == "tfds" else source
-    if source == "image_folder" and config.get("data.path"):
+    if source in ("image_folder", "in_memory") and config.get("data.path"):
         name = epath.Path(config["data.path"]).name.split(".")[0]
+    elif source == "in_memory":  # without a path: the offline digits
+        name = "digits"
     return f"{name} (fine-tuned)" if config.get("init_from") else name
 
 

@@ -157,3 +157,16 @@ def test_command_line(tmp_path, capsys):
 @pytest.mark.parametrize("values, expected", [([], ""), ([50.0], "50.00"), ([50.0, 52.0], "51.00 ± 1.41")])
 def test_mean_std(values, expected):
     assert results.mean_std(values) == expected
+
+
+@pytest.mark.parametrize(
+    "config, label",
+    [
+        ({"data.source": "image_folder", "data.path": "/d/cifar10-jpeg.tar.gz"}, "cifar10-jpeg"),
+        ({"data.source": "in_memory", "data.path": "/d/cifar10-jpeg.tar.gz"}, "cifar10-jpeg"),
+        ({"data.source": "in_memory", "data.path": None}, "digits"),
+        ({"data.source": "tfds", "data.name": "cifar100", "init_from": "/runs/x"}, "cifar100 (fine-tuned)"),
+    ],
+)
+def test_data_label_names_the_data_whatever_the_source(config, label):
+    assert results.data_label({"data.name": "", **config}) == label
