@@ -79,6 +79,7 @@ def test_bad_files_are_skipped_and_counted_or_named(tmp_path):
     (tmp_path / "folder" / "train" / "ant" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     info = data.dataset_info(memory_config(tmp_path / "cache", tmp_path / "folder"))
     assert info.train_examples == 16 and info.skipped_files.count == 1
+    assert info.skipped_files.listed_in.read_text() == "train/ant/broken.jpg\n"
     with pytest.raises(data.DataConfigError, match="broken.jpg"):
         config = memory_config(tmp_path / "cache", tmp_path / "folder")
         config.bad_files = "error"

@@ -138,7 +138,10 @@ def build_eval_iterator(
     process_index, process_count = processes(process_index, process_count)
     local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
     source = open_source(config)
-    arrays = source.splits[split or source.eval_split]
+    split = split or source.eval_split
+    if split not in source.splits:
+        raise DataConfigError(f"Bad split {split!r} for {source.description}. Valid splits: {sorted(source.splits)}.")
+    arrays = source.splits[split]
     return _in_memory().ArrayEvalBatches(arrays, local_batch, process_index, process_count)
 
 

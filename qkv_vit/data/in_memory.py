@@ -173,6 +173,8 @@ def _decode_folder(path: Path, is_tar: bool, entry: Path, config: ml_collections
             arrays[f"{split}/images"], arrays[f"{split}/labels"] = images, labels
         meta = {"class_names": scan.class_names, "skipped": scan.skipped, "splits": sorted(scan.splits)}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        if scan.skipped:  # a readable list beside the arrays, which the run's warning points at
+            skipped_list(entry).write_text("\n".join(scan.skipped) + "\n")
         temporary = work / "arrays.npz"
         np.savez(temporary, **arrays)
         os.replace(temporary, entry)
@@ -232,7 +234,16 @@ def _load(entry: Path, bad_files: str, path: Path) -> tuple[dict[str, ArraySplit
             f"{path}: {skipped[0]} is not an image PIL can decode ({len(skipped)} such files were skipped when the "
             f"folder was decoded into {entry}). Remove them, or set bad_files='skip'."
         )
-    return splits, meta["class_names"], SkippedFiles(len(skipped), skipped[:5], entry) if skipped else None
+    return (
+        splits,
+        meta["class_names"],
+        SkippedFiles(len(skipped), skipped[:5], skipped_list(entry)) if skipped else None,
+    )
+
+
+def skipped_list(entry: Path) -> Path:
+    """The text file that lists the files a decoding skipped, one per line."""
+    return entry.with_name(entry.name.removesuffix(".npz") + ".skipped.txt")
 
 
 def _digits_arrays(image_size: int) -> dict[str, ArraySplit]:
