@@ -71,6 +71,8 @@ def test_decoded_once_then_read_from_the_cache(tmp_path):
     again = data.open_source(config)
     assert entry.stat().st_mtime_ns == stamp
     assert np.array_equal(source.splits["train"].images, again.splits["train"].images)
+    assert again.splits["train"].images is source.splits["train"].images  # read once per process, shared
+    assert not source.splits["train"].images.flags.writeable
     assert source.splits["train"].images.shape == (16, 32, 32, 3)  # resized to the config's image_size
 
 

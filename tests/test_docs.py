@@ -5,6 +5,7 @@ two screens. A command no checker knows fails here: a new kind of command needs 
 
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 USER_PAGES = [page for page in PAGES if page.name != "development.md"]  # development.md is for developers
 SCREEN_LINES = 24  # a terminal's classic height
 CONVERTED = "converted/nano"  # where the docs convert XCiT-N12/16's PyTorch weights to
-SETUP = __import__("runpy").run_path(str(REPO / "setup.py"), run_name="setup")
+SETUP = runpy.run_path(str(REPO / "setup.py"), run_name="setup")  # its EXTRAS_REQUIRE, without running setup()
 
 
 def fenced(page: Path, language: str) -> list[str]:

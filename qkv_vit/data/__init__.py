@@ -21,7 +21,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from qkv_vit.data.batching import local_batch_size, processes
+from qkv_vit.data import in_memory
+from qkv_vit.data.batching import local_batch_size, processes, train_seed
 from qkv_vit.data.config import augment_config, get_config, validate_config
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.info import DatasetInfo, SkippedFiles
@@ -41,15 +42,11 @@ def _pipeline():
     return importlib.import_module("qkv_vit.data.pipeline")
 
 
-def _in_memory():
-    return importlib.import_module("qkv_vit.data.in_memory")
-
-
 def open_source(config: ml_collections.ConfigDict):
     """The configured data set, prepared (a `Source`, or an `ArraySource` for "in_memory"); DataConfigError with
     the fix if it cannot be read."""
     if config.source == IN_MEMORY:
-        return _in_memory().open_in_memory(config)
+        return in_memory.open_in_memory(config)
     return importlib.import_module("qkv_vit.data.sources").open_source(config)
 
 
@@ -69,7 +66,7 @@ def steps_per_epoch(
     if config.source == IN_MEMORY:
         _, process_count = processes(0, process_count)
         local_batch_size(global_batch_size, process_count, local_device_count)
-        return _in_memory().train_steps(open_source(config), global_batch_size)
+        return in_memory.train_steps(open_source(config), global_batch_size)
     return _pipeline().steps_per_epoch(
         config, global_batch_size, process_count=process_count, local_device_count=local_device_count
     )
@@ -100,15 +97,13 @@ def build_train_iterator(
             local_device_count=local_device_count,
             finish_on_host=finish_on_host,
         )
-    seed = config.seed if seed is None else seed
-    if seed < 0 or start_step < 0:
-        raise DataConfigError(f"seed and start_step must be >= 0, not {seed} and {start_step}.")
+    seed = train_seed(config.seed, seed, start_step)
     if finish_on_host:
         raise DataConfigError("source='in_memory' finishes batches on the device only (finish_on_host=False).")
     process_index, process_count = processes(process_index, process_count)
     local_batch_size(global_batch_size, process_count, local_device_count)
     source = open_source(config)
-    return _in_memory().train_batches(source, global_batch_size, seed, start_step, process_index, process_count)
+    return in_memory.train_batches(source, global_batch_size, seed, start_step, process_index, process_count)
 
 
 def build_eval_iterator(
@@ -142,7 +137,7 @@ def build_eval_iterator(
     if split not in source.splits:
         raise DataConfigError(f"Bad split {split!r} for {source.description}. Valid splits: {sorted(source.splits)}.")
     arrays = source.splits[split]
-    return _in_memory().ArrayEvalBatches(arrays, local_batch, process_index, process_count)
+    return in_memory.ArrayEvalBatches(arrays, local_batch, process_index, process_count)
 
 
 __all__ = [

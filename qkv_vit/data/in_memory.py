@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -225,9 +226,7 @@ def resize_and_crop(image, image_size: int, crop_ratio: float = 1.0) -> np.ndarr
 
 
 def _load(entry: Path, bad_files: str, path: Path) -> tuple[dict[str, ArraySplit], list[str], SkippedFiles | None]:
-    with np.load(entry) as arrays:
-        meta = json.loads(arrays["meta"].tobytes())
-        splits = {s: ArraySplit(arrays[f"{s}/images"], arrays[f"{s}/labels"]) for s in meta["splits"]}
+    splits, meta = _read(entry)
     skipped = meta["skipped"]
     if skipped and bad_files == "error":
         raise DataConfigError(
@@ -241,13 +240,33 @@ def _load(entry: Path, bad_files: str, path: Path) -> tuple[dict[str, ArraySplit
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _read(entry: Path) -> tuple[dict[str, ArraySplit], dict]:
+    """The arrays and record of one cache entry, read once per process and shared, read-only, by every open of it:
+    the trainer opens its data four times (run setup, run length, train and eval batches), which would otherwise
+    read the file four times and keep three copies of the data set in memory. An entry's name is its content's
+    key, so a cached read never goes stale."""
+    with np.load(entry) as arrays:
+        meta = json.loads(arrays["meta"].tobytes())
+        splits = {s: _read_only(ArraySplit(arrays[f"{s}/images"], arrays[f"{s}/labels"])) for s in meta["splits"]}
+    return splits, meta
+
+
+def _read_only(split: ArraySplit) -> ArraySplit:
+    split.images.setflags(write=False)
+    split.labels.setflags(write=False)
+    return split
+
+
 def skipped_list(entry: Path) -> Path:
     """The text file that lists the files a decoding skipped, one per line."""
     return entry.with_name(entry.name.removesuffix(".npz") + ".skipped.txt")
 
 
+@functools.lru_cache(maxsize=4)
 def _digits_arrays(image_size: int) -> dict[str, ArraySplit]:
-    """scikit-learn's digits (0..16 counts spread over 0..255, grey to RGB), resized to image_size."""
+    """scikit-learn's digits (0..16 counts spread over 0..255, grey to RGB), resized to image_size; made once per
+    process and size, and shared read-only (as `_read`)."""
     import PIL.Image
     from sklearn.datasets import load_digits
 
@@ -256,7 +275,10 @@ def _digits_arrays(image_size: int) -> dict[str, ArraySplit]:
     images = np.stack([resize_and_crop(PIL.Image.fromarray(g).convert("RGB"), image_size) for g in grey])
     test = np.arange(len(grey)) % DIGITS_TEST_EVERY == 0
     labels = digits.target.astype(np.int32)
-    return {"train": ArraySplit(images[~test], labels[~test]), "test": ArraySplit(images[test], labels[test])}
+    return {
+        "train": _read_only(ArraySplit(images[~test], labels[~test])),
+        "test": _read_only(ArraySplit(images[test], labels[test])),
+    }
 
 
 # ---- batches ----

@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 
 from qkv_vit.data import augment as augment_lib
 from qkv_vit.data._tensorflow import tf
-from qkv_vit.data.batching import local_batch_size, processes
+from qkv_vit.data.batching import local_batch_size, processes, train_seed
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.mixup import mix_batch
 from qkv_vit.data.sources import Source, open_source
@@ -70,9 +70,7 @@ def build_train_iterator(
     B = global_batch_size / process_count. `seed` defaults to data_config.seed; `start_step` resumes
     the stream: the first batch yielded is batch `start_step` of the stream that starts at 0.
     """
-    seed = data_config.seed if seed is None else seed
-    if seed < 0 or start_step < 0:
-        raise DataConfigError(f"seed and start_step must be >= 0, not {seed} and {start_step}.")
+    seed = train_seed(data_config.seed, seed, start_step)
     process_index, process_count = processes(process_index, process_count)
     local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
     source = open_source(data_config)  # after the cheap checks: it may convert an image folder
