@@ -232,8 +232,8 @@ def test_imagenet_recipe_is_xcits():
 
 
 def test_cifar10_short_recipe_is_the_plain_pytorch_scripts():
-    """recipe=short: AdamW lr 1e-3 not scaled by batch, 10% linear warmup from 4e-5, cosine to 0, weight decay 0.05,
-    flips and label smoothing only, CIFAR-10's statistics, no drop path, 3 epochs at full depth."""
+    """recipe=short: AdamW lr 1e-3 not scaled by batch, 10% linear warmup from 4e-5, cosine to 0, weight decay 0.05
+    on every parameter, flips and label smoothing only, CIFAR-10's statistics, no drop path, 3 epochs at full depth."""
     config = load_config("cifar10", "recipe=short")
     assert (config.total_epochs, config.global_batch_size) == (3.0, 128)
     assert build_model(config, 10).depth == 12  # the named model's full depth
@@ -246,6 +246,7 @@ def test_cifar10_short_recipe_is_the_plain_pytorch_scripts():
         0,
     )
     assert opt.warmup_epochs == pytest.approx(0.3) and config.model.drop_path_rate == 0.0
+    assert not opt.filter_bias_and_bn and load_config("cifar10").optimizer.filter_bias_and_bn
     augment = config.data.augment
     assert (augment.flip_prob, augment.label_smoothing, augment.crop_scale, augment.randaugment_layers) == (
         0.5,

@@ -191,6 +191,9 @@ def test_weight_decay_mask():
         "head/kernel",
     ]
     assert decay_mask(params, code_weight_decay=True)["blocks_0"]["attn"]["qkv"]["codes"]
+    # A plain script's AdamW(model.parameters()) decays everything; the codes still follow code_weight_decay.
+    unfiltered = jax.tree_util.tree_flatten_with_path(decay_mask(params, filter_bias_and_bn=False))[0]
+    assert sorted("/".join(str(k.key) for k in path) for path, v in unfiltered if not v) == ["blocks_0/attn/qkv/codes"]
 
 
 def test_learning_rate_schedule(tiny_config):

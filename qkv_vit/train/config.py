@@ -144,6 +144,7 @@ OPTIMIZER_RULES = {
     "grad_clip_norm": rules.number(0.0),
     "accumulation_steps": rules.integer(1),
     "code_weight_decay": rules.flag(),
+    "filter_bias_and_bn": rules.flag(),
 }
 
 RUN_RULES = {
@@ -221,6 +222,7 @@ def base_config() -> ml_collections.ConfigDict:
             grad_clip_norm=0.0,  # 0: no clipping (XCiT's recipe)
             accumulation_steps=1,
             code_weight_decay=False,  # F-SNE codes: no weight decay by default
+            filter_bias_and_bn=True,  # no weight decay on biases, norms, gammas, ... (timm's default); False: all
         )
     )
     config.ema_decay = config_dict.placeholder(float)  # e.g. 0.99996; evaluations then also report ema_*

@@ -38,14 +38,22 @@ def learning_rate(
     )
 
 
-def decay_mask(params: Any, code_weight_decay: bool = False) -> Any:
-    """True where weight decay applies."""
+def decay_mask(params: Any, code_weight_decay: bool = False, filter_bias_and_bn: bool = True) -> Any:
+    """True where weight decay applies: a tree of bools shaped as `params`.
+
+    With `filter_bias_and_bn` (timm's create_optimizer_v2 name and default) biases, norm scales, LayerScale gammas,
+    XCA temperatures, the class token and the positional encoding's projection are skipped; without it every
+    leaf decays, as `torch.optim.AdamW(model.parameters(), weight_decay=...)` in a plain script does. The F-SNE
+    codes follow `code_weight_decay` either way (the paper's choice, not a bias or norm).
+    """
 
     def decays(path: tuple, _: Any) -> bool:
         names = [str(getattr(k, "key", k)) for k in path]
         leaf = names[-1]
         if leaf == "codes":
             return code_weight_decay
+        if not filter_bias_and_bn:
+            return True
         no_decay = (
             leaf in NO_DECAY_LEAVES or leaf.endswith(NO_DECAY_SUFFIXES) or any(m in names for m in NO_DECAY_MODULES)
         )
@@ -64,7 +72,9 @@ def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> 
     added to the (clipped) gradient before momentum, as torch.optim.SGD(weight_decay=...) does.
     """
     name = getattr(opt, "name", "adamw")
-    mask = functools.partial(decay_mask, code_weight_decay=opt.code_weight_decay)
+    mask = functools.partial(
+        decay_mask, code_weight_decay=opt.code_weight_decay, filter_bias_and_bn=opt.filter_bias_and_bn
+    )
     if name == "adamw":
         update = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=mask)
     elif name == "sgd":
