@@ -208,19 +208,22 @@ print(batch["image"].shape, sum(int(b["mask"].sum()) for b in evaluation))
 @pytest.mark.slow
 def test_training_in_memory_needs_no_tensorflow_tfds_or_clu(tmp_path):
     """The command trains and evaluates with TensorFlow, tfds and clu unimportable (as on a GPU machine without
-    them): metrics.jsonl is written, no TensorBoard events, and the console says so."""
+    them), the train split held on the device as a GPU's would be: metrics.jsonl is written, no TensorBoard
+    events, and the console says both."""
     code = f"""
 import sys, runpy
 for name in ("tensorflow", "tensorflow_datasets", "clu"):
     sys.modules[name] = None
 sys.argv = ["main", "--config=configs/quickstart.py:runlocal", "--workdir={tmp_path / "run"}",
-            "--config.data.source=in_memory", "--config.data.cache_dir={tmp_path / "cache"}"]
+            "--config.data.source=in_memory", "--config.data.cache_dir={tmp_path / "cache"}",
+            "--config.data.placement=device"]
 runpy.run_module("qkv_vit.main", run_name="__main__")
 """
     env = {**os.environ, "QKV_VIT_ALLOCATOR": "system"}  # no re-execution: it would lose the blocked modules
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "no TensorBoard events" in run.stderr and "Finished: val/top1" in run.stderr
+    assert "In-memory train split (" in run.stderr and "on every device" in run.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["val/count"] == 360
     assert not list((tmp_path / "run").glob("events.out.tfevents.*"))

@@ -8,6 +8,7 @@ import tensorflow_datasets as tfds
 
 from qkv_vit import data
 from qkv_vit.data import sources
+from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.testing import ids_from_images, write_image_folder
 
 # Flat-colour images whose colour is their id: 50 train and 23 test examples in 3 classes.
@@ -211,3 +212,15 @@ def test_eval_of_another_split_and_wrong_split(folder, cache_dir):
     assert sum(b["mask"].sum() for b in batches) == 50 and batches.num_examples == 50
     with pytest.raises(data.DataConfigError, match="Valid splits"):
         data.build_eval_iterator(config, 16, split="validation", **ONE_PROCESS)
+
+
+def test_pad_and_crop_replaces_random_resized_crop(cache_dir):
+    config = digits_config(cache_dir)
+    config.augment.crop_padding = 4
+    with pytest.raises(DataConfigError, match=r"crop_padding=4 \(pad-and-crop\) replaces random-resized-crop"):
+        data.validate_config(config)
+    config.augment.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    padded = next(data.build_train_iterator(config, 32, seed=0, **ONE_PROCESS))["image"]
+    config.augment.crop_padding = 0
+    plain = next(data.build_train_iterator(config, 32, seed=0, **ONE_PROCESS))["image"]
+    assert padded.shape == plain.shape == (32, 16, 16, 3) and not np.array_equal(padded, plain)

@@ -136,3 +136,41 @@ def test_finishing_a_batch_normalizes_erases_each_image_and_mixes():
     np.testing.assert_allclose(finished["soft_label"], np.eye(5)[batch["label"]])  # no smoothing, no mixing here
     again = jax.jit(lambda b, k: finishing.finish_train_batch(b, k, recipe))(batch, jax.random.key(0))
     np.testing.assert_array_equal(finished["image"], again["image"])  # keys from (seed, step): exact resume
+
+
+def windows_of_padded(image: np.ndarray, padding: int) -> list[np.ndarray]:
+    """Every (H, W) window of `image` zero-padded by `padding` on each side: what pad-and-crop may return."""
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    height, width = image.shape[:2]
+    span = range(2 * padding + 1)
+    return [padded[top : top + height, left : left + width] for top in span for left in span]
+
+
+def test_pad_and_crop_takes_every_window_of_the_zero_padded_image_on_host_and_device():
+    """torchvision's RandomCrop(size, padding): each draw is one of the (2p + 1)^2 windows, deterministic per key,
+    and all of them come; the same on the device (in-memory source) and in tf.data."""
+    image = np.arange(6 * 6 * 3).reshape(6, 6, 3) % 251 + 1  # no zeros: padding shows
+    windows = windows_of_padded(image, 2)
+    device = jax.jit(lambda key: finishing.pad_and_crop(jnp.asarray(image, jnp.float32), key, 2))
+    host = lambda seed: augment.pad_and_crop(tf.constant(image, tf.uint8), tf.constant([seed, 7]), 2).numpy()  # noqa: E731
+    for draw in (lambda seed: np.asarray(device(jax.random.key(seed))), host):
+        seen = set()
+        for seed in range(120):
+            out = draw(seed)
+            assert np.array_equal(out, draw(seed)) and out.shape == image.shape
+            matches = [index for index, window in enumerate(windows) if np.array_equal(out, window)]
+            assert len(matches) == 1
+            seen.add(matches[0])
+        assert len(seen) == len(windows)  # 25 windows, 120 draws: each comes (a miss has odds below 1e-9)
+
+
+def test_the_in_memory_recipe_pads_and_crops_instead_of_resizing():
+    recipe = finishing.BatchFinishing(mean=(0.0,) * 3, std=(1 / 255,) * 3, num_classes=2, geometry=True, crop_padding=1)
+    images = jnp.asarray(np.arange(4 * 5 * 5 * 3).reshape(4, 5, 5, 3) % 200 + 1, jnp.uint8)
+    out = np.asarray(
+        finishing.finish_train_batch({"image": images, "label": jnp.zeros(4, jnp.int32)}, jax.random.key(0), recipe)[
+            "image"
+        ]
+    )
+    for finished, image in zip(out, np.asarray(images)):
+        assert any(np.allclose(finished, window) for window in windows_of_padded(image.astype(np.float32), 1))

@@ -97,13 +97,51 @@ def build_train_iterator(
             local_device_count=local_device_count,
             finish_on_host=finish_on_host,
         )
-    seed = train_seed(config.seed, seed, start_step)
     if finish_on_host:
         raise DataConfigError("source='in_memory' finishes batches on the device only (finish_on_host=False).")
+    return in_memory.train_batches(
+        *_in_memory_stream(
+            config, global_batch_size, seed, process_index, process_count, start_step, local_device_count
+        )
+    )
+
+
+def build_train_rows(
+    config: ml_collections.ConfigDict,
+    global_batch_size: int,
+    *,
+    seed: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_step: int = 0,
+    local_device_count: int | None = None,
+) -> Iterator[np.ndarray]:
+    """source="in_memory" only: the row indices (B,) of build_train_iterator's batches into the train split, for a
+    caller that holds the split elsewhere (on the devices: qkv_vit.train.device_data)."""
+    if config.source != IN_MEMORY:
+        raise DataConfigError(f"Row indices need source='in_memory', not {config.source!r}.")
+    return in_memory.train_rows(
+        *_in_memory_stream(
+            config, global_batch_size, seed, process_index, process_count, start_step, local_device_count
+        )
+    )
+
+
+def _in_memory_stream(
+    config: ml_collections.ConfigDict,
+    global_batch_size: int,
+    seed: int | None,
+    process_index: int | None,
+    process_count: int | None,
+    start_step: int,
+    local_device_count: int | None,
+) -> tuple[in_memory.ArraySource, int, int, int, int, int]:
+    """The in-memory train stream's arguments, checked: (source, global batch, seed, start step, process index,
+    process count)."""
+    seed = train_seed(config.seed, seed, start_step)
     process_index, process_count = processes(process_index, process_count)
     local_batch_size(global_batch_size, process_count, local_device_count)
-    source = open_source(config)
-    return in_memory.train_batches(source, global_batch_size, seed, start_step, process_index, process_count)
+    return open_source(config), global_batch_size, seed, start_step, process_index, process_count
 
 
 def build_eval_iterator(

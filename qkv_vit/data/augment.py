@@ -1,6 +1,6 @@
 """Per-image preprocessing in TensorFlow: decode, XCiT's train augmentation, eval resize/crop.
 
-Train (timm's order): random-resized-crop (bicubic) -> horizontal flip -> RandAugment -> colour
+Train (timm's order): random-resized-crop (bicubic), or pad-and-crop -> horizontal flip -> RandAugment -> colour
 jitter -> normalize -> random erasing. Eval: resize the short side to image_size / crop_ratio
 (bicubic), center-crop image_size, normalize. Every random op is stateless and takes its own seed,
 so a (seed, example index) pair always gives the same image, whatever the parallelism.
@@ -82,6 +82,13 @@ def random_resized_crop(
     return tf.ensure_shape(
         resize(decode_and_random_crop(encoded, seed, scale, ratio), size, size, method), [size, size, 3]
     )
+
+
+def pad_and_crop(image: tf.Tensor, seed: tf.Tensor, padding: int) -> tf.Tensor:
+    """torchvision's RandomCrop(size, padding) on a uint8 HxWx3 image: zeros added on every side, then a crop of
+    the image's size at a uniformly drawn offset."""
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    return tf.image.stateless_random_crop(padded, tf.shape(image), seed)
 
 
 def random_flip(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
@@ -169,6 +176,8 @@ def train_preprocess(
             )
         else:
             image = random_resized_crop(source, crop_seed, size, augment.crop_scale, augment.crop_ratio)
+        if augment.crop_padding > 0:  # instead of a random-resized-crop: the one above kept the whole image
+            image = pad_and_crop(image, split_seed(crop_seed, 2)[1], augment.crop_padding)
         if augment.flip_prob > 0:
             image = random_flip(image, flip_seed, augment.flip_prob)
         if augment.randaugment_layers > 0:

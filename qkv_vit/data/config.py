@@ -15,6 +15,7 @@ from qkv_vit import config_rules as rules
 from qkv_vit.data.errors import DataConfigError
 
 SOURCES = ("digits", "tfds", "image_folder", "in_memory")
+PLACEMENTS = ("auto", "device", "host")  # where source="in_memory" holds the train split (qkv_vit.train.device_data)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -30,6 +31,9 @@ def augment_config(preset: str = "xcit") -> ml_collections.ConfigDict:
         # Random-resized-crop: area fraction and aspect ratio ranges (torchvision/timm defaults).
         crop_scale=(0.08, 1.0),
         crop_ratio=(3 / 4, 4 / 3),
+        # Pad-and-crop instead (torchvision's RandomCrop(size, padding=crop_padding), CIFAR's classic): zero
+        # padding on every side, then a uniformly placed crop of the original size; 0: off.
+        crop_padding=0,
         flip_prob=0.5,
         # RandAugment "rand-m9-mstd0.5-inc1": 2 ops from timm's increasing-severity set, each
         # applied with probability 0.5 at magnitude N(9, 0.5) clipped to [0, 10].
@@ -110,6 +114,7 @@ def get_config(preset: str = "small", source: str = "digits", name: str = "") ->
             prefetch=2,  # batches
             seed=0,
             bad_files="skip",  # image_folder: a file that is not an image is "skip"ped and counted, or an "error"
+            placement="auto",  # in_memory: the train split on the "device"s or the "host"; "auto": device if it fits
         )
     )
 
@@ -124,6 +129,7 @@ AUGMENT_RULES = {
     "crop_ratio": rules.numbers(
         2, 0.0, low_open=True, ordered=True, what="(min, max) of the aspect ratio", hint=TUPLE_HINT
     ),
+    "crop_padding": rules.integer(0),
     "flip_prob": rules.probability(),
     "randaugment_layers": rules.integer(0),
     "randaugment_magnitude": rules.number(0.0),
@@ -164,6 +170,7 @@ DATA_RULES = {
     "prefetch": rules.integer(0, or_minus_one=True),
     "seed": rules.integer(0),
     "bad_files": rules.text(("skip", "error")),
+    "placement": rules.text(PLACEMENTS),
 }
 
 
@@ -176,4 +183,15 @@ def validate_config(config: ml_collections.ConfigDict, prefix: str = "") -> None
     if config.source == "image_folder" and not config.path:
         raise DataConfigError(
             f'source="image_folder" needs {prefix}path: a folder ROOT/<split>/<class>/ or a tar of one.'
+        )
+    augment = config.augment
+    if augment.crop_padding and (tuple(augment.crop_scale) != (1.0, 1.0) or tuple(augment.crop_ratio) != (1.0, 1.0)):
+        raise DataConfigError(
+            f"{prefix}augment.crop_padding={augment.crop_padding} (pad-and-crop) replaces random-resized-crop: set "
+            f'{prefix}augment.crop_scale="(1.0, 1.0)" and crop_ratio="(1.0, 1.0)", or crop_padding=0.'
+        )
+    if config.placement == "device" and config.source != "in_memory":
+        raise DataConfigError(
+            f'{prefix}placement="device" holds an in-memory data set on the devices: it needs source="in_memory", '
+            f"not {config.source!r} (tf.data sources stream from the host)."
         )

@@ -10,8 +10,10 @@ The host does no per-image work at all: a train batch is a gather of rows, in an
 seed (the same permutation on every process; process p takes the p-th slice of each global batch, so processes
 read disjoint parts and together every example of the epoch). The train step crops and flips on the device
 (`qkv_vit.train.finishing`), from stateless keys, so resume stays exact. Crop: random-resized-crop over the
-stored image (`augment.crop_scale`, `crop_ratio`); flip: `augment.flip_prob`. RandAugment, colour jitter and
-repeated augmentation run only in the tf.data pipelines: they are refused here.
+stored image (`augment.crop_scale`, `crop_ratio`) or pad-and-crop (`augment.crop_padding`); flip:
+`augment.flip_prob`. RandAugment, colour jitter and repeated augmentation run only in the tf.data pipelines:
+they are refused here. Where the train split lives, the host or every device, is `data.placement`
+(`qkv_vit.train.device_data`); either way the batches are the same.
 """
 
 from __future__ import annotations
@@ -300,6 +302,27 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def train_rows(
+    source: ArraySource,
+    global_batch_size: int,
+    seed: int,
+    start_step: int,
+    process_index: int,
+    process_count: int,
+) -> Iterator[np.ndarray]:
+    """Endless (B,) int64 row indices into the train split, B = global_batch_size / process_count: process p's
+    slice of each global batch, in the epoch's order. The first is batch `start_step` of the stream that starts
+    at 0. The host-resident batches gather these rows here; the device-resident ones on the device."""
+    steps, local = train_steps(source, global_batch_size), global_batch_size // process_count
+    epoch, step = divmod(start_step, steps)
+    while True:
+        order = epoch_order(seed, epoch, source.num_examples(source.train_split))
+        for position in range(step, steps):
+            first = position * global_batch_size + process_index * local
+            yield order[first : first + local]
+        epoch, step = epoch + 1, 0
+
+
 def train_batches(
     source: ArraySource,
     global_batch_size: int,
@@ -308,18 +331,10 @@ def train_batches(
     process_index: int,
     process_count: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless {"image" (B,S,S,3) uint8, "label" (B,) int32}, B = global_batch_size / process_count: process p's
-    slice of each global batch. The first batch is batch `start_step` of the stream that starts at 0."""
+    """Endless {"image" (B,S,S,3) uint8, "label" (B,) int32}: the rows of `train_rows`, gathered on the host."""
     split = source.splits[source.train_split]
-    steps, local = train_steps(source, global_batch_size), global_batch_size // process_count
-    epoch, step = divmod(start_step, steps)
-    while True:
-        order = epoch_order(seed, epoch, len(split.labels))
-        for position in range(step, steps):
-            first = position * global_batch_size + process_index * local
-            rows = order[first : first + local]
-            yield {"image": split.images[rows], "label": split.labels[rows]}
-        epoch, step = epoch + 1, 0
+    for rows in train_rows(source, global_batch_size, seed, start_step, process_index, process_count):
+        yield {"image": split.images[rows], "label": split.labels[rows]}
 
 
 class ArrayEvalBatches:

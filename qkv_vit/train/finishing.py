@@ -41,6 +41,7 @@ class BatchFinishing:
     geometry: bool = False
     crop_scale: tuple[float, float] = (1.0, 1.0)
     crop_ratio: tuple[float, float] = (1.0, 1.0)
+    crop_padding: int = 0  # pad-and-crop instead of random-resized-crop (the two are exclusive: data config)
     flip_prob: float = 0.0
     erasing_prob: float = 0.0
     erasing_area: tuple[float, float] = (0.02, 1 / 3)
@@ -62,6 +63,7 @@ class BatchFinishing:
             data_config.source == "in_memory",
             tuple(augment.crop_scale),
             tuple(augment.crop_ratio),
+            augment.crop_padding,
             augment.flip_prob,
             augment.erasing_prob,
             tuple(augment.erasing_area),
@@ -121,12 +123,25 @@ def random_resized_crop(
     return jnp.clip(resized, 0.0, 255.0)  # bicubic overshoots; the host pipeline clips too
 
 
+def pad_and_crop(image: jax.Array, key: jax.Array, padding: int) -> jax.Array:
+    """torchvision's RandomCrop(size, padding) on one image (H, W, C): zeros added on every side, then the (H, W)
+    window at a uniformly drawn offset in [0, 2 x padding] on each axis."""
+    top_key, left_key = jax.random.split(key)
+    padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    top = jax.random.randint(top_key, (), 0, 2 * padding + 1)
+    left = jax.random.randint(left_key, (), 0, 2 * padding + 1)
+    return jax.lax.dynamic_slice(padded, (top, left, 0), image.shape)
+
+
 def crop_and_flip_each(images: jax.Array, keys: jax.Array, recipe: BatchFinishing) -> jax.Array:
-    """Random-resized-crop (when the recipe crops) and horizontal flip of each float image with its own key."""
+    """Pad-and-crop or random-resized-crop (when the recipe crops) and horizontal flip of each float image with
+    its own key."""
 
     def one(image: jax.Array, key: jax.Array) -> jax.Array:
         crop_key, flip_key = jax.random.split(key)
-        if recipe.crops:
+        if recipe.crop_padding:
+            image = pad_and_crop(image, crop_key, recipe.crop_padding)
+        elif recipe.crops:
             image = random_resized_crop(image, crop_key, recipe.crop_scale, recipe.crop_ratio)
         flip = jax.random.uniform(flip_key) < recipe.flip_prob
         return jnp.where(flip, image[:, ::-1], image)

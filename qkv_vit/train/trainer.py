@@ -15,7 +15,7 @@ import errno
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -28,7 +28,7 @@ from etils import epath
 from qkv_vit import data, models
 from qkv_vit.errors import CheckpointError, ConfigError, describe_cause
 from qkv_vit.paths import PathLike, as_path, is_local
-from qkv_vit.train import sharding, steps
+from qkv_vit.train import device_data, sharding, steps
 from qkv_vit.train.checkpointing import RunCheckpoints, all_processes_agree
 from qkv_vit.train.config import COMPUTE_DTYPES, check_config
 from qkv_vit.train.finishing import BatchFinishing
@@ -540,11 +540,7 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
         logging.info("The run in %s finished training at step %d; running its final evaluation.", run.workdir, start)
         log_eval(run, writer, start, state, build_eval_batches(config))
         return state
-    train_batches = sharding.prefetch_to_device(
-        data.build_train_iterator(config.data, config.global_batch_size, seed=config.seed, start_step=start),
-        DEVICE_PREFETCH,
-        run.batch_sharding,
-    )
+    train_batches = train_batch_stream(run, start)
     eval_batches = build_eval_batches(config)
     report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer) if periodic_actions else None
     pending, last_log = [], (start, time.perf_counter())
@@ -570,6 +566,24 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
     save_now(run, state, checkpoints, total)
     log_eval(run, writer, total, state, eval_batches)
     return state
+
+
+def train_batch_stream(run: Run, start: int) -> Iterator[dict[str, jax.Array]]:
+    """The train batches from step `start` on, as global arrays on the devices: gathered there from an in-memory
+    split they hold (device_data), or sent from the host a few batches ahead."""
+    config = run.config
+    if config.data.source == data.IN_MEMORY:
+        split = run.source.splits[run.source.train_split]
+        resident = device_data.on_devices(config.data.placement, split)
+        device_data.log_placement(resident, split)
+        if resident:
+            rows = data.build_train_rows(config.data, config.global_batch_size, seed=config.seed, start_step=start)
+            return device_data.DeviceResidentBatches(split, rows, run.batch_sharding)
+    return sharding.prefetch_to_device(
+        data.build_train_iterator(config.data, config.global_batch_size, seed=config.seed, start_step=start),
+        DEVICE_PREFETCH,
+        run.batch_sharding,
+    )
 
 
 def build_eval_batches(config: ml_collections.ConfigDict) -> Iterable[dict[str, np.ndarray]]:

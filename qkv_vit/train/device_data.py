@@ -1,0 +1,87 @@
+"""The in-memory source's train split held on the devices (`config.data.placement`), each batch gathered there.
+
+With placement "device" the train images (N, S, S, 3) uint8 and labels (N,) int32 are copied once to every
+device (replicated, so each device gathers its own shard of a batch without any image crossing devices); per
+step the host then sends only row indices, 4 bytes an image instead of S x S x 3, and does no other work. The
+rows are those of the host-resident stream (`qkv_vit.data.build_train_rows`: the epoch's permutation, each
+process its slice of every global batch), so both placements give the same batches pixel for pixel, and a run
+resumed under the other placement continues exactly.
+
+"auto" (the default) picks the devices when every process's devices report their memory (GPUs, TPUs) and the
+split takes at most DEVICE_MEMORY_FRACTION of what each has free; a CPU backend reports none, and there the
+devices' memory is the host's anyway, so the split stays on the host and batches are prefetched
+(`sharding.prefetch_to_device`). Every process must choose alike (the gather is one program over all
+devices), so "auto" asks all of them. Evaluation batches always come from the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qkv_vit.data.in_memory import ArraySplit
+from qkv_vit.train.checkpointing import all_processes_agree
+
+# The split may take this much of a device's free memory: the rest is the model's, its optimizer state's and
+# the activations' (XLA's GPU allocator holds 75% of the memory for them by default).
+DEVICE_MEMORY_FRACTION = 0.25
+
+
+def split_bytes(split: ArraySplit) -> int:
+    return split.images.nbytes + split.labels.nbytes
+
+
+def fits_on_devices(nbytes: int, devices: Sequence[Any]) -> bool:
+    """Whether `nbytes` fit in DEVICE_MEMORY_FRACTION of each device's free memory (False where a device reports
+    no memory, as a CPU does)."""
+    for device in devices:
+        stats = device.memory_stats()
+        if not stats or "bytes_limit" not in stats:
+            return False
+        if nbytes > DEVICE_MEMORY_FRACTION * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)):
+            return False
+    return True
+
+
+def on_devices(placement: str, split: ArraySplit) -> bool:
+    """Whether the train split goes on the devices: "device" yes, "host" no, "auto" if it fits on every process's
+    devices (all processes get the same answer)."""
+    if placement != "auto":
+        return placement == "device"
+    return all_processes_agree(fits_on_devices(split_bytes(split), jax.local_devices()))
+
+
+def replicate(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array copied whole to every device of `sharding`'s mesh (each process gives its own, equal, copy)."""
+    replicated = NamedSharding(sharding.mesh, P())
+    return jax.make_array_from_callback(array.shape, replicated, lambda index: array[index])
+
+
+def _gather(images: jax.Array, labels: jax.Array, rows: jax.Array) -> dict[str, jax.Array]:
+    return {"image": images[rows], "label": labels[rows]}
+
+
+class DeviceResidentBatches(Iterator[dict[str, jax.Array]]):
+    """Train batches {"image" (B, S, S, 3) uint8, "label" (B,) int32} gathered on the devices, laid out by
+    `sharding` as the host path's `sharding.global_batch` lays them out; `rows`: this process's row indices per
+    step (build_train_rows)."""
+
+    def __init__(self, split: ArraySplit, rows: Iterator[np.ndarray], sharding: NamedSharding):
+        self.images, self.labels = replicate(split.images, sharding), replicate(split.labels, sharding)
+        self.rows, self.sharding = rows, sharding
+        self.gather = jax.jit(_gather, out_shardings=sharding)
+
+    def __next__(self) -> dict[str, jax.Array]:
+        rows = jax.make_array_from_process_local_data(self.sharding, np.asarray(next(self.rows), np.int32))
+        return self.gather(self.images, self.labels, rows)
+
+
+def log_placement(resident: bool, split: ArraySplit) -> None:
+    where = "on every device" if resident else "on the host, batches prefetched to the devices"
+    logging.info("In-memory train split (%.1f MiB): %s.", split_bytes(split) / 2**20, where)
