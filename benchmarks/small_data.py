@@ -1,7 +1,9 @@
-"""Whole training runs on small images: the in-memory source against the tf.data image-folder source.
+"""Whole training runs on small images: the in-memory source (train split on the host or on the devices)
+against the tf.data image-folder source.
 
     python benchmarks/small_data.py                      # CIFAR-10 archive from ../shared/data, else generated JPEGs
     python benchmarks/small_data.py --path DIR_OR_TAR --rounds 2 --steps 200 --depth 12
+    python benchmarks/small_data.py --variants in_memory_host,in_memory_device   # a machine without TensorFlow
     python benchmarks/small_data.py --smoke              # a 1-block model, a few steps (tests)
 
 Each run is `python -m qkv_vit.main` with `configs/cifar10.py:recipe=short` (XCiT-N12/8 at 32x32, batch 128,
@@ -25,7 +27,12 @@ from pathlib import Path
 import harness
 
 ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-SOURCES = ("image_folder", "in_memory")
+# Each variant: (data.source, data.placement).
+VARIANTS = {
+    "image_folder": ("image_folder", "auto"),
+    "in_memory_host": ("in_memory", "host"),
+    "in_memory_device": ("in_memory", "device"),
+}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -39,8 +46,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--cache-dir", default="", help="where data is prepared (default ~/.cache/qkv_vit)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--smoke", action="store_true", help="a 1-block model and a few steps")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.variants = args.variants.split(",")
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown --variants {unknown}: choose from {', '.join(VARIANTS)}")
+    return args
 
 
 def write_random_folder(root: Path) -> str:
@@ -56,11 +69,13 @@ def write_random_folder(root: Path) -> str:
     return str(root)
 
 
-def run_once(args: argparse.Namespace, source: str, workdir: Path) -> list[float]:
+def run_once(args: argparse.Namespace, variant: str, workdir: Path) -> list[float]:
     """One training run; its logged images/s after the first interval."""
+    source, placement = VARIANTS[variant]
     config = f"configs/cifar10.py:recipe=short,source={source},depth={args.depth},batch={args.batch_size}"
     config += f",path={args.path}"
     overrides = [f"--config.total_steps={args.steps}", f"--config.log_every_steps={args.log_every}"]
+    overrides.append(f"--config.data.placement={placement}")
     overrides += ["--config.eval_every_steps=0", "--config.checkpoint_every_steps=0"]
     if args.cache_dir:
         overrides.append(f"--config.data.cache_dir={args.cache_dir}")
@@ -79,30 +94,32 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.smoke:
         args.depth, args.steps, args.log_every, args.batch_size, args.rounds = 1, 6, 2, 16, 1
-    speeds: dict[str, list[float]] = {source: [] for source in SOURCES}
+    speeds: dict[str, list[float]] = {variant: [] for variant in args.variants}
     with tempfile.TemporaryDirectory(prefix="qkv_vit_small_data_") as temporary:
         if not args.path:
             args.path = write_random_folder(Path(temporary) / "images")
         first = 0 if args.smoke else -1  # round -1 prepares the data (conversion, decoding), untimed
         for round_index in range(first, args.rounds):
-            for source in SOURCES:
-                run = run_once(args, source, Path(temporary) / f"{source}-{round_index}")
+            for variant in args.variants:
+                run = run_once(args, variant, Path(temporary) / f"{variant}-{round_index}")
                 if round_index >= 0:
-                    speeds[source].append(statistics.median(run))
-    medians = {source: harness.median(values) for source, values in speeds.items()}
+                    speeds[variant].append(statistics.median(run))
+    medians = {variant: harness.median(values) for variant, values in speeds.items()}
     print(
         harness.format_table(
-            ["source", "images/s per run (median of intervals)", "median"],
-            [[s, ", ".join(f"{v:.0f}" for v in speeds[s]), f"{medians[s]:.0f}"] for s in SOURCES],
+            ["variant", "images/s per run (median of intervals)", "median"],
+            [[v, ", ".join(f"{x:.0f}" for x in speeds[v]), f"{medians[v]:.0f}"] for v in args.variants],
         )
     )
-    ratio = medians["in_memory"] / medians["image_folder"]
-    print(f"in_memory / image_folder: {ratio:.2f}x")
+    baseline = args.variants[0]
+    ratios = {variant: medians[variant] / medians[baseline] for variant in args.variants[1:]}
+    for variant, ratio in ratios.items():
+        print(f"{variant} / {baseline}: {ratio:.2f}x")
     harness.emit(
         {
             "images_per_second": speeds,
             "median": medians,
-            "in_memory_over_tf_data": ratio,
+            "over_" + baseline: ratios,
             "depth": args.depth,
             "batch_size": args.batch_size,
             "steps": args.steps,

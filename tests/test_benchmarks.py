@@ -95,13 +95,13 @@ def test_versus_torch_runs_both_implementations():
     assert result["speedup"] == pytest.approx(result["ours_images_per_sec"] / result["torch_images_per_sec"])
 
 
-def test_small_data_benchmark_runs_both_sources(tmp_path, data_cache):
+def test_small_data_benchmark_runs_every_variant(tmp_path, data_cache):
     result = run_benchmark("small_data.py", "--smoke", "--path", "", "--cache-dir", str(tmp_path))
-    assert set(result["median"]) == {"image_folder", "in_memory"} and result["depth"] == 1
+    assert set(result["median"]) == {"image_folder", "in_memory_host", "in_memory_device"} and result["depth"] == 1
     assert_positive_finite(*result["median"].values())
-    assert result["in_memory_over_tf_data"] == pytest.approx(
-        result["median"]["in_memory"] / result["median"]["image_folder"]
-    )
+    for variant in ("in_memory_host", "in_memory_device"):
+        wanted = result["median"][variant] / result["median"]["image_folder"]
+        assert result["over_image_folder"][variant] == pytest.approx(wanted)
 
 
 def test_input_pipeline_benchmark(data_cache):
