@@ -66,14 +66,30 @@ def test_decoded_once_then_read_from_the_cache(tmp_path):
     write_image_folder(tmp_path / "folder", FOLDER)
     config = memory_config(tmp_path / "cache", tmp_path / "folder")
     source = data.open_source(config)
-    (entry,) = (tmp_path / "cache" / "in_memory").glob("*.npz")
-    stamp = entry.stat().st_mtime_ns
+    (entry,) = (tmp_path / "cache" / "in_memory").glob("*-v2")
+    stamp = (entry / "train.images.npy").stat().st_mtime_ns
     again = data.open_source(config)
-    assert entry.stat().st_mtime_ns == stamp
+    assert (entry / "train.images.npy").stat().st_mtime_ns == stamp
+    assert isinstance(source.splits["train"].images, np.memmap)  # shared through the page cache by every process
     assert np.array_equal(source.splits["train"].images, again.splits["train"].images)
     assert again.splits["train"].images is source.splits["train"].images  # read once per process, shared
     assert not source.splits["train"].images.flags.writeable
     assert source.splits["train"].images.shape == (16, 32, 32, 3)  # resized to the config's image_size
+
+
+def test_a_process_that_decoded_the_same_entry_second_keeps_the_firsts(tmp_path):
+    """Processes started together may all decode; the first rename wins, a later one leaves it in place."""
+    write_image_folder(tmp_path / "folder", FOLDER)
+    config = memory_config(tmp_path / "cache", tmp_path / "folder")
+    data.open_source(config)
+    (entry,) = (tmp_path / "cache" / "in_memory").glob("*-v2")
+    late = tmp_path / "late"
+    late.mkdir()
+    (late / "meta.json").write_text("{}")
+    in_memory._move_into_place(late, entry)
+    assert json.loads((entry / "meta.json").read_text())["splits"] == ["test", "train"]
+    with pytest.raises(OSError):  # a non-empty directory in the way that is not a finished entry
+        in_memory._move_into_place(late, tmp_path / "folder")
 
 
 def test_bad_files_are_skipped_and_counted_or_named(tmp_path):

@@ -4,7 +4,8 @@ into uint8 arrays without TensorFlow, and served as batches of those arrays.
 `data.source = "in_memory"` reads `data.path` (an image folder or tar, as for "image_folder") or, without a path,
 the offline digits. The first run decodes every image with PIL (in threads), resizes it as the eval pipeline
 does (short side to image_size / crop_ratio, bicubic, centre crop to image_size; an image already of that size
-is kept pixel for pixel) and caches the arrays in `<cache_dir>/in_memory/<key>.npz`; later runs load that file.
+is kept pixel for pixel) and caches the arrays in `<cache_dir>/in_memory/<key>/` (one .npy file per array); later
+runs map those files into memory, so that several processes on one host (one per GPU) share one copy.
 
 The host does no per-image work at all: a train batch is a gather of rows, in an order drawn per epoch from the
 seed (the same permutation on every process; process p takes the p-th slice of each global batch, so processes
@@ -52,7 +53,8 @@ from qkv_vit.data.info import DatasetInfo, SkippedFiles
 
 MAX_BYTES = 16 << 30  # decoded arrays larger than this belong in a streaming source (image_folder, tfds)
 DIGITS_TEST_EVERY = 5  # the offline digits: every 5th image is held out (1,437 train / 360 test)
-_FORMAT_VERSION = 1  # bumped when the cached arrays would change
+_FORMAT_VERSION = 2  # bumped when the cached arrays would change (2: .npy files, memory-mapped; 1: one .npz)
+_META = "meta.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,15 +153,15 @@ def _folder_arrays(
     if not (is_tar or path.is_dir()):
         raise DataConfigError(f"{path} is neither a folder nor a {'/'.join(TAR_SUFFIXES)} archive.")
     key = tar_key(path) if is_tar else folder_key(path)
-    entry = cache_dir / "in_memory" / f"{key}-{config.image_size}-{config.crop_ratio:g}-v{_FORMAT_VERSION}.npz"
-    if not entry.exists():
+    entry = cache_dir / "in_memory" / f"{key}-{config.image_size}-{config.crop_ratio:g}-v{_FORMAT_VERSION}"
+    if not (entry / _META).exists():
         _decode_folder(path, is_tar, entry, config)
     return _load(entry, config.bad_files, path)
 
 
 def _decode_folder(path: Path, is_tar: bool, entry: Path, config: ml_collections.ConfigDict) -> None:
-    """Decode every image of the folder into the cache file `entry`, written whole or not at all."""
-    work = entry.parent / f".tmp-{entry.stem}-{uuid.uuid4().hex[:8]}"
+    """Decode every image of the folder into the cache directory `entry`, written whole or not at all."""
+    work = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
     try:
         folder = extract(path, work / "extracted") if is_tar else Located(root=path, source=path)
@@ -170,19 +172,28 @@ def _decode_folder(path: Path, is_tar: bool, entry: Path, config: ml_collections
                 f"{path} would take {bytes_needed / 2**30:.1f} GiB decoded at {config.image_size}x{config.image_size}, "
                 f"more than source='in_memory' holds ({MAX_BYTES / 2**30:.0f} GiB): use source='image_folder'."
             )
-        arrays = {}
+        written = work / "entry"
+        written.mkdir()
         for split, files in scan.splits.items():
             images, labels = _decode_split(files, folder, scan, config)
-            arrays[f"{split}/images"], arrays[f"{split}/labels"] = images, labels
-        meta = {"class_names": scan.class_names, "skipped": scan.skipped, "splits": sorted(scan.splits)}
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+            np.save(written / f"{split}.images.npy", images)
+            np.save(written / f"{split}.labels.npy", labels)
         if scan.skipped:  # a readable list beside the arrays, which the run's warning points at
-            skipped_list(entry).write_text("\n".join(scan.skipped) + "\n")
-        temporary = work / "arrays.npz"
-        np.savez(temporary, **arrays)
-        os.replace(temporary, entry)
+            skipped_list(written).write_text("\n".join(scan.skipped) + "\n")
+        meta = {"class_names": scan.class_names, "skipped": scan.skipped, "splits": sorted(scan.splits)}
+        (written / _META).write_text(json.dumps(meta))
+        _move_into_place(written, entry)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _move_into_place(written: Path, entry: Path) -> None:
+    """Rename the finished directory to `entry`; another process that finished the same entry first wins."""
+    try:
+        os.replace(written, entry)
+    except OSError:
+        if not (entry / _META).exists():
+            raise
 
 
 def _decode_split(
@@ -244,13 +255,18 @@ def _load(entry: Path, bad_files: str, path: Path) -> tuple[dict[str, ArraySplit
 
 @functools.lru_cache(maxsize=4)
 def _read(entry: Path) -> tuple[dict[str, ArraySplit], dict]:
-    """The arrays and record of one cache entry, read once per process and shared, read-only, by every open of it:
-    the trainer opens its data four times (run setup, run length, train and eval batches), which would otherwise
-    read the file four times and keep three copies of the data set in memory. An entry's name is its content's
-    key, so a cached read never goes stale."""
-    with np.load(entry) as arrays:
-        meta = json.loads(arrays["meta"].tobytes())
-        splits = {s: _read_only(ArraySplit(arrays[f"{s}/images"], arrays[f"{s}/labels"])) for s in meta["splits"]}
+    """The arrays and record of one cache entry, opened once per process and shared, read-only, by every open of
+    it (the trainer opens its data four times: run setup, run length, train and eval batches). The images are
+    memory-mapped: pages are read on first use and held by the OS's page cache, which every process on the host
+    shares, so 8 processes (one per GPU) hold one copy, not 8. An entry's name is its content's key, so a cached
+    read never goes stale."""
+    meta = json.loads((entry / _META).read_text())
+    splits = {
+        split: _read_only(
+            ArraySplit(np.load(entry / f"{split}.images.npy", mmap_mode="r"), np.load(entry / f"{split}.labels.npy"))
+        )
+        for split in meta["splits"]
+    }
     return splits, meta
 
 
@@ -262,7 +278,7 @@ def _read_only(split: ArraySplit) -> ArraySplit:
 
 def skipped_list(entry: Path) -> Path:
     """The text file that lists the files a decoding skipped, one per line."""
-    return entry.with_name(entry.name.removesuffix(".npz") + ".skipped.txt")
+    return entry / "skipped.txt"
 
 
 @functools.lru_cache(maxsize=4)
