@@ -19,8 +19,9 @@ Recipes, each named for the budget it is meant for:
     epoch, drop path 0.05, the `small` augmentation (crop, RandAugment, erasing, mixup); over a few epochs it
     learns slowly (47% after 2 epochs at depth 4).
   recipe=short (3 epochs): a plain PyTorch script's recipe: AdamW lr 1e-3 not scaled by batch, weight decay
-    0.05 on every parameter (optimizer.filter_bias_and_bn=False), linear warmup over the first 10% of steps from 4e-5, then cosine to 0; horizontal flips and label
-    smoothing 0.1 only, CIFAR-10's mean and std, no drop path, full depth.
+    0.05 on every parameter (optimizer.filter_bias_and_bn=False), linear warmup over the first 10% of steps from
+    4e-5, then cosine to 0; horizontal flips and label smoothing 0.1 only, CIFAR-10's mean and std, no drop
+    path, full depth.
 Expected: recipe=short, 58.7 / 67.9 / 71.3% top-1 after epochs 1 / 2 / 3 (measured: linear QKV, mean of seeds 0,
 1, 2, ± 1.1 / 1.0 / 0.6, the in-memory source, 2-core CPU, 2026-11-30; the PyTorch reference model with the same
 recipe reached 58.3 / 68.0 / 71.6% in one run; every QKV embedding: docs/experiments.md); recipe=long 54.4% top-1 after 5 epochs with depth=6
