@@ -104,6 +104,7 @@ def optimizer_config(batch_size: int) -> types.SimpleNamespace:
         eps=1e-8,
         weight_decay=0.05,
         code_weight_decay=False,
+        filter_bias_and_bn=True,
         grad_clip_norm=0.0,
     )
 

@@ -73,7 +73,9 @@ def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> 
     """
     name = getattr(opt, "name", "adamw")
     mask = functools.partial(
-        decay_mask, code_weight_decay=opt.code_weight_decay, filter_bias_and_bn=opt.filter_bias_and_bn
+        decay_mask,
+        code_weight_decay=opt.code_weight_decay,
+        filter_bias_and_bn=getattr(opt, "filter_bias_and_bn", True),  # a config made before the key existed
     )
     if name == "adamw":
         update = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=mask)
