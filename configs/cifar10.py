@@ -4,6 +4,7 @@
   python -m qkv_vit.main --config=configs/cifar10.py:recipe=short,source=in_memory --workdir=workdirs/cifar10_mem
   python -m qkv_vit.main --config=configs/cifar10.py --workdir=workdirs/cifar10
   python -m qkv_vit.main --config=configs/cifar10.py:qkv=fsne_m8,epochs=100 --workdir=workdirs/cifar10_fsne
+  python -m qkv_vit.main --config=configs/cifar10.py:source=in_memory --workdir=workdirs/cifar10_long_mem
   python -m qkv_vit.main --config=configs/cifar10.py:qkv=psne,depth=4,epochs=2,seed=1 --workdir=workdirs/c10_psne_s1
   python -m launch.sweep local --config=configs/cifar10.py --sweep=depth=4,epochs=2 --workdir=workdirs/cifar10_sweep
 
@@ -11,8 +12,8 @@ Data: `path=` a folder or tar of CIFAR-10's 60,000 images as `cifar10-jpeg/{trai
 prepared once into a tfds data set under ~/.cache/qkv_vit (the default path is where developer machines keep
 one, beside the repository), or `source=tfds` (after `python -m qkv_vit.data.prepare cifar10 --data_dir DIR`
 on a machine with internet, and --config.data.data_dir=DIR), or `source=in_memory`: the same folder or tar
-decoded once into arrays, batches served without tf.data and cropped and flipped on the device (the short
-recipe only: the long one's RandAugment needs tf.data).
+decoded once into arrays, batches served without tf.data and without TensorFlow, cropped and flipped on the
+device (the long recipe then runs without RandAugment, which only tf.data does).
 Model: XCiT-N12/8 (patch 8, so a 4x4 token grid at 32x32), width 128, optionally with depth=N fewer blocks.
 Recipes, each named for the budget it is meant for:
   recipe=long (default, 100 epochs): XCiT's recipe scaled to CIFAR: AdamW, lr 1e-3 x batch / 512, one warmup
@@ -74,6 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif args.source in ("image_folder", "in_memory"):
         config.data = data.get_config("small", source=args.source)
         config.data.path = args.path
+        if args.source == "in_memory":  # the device crops, flips, erases and mixes; RandAugment is tf.data's
+            config.data.augment.randaugment_layers = 0
     else:
         raise ConfigError(
             f"source={args['source']!r}: use source=tfds or source=in_memory, or leave it out for the image folder "

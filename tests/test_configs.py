@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import REPO, load_config
 from qkv_vit import data, models, sweep
+from qkv_vit.data import in_memory
 from qkv_vit.train import train_and_evaluate
 from qkv_vit.train.config import parse_arg
 from qkv_vit.train.optimizer import learning_rate, make_optimizer
@@ -40,6 +41,7 @@ EXTRA_ARGS = {
         "recipe=short,runlocal",
         "recipe=short,epochs=10",
         "recipe=short,source=in_memory",
+        "source=in_memory",
     ],
     "imagenet": [
         None,
@@ -85,6 +87,8 @@ def test_documented_arguments_build_a_valid_config_and_model(name, arg):
     config = load_config(name, arg)
     model = build_model(config, num_classes=10)
     data.validate_config(config.data)
+    if config.data.source == "in_memory":  # only what the device does: no host-only augmentation
+        in_memory.check_device_augmentation(config.data)
     assert config.data.image_size % model.patch_size == 0
     assert config.global_batch_size > 0 and (config.total_steps or config.total_epochs) > 0
     if arg and "runlocal" in arg:
