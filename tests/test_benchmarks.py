@@ -104,6 +104,13 @@ def test_small_data_benchmark_runs_every_variant(tmp_path, data_cache):
         assert result["over_image_folder"][variant] == pytest.approx(wanted)
 
 
+def test_the_pytorch_reference_of_the_short_recipe_trains_and_evaluates(tmp_path):
+    pytest.importorskip("torch", reason="the PyTorch reference needs torch: pip install -e '.[torch]'")
+    result = run_benchmark("torch_cifar_short.py", "--smoke", "--path", "", "--cache-dir", str(tmp_path))
+    assert result["steps"] == 6 and len(result["top1_per_epoch"]) == 2
+    assert all(0.0 <= top1 <= 1.0 for top1 in result["top1_per_epoch"])
+
+
 def test_input_pipeline_benchmark(data_cache):
     result = run_benchmark(
         "input_pipeline.py",
