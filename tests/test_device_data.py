@@ -70,15 +70,23 @@ def fake_device(limit, in_use=0):
     return SimpleNamespace(memory_stats=lambda: {"bytes_limit": limit, "bytes_in_use": in_use})
 
 
-def test_auto_places_the_split_where_it_fits():
+def test_auto_places_the_split_where_it_fits_and_device_refuses_a_split_too_large():
     split = data.in_memory.ArraySplit(np.zeros((100, 8, 8, 3), np.uint8), np.zeros(100, np.int32))
     size = device_data.split_bytes(split)
     assert size == 100 * 8 * 8 * 3 + 400
-    assert device_data.fits_on_devices(size, [fake_device(8 * size)] * 2)
-    assert not device_data.fits_on_devices(size, [fake_device(8 * size), fake_device(8 * size, in_use=6 * size)])
-    assert not device_data.fits_on_devices(size, [SimpleNamespace(memory_stats=lambda: None)])  # a CPU
-    assert not device_data.on_devices("auto", split)  # this machine's CPU device reports no memory
-    assert device_data.on_devices("device", split) and not device_data.on_devices("host", split)
+    roomy, crowded, cpu = (
+        fake_device(8 * size),
+        fake_device(8 * size, in_use=6 * size),
+        SimpleNamespace(memory_stats=lambda: None),
+    )
+    assert device_data.free_bytes([roomy, crowded]) == 2 * size and device_data.free_bytes([roomy, cpu]) is None
+    assert device_data.on_devices("auto", split, [roomy, roomy])  # a quarter of 8x: fits
+    assert not device_data.on_devices("auto", split, [roomy, crowded])  # a quarter of 2x: does not
+    assert not device_data.on_devices("auto", split, [cpu]) and not device_data.on_devices("auto", split)
+    assert device_data.on_devices("device", split, [crowded]) and device_data.on_devices("device", split, [cpu])
+    assert not device_data.on_devices("host", split, [roomy])
+    with pytest.raises(DataConfigError, match="placement='device': the train split takes .* Use data.placement='host'"):
+        device_data.on_devices("device", split, [fake_device(size // 2)])
 
 
 def test_device_placement_needs_the_in_memory_source():

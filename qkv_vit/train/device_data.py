@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.in_memory import ArraySplit
 from qkv_vit.train.checkpointing import all_processes_agree
 
@@ -37,24 +38,33 @@ def split_bytes(split: ArraySplit) -> int:
     return split.images.nbytes + split.labels.nbytes
 
 
-def fits_on_devices(nbytes: int, devices: Sequence[Any]) -> bool:
-    """Whether `nbytes` fit in DEVICE_MEMORY_FRACTION of each device's free memory (False where a device reports
-    no memory, as a CPU does)."""
+def free_bytes(devices: Sequence[Any]) -> int | None:
+    """The least free memory of `devices` in bytes, or None where a device reports none (a CPU)."""
+    free = []
     for device in devices:
         stats = device.memory_stats()
         if not stats or "bytes_limit" not in stats:
-            return False
-        if nbytes > DEVICE_MEMORY_FRACTION * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)):
-            return False
-    return True
+            return None
+        free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return min(free)
 
 
-def on_devices(placement: str, split: ArraySplit) -> bool:
-    """Whether the train split goes on the devices: "device" yes, "host" no, "auto" if it fits on every process's
-    devices (all processes get the same answer)."""
-    if placement != "auto":
-        return placement == "device"
-    return all_processes_agree(fits_on_devices(split_bytes(split), jax.local_devices()))
+def on_devices(placement: str, split: ArraySplit, devices: Sequence[Any] | None = None) -> bool:
+    """Whether the train split goes on the devices (default: this process's): "host" no; "device" yes, or
+    DataConfigError where a device reports less free memory than the split takes; "auto" if it fits in
+    DEVICE_MEMORY_FRACTION of every process's devices (all processes get the same answer)."""
+    size = split_bytes(split)
+    free = free_bytes(jax.local_devices() if devices is None else devices)
+    if placement == "device":
+        if free is not None and size > free:
+            raise DataConfigError(
+                f"data.placement='device': the train split takes {size / 2**30:.2f} GiB but a device has "
+                f"{free / 2**30:.2f} GiB free. Use data.placement='host' (or 'auto'), or a smaller data.image_size."
+            )
+        return True
+    if placement == "host":
+        return False
+    return all_processes_agree(free is not None and size <= DEVICE_MEMORY_FRACTION * free)
 
 
 def replicate(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
