@@ -29,8 +29,8 @@ from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.in_memory import ArraySplit
 from qkv_vit.train.checkpointing import all_processes_agree
 
-# The split may take this much of a device's free memory: the rest is the model's, its optimizer state's and
-# the activations' (XLA's GPU allocator holds 75% of the memory for them by default).
+# "auto" lets the split take this much of a device's free memory, leaving the rest to the training step's
+# activations and temporaries (the parameters and optimizer state are already on the device when it asks).
 DEVICE_MEMORY_FRACTION = 0.25
 
 
