@@ -23,9 +23,10 @@ Recipes, each named for the budget it is meant for:
     0.05 on every parameter (optimizer.filter_bias_and_bn=False), linear warmup over the first 10% of steps from
     4e-5, then cosine to 0; horizontal flips and label smoothing 0.1 only, CIFAR-10's mean and std, no drop
     path, full depth.
-Expected: recipe=short, 58.7 / 67.9 / 71.3% top-1 after epochs 1 / 2 / 3 (measured: linear QKV, mean of seeds 0,
-1, 2, ± 1.1 / 1.0 / 0.6, the in-memory source, 2-core CPU, 2026-11-30; the PyTorch reference model with the same
-recipe reached 58.3 / 68.0 / 71.6% in one run; every QKV embedding: docs/experiments.md); recipe=long 54.4% top-1 after 5 epochs with depth=6
+Expected: recipe=short, 58.7 / 67.8 / 71.2% top-1 after epochs 1 / 2 / 3 (measured: linear QKV, mean of seeds 0,
+1, 2, ± 0.8 / 0.8 / 0.4, the in-memory source, 2-core CPU, 2026-11-30; its PyTorch reference,
+benchmarks/torch_cifar_short.py, reached 71.3 and 70.9% with seeds 0 and 1, and 71.6% in an earlier run; every
+QKV embedding: docs/experiments.md); recipe=long 54.4% top-1 after 5 epochs with depth=6
 (measured on a 2-core CPU in 26 minutes) and 47.3-47.8% for every QKV embedding after 2 epochs with depth=4
 (3 seeds each, ± 0.6; docs/experiments.md has the table); its 100-epoch default is unmeasured.
 Arguments: recipe=long|short, qkv=<preset>, epochs=<n> (default: the recipe's), depth=<n>, batch=<n>, seed=<n>,
