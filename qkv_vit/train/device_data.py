@@ -23,10 +23,10 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.in_memory import ArraySplit
+from qkv_vit.train import sharding
 from qkv_vit.train.checkpointing import all_processes_agree
 
 # "auto" lets the split take this much of a device's free memory, leaving the rest to the training step's
@@ -53,6 +53,8 @@ def on_devices(placement: str, split: ArraySplit, devices: Sequence[Any] | None 
     """Whether the train split goes on the devices (default: this process's): "host" no; "device" yes, or
     DataConfigError where a device reports less free memory than the split takes; "auto" if it fits in
     DEVICE_MEMORY_FRACTION of every process's devices (all processes get the same answer)."""
+    if placement == "host":
+        return False
     size = split_bytes(split)
     free = free_bytes(jax.local_devices() if devices is None else devices)
     if placement == "device":
@@ -62,14 +64,13 @@ def on_devices(placement: str, split: ArraySplit, devices: Sequence[Any] | None 
                 f"{free / 2**30:.2f} GiB free. Use data.placement='host' (or 'auto'), or a smaller data.image_size."
             )
         return True
-    if placement == "host":
-        return False
     return all_processes_agree(free is not None and size <= DEVICE_MEMORY_FRACTION * free)
 
 
-def replicate(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A host array copied whole to every device of `sharding`'s mesh (each process gives its own, equal, copy)."""
-    replicated = NamedSharding(sharding.mesh, P())
+def replicate(array: np.ndarray, batch_sharding: NamedSharding) -> jax.Array:
+    """A host array copied whole to every device of the batch sharding's mesh (each process gives its own, equal,
+    copy)."""
+    replicated = sharding.replicated(batch_sharding.mesh)
     return jax.make_array_from_callback(array.shape, replicated, lambda index: array[index])
 
 
@@ -82,13 +83,14 @@ class DeviceResidentBatches(Iterator[dict[str, jax.Array]]):
     `sharding` as the host path's `sharding.global_batch` lays them out; `rows`: this process's row indices per
     step (build_train_rows)."""
 
-    def __init__(self, split: ArraySplit, rows: Iterator[np.ndarray], sharding: NamedSharding):
-        self.images, self.labels = replicate(split.images, sharding), replicate(split.labels, sharding)
-        self.rows, self.sharding = rows, sharding
-        self.gather = jax.jit(_gather, out_shardings=sharding)
+    def __init__(self, split: ArraySplit, rows: Iterator[np.ndarray], batch_sharding: NamedSharding):
+        self.images, self.labels = replicate(split.images, batch_sharding), replicate(split.labels, batch_sharding)
+        self.rows, self.batch_sharding = rows, batch_sharding
+        self.gather = jax.jit(_gather, out_shardings=batch_sharding)
 
     def __next__(self) -> dict[str, jax.Array]:
-        rows = jax.make_array_from_process_local_data(self.sharding, np.asarray(next(self.rows), np.int32))
+        local_rows = {"rows": np.asarray(next(self.rows), np.int32)}
+        rows = sharding.global_batch(local_rows, self.batch_sharding)["rows"]  # laid out as the host path's batches
         return self.gather(self.images, self.labels, rows)
 
 
