@@ -6,6 +6,8 @@ The data pipeline's `DataConfigError` and the weight import's `WeightMismatchErr
 caller can catch every mistake in its inputs as one type.
 """
 
+import errno
+import os
 import re
 
 MAX_CAUSE_CHARS = 300  # TensorStore errors print whole storage specs: keep the start, which says what failed
@@ -15,8 +17,25 @@ class ConfigError(ValueError):
     """A config value, command-line flag or input path that cannot work (exit code 2)."""
 
 
-class CheckpointError(RuntimeError):
+class StorageError(RuntimeError):
+    """A write the product makes failed for space, permissions or a read-only file system, or stored data cannot be
+    read back (exit code 4): the data cache, the workdir's logs, metrics and checkpoints."""
+
+
+class CheckpointError(StorageError):
     """The workdir cannot be written, a checkpoint cannot be saved, or no checkpoint can be read (exit code 4)."""
+
+
+# What a failed write says when the disk, not the program, is at fault: full, over quota, read-only, not permitted.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# The same causes as libraries that do not raise OSError word them (TensorFlow's gfile, TensorStore, Orbax).
+STORAGE_MESSAGES = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "Read-only file system",
+    "Permission denied",
+    "Operation not permitted",
+)
 
 
 def one_line(message: str) -> str:
@@ -31,3 +50,19 @@ def describe_cause(error: BaseException) -> str:
     if len(message) > MAX_CAUSE_CHARS:
         message = message[:MAX_CAUSE_CHARS] + " ..."
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def storage_cause(error: BaseException) -> str | None:
+    """What a failed write's storage says ("No space left on device", ...), looking through the exception's chain of
+    causes (libraries wrap the OSError in their own types); None when the failure is not the storage's."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return error.strerror or os.strerror(error.errno)
+        text = str(error)
+        found = next((message for message in STORAGE_MESSAGES if message.lower() in text.lower()), None)
+        if found:
+            return found
+        error = error.__cause__ or error.__context__
+    return None

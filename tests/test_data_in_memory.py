@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from qkv_vit import data
-from qkv_vit.data import in_memory
+from qkv_vit.data import cache, in_memory
 from qkv_vit.data.testing import write_image_folder
 from qkv_vit.train import train_and_evaluate
 from qkv_vit.train.finishing import BatchFinishing, finish_train_batch, random_resized_crop
@@ -86,10 +86,12 @@ def test_a_process_that_decoded_the_same_entry_second_keeps_the_firsts(tmp_path)
     late = tmp_path / "late"
     late.mkdir()
     (late / "meta.json").write_text("{}")
-    in_memory._move_into_place(late, entry)
+    cache.move_into_place(late, entry, "meta.json")
     assert json.loads((entry / "meta.json").read_text())["splits"] == ["test", "train"]
-    with pytest.raises(OSError):  # a non-empty directory in the way that is not a finished entry
-        in_memory._move_into_place(late, tmp_path / "folder")
+    unfinished = tmp_path / "cache" / "in_memory" / "unfinished"  # a directory in the way without the marker
+    (unfinished / "part").mkdir(parents=True)
+    cache.move_into_place(late, unfinished, "meta.json")
+    assert sorted(p.name for p in unfinished.iterdir()) == ["meta.json"]
 
 
 def test_bad_files_are_skipped_and_counted_or_named(tmp_path):

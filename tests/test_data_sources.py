@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 
 from qkv_vit import data
-from qkv_vit.data import image_folder, sources
+from qkv_vit.data import cache, image_folder, sources
 from qkv_vit.data.testing import write_image_folder, write_tar
 
 SMALL_FOLDER = {"train": {"dog": 3, "cat": 4, "ant": 2}, "test": {"cat": 2, "dog": 1, "ant": 1}}
@@ -450,4 +450,4 @@ def test_presets_carry_the_recipes():
 
 def test_default_cache_dir_honours_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("QKV_VIT_CACHE", os.fspath(tmp_path))
-    assert image_folder.default_cache_dir() == tmp_path
+    assert cache.default_cache_dir() == tmp_path

@@ -50,13 +50,21 @@ TRAIN_SPLIT_NAMES = ("train", "training")
 HELD_OUT_SPLIT_NAMES = ("test", "testing", "validation", "valid", "val", "eval", "evaluation", "dev")
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("QKV_VIT_CACHE", Path.home() / ".cache" / "qkv_vit"))
+SAMPLED_BYTES = 1 << 20  # an archive's cache key hashes its first and last MiB (a tar's first member headers)
 
 
 def tar_key(path: Path) -> str:
+    """An archive's cache key: its resolved path, size, modification time and a hash of its first and last
+    SAMPLED_BYTES, so that two archives of the same name, size and time (folds unpacked from one tarball, copies
+    made with `cp -p`) never share an entry, and an archive replaced in place by another is converted again."""
     stat = path.stat()
-    key = f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}:v{CONVERSION_VERSION}"
+    sample = hashlib.sha256()
+    with open(path, "rb") as archive:
+        sample.update(archive.read(SAMPLED_BYTES))
+        if stat.st_size > 2 * SAMPLED_BYTES:
+            archive.seek(-SAMPLED_BYTES, os.SEEK_END)
+        sample.update(archive.read(SAMPLED_BYTES))
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{sample.hexdigest()}:v{CONVERSION_VERSION}"
     return f"{_stem(path)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -149,7 +157,7 @@ def scan_image_folder(folder: Located, bad_files: str = "skip") -> FolderScan:
         raise DataConfigError(
             f"No split folders in {folder.shown(folder.root)}: expected ROOT/<split>/<class>/<image>.jpg|png."
         )
-    splits, classes, skipped = {}, set(), []
+    splits, classes, skipped = {}, {}, []
     for split_dir in split_dirs:
         class_dirs = subdirs(split_dir)
         if not class_dirs:
@@ -168,9 +176,39 @@ def scan_image_folder(folder: Located, bad_files: str = "skip") -> FolderScan:
                     f"Empty class folder {folder.shown(class_dir)}: it holds no {'/'.join(IMAGE_SUFFIXES)} images."
                 )
             examples.extend((f, class_dir.name) for f in images)
-            classes.add(class_dir.name)
         splits[split_dir.name] = examples
-    return FolderScan(splits, sorted(classes), skipped)
+        classes[split_dir.name] = sorted(d.name for d in class_dirs)
+    return FolderScan(splits, split_classes(folder, classes), skipped)
+
+
+def split_classes(folder: Located, classes: dict[str, list[str]]) -> list[str]:
+    """The class names of a folder, from its train split (the union of all when no split has a train name).
+
+    A held-out split with a class folder the train split lacks (`Cat` beside `cat`, a typo, a class added to one
+    split only) is an error: its images would get a label the model never trains on, and the class count would
+    grow. One that lacks some of the train split's classes (a small held-out set) is reported with a warning.
+    """
+    train = find_split(list(classes), TRAIN_SPLIT_NAMES)
+    names = classes[train] if train else sorted({name for split in classes.values() for name in split})
+    for split, found in classes.items():
+        extra, missing = sorted(set(found) - set(names)), sorted(set(names) - set(found))
+        if extra:
+            raise DataConfigError(
+                f"Split folder {folder.shown(folder.root / split)} has class folders {extra[:10]} that the train split "
+                f"{train!r} has not (its classes: {names[:10]}{' ...' if len(names) > 10 else ''}): their images would "
+                "get labels the model never trains on. Give them the train split's class names (names are "
+                "case-sensitive), or remove them."
+            )
+        if missing:
+            logging.warning(
+                "Split %r of %s has no class folder for %d of the %d classes (%s): it is evaluated on the others.",
+                split,
+                folder.source,
+                len(missing),
+                len(names),
+                missing[:10],
+            )
+    return names
 
 
 def reject(file: Path, folder: Located, bad_files: str, skipped: list[str], why: str) -> None:

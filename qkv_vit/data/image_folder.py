@@ -5,11 +5,13 @@ file's encoded bytes unchanged, and reused by later runs. Converting (rather tha
 through `tfds.folder_dataset.ImageFolder`) gives image folders everything a tfds data set has:
 sub-splits for per-process sharding, file-level shuffling, and the same reader as ImageNet.
 
-Cache layout: `<cache_dir>/image_folder/<key>/{label_map.json, tfds/...}`. The key is the archive's
-name, size and modification time, or a folder's path and the modification times of its split and
-class folders (adding or removing files changes those; editing a file in place does not: delete the
-cache entry to force a rebuild). Everything is built in a temporary directory that is renamed into
-place at the end, so a killed run never leaves an entry that later runs trust.
+Cache layout: `<cache_dir>/image_folder/<key>/{label_map.json, sizes.json, tfds/...}`. The key is an
+archive's resolved path, size, modification time and a hash of its first and last MiB, or a folder's
+resolved path and the names and modification times of its split and class folders (adding, removing or
+renaming files changes those; editing a file in place does not: delete the cache entry to force a
+rebuild). Everything is built in a temporary directory that is renamed into place at the end
+(`qkv_vit.data.cache`), so a killed run never leaves an entry that later runs trust; the size of every
+file is recorded, and an entry cut short later (an interrupted copy, a disk error) is converted again.
 
 Every file is decoded in full at conversion with the decoder the input pipeline uses (`augment.decode`),
 so a file that would fail mid-run (a truncated JPEG, a TIFF named .png) is skipped and counted, or with
@@ -30,19 +32,17 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from qkv_vit.data import augment
+from qkv_vit.data import augment, cache
 from qkv_vit.data._tensorflow import tf
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.folders import (
     TAR_SUFFIXES,
     Located,
-    default_cache_dir,
     extract,
     folder_key,
     reject,
@@ -71,33 +71,29 @@ class PreparedFolder:
 def prepare_image_folder(
     path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, bad_files: str = "skip"
 ) -> PreparedFolder:
-    """Converts the folder or archive at `path` into a cached tfds data set, or reuses the cached one."""
+    """Converts the folder or archive at `path` into a cached tfds data set, or reuses the cached one; an entry
+    found damaged (a file cut short or missing since it was written) is converted again, with a warning."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataConfigError(f"Image folder path {path} does not exist.")
     is_tar = path.is_file() and path.name.endswith(TAR_SUFFIXES)
     if not (is_tar or path.is_dir()):
         raise DataConfigError(f"{path} is neither a folder nor a {'/'.join(TAR_SUFFIXES)} archive.")
-    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    final = cache_dir / "image_folder" / (tar_key(path) if is_tar else folder_key(path))
+    final = cache.cache_dir_of(cache_dir) / "image_folder" / (tar_key(path) if is_tar else folder_key(path))
     if (final / LABEL_MAP).exists():
-        return _check_cached(_load(final), path, bad_files)
+        problem = cache.damage(final)
+        if problem is None:
+            return _check_cached(_load(final), path, bad_files)
+        logging.warning("The data cache entry %s is damaged (%s): converting %s again.", final, problem, path)
+        cache.discard(final)
     check_can_prepare()
-    temporary = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    temporary.mkdir(parents=True)
-    try:
+    with cache.building(final, f"converting {path}") as temporary:
         folder = extract(path, temporary / "extracted") if is_tar else Located(root=path, source=path)
-        _build(folder, temporary, bad_files)
-        shutil.rmtree(temporary / "extracted", ignore_errors=True)  # the tfds records hold the bytes now
-        if final.exists() and not (final / LABEL_MAP).exists():
-            shutil.rmtree(final)  # not ours (entries appear only by rename, complete): never trust it
-        try:
-            os.rename(temporary, final)
-        except OSError:  # another process finished the same entry first: use theirs
-            if not (final / LABEL_MAP).exists():
-                raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+        written = temporary / "entry"
+        written.mkdir()
+        _build(folder, written, bad_files)
+        cache.seal(written)
+        cache.move_into_place(written, final, LABEL_MAP)
     return _load(final)
 
 
@@ -143,7 +139,7 @@ def _build(folder: Located, work: Path, bad_files: str) -> None:
         }
     )
     generators = {split: _examples(files, folder, bad_files, scan.skipped) for split, files in scan.splits.items()}
-    with preparing_offline(f"the image folder {folder.source}", work.parent):
+    with preparing_offline(f"the image folder {folder.source}", work.parent.parent):
         builder = tfds.dataset_builders.store_as_tfds_dataset(
             name=_TFDS_NAME,
             version="1.0.0",

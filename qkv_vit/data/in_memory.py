@@ -4,8 +4,9 @@ into uint8 arrays without TensorFlow, and served as batches of those arrays.
 `data.source = "in_memory"` reads `data.path` (an image folder or tar, as for "image_folder") or, without a path,
 the offline digits. The first run decodes every image with PIL (in threads), resizes it as the eval pipeline
 does (short side to image_size / crop_ratio, bicubic, centre crop to image_size; an image already of that size
-is kept pixel for pixel) and caches the arrays in `<cache_dir>/in_memory/<key>/` (one .npy file per array); later
-runs map those files into memory, so that several processes on one host (one per GPU) share one copy.
+is kept pixel for pixel) and caches the arrays in `<cache_dir>/in_memory/<key>/` (one .npy file per array, their
+sizes recorded: an entry cut short later is decoded again, `qkv_vit.data.cache`); later runs map those files into
+memory, so that several processes on one host (one per GPU) share one copy.
 
 The host does no per-image work at all: a train batch is a gather of rows, in an order drawn per epoch from the
 seed (the same permutation on every process; process p takes the p-th slice of each global batch, so processes
@@ -23,16 +24,15 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
+import logging
 import math
-import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 
+from qkv_vit.data import cache
 from qkv_vit.data.config import validate_config
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.folders import (
@@ -40,7 +40,6 @@ from qkv_vit.data.folders import (
     TAR_SUFFIXES,
     TRAIN_SPLIT_NAMES,
     Located,
-    default_cache_dir,
     extract,
     find_split,
     folder_key,
@@ -102,7 +101,7 @@ def open_in_memory(config: ml_collections.ConfigDict) -> ArraySource:
     """The configured data as arrays (decoded now, or loaded from the cache); DataConfigError with the fix."""
     validate_config(config)
     check_device_augmentation(config)
-    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+    cache_dir = cache.cache_dir_of(config.cache_dir)
     if config.path:
         splits, class_names, skipped = _folder_arrays(Path(config.path).expanduser(), cache_dir, config)
         description = f"image folder {config.path} (in memory)"
@@ -154,16 +153,29 @@ def _folder_arrays(
         raise DataConfigError(f"{path} is neither a folder nor a {'/'.join(TAR_SUFFIXES)} archive.")
     key = tar_key(path) if is_tar else folder_key(path)
     entry = cache_dir / "in_memory" / f"{key}-{config.image_size}-{config.crop_ratio:g}-v{_FORMAT_VERSION}"
+    if (entry / _META).exists():
+        problem = cache.damage(entry) or _unreadable(entry)
+        if problem is not None:
+            logging.warning("The data cache entry %s is damaged (%s): decoding %s again.", entry, problem, path)
+            _read.cache_clear()
+            cache.discard(entry)
     if not (entry / _META).exists():
         _decode_folder(path, is_tar, entry, config)
     return _load(entry, config.bad_files, path)
 
 
+def _unreadable(entry: Path) -> str | None:
+    """Why the entry's arrays cannot be opened (entries made before sizes were recorded are checked this way)."""
+    try:
+        _read(entry)
+    except (OSError, ValueError, KeyError, EOFError) as error:  # e.g. "mmap length is greater than file size"
+        return str(error)
+    return None
+
+
 def _decode_folder(path: Path, is_tar: bool, entry: Path, config: ml_collections.ConfigDict) -> None:
     """Decode every image of the folder into the cache directory `entry`, written whole or not at all."""
-    work = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
-    work.mkdir(parents=True)
-    try:
+    with cache.building(entry, f"decoding {path}") as work:
         folder = extract(path, work / "extracted") if is_tar else Located(root=path, source=path)
         scan = scan_image_folder(folder, config.bad_files)
         bytes_needed = sum(len(files) for files in scan.splits.values()) * config.image_size**2 * 3
@@ -182,18 +194,8 @@ def _decode_folder(path: Path, is_tar: bool, entry: Path, config: ml_collections
             skipped_list(written).write_text("\n".join(scan.skipped) + "\n")
         meta = {"class_names": scan.class_names, "skipped": scan.skipped, "splits": sorted(scan.splits)}
         (written / _META).write_text(json.dumps(meta))
-        _move_into_place(written, entry)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _move_into_place(written: Path, entry: Path) -> None:
-    """Rename the finished directory to `entry`; another process that finished the same entry first wins."""
-    try:
-        os.replace(written, entry)
-    except OSError:
-        if not (entry / _META).exists():
-            raise
+        cache.seal(written)
+        cache.move_into_place(written, entry, _META)
 
 
 def _decode_split(

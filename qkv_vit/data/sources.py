@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from qkv_vit.data import digits, image_folder
+from qkv_vit.data import cache, digits, image_folder
 from qkv_vit.data._tensorflow import tf
 from qkv_vit.data.config import validate_config
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.folders import (
     HELD_OUT_SPLIT_NAMES,
     TRAIN_SPLIT_NAMES,
-    default_cache_dir,
     find_split,
     no_held_out_split_message,
 )
@@ -153,12 +151,13 @@ def open_source(config: ml_collections.ConfigDict) -> Source:
 
 
 def _digits_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+    cache_dir = cache.cache_dir_of(config.cache_dir)
     builder = digits.SklearnDigits(data_dir=os.fspath(cache_dir / "tfds"))
     if not builder.is_prepared():
         image_folder.check_can_prepare()
         with image_folder.preparing_offline("the digits data set from scikit-learn", builder.data_dir):
-            builder.download_and_prepare()  # seconds, offline: the images come from scikit-learn
+            with cache.storage_errors(cache_dir, "preparing the digits data set"):
+                builder.download_and_prepare()  # seconds, offline: the images come from scikit-learn
     return builder
 
 
