@@ -34,6 +34,7 @@ HEAD = "head"
 class Weights:
     variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...}
     architecture: dict[str, Any] | None  # as stored (JSON; models.architecture_from_json), None if none was
+    class_names: list[str] | None = None  # what the head's rows stand for: a run's train classes; None: unrecorded
 
 
 def read_weights(path: PathLike, use_ema: bool = False) -> Weights:
@@ -54,7 +55,7 @@ def read_weights(path: PathLike, use_ema: bool = False) -> Weights:
             raise ConfigError(f"{path} has no EMA parameters (the run did not set config.ema_decay).")
         params = state["ema_params"]
     variables = {"params": params, "batch_stats": state.get("batch_stats", {})}
-    return Weights(variables, run_architecture(state_item))
+    return Weights(variables, run_architecture(state_item), run_summary(state_item).get("data", {}).get("class_names"))
 
 
 def read_variables(path: PathLike, use_ema: bool = False) -> dict[str, Any]:
@@ -120,13 +121,17 @@ def find_state_item(path: epath.Path) -> epath.Path:
     )
 
 
+def run_summary(state_item: epath.Path) -> dict[str, Any]:
+    """The model.json of the run that wrote WORKDIR/checkpoints/<step>/state; {} if absent or unreadable."""
+    try:
+        return json.loads((state_item.parent.parent.parent / "model.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def run_architecture(state_item: epath.Path) -> dict[str, Any] | None:
     """The architecture in the model.json of the run that wrote WORKDIR/checkpoints/<step>/state; None if absent."""
-    model_json = state_item.parent.parent.parent / "model.json"
-    try:
-        summary = json.loads(model_json.read_text())
-    except (OSError, ValueError):
-        return None
+    summary = run_summary(state_item)
     return summary.get("architecture", summary.get("model_config"))  # the key's name before it was renamed
 
 

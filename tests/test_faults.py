@@ -24,7 +24,7 @@ import pytest
 from conftest import REPO, load_config
 from qkv_vit import data
 from qkv_vit.data.testing import write_image_folder
-from qkv_vit.errors import CheckpointError, ConfigError
+from qkv_vit.errors import CheckpointError, ConfigError, StorageError
 from qkv_vit.train import logging_utils, train_and_evaluate, trainer
 from qkv_vit.train.checkpointing import RunCheckpoints
 from qkv_vit.train.logging_utils import read_metrics
@@ -258,8 +258,10 @@ def test_a_checkpoint_records_what_its_step_means(reference):
         "accumulation_steps": 1,
         "total_steps": TOTAL_STEPS,
         "train_examples": 1437,
+        "class_names": [str(digit) for digit in range(10)],
         "model_name": "xcit_nano_12_p8",
         "architecture": None,
+        "config": json.loads((reference["workdir"] / "config.json").read_text()),
     }
 
 
@@ -450,9 +452,64 @@ def test_full_disk_while_writing_metrics_is_the_same_clear_error(tmp_path, refer
         raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
     monkeypatch.setattr(logging_utils.JsonlWriter, "write_scalars", disk_full)
-    with pytest.raises(CheckpointError, match=r"metrics.jsonl.*The last complete checkpoint is step 16; free disk"):
+    with pytest.raises(StorageError, match=r"metrics.jsonl.*The last complete checkpoint is step 16; free disk"):
         train_and_evaluate(small_config(data_cache), workdir)
     assert steps_on_disk(workdir) == [16]
+
+
+def test_full_disk_under_tensorboards_writer_is_the_same_clear_error_naming_the_last_checkpoint(
+    tmp_path, reference, data_cache, monkeypatch
+):
+    """TensorFlow's event writer words the OSError in its own exception type: still one StorageError."""
+    import tensorflow as tf
+    from clu import metric_writers
+
+    workdir = copy_run(reference, tmp_path)
+    for step in (20, 24):
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+
+    def disk_full(self, step, scalars):
+        if step > 18:  # after the checkpoint of step 18
+            raise tf.errors.ResourceExhaustedError(
+                None, None, f"{workdir}/events.out.tfevents; No space left on device"
+            )
+
+    monkeypatch.setattr(metric_writers.SummaryWriter, "write_scalars", disk_full)
+    with pytest.raises(StorageError) as raised:
+        train_and_evaluate(small_config(data_cache, checkpoint_every_steps=2), workdir)
+    message = str(raised.value)
+    assert message.startswith(f"Writing to the workdir {workdir} failed (No space left on device; ResourceExhausted")
+    assert "The last complete checkpoint is step 18; free disk space or fix permissions" in message
+    assert 18 in steps_on_disk(workdir) and 20 not in steps_on_disk(workdir)
+
+
+def test_a_log_file_that_cannot_be_written_is_dropped_with_one_warning(tmp_path, capsys, caplog):
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    with caplog.at_level(logging.INFO), logging_utils.workdir_log(tmp_path):
+        (handler,) = [h for h in logging.getLogger().handlers if isinstance(h, logging_utils.WorkdirLogHandler)]
+        handler.stream = FullDisk()
+        for n in range(3):
+            logging.info("record %d", n)
+        assert handler not in logging.getLogger().handlers
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Stopped writing")]
+    assert stopped == [
+        f"Stopped writing {tmp_path / 'log.txt'}: [Errno 28] No space left on device. The console keeps every message."
+    ]
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("record")] == [
+        "record 0",
+        "record 1",
+        "record 2",
+    ]  # the records still reach the other handlers
+    assert "Logging error" not in capsys.readouterr().err
 
 
 def test_unwritable_workdir_fails_before_any_work(tmp_path, data_cache, monkeypatch):
@@ -472,7 +529,13 @@ def test_unwritable_workdir_fails_before_any_work(tmp_path, data_cache, monkeypa
 def test_nonfinite_loss_on_the_command_line_stops_with_exit_code_3_and_one_line(tmp_path, reference, data_cache):
     workdir = copy_run(reference, tmp_path)
     result = subprocess.run(
-        cli_command(workdir, "--config.total_steps=28", "--config.optimizer.lr=1e30", data_cache=data_cache),
+        cli_command(
+            workdir,
+            "--config.total_steps=28",
+            "--config.optimizer.lr=1e30",
+            "--allow_config_change",
+            data_cache=data_cache,
+        ),
         cwd=REPO,
         env=CLI_ENV,
         capture_output=True,
@@ -514,7 +577,7 @@ def test_train_data_that_changed_since_the_checkpoint_is_reported_on_resume(tmp_
     config = small_config(data_cache)
     config.data.train_split = "train[:50%]"  # as if files were removed from the folder between runs
     with caplog.at_level(logging.INFO):
-        train_and_evaluate(config, workdir)
+        train_and_evaluate(config, workdir, allow_config_change=True)  # a changed key, allowed: the data is checked
     assert "The train split has 718 examples now but had 1437 when step 24 was saved" in caplog.text
 
 
@@ -614,7 +677,7 @@ def test_command_line_mistakes_are_one_line_with_their_exit_code(tmp_path, data_
             [*MAIN, "--config=configs/nowhere.py", f"--workdir={tmp_path}/config"],
             CLI_ENV,
             2,
-            ["--config=configs/nowhere.py: cannot load it", "No such file"],
+            ["--config=configs/nowhere.py: cannot read configs/nowhere.py (No such file or directory)"],
         ),
         "bad config argument": (
             [*MAIN, "--config=configs/quickstart.py:qkv_preset=sne", f"--workdir={tmp_path}/arg"],
@@ -699,15 +762,15 @@ def test_an_unfinished_save_is_removed_after_a_write_in_flight_and_left_with_a_w
     ],
 )
 def test_an_override_key_the_config_lacks_is_one_error_line_before_absl_parses(override, words, capsys):
-    from qkv_vit.main import check_override_keys
+    from qkv_vit.main import check_override_keys, load_config_file
 
+    argv = ["main", f"--config={REPO}/configs/quickstart.py:runlocal", "--config.seed=1", override]
     with pytest.raises(SystemExit) as stopped:
-        check_override_keys(["main", f"--config={REPO}/configs/quickstart.py:runlocal", "--config.seed=1", override])
+        check_override_keys(argv, load_config_file(argv))
     error = capsys.readouterr().err
     assert stopped.value.code == 2 and error.startswith(f"error: {override}") and all(w in error for w in words)
-    check_override_keys(
-        ["main", f"--config={REPO}/configs/quickstart.py", "--config.mesh.fsdp=1", "--noconfig.init_from_ema"]
-    )
+    argv = ["main", f"--config={REPO}/configs/quickstart.py", "--config.mesh.fsdp=1", "--noconfig.init_from_ema"]
+    check_override_keys(argv, load_config_file(argv))
 
 
 def test_a_config_file_that_sets_a_renamed_key_is_told_the_new_name(tiny_config):

@@ -55,6 +55,7 @@ def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config,
         "source": "the offline digits data set",
         "train_split": "train",
         "train_examples": 1437,
+        "class_names": [str(digit) for digit in range(10)],
         "eval_split": "test",
         "eval_examples": 360,
     }

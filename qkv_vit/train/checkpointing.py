@@ -55,6 +55,16 @@ class RunCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def last_complete(self) -> int | None:
+        """The newest step whose save is complete on disk, once the save in flight has ended (a failed one does
+        not count): the step a rerun resumes from."""
+        try:
+            self.wait()
+        except CheckpointError:
+            pass  # save_failed has removed what it left
+        self.manager.reload()
+        return self.manager.latest_step()
+
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """(state, step record) at `step`, each array placed with the sharding of `abstract_state`'s leaves."""
         restored = self.manager.restore(

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -113,6 +114,26 @@ def log_file_name(process_index: int) -> str:
     return "log.txt" if process_index == 0 else f"log.process{process_index}.txt"
 
 
+class WorkdirLogHandler(logging.FileHandler):
+    """WORKDIR/log.txt. A write that fails (a full disk, a workdir made read-only) removes the handler with one
+    warning on the console, instead of logging's "--- Logging error ---" report for every later record: the log
+    file is a copy of the console, and the run's own error, if the disk stops it, is the line that matters."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        root = logging.getLogger()
+        root.handlers = [handler for handler in root.handlers if handler is not self]  # a new list: the record
+        self.close()  # being handled goes on to the handlers after this one (removeHandler would skip the next)
+        logging.warning(
+            "Stopped writing %s: %s. The console keeps every message.", self.baseFilename, sys.exc_info()[1]
+        )
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # flushing the last records onto a full disk: they are on the console already
+            pass
+
+
 @contextlib.contextmanager
 def workdir_log(workdir: PathLike) -> Iterator[None]:
     """While the run lasts, every log record at INFO and up (Orbax, tfds, clu and TensorFlow's Python records
@@ -121,7 +142,7 @@ def workdir_log(workdir: PathLike) -> Iterator[None]:
     if not is_local(workdir):
         yield
         return
-    handler = logging.FileHandler(as_path(workdir) / log_file_name(jax.process_index()), encoding="utf-8")
+    handler = WorkdirLogHandler(as_path(workdir) / log_file_name(jax.process_index()), encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()

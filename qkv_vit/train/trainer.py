@@ -11,9 +11,9 @@ did not complete only evaluates.
 import contextlib
 import dataclasses
 import datetime
-import errno
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -26,9 +26,9 @@ import optax
 from etils import epath
 
 from qkv_vit import data, models
-from qkv_vit.errors import CheckpointError, ConfigError, describe_cause
+from qkv_vit.errors import CheckpointError, ConfigError, StorageError, describe_cause, storage_cause
 from qkv_vit.paths import PathLike, as_path, is_local
-from qkv_vit.train import device_data, sharding, steps
+from qkv_vit.train import device_data, run_record, sharding, steps
 from qkv_vit.train.checkpointing import RunCheckpoints, all_processes_agree
 from qkv_vit.train.config import COMPUTE_DTYPES, check_config
 from qkv_vit.train.finishing import BatchFinishing
@@ -43,6 +43,7 @@ from qkv_vit.train.logging_utils import (
 from qkv_vit.train.optimizer import learning_rate, make_optimizer
 from qkv_vit.train.preemption import PreemptionWatcher
 from qkv_vit.train.state import TrainState
+from qkv_vit.train.workdir_lock import workdir_lock
 from qkv_vit.weights import check_fine_tuning_fit, merge_for_fine_tuning, read_architecture, read_weights
 
 try:
@@ -51,7 +52,6 @@ except ImportError:  # clu needs TensorFlow; without them there is no clu progre
     periodic_actions = None
 
 DEVICE_PREFETCH = 2  # batches on their way to the devices ahead of the step
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # disk full, read-only
 
 
 class Preempted(Exception):
@@ -85,47 +85,91 @@ class Run:
     eval_step: Callable[[Any, Any, dict], dict]  # (params, batch_stats, batch) -> sums of top1, top5, loss, count
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: PathLike) -> TrainState:
-    """Train to config.total_steps (or total_epochs), resuming from WORKDIR/checkpoints if present."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: PathLike, allow_config_change: bool = False
+) -> TrainState:
+    """Train to config.total_steps (or total_epochs), resuming from WORKDIR/checkpoints if present.
+
+    A rerun whose config changes what the checkpoints were trained with is a ConfigError unless
+    `allow_config_change` (qkv_vit.train.run_record); a workdir another run holds is a ConfigError.
+    """
     workdir = as_path(workdir)
     check_config(config)  # every value's type, length and range
     model = build_model(config, config.data.num_classes)  # errors in model options before any data is read
     validate_run_config(config, model)
     check_workdir_path(workdir)
     prepare_workdir(workdir)
-    with workdir_log(workdir):
-        return train_in_workdir(config, workdir, model)
+    with workdir_lock(workdir, jax.process_index()), workdir_log(workdir):
+        return train_in_workdir(config, workdir, model, allow_config_change)
 
 
-def train_in_workdir(config: ml_collections.ConfigDict, workdir: epath.Path, model: models.XCiT) -> TrainState:
-    """train_and_evaluate once the config and model are checked and the workdir is writable."""
+def train_in_workdir(
+    config: ml_collections.ConfigDict, workdir: epath.Path, model: models.XCiT, allow_config_change: bool = False
+) -> TrainState:
+    """train_and_evaluate once the config and model are checked and the workdir is writable and locked."""
     run = setup_run(config, workdir, model)
     log_data_summary(run)
     checkpoints = RunCheckpoints(workdir, config)
-    try:
-        state = initial_state(run, checkpoints)
-        if jax.process_index() == 0:  # after the resume check, so a mismatching rerun keeps the run's own config.json
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-            (workdir / "model.json").write_text(json.dumps(model_summary(run), indent=2))
+    with closing(checkpoints):
+        state, config_changes = initial_state(run, checkpoints, allow_config_change)
         if int(state.step) >= run.total_steps and final_evaluation_recorded(run, int(state.step)):
             logging.info("The run in %s already finished at step %d; nothing to do.", workdir, int(state.step))
-            return state  # before the writer: it would leave an empty event file
-        writer = create_writer(workdir)
-        try:
-            state = train_loop(run, state, checkpoints, writer)
-            log_results(run)
-            return state
-        except OSError as error:  # metrics and event files meet a full or read-only disk too, often first
-            if error.errno not in STORAGE_ERRNOS:
-                raise
-            raise CheckpointError(
-                f"Writing to the workdir {workdir} failed ({describe_cause(error)}). The last complete checkpoint is "
-                f"step {checkpoints.latest_step()}; free disk space or fix permissions, then rerun the same command."
-            ) from error
-        finally:
-            writer.flush()
-    finally:
-        checkpoints.close()
+            return state  # before the records and the writer: nothing was trained with this config
+        with storage_failures(run, checkpoints):
+            if jax.process_index() == 0:  # only a run that trains or evaluates: the records describe the checkpoints
+                write_run_records(run, int(state.step), config_changes)
+            writer = create_writer(workdir)
+            try:
+                state = train_loop(run, state, checkpoints, writer)
+                writer.flush()
+            finally:
+                with contextlib.suppress(Exception):  # a failure here is reported from the block, or just was
+                    writer.flush()
+        log_results(run)
+        return state
+
+
+@contextlib.contextmanager
+def closing(checkpoints: RunCheckpoints):
+    """Close the checkpoints at the end (waiting for the save in flight); when the run fails, without letting a
+    second failure there replace the run's own error."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            checkpoints.close()
+        raise
+    checkpoints.close()
+
+
+@contextlib.contextmanager
+def storage_failures(run: Run, checkpoints: RunCheckpoints):
+    """Metrics, event and log files meet a full or read-only disk too, often before a checkpoint does: such a
+    failure becomes one StorageError naming the cause and the last complete checkpoint."""
+    try:
+        yield
+    except (ConfigError, StorageError, NonFiniteError):
+        raise
+    except Exception as error:  # TensorFlow's event writer raises its own types, wrapping the OSError's words
+        cause = storage_cause(error)
+        if cause is None:
+            raise
+        raise StorageError(
+            f"Writing to the workdir {run.workdir} failed ({cause}; {describe_cause(error)}). The last complete "
+            f"checkpoint is step {checkpoints.last_complete()}; free disk space or fix permissions, then rerun the same "
+            "command to resume from it."
+        ) from None
+
+
+def write_run_records(run: Run, step: int, config_changes: dict[str, tuple[Any, Any]]) -> None:
+    """config.json and model.json, and for a run continued under a changed config, its line in config_changes.jsonl."""
+    workdir = run.workdir
+    (workdir / "config.json").write_text(run.config.to_json_best_effort(indent=2))
+    (workdir / "model.json").write_text(json.dumps(model_summary(run), indent=2))
+    if config_changes:
+        line = {"step": step, "changes": {key: list(values) for key, values in config_changes.items()}}
+        with (workdir / "config_changes.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 @contextlib.contextmanager
@@ -273,7 +317,7 @@ def check_workdir_path(workdir: epath.Path) -> None:
 
 def prepare_workdir(workdir: epath.Path) -> None:
     """Create the workdir and write to it once, so a bad path fails now rather than at the first checkpoint."""
-    probe = workdir / f".write-probe-{jax.process_index()}"
+    probe = workdir / f".write-probe-{jax.process_index()}-{os.getpid()}"  # two runs at once probe apart
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
@@ -386,7 +430,10 @@ def run_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return total, warmup
 
 
-def initial_state(run: Run, checkpoints: RunCheckpoints) -> TrainState:
+def initial_state(
+    run: Run, checkpoints: RunCheckpoints, allow_config_change: bool = False
+) -> tuple[TrainState, dict[str, tuple[Any, Any]]]:
+    """(the state to go on from, the config changes allowed since its checkpoint: {key: (then, now)})."""
     abstract = jax.tree.map(
         lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), run.abstract_state, run.state_sharding
     )
@@ -394,12 +441,58 @@ def initial_state(run: Run, checkpoints: RunCheckpoints) -> TrainState:
     if restored is not None:
         state, saved_record = restored
         check_same_run_definition(run, saved_record, checkpoints)
+        changes = check_same_config(run, saved_record, checkpoints, allow_config_change)
+        run_record.check_class_names(
+            saved_record.get("class_names"), run.source.class_names, str(checkpoints.directory), run.source.description
+        )
         logging.info("Resuming from %s/%d.", checkpoints.directory, int(state.step))
         warn_if_data_changed(run, saved_record)
-        return state
+        return state, changes
     loaded = read_init_from(run) if run.config.init_from else None  # checked before the init compiles
     state = fresh_state(run)
-    return fine_tuning_state(run, state, loaded) if loaded is not None else state
+    return (fine_tuning_state(run, state, loaded) if loaded is not None else state), {}
+
+
+def check_same_config(
+    run: Run, saved_record: dict[str, Any], checkpoints: RunCheckpoints, allow_config_change: bool
+) -> dict[str, tuple[Any, Any]]:
+    """The rerun's config against the one the checkpoint was trained with (run_record): changes that change what
+    is trained are refused unless allowed; the others are logged. Returns the allowed changes."""
+    recorded = saved_record.get("config") or recorded_config_json(run.workdir)
+    if recorded is None:
+        return {}
+    changed = run_record.changes(recorded, run.config)
+    step = saved_record["step"]
+    result = run_record.result_changes(changed)
+    if result and not allow_config_change:
+        run_record.refuse_result_changes(
+            result, str(checkpoints.directory), step, step >= run.total_steps, str(run.workdir)
+        )
+    neutral = run_record.neutral_changes(changed)
+    if neutral:
+        logging.warning(
+            "Changed since step %d, without changing what is trained: %s (then %s); the run goes on with them.",
+            step,
+            run_record.listed(neutral, 1),
+            run_record.listed(neutral, 0),
+        )
+    if result:
+        logging.warning(
+            "--allow_config_change: from step %d on this run trains with %s instead of %s (config.json records the "
+            "new values, config_changes.jsonl the change).",
+            step,
+            run_record.listed(result, 1),
+            run_record.listed(result, 0),
+        )
+    return result
+
+
+def recorded_config_json(workdir: epath.Path) -> dict[str, Any] | None:
+    """The workdir's config.json (what checkpoints from before configs were recorded were trained with)."""
+    try:
+        return json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # What a step number means: the images per step and per update, and the schedule's length. Flags to restore each.
@@ -516,9 +609,17 @@ def read_init_from(run: Run) -> dict[str, Any]:
         raise ConfigError(f"config.init_from: {error}") from error
     fresh = {"params": run.abstract_state.params, "batch_stats": run.abstract_state.batch_stats}
     try:
-        check_fine_tuning_fit(fresh, weights.variables, source)
+        reinitialized = check_fine_tuning_fit(fresh, weights.variables, source)
     except ConfigError as error:
         raise ConfigError(f"{error} {architecture_difference(run.model, weights.architecture)}".rstrip()) from error
+    if not reinitialized and weights.class_names is not None and weights.class_names != run.source.class_names:
+        logging.warning(
+            "config.init_from=%s was trained on the classes %s, this data has %s: its head is kept, so its output "
+            "i now stands for this data's class i (fine-tuning retrains it).",
+            source,
+            weights.class_names[:5] + (["..."] if len(weights.class_names) > 5 else []),
+            run.source.class_names[:5] + (["..."] if len(run.source.class_names) > 5 else []),
+        )
     return weights.variables
 
 
@@ -604,10 +705,12 @@ def step_record(run: Run, step: int) -> dict[str, Any]:
         "step": step,
         "data_position": step,
         "train_examples": run.num_train_examples,
+        "class_names": run.source.class_names,
         "images_seen": step * run.config.global_batch_size,
         **run_definition(run),
         "model_name": run.config.model_name,
         "architecture": models.architecture_of(run.model),
+        "config": run_record.config_record(run.config),
     }
 
 
@@ -625,6 +728,7 @@ def model_summary(run: Run) -> dict[str, Any]:
             "source": source.description,
             "train_split": source.train_split,
             "train_examples": run.num_train_examples,
+            "class_names": source.class_names,
             "eval_split": source.eval_split,
             "eval_examples": source.num_examples(source.eval_split),
         },
