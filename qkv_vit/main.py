@@ -4,9 +4,10 @@ Multi-host: every process runs the same command. On SLURM or a TPU pod pass --di
 the coordinator itself); elsewhere give --coordinator_address, --num_processes and --process_id.
 
 Exit codes: 0 finished; 2 bad input (flag, config value, data, weights), 3 loss or gradients became NaN/inf,
-4 storage (workdir not writable, a checkpoint write failed, no checkpoint readable), each with one `error:`
-line on stderr that says what to do; 143 stopped by SIGTERM/SIGINT after saving (rerun to resume);
-1 an unexpected exception (a bug: its traceback is printed).
+4 storage (a full, read-only or unwritable disk under the workdir or the data cache, no checkpoint readable),
+each with one `error:` line on stderr that says what to do; 143 stopped by SIGTERM or SIGINT (Ctrl-C) at any
+time, after saving a checkpoint when it came during training (rerun the same command to resume); 1 an
+unexpected exception (a bug: its traceback is printed).
 
 On Linux the command first re-executes itself with a faster malloc preloaded (qkv_vit/allocator.py);
 QKV_VIT_ALLOCATOR=system keeps glibc's.
@@ -17,9 +18,15 @@ if __name__ == "__main__":  # before the heavy imports below, which the re-execu
 
     preload_allocator()
 
+    from qkv_vit.interrupts import stop_on_signals
+
+    stop_on_signals()  # from here on SIGTERM/SIGINT stop cleanly: temporaries removed, exit 143, no traceback
+
 import logging
-import re
 import sys
+import traceback
+import types
+from pathlib import Path
 from typing import NoReturn
 
 import jax
@@ -30,7 +37,8 @@ from ml_collections import config_flags
 
 from qkv_vit.allocator import describe_allocator
 from qkv_vit.config_rules import closest_key
-from qkv_vit.errors import CheckpointError, ConfigError, one_line
+from qkv_vit.errors import ConfigError, StorageError, one_line
+from qkv_vit.interrupts import STOPPED_EXIT_CODE, Interrupted
 from qkv_vit.train import NonFiniteError, Preempted, train_and_evaluate
 from qkv_vit.train.config import RENAMED_KEYS
 
@@ -41,16 +49,21 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a manual multi-process start.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, for a manual multi-process start.")
 flags.DEFINE_integer("process_id", None, "This process's index, for a manual multi-process start.")
+flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume a workdir under a config that changes what is trained (seed, optimizer, model, data, ...); the change is "
+    "recorded in WORKDIR/config_changes.jsonl. Without it such a rerun is refused.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 BAD_INPUT_EXIT_CODE = 2
 NONFINITE_EXIT_CODE = 3
 STORAGE_EXIT_CODE = 4
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers treat it as "terminated, restart me"
 EXIT_CODES = {  # errors a user can fix -> exit code; anything else is a bug and keeps its traceback
     ConfigError: BAD_INPUT_EXIT_CODE,  # DataConfigError and WeightMismatchError are ConfigErrors
     NonFiniteError: NONFINITE_EXIT_CODE,
-    CheckpointError: STORAGE_EXIT_CODE,
+    StorageError: STORAGE_EXIT_CODE,  # CheckpointError is a StorageError
 }
 
 
@@ -85,24 +98,18 @@ def fail(message: str, exit_code: int) -> NoReturn:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a mistake on the command line reported as one `error:` line (exit code 2)."""
-    check_override_keys(argv)
+    """absl's flag parsing, with a mistake on the command line or in the config file reported as one `error:` line
+    (exit code 2)."""
+    config = load_config_file(argv)  # the file's own mistakes, before absl loads it again and applies overrides
+    if config is not None:
+        check_override_keys(argv, config)
     try:
         remaining = FLAGS(argv)
         FLAGS.config.keys()  # a config file that failed to load raises only when read
-    except flags.Error as error:  # a malformed value, a missing --workdir, an unknown flag, get_config's own error
-        message = str(error)
-        if "Traceback (most recent call last)" in message:  # config_flags quotes get_config's traceback
-            fail(f"{config_argument(argv)}: {last_line(message)}", BAD_INPUT_EXIT_CODE)
-        fail(f"{message.rstrip('.')}. See --helpfull for the flags.", BAD_INPUT_EXIT_CODE)
-    except (AttributeError, KeyError) as error:  # an override check_override_keys let through (a bug of ours)
+    except flags.Error as error:  # a malformed value, a missing --workdir, an unknown flag
+        fail(f"{str(error).rstrip('.')}. See --helpfull for the flags.", BAD_INPUT_EXIT_CODE)
+    except (AttributeError, KeyError, OSError) as error:  # an override check_override_keys let through (a bug of ours)
         fail(f"{config_argument(argv)}: cannot apply an override ({error!r}).", BAD_INPUT_EXIT_CODE)
-    except OSError as error:  # the config file is missing or does not import
-        fail(
-            f"{config_argument(argv)}: cannot load it ({last_line(str(error))}). Pass a config "
-            "file such as configs/quickstart.py, optionally with :arguments.",
-            BAD_INPUT_EXIT_CODE,
-        )
     return remaining
 
 
@@ -112,20 +119,79 @@ def config_argument(argv: list[str]) -> str:
     return given[-1] if given else "--config"
 
 
-def last_line(message: str) -> str:
-    """The line of a quoted traceback or error report that says what went wrong, without the exception's type."""
-    line = [line.strip() for line in message.splitlines() if line.strip()][-1]
-    return re.sub(r"^[\w.]*(Error|Exception): ", "", line)
+def load_config_file(argv: list[str]) -> ml_collections.ConfigDict | None:
+    """What --config=FILE[:ARG] gives, loaded as config_flags loads it (get_config(ARG) of the file executed as a
+    module), with every way that can fail reported as one `error:` line naming the file, the line and the problem:
+    a missing file, a syntax error, an exception while it runs or in get_config, no get_config, no ConfigDict.
+    None without a --config (absl reports that)."""
+    given = [arg for arg in argv[1:] if arg.startswith("--config=")]
+    if not given:
+        return None
+    argument = given[-1]
+    path, *config_string = argument.split("=", 1)[1].split(":", 1)  # as config_flags splits it
+
+    def bad(problem: str) -> NoReturn:
+        fail(f"{argument}: {problem}", BAD_INPUT_EXIT_CODE)
+
+    try:
+        code = compile(Path(path).read_bytes(), path, "exec")
+    except OSError as error:
+        bad(
+            f"cannot read {path} ({error.strerror}). Pass a config file such as configs/quickstart.py, optionally "
+            "with :arguments."
+        )
+    except SyntaxError as error:
+        bad(f"{syntax_error_place(error, path)}: {error.msg}.")
+    module = types.ModuleType("config_config")
+    module.__file__ = path
+    try:
+        exec(code, module.__dict__)  # noqa: S102 - running the user's config file is what --config asks for
+        get_config = getattr(module, "get_config", None)
+        if not callable(get_config):
+            bad(
+                f"the file has no get_config function (it defines {public_names(module) or 'nothing'}). A config "
+                "file defines get_config(arg=None) returning an ml_collections.ConfigDict, as configs/quickstart.py does."
+            )
+        config = get_config(*config_string)
+    except SyntaxError as error:  # in a module the config file imports
+        bad(f"{syntax_error_place(error, path)}: {error.msg}.")
+    except Exception as error:  # noqa: BLE001 - whatever the user's code raises is reported, with its place
+        bad(f"{exception_place(error, path)}: {type(error).__name__}: {error}")
+    if not isinstance(config, ml_collections.ConfigDict):
+        bad(
+            f"get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict"
+            f"{' (a missing return statement?)' if config is None else ''}."
+        )
+    return config
 
 
-def check_override_keys(argv: list[str]) -> None:
+def syntax_error_place(error: SyntaxError, path: str) -> str:
+    """Where a syntax error is: "line N" in the config file, "FILE, line N" in a module it imports."""
+    return f"line {error.lineno}" if error.filename == path else f"{error.filename}, line {error.lineno}"
+
+
+def exception_place(error: BaseException, path: str) -> str:
+    """Where an exception came from: "line N" of the config file, and the innermost line if that is elsewhere."""
+    frames = traceback.extract_tb(error.__traceback__)
+    own = [frame for frame in frames if frame.filename == path]
+    if not own:
+        return "calling get_config"
+    place = f"line {own[-1].lineno}"
+    if frames[-1] is not own[-1]:
+        place += f" (raised in {frames[-1].filename}, line {frames[-1].lineno})"
+    return place
+
+
+def public_names(module: types.ModuleType) -> str:
+    names = [name for name, value in vars(module).items() if callable(value) and not name.startswith("_")]
+    return ", ".join(names[:5])
+
+
+def check_override_keys(argv: list[str], config: ml_collections.ConfigDict) -> None:
     """Each --config.KEY=VALUE (or --[no]config.KEY for a flag) must name a key the config file has: otherwise one
     `error:` line with the closest key, or the new name of a renamed one. Checked on the config file loaded
     apart, before absl applies the overrides."""
     overrides = [arg for arg in argv[1:] if arg.startswith(("--config.", "--noconfig."))]
-    config = load_config_file(argv) if overrides else None
-    if config is None:  # no overrides, or a config file that does not load: parse_flags reports that
-        return
     known = dotted_keys(config)
     for arg in overrides:
         key = arg.split("=", 1)[0].split("config.", 1)[1]
@@ -139,24 +205,6 @@ def check_override_keys(argv: list[str]) -> None:
                 "that a typo is never silently ignored.",
                 BAD_INPUT_EXIT_CODE,
             )
-
-
-def load_config_file(argv: list[str]) -> ml_collections.ConfigDict | None:
-    """The config that --config=FILE[:ARGS] loads, without overrides; None if it is not given or does not load."""
-    given = [arg for arg in argv[1:] if arg.startswith("--config=")]
-    if not given:
-        return None
-    apart = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=apart)
-    command_line = sys.argv
-    sys.argv = [argv[0], given[-1]]  # config_flags looks for --config.KEY overrides in sys.argv itself
-    try:
-        apart(sys.argv)
-        return apart.config
-    except Exception:  # noqa: BLE001 - whatever stops it loading, parse_flags reports from the real parse
-        return None
-    finally:
-        sys.argv = command_line
 
 
 def dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -192,10 +240,17 @@ def main(argv: list[str]) -> int:
         describe_allocator(),
     )
     try:
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
     except Preempted as stop:
         logging.warning("%s", stop)
-        return PREEMPTED_EXIT_CODE
+        return STOPPED_EXIT_CODE
+    except Interrupted as stop:
+        logging.warning(
+            "Stopped by %s outside the train loop (nothing to save; what was being built was removed): rerun the same "
+            "command to go on.",
+            stop.signal_name,
+        )
+        return STOPPED_EXIT_CODE
     except tuple(EXIT_CODES) as error:
         print(f"error: {one_line(str(error))}", file=sys.stderr)
         return next(code for kind, code in EXIT_CODES.items() if isinstance(error, kind))

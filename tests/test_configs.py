@@ -360,3 +360,36 @@ def test_sgd_decays_like_pytorch_and_respects_the_mask(tiny_config):
     opt.name = "lamb"
     with pytest.raises(ValueError, match="optimizer.name must be one of"):
         make_optimizer(opt, optax.constant_schedule(0.5))
+
+
+CONFIG_FILE_MISTAKES = {  # file text -> what the one error line says after "--config=FILE: "
+    "def get_config(arg=None)\n    return None\n": "line 1: expected ':'.",
+    "def get_config(arg=None):\n    return undefined_name\n": (
+        "line 2: NameError: name 'undefined_name' is not defined"
+    ),
+    "import ml_collections\n\n\ndef get_confg(arg=None):\n    return ml_collections.ConfigDict()\n": (
+        "the file has no get_config function (it defines get_confg)."
+    ),
+    "def get_config(arg=None):\n    pass\n": "get_config() returned NoneType, not an ml_collections.ConfigDict (a missing return",
+    "raise ValueError('broken on purpose')\n": "line 1: ValueError: broken on purpose",
+    "import configs.no_such_module\n": "line 1: ModuleNotFoundError: No module named 'configs.no_such_module'",
+    "def get_config():\n    import ml_collections\n    return ml_collections.ConfigDict()\n": (
+        "calling get_config: TypeError: get_config() takes 0 positional arguments but 1 was given"
+    ),
+}
+
+
+@pytest.mark.parametrize("text, problem", list(CONFIG_FILE_MISTAKES.items()))
+def test_every_way_a_config_file_fails_to_load_is_one_error_line_naming_the_file_and_line(
+    tmp_path, capsys, text, problem
+):
+    from qkv_vit.main import parse_flags
+
+    path = tmp_path / "my_config.py"
+    path.write_text(text)
+    argument = f"--config={path}:arg" if "takes 0 positional" in problem else f"--config={path}"
+    with pytest.raises(SystemExit) as stopped:
+        parse_flags(["main", argument, f"--workdir={tmp_path}"])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and error.count("\n") == 1, error
+    assert error.startswith(f"error: {argument}: {problem}") and "override" not in error and "Traceback" not in error
