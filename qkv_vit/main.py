@@ -144,6 +144,7 @@ def load_config_file(argv: list[str]) -> ml_collections.ConfigDict | None:
         bad(f"{syntax_error_place(error, path)}: {error.msg}.")
     module = types.ModuleType("config_config")
     module.__file__ = path
+    sys.modules[module.__name__] = module  # as importlib's loader does (dataclasses in a config file look it up)
     try:
         exec(code, module.__dict__)  # noqa: S102 - running the user's config file is what --config asks for
         get_config = getattr(module, "get_config", None)
@@ -155,6 +156,8 @@ def load_config_file(argv: list[str]) -> ml_collections.ConfigDict | None:
         config = get_config(*config_string)
     except SyntaxError as error:  # in a module the config file imports
         bad(f"{syntax_error_place(error, path)}: {error.msg}.")
+    except ConfigError as error:  # get_config's own check of its argument says what to do already
+        bad(str(error))
     except Exception as error:  # noqa: BLE001 - whatever the user's code raises is reported, with its place
         bad(f"{exception_place(error, path)}: {type(error).__name__}: {error}")
     if not isinstance(config, ml_collections.ConfigDict):

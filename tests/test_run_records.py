@@ -18,6 +18,8 @@ from qkv_vit.data.testing import write_image_folder
 from qkv_vit.errors import ConfigError
 from qkv_vit.train import run_record, train_and_evaluate, trainer
 
+pytestmark = pytest.mark.slow  # real training runs
+
 TOTAL_STEPS = 4
 FLAGS = [  # the command line equal to run_config()
     f"--config.total_steps={TOTAL_STEPS}",
@@ -162,14 +164,13 @@ def folder_config(data_cache, folder):
     return config
 
 
-@pytest.mark.parametrize("rename", [("bee", "Bee"), ("cat", "ant2")])
-def test_class_folders_renamed_between_a_preemption_and_the_resume_are_refused(tmp_path, data_cache, caplog, rename):
+def test_class_folders_renamed_between_a_preemption_and_the_resume_are_refused(tmp_path, data_cache, caplog):
     write_image_folder(tmp_path / "images", FOLDER)
     config = folder_config(data_cache, tmp_path / "images")
     config.total_steps = 2
     train_and_evaluate(config, tmp_path / "run")
-    for split in FOLDER:
-        os.rename(tmp_path / "images" / split / rename[0], tmp_path / "images" / split / rename[1])
+    for split in FOLDER:  # re-cased, as a copy through a case-insensitive file system can leave it
+        os.rename(tmp_path / "images" / split / "bee", tmp_path / "images" / split / "Bee")
     config.total_steps = TOTAL_STEPS
     with pytest.raises(ConfigError, match=r"were trained on the classes \['ant', 'bee', 'cat'\].*now has"):
         train_and_evaluate(config, tmp_path / "run")

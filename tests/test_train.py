@@ -113,7 +113,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
     tiny_config.total_steps = 8
     tiny_config.optimizer.lr = 1e30  # the next update overflows the parameters
     with pytest.raises(NonFiniteError, match=r"NaN/inf at step 5.*Last good checkpoint: step 4"):
-        train_and_evaluate(tiny_config, tmp_path)
+        train_and_evaluate(tiny_config, tmp_path, allow_config_change=True)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4]
     assert params_close(read_weights(tmp_path).variables["params"], good["params"])
 
@@ -159,7 +159,8 @@ def test_fine_tuning_init_is_separate_from_resume(tmp_path, tiny_config):
     tiny_config.optimizer.update(lr=0.0, warmup_init_lr=0.0, min_lr=0.0, weight_decay=0.0)  # weights stay put
     tuned = train_and_evaluate(tiny_config, tmp_path / "finetune")
     assert params_close(tuned.params, pretrained.params)
-    # Rerunning the fine-tuning workdir resumes its own checkpoint; init_from is not read again.
+    # Rerunning the fine-tuning workdir resumes its own checkpoint; init_from is not read again (a path that moved
+    # is a result-neutral change).
     tiny_config.init_from = str(tmp_path / "does-not-exist")
     tiny_config.total_steps = 6
     assert int(train_and_evaluate(tiny_config, tmp_path / "finetune").step) == 6

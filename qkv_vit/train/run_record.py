@@ -8,7 +8,7 @@ checkpoint it restored (config.json for checkpoints from before configs were rec
   it finds its files) may differ: the run goes on under the new value with a warning that lists the changes;
 - the run's length (`total_steps`, `total_epochs`) is checked by what a step means (trainer: a longer run
   continues, one that would end at or before the checkpoint is refused);
-- any other key (seed, optimizer, augmentation, model, data, init_from, ...) changes what is trained: the rerun
+- any other key (seed, optimizer, augmentation, model, data, ...) changes what is trained: the rerun
   is refused with a ConfigError naming each key with both values, unless `allow_config_change` is given; then
   the run continues under the new config from the checkpoint on, and WORKDIR/config_changes.jsonl records the
   step and the changes.
@@ -39,6 +39,7 @@ RESULT_NEUTRAL = {
     "mesh": "how the devices are arranged (the same global batch on other devices)",
     "sharding": "how parameters are laid out on the devices",
     "model.layer_impl": "which implementation computes the same layers (models/layers.py)",
+    "init_from": "where the weights a fresh start began from are (a resume reads its own checkpoint, not them)",
     "data.path": "where the image folder is (its classes and size are checked apart)",
     "data.data_dir": "where the tfds data are",
     "data.cache_dir": "where the data cache is",
