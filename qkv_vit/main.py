@@ -38,7 +38,7 @@ from ml_collections import config_flags
 from qkv_vit.allocator import describe_allocator
 from qkv_vit.config_rules import closest_key
 from qkv_vit.errors import ConfigError, StorageError, one_line
-from qkv_vit.interrupts import STOPPED_EXIT_CODE, Interrupted
+from qkv_vit.interrupts import STOPPED_EXIT_CODE, Interrupted, stop_on_signals
 from qkv_vit.train import NonFiniteError, Preempted, train_and_evaluate
 from qkv_vit.train.config import RENAMED_KEYS
 
@@ -100,6 +100,7 @@ def fail(message: str, exit_code: int) -> NoReturn:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a mistake on the command line or in the config file reported as one `error:` line
     (exit code 2)."""
+    argv = joined_config_flag(argv)
     config = load_config_file(argv)  # the file's own mistakes, before absl loads it again and applies overrides
     if config is not None:
         check_override_keys(argv, config)
@@ -111,6 +112,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError, OSError) as error:  # an override check_override_keys let through (a bug of ours)
         fail(f"{config_argument(argv)}: cannot apply an override ({error!r}).", BAD_INPUT_EXIT_CODE)
     return remaining
+
+
+def joined_config_flag(argv: list[str]) -> list[str]:
+    """`--config FILE` (absl takes both forms) as `--config=FILE`, the form the checks below read."""
+    joined, args = [], iter(argv)
+    for arg in args:
+        joined.append(f"--config={next(args, '')}" if arg == "--config" else arg)
+    return joined
 
 
 def config_argument(argv: list[str]) -> str:
@@ -234,6 +243,7 @@ def main(argv: list[str]) -> int:
     del argv
     quiet_libraries()
     initialize_distributed()
+    stop_on_signals()  # again: jax.distributed's preemption service installs its own SIGTERM handler
     logging.info(
         "JAX process %d/%d, %d local devices of %d; memory allocator: %s.",
         jax.process_index(),

@@ -393,3 +393,13 @@ def test_every_way_a_config_file_fails_to_load_is_one_error_line_naming_the_file
     error = capsys.readouterr().err
     assert stopped.value.code == 2 and error.count("\n") == 1, error
     assert error.startswith(f"error: {argument}: {problem}") and "override" not in error and "Traceback" not in error
+
+
+def test_a_config_file_given_as_two_arguments_is_checked_the_same(tmp_path, capsys):
+    from qkv_vit.main import parse_flags
+
+    path = tmp_path / "my_config.py"
+    path.write_text("def get_config(arg=None)\n    return None\n")
+    with pytest.raises(SystemExit) as stopped:
+        parse_flags(["main", "--config", str(path), f"--workdir={tmp_path}"])
+    assert stopped.value.code == 2 and capsys.readouterr().err == f"error: --config={path}: line 1: expected ':'.\n"

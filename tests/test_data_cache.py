@@ -79,14 +79,19 @@ def test_a_build_removes_its_temporary_however_it_ends_and_a_killed_builders_is_
     assert temporaries(tmp_path / "cache") == []
     killed = entry.parent / f"{cache.TEMPORARY_PREFIX}entry-dead"  # a builder killed by SIGKILL: its lock is free
     killed.mkdir()
-    (killed / cache.OWNER).write_text("")
+    (killed / cache.OWNER).write_text("12345\n")  # the pid its builder wrote once it held the lock
     live = entry.parent / f"{cache.TEMPORARY_PREFIX}entry-live"  # another process building right now
     live.mkdir()
+    just_made = entry.parent / f"{cache.TEMPORARY_PREFIX}entry-new"  # made, its owner file not yet locked
+    just_made.mkdir()
+    (just_made / cache.OWNER).write_text("")
     with open(live / cache.OWNER, "w") as owner:
         fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        owner.write("1\n")
+        owner.flush()
         with caplog.at_level(logging.WARNING), cache.building(entry, "testing"):
             pass
-        assert temporaries(tmp_path / "cache") == [live.name]
+        assert temporaries(tmp_path / "cache") == [live.name, just_made.name]
     assert f"Removing {killed}: a data cache entry left unfinished by a process that was killed" in caplog.text
 
 

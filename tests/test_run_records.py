@@ -193,3 +193,18 @@ def test_a_held_out_split_with_a_class_the_train_split_lacks_is_an_error_not_an_
         source = data.open_source(config)
     assert source.class_names == ["ant", "bee"]
     assert "Split 'val' of" in caplog.text and "no class folder for 1 of the 2 classes (['bee'])" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "key, value, flag",
+    [
+        ("seed", 0, "--config.seed=0"),
+        ("data.augment.crop_scale", [0.35, 1.0], "--config.data.augment.crop_scale='(0.35, 1.0)'"),
+        ("data.mean", [0.5], "--config.data.mean='(0.5,)'"),
+        ("data.train_split", "train[:90%]", "--config.data.train_split='train[:90%]'"),
+        ("data.train_split", None, "no --config.data.train_split"),
+        ("async_checkpointing", False, "--config.async_checkpointing=false"),
+    ],
+)
+def test_the_flags_that_restore_a_recorded_value_are_ones_a_shell_and_absl_take(key, value, flag):
+    assert run_record.restore_flag(key, value) == flag

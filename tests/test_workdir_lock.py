@@ -67,3 +67,12 @@ def test_a_second_run_in_a_held_workdir_is_one_error_line_before_it_writes(tmp_p
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"error: The workdir {tmp_path} is in use by another run (pid {os.getpid()} on host" in errors[0]
     assert sorted(path.name for path in tmp_path.iterdir()) == [".lock"]  # no log.txt, config.json, checkpoints
+
+
+def test_when_another_process_of_the_run_finds_its_lock_taken_every_process_stops(tmp_path, monkeypatch):
+    from qkv_vit.train import workdir_lock as module
+
+    monkeypatch.setattr(module, "all_processes_agree", lambda ok: False)  # process 1's lock was taken
+    with pytest.raises(ConfigError, match=r"in use by another run \(found by another process of this run\)"):
+        with workdir_lock(tmp_path, 0):
+            pytest.fail("went on alone")

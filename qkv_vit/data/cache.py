@@ -2,9 +2,10 @@
 place, their file sizes recorded, and checked when opened. No TensorFlow.
 
 - Building: `building(entry)` gives a temporary directory `.tmp-<entry>-<id>/` beside the entry, locked by the
-  building process (`flock` on its `.owner` file) for as long as it builds, and removed whatever ends the build
-  (an error, SIGTERM or Ctrl-C through main.py's handler). Temporaries that a killed process left (their lock
-  is free) are removed by the next build in the same directory, with a warning.
+  building process (`flock` on its `.owner` file, which then names its pid) for as long as it builds, and
+  removed whatever ends the build (an error, SIGTERM or Ctrl-C through main.py's handler). Temporaries that a
+  killed process left (a pid in `.owner`, the lock free) are removed by the next build in the same directory,
+  with a warning; where locks cannot be tested, nothing is removed.
 - Storage: a write that fails for space, quota, permissions or a read-only disk becomes one StorageError naming
   the cache directory and how to point the cache elsewhere (`data.cache_dir` or QKV_VIT_CACHE).
 - Damage: `seal(directory)` records every file's size in `sizes.json` before the rename; `damage(entry)` compares
@@ -15,7 +16,6 @@ place, their file sizes recorded, and checked when opened. No TensorFlow.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from qkv_vit.errors import StorageError, storage_cause
+from qkv_vit.errors import ConfigError, StorageError, storage_cause
 
 TEMPORARY_PREFIX = ".tmp-"
 OWNER = ".owner"  # the lock file of a temporary's builder
@@ -50,6 +50,8 @@ def storage_errors(directory: Path, what: str) -> Iterator[None]:
     """A storage failure while writing under `directory` (the cache) becomes one StorageError with the fix."""
     try:
         yield
+    except (ConfigError, StorageError):  # a bad input or an error already worded (an inner block's)
+        raise
     except Exception as error:
         cause = storage_cause(error)
         if cause is None or outside(error, directory):
@@ -62,11 +64,16 @@ def storage_errors(directory: Path, what: str) -> Iterator[None]:
 
 
 def outside(error: BaseException, directory: Path) -> bool:
-    """True for an OSError about a file outside `directory` (e.g. an unreadable source image, not the cache)."""
-    name = getattr(error, "filename", None)
-    if not isinstance(error, OSError) or not name:
-        return False
-    return not os.path.abspath(os.fspath(name)).startswith(os.path.abspath(directory))
+    """True for an OSError, or one a library wrapped, about a file outside `directory` (e.g. an unreadable source
+    image, not the cache)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        name = getattr(error, "filename", None)
+        if isinstance(error, OSError) and name:
+            return not os.path.abspath(os.fspath(name)).startswith(os.path.abspath(directory))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @contextlib.contextmanager
@@ -79,13 +86,29 @@ def building(entry: Path, what: str) -> Iterator[Path]:
         remove_stale_temporaries(parent)
         temporary = parent / f"{TEMPORARY_PREFIX}{entry.name}-{uuid.uuid4().hex[:8]}"
         temporary.mkdir()
-        owner = open(temporary / OWNER, "w")  # noqa: SIM115 - held open (locked) for the whole build
+        owner = open(temporary / OWNER, "a")  # noqa: SIM115 - held open (locked) for the whole build
         try:
-            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_owner(owner)
             yield temporary
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
             owner.close()
+
+
+def lock_owner(owner) -> None:
+    """Lock a new temporary's owner file, then write this process's pid into it: a locked file with a pid is a
+    live build, a free one with a pid a dead one (an empty one is a build not yet locked: see being_built)."""
+    try:
+        fcntl.flock(owner, fcntl.LOCK_EX)  # blocking: only another process's being_built holds it, for an instant
+    except OSError as error:
+        logging.warning(
+            "Cannot lock %s (%s): on a file system without locks, a temporary left by a killed process is not "
+            "removed by later runs; delete such .tmp-* directories by hand.",
+            owner.name,
+            error.strerror,
+        )
+    owner.write(f"{os.getpid()}\n")
+    owner.flush()
 
 
 def remove_stale_temporaries(directory: Path) -> None:
@@ -97,21 +120,22 @@ def remove_stale_temporaries(directory: Path) -> None:
 
 
 def being_built(temporary: Path) -> bool:
-    """Whether a live process holds `temporary`'s owner lock (or may be about to: just made, not yet locked)."""
+    """Whether a live process may be building `temporary`: its owner lock is held, or its owner file names no
+    builder yet (just made, not yet locked), or the lock cannot be tested on this file system."""
     try:
-        with open(temporary / OWNER) as owner:
-            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False  # the lock was free: its builder is gone (the lock goes when closing `owner`)
+        with open(temporary / OWNER, "a+") as owner:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when `owner` closes
+            owner.seek(0)
+            if owner.read().strip():
+                return False  # the lock was free and a builder had taken it: that builder is gone
+            return time.time() - os.fstat(owner.fileno()).st_mtime < UNOWNED_GRACE_S
     except FileNotFoundError:
         try:
             return time.time() - temporary.stat().st_mtime < UNOWNED_GRACE_S
         except FileNotFoundError:
             return True  # removed meanwhile by its builder: nothing to do
-    except OSError as error:
-        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return True
-        return False  # no locks on this file system: leave it to the age rule of unowned ones
-    return True
+    except OSError:
+        return True  # held (EWOULDBLOCK), or no locks here: never remove what may be a live build
 
 
 def seal(directory: Path) -> None:
@@ -144,12 +168,16 @@ def damage(entry: Path) -> str | None:
 
 
 def discard(entry: Path) -> None:
-    """Remove a damaged entry: renamed out of the way first (atomically), so no other process opens it meanwhile."""
+    """Remove a damaged entry: renamed out of the way first (atomically), so no other process opens it meanwhile.
+    An entry that is whole by now was rebuilt meanwhile by another process that found it damaged too: kept."""
+    if (entry / SIZES).exists() and damage(entry) is None:
+        return
     aside = entry.parent / f"{TEMPORARY_PREFIX}damaged-{entry.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        os.rename(entry, aside)
-    except FileNotFoundError:
-        return  # another process discarded it first
+    with storage_errors(entry.parent, f"removing the damaged entry {entry}"):
+        try:
+            os.rename(entry, aside)
+        except FileNotFoundError:
+            return  # another process discarded it first
     shutil.rmtree(aside, ignore_errors=True)
 
 

@@ -20,6 +20,7 @@ always describe the settings its checkpoints were trained with.
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Any
 
 import ml_collections
@@ -39,9 +40,7 @@ RESULT_NEUTRAL = {
     "mesh": "how the devices are arranged (the same global batch on other devices)",
     "sharding": "how parameters are laid out on the devices",
     "model.layer_impl": "which implementation computes the same layers (models/layers.py)",
-    "init_from": "where the weights a fresh start began from are (a resume reads its own checkpoint, not them)",
-    "data.path": "where the image folder is (its classes and size are checked apart)",
-    "data.data_dir": "where the tfds data are",
+    "data.data_dir": "where the tfds data are (the data set's name and version say which data they are)",
     "data.cache_dir": "where the data cache is",
     "data.placement": "whether the in-memory train split sits on the host or the devices (the same batches)",
     "data.num_parallel_calls": "tf.data's parallelism (deterministic either way)",
@@ -98,7 +97,7 @@ def refuse_result_changes(
     """ConfigError for a rerun whose config changes what is trained (result_changes), with every way out."""
     if not changed:
         return
-    restore = " ".join(f"--config.{key}={json.dumps(old)}" for key, (old, _) in changed.items())
+    restore = " ".join(restore_flag(key, old) for key, (old, _) in changed.items())
     where = (
         f"the run finished at step {step}, so nothing would be trained with them"
         if finished
@@ -111,6 +110,21 @@ def refuse_result_changes(
         f"({restore}), or pass --allow_config_change to continue this run under the new "
         "settings (recorded in config_changes.jsonl)."
     )
+
+
+def restore_flag(key: str, value: Any) -> str:
+    """The command-line flag that sets `key` back to its recorded JSON `value`, quoted for a shell."""
+    if value is None:
+        return f"no --config.{key}"  # a placeholder left unset: a flag cannot set None
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, list):  # a tuple in the config
+        text = "(" + ", ".join(json.dumps(item) for item in value) + ("," if len(value) == 1 else "") + ")"
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value)
+    return f"--config.{key}={shlex.quote(text)}"
 
 
 def check_class_names(recorded: list[str] | None, now: list[str], checkpoints: str, data: str) -> None:

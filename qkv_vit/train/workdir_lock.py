@@ -2,7 +2,7 @@
 
 Each process of a run locks its own file, WORKDIR/.lock (process 0) or WORKDIR/.lock.process<i>, with `flock`,
 and writes who holds it (host, pid, start time) into it. A second run's process finds the lock taken and stops
-with a ConfigError naming the holder. The kernel (or, on NFS, the lock manager) releases the lock when its
+with a ConfigError naming the holder, and so do the other processes of that run. The kernel (or, on NFS, the lock manager) releases the lock when its
 process ends however it ends, `kill -9` included, so a rerun after a crash or a preemption is never blocked; the
 file left behind is only overwritten. On a file system without locks (some parallel file systems mounted without
 them) a warning says the workdir is unprotected; object stores (gs://, s3://) have no locks: there, two runs in
@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 from qkv_vit.errors import ConfigError
 from qkv_vit.paths import PathLike, as_path, is_local
+from qkv_vit.train.checkpointing import all_processes_agree
 
 
 def lock_file_name(process_index: int) -> str:
@@ -38,12 +39,14 @@ def workdir_lock(workdir: PathLike, process_index: int) -> Iterator[None]:
         return
     path = as_path(workdir) / lock_file_name(process_index)
     with open(path, "a+", encoding="utf-8") as lock:
-        if not acquired(lock, path):
-            lock.seek(0)
+        taken = not acquired(lock, path)
+        lock.seek(0)
+        found = holder(lock.read()) if taken else "found by another process of this run"
+        if not all_processes_agree(not taken):  # every process stops, not only those that found their lock taken
             raise ConfigError(
-                f"The workdir {workdir} is in use by another run ({holder(lock.read())}): two runs in one workdir "
-                "would delete each other's checkpoints and write every metric twice. Wait for it to finish or stop "
-                "it (rerunning the same command then resumes), or give this run another --workdir."
+                f"The workdir {workdir} is in use by another run ({found}): two runs in one workdir would delete "
+                "each other's checkpoints and write every metric twice. Wait for it to finish or stop it (rerunning "
+                "the same command then resumes), or give this run another --workdir."
             )
         lock.seek(0)
         lock.truncate()
