@@ -160,7 +160,8 @@ def load_config_file(argv: list[str]) -> ml_collections.ConfigDict | None:
         if not callable(get_config):
             bad(
                 f"the file has no get_config function (it defines {public_names(module) or 'nothing'}). A config "
-                "file defines get_config(arg=None) returning an ml_collections.ConfigDict, as configs/quickstart.py does."
+                "file defines get_config(arg=None) returning an ml_collections.ConfigDict, as configs/quickstart.py "
+                "does."
             )
         config = get_config(*config_string)
     except SyntaxError as error:  # in a module the config file imports

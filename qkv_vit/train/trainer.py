@@ -156,8 +156,8 @@ def storage_failures(run: Run, checkpoints: RunCheckpoints):
             raise
         raise StorageError(
             f"Writing to the workdir {run.workdir} failed ({cause}; {describe_cause(error)}). The last complete "
-            f"checkpoint is step {checkpoints.last_complete()}; free disk space or fix permissions, then rerun the same "
-            "command to resume from it."
+            f"checkpoint is step {checkpoints.last_complete()}; free disk space or fix permissions, then rerun the "
+            "same command to resume from it."
         ) from None
 
 
