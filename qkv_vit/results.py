@@ -21,6 +21,7 @@ import ml_collections
 from etils import epath
 
 from qkv_vit import models
+from qkv_vit.train import run_record
 from qkv_vit.train.config import base_config
 from qkv_vit.train.logging_utils import read_metrics
 
@@ -111,15 +112,9 @@ class Row:
     key: tuple = ()
 
 
-def flatten_dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dotted(tree: dict[str, Any]) -> dict[str, Any]:
     """A nested JSON config as {"data.source": ..., "optimizer.lr": ...}; lists become tuples (hashable)."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten_dotted(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return flat
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in run_record.flatten(tree).items()}
 
 
 # Keys added to the config after a run started read as today's default, so old and new runs still group.
