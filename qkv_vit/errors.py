@@ -6,9 +6,11 @@ The data pipeline's `DataConfigError` and the weight import's `WeightMismatchErr
 caller can catch every mistake in its inputs as one type.
 """
 
+import contextlib
 import errno
 import os
 import re
+from collections.abc import Callable, Iterator
 
 MAX_CAUSE_CHARS = 300  # TensorStore errors print whole storage specs: keep the start, which says what failed
 
@@ -66,3 +68,20 @@ def storage_cause(error: BaseException) -> str | None:
             return found
         error = error.__cause__ or error.__context__
     return None
+
+
+@contextlib.contextmanager
+def storage_failures(
+    message: Callable[[str, BaseException], str], not_ours: Callable[[BaseException], bool] = lambda error: False
+) -> Iterator[None]:
+    """Inside the block, an exception whose chain says the storage failed (storage_cause) becomes one StorageError
+    with `message(cause, error)`, unless `not_ours(error)`; ConfigErrors and StorageErrors pass as they are."""
+    try:
+        yield
+    except (ConfigError, StorageError):
+        raise
+    except Exception as error:
+        cause = storage_cause(error)
+        if cause is None or not_ours(error):
+            raise
+        raise StorageError(message(cause, error)) from None

@@ -39,7 +39,7 @@ from qkv_vit.allocator import describe_allocator
 from qkv_vit.config_rules import closest_key
 from qkv_vit.errors import ConfigError, StorageError, one_line
 from qkv_vit.interrupts import STOPPED_EXIT_CODE, Interrupted, stop_on_signals
-from qkv_vit.train import NonFiniteError, Preempted, train_and_evaluate
+from qkv_vit.train import NonFiniteError, Preempted, run_record, train_and_evaluate
 from qkv_vit.train.config import RENAMED_KEYS
 
 FLAGS = flags.FLAGS
@@ -205,7 +205,7 @@ def check_override_keys(argv: list[str], config: ml_collections.ConfigDict) -> N
     `error:` line with the closest key, or the new name of a renamed one. Checked on the config file loaded
     apart, before absl applies the overrides."""
     overrides = [arg for arg in argv[1:] if arg.startswith(("--config.", "--noconfig."))]
-    known = dotted_keys(config)
+    known = list(run_record.flatten(config.to_dict()))  # "optimizer.lr", "data.augment.crop_scale", ...
     for arg in overrides:
         key = arg.split("=", 1)[0].split("config.", 1)[1]
         if f"config.{key}" in RENAMED_KEYS:
@@ -218,17 +218,6 @@ def check_override_keys(argv: list[str], config: ml_collections.ConfigDict) -> N
                 "that a typo is never silently ignored.",
                 BAD_INPUT_EXIT_CODE,
             )
-
-
-def dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    """Every leaf key of a config as "optimizer.lr", "data.augment.crop_scale", ..."""
-    keys = []
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            keys += dotted_keys(value, f"{prefix}{key}.")
-        else:
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 def initialize_distributed() -> None:

@@ -23,16 +23,16 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from qkv_vit.errors import ConfigError, StorageError, storage_cause
+from qkv_vit.errors import storage_failures
 
 TEMPORARY_PREFIX = ".tmp-"
 OWNER = ".owner"  # the lock file of a temporary's builder
 SIZES = "sizes.json"
-# A temporary without an owner file is a live builder's only in the instant between its mkdir and its lock;
-# older than this, it was left by a version of qkv_vit that did not lock them.
+# A temporary without an owner file, or with one that names no builder, is a live builder's only in the instant
+# between its mkdir and its lock; older than this, it was left by a version of qkv_vit that did not lock them.
 UNOWNED_GRACE_S = 600.0
 
 
@@ -45,22 +45,16 @@ def cache_dir_of(configured: str | None) -> Path:
     return Path(configured).expanduser() if configured else default_cache_dir()
 
 
-@contextlib.contextmanager
-def storage_errors(directory: Path, what: str) -> Iterator[None]:
+def storage_errors(directory: Path, what: str) -> contextlib.AbstractContextManager[None]:
     """A storage failure while writing under `directory` (the cache) becomes one StorageError with the fix."""
-    try:
-        yield
-    except (ConfigError, StorageError):  # a bad input or an error already worded (an inner block's)
-        raise
-    except Exception as error:
-        cause = storage_cause(error)
-        if cause is None or outside(error, directory):
-            raise
-        raise StorageError(
+    return storage_failures(
+        lambda cause, error: (
             f"Writing the data cache failed while {what}: {cause} in {directory}. Nothing partial was kept. Free "
             "space there, or put the cache on a disk with room and write access: --config.data.cache_dir=DIR (or "
             "the environment variable QKV_VIT_CACHE=DIR)."
-        ) from None
+        ),
+        not_ours=lambda error: outside(error, directory),
+    )
 
 
 def outside(error: BaseException, directory: Path) -> bool:
@@ -165,6 +159,21 @@ def damage(entry: Path) -> str | None:
         if found != size:
             return f"{name} has {found} bytes of the {size} written"
     return None
+
+
+def whole(
+    entry: Path, complete_marker: str, redo: str, unreadable: Callable[[Path], str | None] = lambda entry: None
+) -> bool:
+    """Whether `entry` is finished (its `complete_marker` is there) and undamaged (`damage`, and `unreadable` for
+    what sizes cannot show). A damaged entry is discarded with a warning that says what is redone ("converting X")."""
+    if not (entry / complete_marker).exists():
+        return False
+    problem = damage(entry) or unreadable(entry)
+    if problem is None:
+        return True
+    logging.warning("The data cache entry %s is damaged (%s): %s again.", entry, problem, redo)
+    discard(entry)
+    return (entry / complete_marker).exists()  # kept by discard: another process rebuilt it meanwhile
 
 
 def discard(entry: Path) -> None:

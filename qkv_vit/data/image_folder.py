@@ -80,12 +80,8 @@ def prepare_image_folder(
     if not (is_tar or path.is_dir()):
         raise DataConfigError(f"{path} is neither a folder nor a {'/'.join(TAR_SUFFIXES)} archive.")
     final = cache.cache_dir_of(cache_dir) / "image_folder" / (tar_key(path) if is_tar else folder_key(path))
-    if (final / LABEL_MAP).exists():
-        problem = cache.damage(final)
-        if problem is None:
-            return _check_cached(_load(final), path, bad_files)
-        logging.warning("The data cache entry %s is damaged (%s): converting %s again.", final, problem, path)
-        cache.discard(final)
+    if cache.whole(final, LABEL_MAP, f"converting {path}"):
+        return _check_cached(_load(final), path, bad_files)
     check_can_prepare()
     with cache.building(final, f"converting {path}") as temporary:
         folder = extract(path, temporary / "extracted") if is_tar else Located(root=path, source=path)

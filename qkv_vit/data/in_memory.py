@@ -24,7 +24,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
-import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,13 +152,8 @@ def _folder_arrays(
         raise DataConfigError(f"{path} is neither a folder nor a {'/'.join(TAR_SUFFIXES)} archive.")
     key = tar_key(path) if is_tar else folder_key(path)
     entry = cache_dir / "in_memory" / f"{key}-{config.image_size}-{config.crop_ratio:g}-v{_FORMAT_VERSION}"
-    if (entry / _META).exists():
-        problem = cache.damage(entry) or _unreadable(entry)
-        if problem is not None:
-            logging.warning("The data cache entry %s is damaged (%s): decoding %s again.", entry, problem, path)
-            _read.cache_clear()
-            cache.discard(entry)
-    if not (entry / _META).exists():
+    if not cache.whole(entry, _META, f"decoding {path}", _unreadable):
+        _read.cache_clear()  # no arrays of a discarded entry stay open
         _decode_folder(path, is_tar, entry, config)
     return _load(entry, config.bad_files, path)
 

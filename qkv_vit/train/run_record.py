@@ -6,8 +6,8 @@ checkpoint it restored (config.json for checkpoints from before configs were rec
 
 - a key in RESULT_NEUTRAL (how often the run logs, evaluates and saves, how it is laid out on the devices, where
   it finds its files) may differ: the run goes on under the new value with a warning that lists the changes;
-- the run's length (`total_steps`, `total_epochs`) is checked by what a step means (trainer: a longer run
-  continues, one that would end at or before the checkpoint is refused);
+- what a step means (RUN_DEFINITION: the batch, accumulation and run length) is checked apart (trainer: a
+  longer run continues, one that would end at or before the checkpoint is refused, so is another batch);
 - any other key (seed, optimizer, augmentation, model, data, ...) changes what is trained: the rerun
   is refused with a ConfigError naming each key with both values, unless `allow_config_change` is given; then
   the run continues under the new config from the checkpoint on, and WORKDIR/config_changes.jsonl records the
@@ -47,7 +47,15 @@ RESULT_NEUTRAL = {
     "data.prefetch": "how many batches tf.data prepares ahead",
     "data.bad_files": "whether unreadable files are skipped or an error (the same files are read either way)",
 }
-RUN_LENGTH = ("total_steps", "total_epochs")  # checked with what a step means (trainer.check_same_run_definition)
+# What a step number means: the images per step and per update, and the schedule's length; the flag that restores
+# each. A rerun is checked against them apart (trainer.check_same_run_definition): a longer run continues, another
+# batch or accumulation is refused, --allow_config_change or not.
+RUN_DEFINITION = {
+    "global_batch_size": "global_batch_size",
+    "accumulation_steps": "optimizer.accumulation_steps",
+    "total_steps": "total_steps",
+}
+STEP_MEANING = (*RUN_DEFINITION.values(), "total_epochs")  # the config keys of RUN_DEFINITION (epochs give steps)
 
 
 def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -78,8 +86,8 @@ def changes(recorded: dict[str, Any], config: ml_collections.ConfigDict) -> dict
 
 
 def result_changes(changed: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
-    """The changes that change what is trained: neither RESULT_NEUTRAL nor the run's length."""
-    return {key: values for key, values in changed.items() if not is_neutral(key) and key not in RUN_LENGTH}
+    """The changes that change what is trained: neither RESULT_NEUTRAL nor what a step means (checked apart)."""
+    return {key: values for key, values in changed.items() if not is_neutral(key) and key not in STEP_MEANING}
 
 
 def neutral_changes(changed: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
@@ -132,17 +140,22 @@ def check_class_names(recorded: list[str] | None, now: list[str], checkpoints: s
     another class under the trained head (class folders renamed, re-cased, added or removed)."""
     if recorded is None or list(recorded) == list(now):
         return
-    first = next((i for i, (a, b) in enumerate(zip(recorded, now)) if a != b), min(len(recorded), len(now)))
+    then, found = compared_classes(recorded, now)
     raise ConfigError(
-        f"The checkpoints in {checkpoints} were trained on the classes {shown_classes(recorded, first)}, but {data} "
-        f"now has {shown_classes(now, first)}: resuming would train and evaluate the head under labels that mean "
+        f"The checkpoints in {checkpoints} were trained on the classes {then}, but {data} now has {found}: resuming would train and evaluate the head under labels that mean "
         "other classes. Give the class folders their names back, or start a new --workdir (with config.init_from "
         "set to this workdir to fine-tune from its weights)."
     )
 
 
-def shown_classes(names: list[str], first: int) -> str:
-    """A class list for a message: whole when short, else its length and the names from label `first` on."""
-    if len(names) <= 8:
-        return str(list(names))
-    return f"{len(names)} names, {list(names[first : first + 3])} from label {first} on"
+def compared_classes(recorded: list[str], now: list[str]) -> tuple[str, str]:
+    """Two class lists for a message: each whole when short, else its length and its names from the first label
+    where they differ on."""
+    first = next((i for i, (a, b) in enumerate(zip(recorded, now)) if a != b), min(len(recorded), len(now)))
+
+    def shown(names: list[str]) -> str:
+        if len(names) <= 8:
+            return str(list(names))
+        return f"{len(names)} names, {list(names[first : first + 3])} from label {first} on"
+
+    return shown(recorded), shown(now)

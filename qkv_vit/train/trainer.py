@@ -26,7 +26,7 @@ import optax
 from etils import epath
 
 from qkv_vit import data, models
-from qkv_vit.errors import CheckpointError, ConfigError, StorageError, describe_cause, storage_cause
+from qkv_vit.errors import CheckpointError, ConfigError, describe_cause, storage_failures
 from qkv_vit.paths import PathLike, as_path, is_local
 from qkv_vit.train import device_data, run_record, sharding, steps
 from qkv_vit.train.checkpointing import RunCheckpoints, all_processes_agree
@@ -110,55 +110,43 @@ def train_in_workdir(
     run = setup_run(config, workdir, model)
     log_data_summary(run)
     checkpoints = RunCheckpoints(workdir, config)
-    with closing(checkpoints):
+    with finally_calling(checkpoints.close):  # waits for the save in flight
         state, config_changes = initial_state(run, checkpoints, allow_config_change)
         if int(state.step) >= run.total_steps and final_evaluation_recorded(run, int(state.step)):
             logging.info("The run in %s already finished at step %d; nothing to do.", workdir, int(state.step))
             return state  # before the records and the writer: nothing was trained with this config
-        with storage_failures(run, checkpoints):
+        # Metrics, event and log files meet a full or read-only disk too, often before a checkpoint does.
+        # TensorFlow's event writer raises its own types, wrapping the OSError's words (storage_cause reads them).
+        with storage_failures(lambda cause, error: workdir_failure(run, checkpoints, cause, error)):
             if jax.process_index() == 0:  # only a run that trains or evaluates: the records describe the checkpoints
                 write_run_records(run, int(state.step), config_changes)
             writer = create_writer(workdir)
-            try:
+            with finally_calling(writer.flush):
                 state = train_loop(run, state, checkpoints, writer)
-                writer.flush()
-            finally:
-                with contextlib.suppress(Exception):  # a failure here is reported from the block, or just was
-                    writer.flush()
         log_results(run)
         return state
 
 
 @contextlib.contextmanager
-def closing(checkpoints: RunCheckpoints):
-    """Close the checkpoints at the end (waiting for the save in flight); when the run fails, without letting a
-    second failure there replace the run's own error."""
+def finally_calling(close: Callable[[], None]) -> Iterator[None]:
+    """Call `close` when the block ends; when the block fails, without letting a second failure in `close`
+    replace the block's own error."""
     try:
         yield
     except BaseException:
         with contextlib.suppress(Exception):
-            checkpoints.close()
+            close()
         raise
-    checkpoints.close()
+    close()
 
 
-@contextlib.contextmanager
-def storage_failures(run: Run, checkpoints: RunCheckpoints):
-    """Metrics, event and log files meet a full or read-only disk too, often before a checkpoint does: such a
-    failure becomes one StorageError naming the cause and the last complete checkpoint."""
-    try:
-        yield
-    except (ConfigError, StorageError, NonFiniteError):
-        raise
-    except Exception as error:  # TensorFlow's event writer raises its own types, wrapping the OSError's words
-        cause = storage_cause(error)
-        if cause is None:
-            raise
-        raise StorageError(
-            f"Writing to the workdir {run.workdir} failed ({cause}; {describe_cause(error)}). The last complete "
-            f"checkpoint is step {checkpoints.last_complete()}; free disk space or fix permissions, then rerun the "
-            "same command to resume from it."
-        ) from None
+def workdir_failure(run: Run, checkpoints: RunCheckpoints, cause: str, error: BaseException) -> str:
+    """The message of a failed write to the workdir: the cause and the checkpoint a rerun resumes from."""
+    return (
+        f"Writing to the workdir {run.workdir} failed ({cause}; {describe_cause(error)}). The last complete "
+        f"checkpoint is step {checkpoints.last_complete()}; free disk space or fix permissions, then rerun the "
+        "same command to resume from it."
+    )
 
 
 def write_run_records(run: Run, step: int, config_changes: dict[str, tuple[Any, Any]]) -> None:
@@ -495,14 +483,6 @@ def recorded_config_json(workdir: epath.Path) -> dict[str, Any] | None:
         return None
 
 
-# What a step number means: the images per step and per update, and the schedule's length. Flags to restore each.
-RUN_DEFINITION = {
-    "global_batch_size": "global_batch_size",
-    "accumulation_steps": "optimizer.accumulation_steps",
-    "total_steps": "total_steps",
-}
-
-
 def run_definition(run: Run) -> dict[str, int]:
     config = run.config
     return {
@@ -524,7 +504,7 @@ def check_same_run_definition(run: Run, saved_record: dict[str, Any], checkpoint
     now, saved_record = run_definition(run), {**definition_from_run_files(run.workdir), **saved_record}
     changed = {
         key: (saved_record[key], now[key])
-        for key in RUN_DEFINITION
+        for key in run_record.RUN_DEFINITION
         if saved_record.get(key) is not None and saved_record[key] != now[key]
     }
     step = saved_record["step"]
@@ -556,13 +536,13 @@ def check_same_run_definition(run: Run, saved_record: dict[str, Any], checkpoint
             else ", under which their step would mean other images and updates"
         )
         + ". Rerun with "
-        + " ".join(f"--config.{RUN_DEFINITION[key]}={saved}" for key, (saved, _) in changed.items())
+        + " ".join(f"--config.{run_record.RUN_DEFINITION[key]}={saved}" for key, (saved, _) in changed.items())
         + f" to resume, or start a new --workdir (with --config.init_from={run.workdir} to begin from these weights)."
     )
 
 
 def definition_from_run_files(workdir: epath.Path) -> dict[str, int]:
-    """RUN_DEFINITION's values as the workdir's config.json and model.json have them (runs saved before the
+    """run_record.RUN_DEFINITION's values as the workdir's config.json and model.json have them (runs saved before the
     checkpoints recorded them); {} where the files are absent or unreadable."""
     try:
         config = json.loads((workdir / "config.json").read_text())
@@ -617,8 +597,7 @@ def read_init_from(run: Run) -> dict[str, Any]:
             "config.init_from=%s was trained on the classes %s, this data has %s: its head is kept, so its output "
             "i now stands for this data's class i (fine-tuning retrains it).",
             source,
-            weights.class_names[:5] + (["..."] if len(weights.class_names) > 5 else []),
-            run.source.class_names[:5] + (["..."] if len(run.source.class_names) > 5 else []),
+            *run_record.compared_classes(weights.class_names, run.source.class_names),
         )
     return weights.variables
 
@@ -700,7 +679,7 @@ def final_evaluation_recorded(run: Run, step: int) -> bool:
 
 def step_record(run: Run, step: int) -> dict[str, Any]:
     """What a checkpoint records beside the state (its JSON item): its step, the data position, what a step
-    means (RUN_DEFINITION) and the architecture."""
+    means (run_record.RUN_DEFINITION) and the architecture."""
     return {
         "step": step,
         "data_position": step,

@@ -4,9 +4,9 @@ Each process of a run locks its own file, WORKDIR/.lock (process 0) or WORKDIR/.
 and writes who holds it (host, pid, start time) into it. A second run's process finds the lock taken and stops
 with a ConfigError naming the holder, and so do the other processes of that run. The kernel (or, on NFS, the
 lock manager) releases the lock when its process ends however it ends, `kill -9` included, so a rerun after a
-crash or a preemption is not blocked; the file left behind is only overwritten. On a file system without locks (some parallel file systems mounted without
-them) a warning says the workdir is unprotected; object stores (gs://, s3://) have no locks: there, two runs in
-one workdir are not detected.
+crash or a preemption is not blocked; the file left behind is only overwritten. On a file system without locks
+(some parallel file systems mounted without them) a warning says the workdir is unprotected; object stores
+(gs://, s3://) have no locks: there, two runs in one workdir are not detected.
 """
 
 from __future__ import annotations
