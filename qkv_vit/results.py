@@ -167,8 +167,7 @@ def total_steps(config: dict[str, Any], model: dict[str, Any]) -> tuple[int | No
     try:
         from qkv_vit import data  # the data's size: needs the data (or its prepared cache) on this machine
 
-        steps = data.steps_per_epoch(
-            ml_collections.ConfigDict(config["data"]),
+        steps = data.open_source(ml_collections.ConfigDict(config["data"])).steps_per_epoch(
             config["global_batch_size"],
             process_count=1,
             local_device_count=1,

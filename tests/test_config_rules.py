@@ -97,7 +97,7 @@ def set_value(config, path, value):
 @pytest.mark.parametrize("path, value, message", BAD_VALUES, ids=[f"{p}={v!r}" for p, v, _ in BAD_VALUES])
 def test_a_bad_value_is_one_error_before_any_data_is_read(tmp_path, tiny_config, monkeypatch, path, value, message):
     set_value(tiny_config, path, value)
-    monkeypatch.setattr(trainer, "setup_run", lambda *args: pytest.fail("read data after a bad config value"))
+    monkeypatch.setattr(data, "open_source", lambda *args: pytest.fail("read data after a bad config value"))
     with pytest.raises(ConfigError) as raised:
         trainer.train_and_evaluate(tiny_config, tmp_path / "run")
     assert message in str(raised.value) and "\n" not in str(raised.value)

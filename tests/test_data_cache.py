@@ -25,7 +25,7 @@ FOLDER = {"train": {"ant": 3, "bee": 3}, "test": {"ant": 1, "bee": 1}}
 
 
 def memory_config(path, cache_dir):
-    config = data.get_config("none", source="in_memory")
+    config = data.get_config("none", source="image_folder", pipeline="in_memory")
     config.path, config.cache_dir = str(path), str(cache_dir)
     return config
 
@@ -64,7 +64,7 @@ def test_two_archives_of_one_name_size_and_time_train_on_their_own_images(tmp_pa
     second = image_folder.prepare_image_folder(tmp_path / "fold2" / "images.tar", tmp_path / "cache")
     assert (first.class_names, second.class_names) == (["ant", "bee"], ["cat", "dog"])
     memory = [data.open_source(memory_config(tmp_path / f"fold{n}" / "images.tar", tmp_path / "cache")) for n in (1, 2)]
-    assert [source.class_names for source in memory] == [["ant", "bee"], ["cat", "dog"]]
+    assert [source.info.class_names for source in memory] == [["ant", "bee"], ["cat", "dog"]]
 
 
 # ---- temporaries ----
@@ -117,7 +117,7 @@ def test_a_full_disk_while_decoding_is_one_storage_error_with_the_fix_and_leaves
     assert "--config.data.cache_dir=DIR (or the environment variable QKV_VIT_CACHE=DIR)" in message
     assert temporaries(tmp_path / "cache") == [] and list((tmp_path / "cache" / "in_memory").iterdir()) == []
     monkeypatch.setattr(np, "save", real_save)
-    assert data.open_source(config).num_examples("train") == 6
+    assert data.open_source(config).info.train_examples == 6
 
 
 def test_a_read_only_cache_while_converting_is_the_same_error_from_inside_tensorflow(tmp_path, monkeypatch):
@@ -164,7 +164,7 @@ def test_a_converted_entry_with_a_tfrecord_cut_short_is_converted_again(tmp_path
     assert again.num_examples == first.num_examples and cache.damage(again.label_map_file.parent) is None
     config = data.get_config("none", source="image_folder")
     config.path, config.cache_dir = str(tmp_path / "images"), str(tmp_path / "cache")
-    batches = data.build_eval_iterator(config, 4, "train", process_index=0, process_count=1)
+    batches = data.open_source(config).eval_batches(4, "train", process_index=0, process_count=1)
     assert sum(int(batch["mask"].sum()) for batch in batches) == 6
 
 

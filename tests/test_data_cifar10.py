@@ -37,14 +37,14 @@ def config(tmp_path_factory):
 
 
 def test_counts_and_classes(config):
-    info = data.dataset_info(config)
+    info = data.open_source(config).info
     assert (info.train_examples, info.eval_examples, info.num_classes, info.class_names) == (
         50_000,
         10_000,
         10,
         CLASSES,
     )
-    source = sources.open_source(config)
+    source = sources.prepare_source(config)
     assert source.label_counts("train") == [5_000] * 10
     assert source.label_counts("test") == [1_000] * 10
 
@@ -53,8 +53,8 @@ def test_counts_and_classes(config):
 def test_top1_on_the_test_split_counts_exactly_10000_images(config, process_count, global_batch):
     correct = total = 0.0
     for index in range(process_count):
-        batches = data.build_eval_iterator(
-            config, global_batch, process_index=index, process_count=process_count, local_device_count=1
+        batches = data.open_source(config).eval_batches(
+            global_batch, process_index=index, process_count=process_count, local_device_count=1
         )
         assert len(batches) == math.ceil(math.ceil(10_000 / process_count) / (global_batch // process_count))
         for batch in batches:  # a classifier that always answers "airplane"
@@ -64,7 +64,9 @@ def test_top1_on_the_test_split_counts_exactly_10000_images(config, process_coun
 
 
 def test_train_batches_from_the_archive(config):
-    batch = next(data.build_train_iterator(config, 64, seed=0, process_index=0, process_count=1, local_device_count=1))
+    batch = next(
+        data.open_source(config).train_batches(64, seed=0, process_index=0, process_count=1, local_device_count=1)
+    )
     assert batch["image"].shape == (64, 32, 32, 3) and batch["image"].dtype == np.uint8  # the device finishes it
     assert batch["image"].std() > 30  # real photos, not padding
     assert len(np.unique(batch["label"])) >= 5

@@ -50,23 +50,12 @@ def split_ids(folder, split):
 
 
 def test_train_batches_leave_the_host_as_uint8_for_the_device_to_finish(cache_dir):
-    batch = next(data.build_train_iterator(digits_config(cache_dir), 32, seed=0, **ONE_PROCESS))
+    batch = next(data.open_source(digits_config(cache_dir)).train_batches(32, seed=0, **ONE_PROCESS))
     assert set(batch) == {"image", "label"}
     assert batch["image"].shape == (32, 16, 16, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
-    evaluation = next(iter(data.build_eval_iterator(digits_config(cache_dir), 32, **ONE_PROCESS)))
+    evaluation = next(iter(data.open_source(digits_config(cache_dir)).eval_batches(32, **ONE_PROCESS)))
     assert evaluation["image"].dtype == np.uint8 and evaluation["mask"].dtype == np.float32
-
-
-def test_train_batch_format_finished_on_the_host_with_the_full_xcit_recipe(cache_dir):
-    batch = next(data.build_train_iterator(digits_config(cache_dir), 32, seed=0, finish_on_host=True, **ONE_PROCESS))
-    assert set(batch) == {"image", "label", "soft_label"}
-    assert batch["image"].shape == (32, 16, 16, 3) and batch["image"].dtype == np.float32
-    assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
-    assert batch["soft_label"].shape == (32, 10) and batch["soft_label"].dtype == np.float32
-    np.testing.assert_allclose(batch["soft_label"].sum(axis=1), 1.0, rtol=1e-5)
-    assert np.all(batch["soft_label"] < 1.0)  # label smoothing 0.1 at least
-    assert np.isfinite(batch["image"]).all() and -4 < batch["image"].min() < 0 < batch["image"].max() < 4
 
 
 def take(iterator, count):
@@ -82,32 +71,32 @@ def assert_same_batches(first, second):
 
 def test_same_seed_same_batches_other_seed_other_batches(cache_dir):
     config = digits_config(cache_dir)
-    first = take(data.build_train_iterator(config, 64, seed=1, **ONE_PROCESS), 2)
-    assert_same_batches(first, take(data.build_train_iterator(config, 64, seed=1, **ONE_PROCESS), 2))
-    other = take(data.build_train_iterator(config, 64, seed=2, **ONE_PROCESS), 1)
+    first = take(data.open_source(config).train_batches(64, seed=1, **ONE_PROCESS), 2)
+    assert_same_batches(first, take(data.open_source(config).train_batches(64, seed=1, **ONE_PROCESS), 2))
+    other = take(data.open_source(config).train_batches(64, seed=2, **ONE_PROCESS), 1)
     assert not np.array_equal(first[0]["image"], other[0]["image"])
 
 
 def test_resuming_at_step_k_continues_the_stream_exactly(cache_dir):
     config = digits_config(cache_dir)  # full recipe: random crops, RandAugment, erasing, mixup, repeats x3
-    steps = data.steps_per_epoch(config, 256, process_count=1, local_device_count=1)
+    steps = data.open_source(config).steps_per_epoch(256, process_count=1, local_device_count=1)
     assert steps == 1437 // 256
-    fresh = take(data.build_train_iterator(config, 256, seed=3, **ONE_PROCESS), steps + 3)
+    fresh = take(data.open_source(config).train_batches(256, seed=3, **ONE_PROCESS), steps + 3)
     for start in (2, steps + 1):  # inside the first epoch, and inside the second
         resumed = take(
-            data.build_train_iterator(config, 256, seed=3, start_step=start, **ONE_PROCESS), steps + 3 - start
+            data.open_source(config).train_batches(256, seed=3, start_step=start, **ONE_PROCESS), steps + 3 - start
         )
         assert_same_batches(fresh[start:], resumed)
 
 
 def test_each_epoch_sees_distinct_examples_in_a_new_order(folder, cache_dir):
     config = folder_config(folder, cache_dir)
-    batches = take(data.build_train_iterator(config, 8, seed=0, **ONE_PROCESS), 12)  # 2 epochs of 50 // 8 = 6
+    batches = take(data.open_source(config).train_batches(8, seed=0, **ONE_PROCESS), 12)  # 2 epochs of 50 // 8 = 6
     epochs = [np.concatenate([ids_from_images(b["image"]) for b in batches[e * 6 : (e + 1) * 6]]) for e in (0, 1)]
     for ids in epochs:
         assert len(set(ids)) == 48 and set(ids) <= set(split_ids(folder, "train"))
     assert not np.array_equal(epochs[0], epochs[1])
-    names = sources.open_source(config).class_names
+    names = sources.prepare_source(config).class_names
     id_to_label = {i: names.index(name.split("/")[1]) for name, i in folder[1].items()}
     labels = np.concatenate([b["label"] for b in batches[:6]])
     assert [id_to_label[i] for i in epochs[0]] == labels.tolist()
@@ -115,7 +104,7 @@ def test_each_epoch_sees_distinct_examples_in_a_new_order(folder, cache_dir):
 
 def test_repeated_augmentation_repeats_each_image_in_the_same_batch_a_round_apart(folder, cache_dir, tmp_path):
     config = folder_config(folder, cache_dir, repeated_augmentation=3)
-    batches = take(data.build_train_iterator(config, 6, seed=0, **ONE_PROCESS), 8)  # one epoch: 48 = 16 x 3
+    batches = take(data.open_source(config).train_batches(6, seed=0, **ONE_PROCESS), 8)  # one epoch: 48 = 16 x 3
     for batch in batches:  # two images x three copies, ordered copy by copy: a b a b a b
         ids = ids_from_images(batch["image"]).reshape(3, 2)
         assert np.all(ids == ids[:1]) and ids[0, 0] != ids[0, 1]
@@ -123,7 +112,7 @@ def test_repeated_augmentation_repeats_each_image_in_the_same_batch_a_round_apar
     # With the real recipe the copies share the label but are augmented differently.
     digits = digits_config(tmp_path, preset="xcit", repeated_augmentation=3)
     digits.augment.mixup_alpha = digits.augment.cutmix_alpha = 0.0
-    batch = next(data.build_train_iterator(digits, 12, seed=0, **ONE_PROCESS))
+    batch = next(data.open_source(digits).train_batches(12, seed=0, **ONE_PROCESS))
     assert np.all(batch["label"].reshape(3, -1) == batch["label"].reshape(3, -1)[:1])
     assert not np.array_equal(batch["image"][0], batch["image"][4])  # copies of one image, augmented differently
 
@@ -131,7 +120,9 @@ def test_repeated_augmentation_repeats_each_image_in_the_same_batch_a_round_apar
 def test_default_process_and_devices_come_from_jax(cache_dir):
     import jax
 
-    batch = next(data.build_train_iterator(digits_config(cache_dir, preset="none"), 4 * jax.local_device_count()))
+    batch = next(
+        data.open_source(digits_config(cache_dir, preset="none")).train_batches(4 * jax.local_device_count(), seed=0)
+    )
     assert batch["image"].shape[0] == 4 * jax.local_device_count() // jax.process_count()
 
 
@@ -140,7 +131,7 @@ def test_default_process_and_devices_come_from_jax(cache_dir):
 
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_processes_read_disjoint_parts_that_cover_the_split(folder, cache_dir, process_count):
-    source = sources.open_source(folder_config(folder, cache_dir))
+    source = sources.prepare_source(folder_config(folder, cache_dir))
     names_seen = []
     for index in range(process_count):
         split = tfds.split_for_jax_process("train", process_index=index, process_count=process_count)
@@ -156,8 +147,7 @@ def test_train_iterators_of_different_processes_get_different_examples(folder, c
     local_batch = 2
     per_process = []
     for index in range(process_count):
-        iterator = data.build_train_iterator(
-            config,
+        iterator = data.open_source(config).train_batches(
             local_batch * process_count,
             seed=0,
             process_index=index,
@@ -178,8 +168,8 @@ def test_eval_counts_every_example_exactly_once(folder, cache_dir, process_count
     config = folder_config(folder, cache_dir)
     seen, lengths = [], set()
     for index in range(process_count):
-        batches = data.build_eval_iterator(
-            config, global_batch, process_index=index, process_count=process_count, local_device_count=1
+        batches = data.open_source(config).eval_batches(
+            global_batch, process_index=index, process_count=process_count, local_device_count=1
         )
         lengths.add(len(batches))
         count = 0
@@ -196,7 +186,7 @@ def test_eval_counts_every_example_exactly_once(folder, cache_dir, process_count
 
 def test_eval_top1_denominator_is_the_split_size_and_eval_is_reiterable(folder, cache_dir):
     config = folder_config(folder, cache_dir)
-    batches = data.build_eval_iterator(config, 10, **ONE_PROCESS)
+    batches = data.open_source(config).eval_batches(10, **ONE_PROCESS)
     correct = total = 0.0
     for batch in batches:  # a classifier that always says class 0 ("ant": 7 of the 23 test images)
         correct += np.sum((batch["label"] == 0) * batch["mask"])
@@ -208,10 +198,10 @@ def test_eval_top1_denominator_is_the_split_size_and_eval_is_reiterable(folder, 
 
 def test_eval_of_another_split_and_wrong_split(folder, cache_dir):
     config = folder_config(folder, cache_dir)
-    batches = data.build_eval_iterator(config, 16, split="train", **ONE_PROCESS)
+    batches = data.open_source(config).eval_batches(16, split="train", **ONE_PROCESS)
     assert sum(b["mask"].sum() for b in batches) == 50 and batches.num_examples == 50
     with pytest.raises(data.DataConfigError, match="Valid splits"):
-        data.build_eval_iterator(config, 16, split="validation", **ONE_PROCESS)
+        data.open_source(config).eval_batches(16, split="validation", **ONE_PROCESS)
 
 
 def test_pad_and_crop_replaces_random_resized_crop(cache_dir):
@@ -220,7 +210,7 @@ def test_pad_and_crop_replaces_random_resized_crop(cache_dir):
     with pytest.raises(DataConfigError, match=r"crop_padding=4 \(pad-and-crop\) replaces random-resized-crop"):
         data.validate_config(config)
     config.augment.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
-    padded = next(data.build_train_iterator(config, 32, seed=0, **ONE_PROCESS))["image"]
+    padded = next(data.open_source(config).train_batches(32, seed=0, **ONE_PROCESS))["image"]
     config.augment.crop_padding = 0
-    plain = next(data.build_train_iterator(config, 32, seed=0, **ONE_PROCESS))["image"]
+    plain = next(data.open_source(config).train_batches(32, seed=0, **ONE_PROCESS))["image"]
     assert padded.shape == plain.shape == (32, 16, 16, 3) and not np.array_equal(padded, plain)

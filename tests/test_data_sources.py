@@ -40,7 +40,7 @@ def folder_config(path, cache_dir, **overrides):
 
 
 def test_offline_digits_default(cache_dir):
-    info = data.dataset_info(digits_config(cache_dir))
+    info = data.open_source(digits_config(cache_dir)).info
     num_train, num_eval, num_classes, names = (
         info.train_examples,
         info.eval_examples,
@@ -53,15 +53,15 @@ def test_offline_digits_default(cache_dir):
 
 
 def test_digits_are_prepared_once_and_readable_through_the_tfds_source(cache_dir):
-    data.dataset_info(digits_config(cache_dir))
+    data.open_source(digits_config(cache_dir))
     info_file = next((Path(cache_dir) / "tfds" / "sklearn_digits").rglob("dataset_info.json"))
     stamp = info_file.stat().st_mtime_ns
-    data.dataset_info(digits_config(cache_dir))
+    data.open_source(digits_config(cache_dir))
     assert info_file.stat().st_mtime_ns == stamp
     # The same prepared data through the generic tfds path, as ImageNet would be read.
     config = data.get_config("none", source="tfds", name="sklearn_digits")
     config.data_dir = str(Path(cache_dir) / "tfds")
-    source = sources.open_source(config)
+    source = sources.prepare_source(config)
     assert (source.train_split, source.eval_split) == ("train", "test")
     assert sum(source.label_counts("train")) == 1437
 
@@ -69,9 +69,9 @@ def test_digits_are_prepared_once_and_readable_through_the_tfds_source(cache_dir
 def test_preparing_offline_data_never_says_it_downloads(tmp_path, capsys, caplog):
     """tfds prints "Downloading and preparing dataset" for every builder; ours download nothing and say so."""
     with caplog.at_level("INFO"):
-        data.dataset_info(digits_config(tmp_path / "cache"))
+        data.open_source(digits_config(tmp_path / "cache"))
         write_image_folder(tmp_path / "folder", SMALL_FOLDER)
-        data.dataset_info(folder_config(tmp_path / "folder", tmp_path / "cache"))
+        data.open_source(folder_config(tmp_path / "folder", tmp_path / "cache"))
     printed = capsys.readouterr()
     assert "ownload" not in printed.out + printed.err
     assert "ownload" not in caplog.text
@@ -86,7 +86,7 @@ def test_preparing_offline_data_never_says_it_downloads(tmp_path, capsys, caplog
 def test_image_folder_is_prepared_with_sorted_classes_and_label_map(tmp_path, as_tar):
     write_image_folder(tmp_path / "images", SMALL_FOLDER)
     path = write_tar(tmp_path / "images", tmp_path / "images.tar.gz") if as_tar else tmp_path / "images"
-    source = sources.open_source(folder_config(path, tmp_path / "cache"))
+    source = sources.prepare_source(folder_config(path, tmp_path / "cache"))
     assert source.class_names == ["ant", "cat", "dog"]
     assert (source.num_examples("train"), source.num_examples("test")) == (9, 4)
     assert source.label_counts("train") == [2, 4, 3]
@@ -209,7 +209,7 @@ def test_a_split_with_no_examples_is_an_error(cache_dir):
     with pytest.raises(
         data.DataConfigError, match=r"Split 'test\[:0\]' of the offline digits data set has no examples"
     ):
-        sources.open_source(digits_config(cache_dir, eval_split="test[:0]"))
+        sources.prepare_source(digits_config(cache_dir, eval_split="test[:0]"))
 
 
 def test_a_damaged_archive_is_one_error(tmp_path):
@@ -235,9 +235,9 @@ def test_every_kept_file_decodes_through_the_pipeline(tmp_path):
         (tmp_path / "images" / split / "dog" / "real.jpg").write_bytes(jpeg_bytes())
     config = folder_config(tmp_path / "images", tmp_path / "cache")
     config.image_size = 8
-    train = data.build_train_iterator(config, 10, seed=0, process_index=0, process_count=1, local_device_count=1)
+    train = data.open_source(config).train_batches(10, seed=0, process_index=0, process_count=1, local_device_count=1)
     assert next(train)["image"].shape == (10, 8, 8, 3)
-    evaluation = data.build_eval_iterator(config, 5, process_index=0, process_count=1, local_device_count=1)
+    evaluation = data.open_source(config).eval_batches(5, process_index=0, process_count=1, local_device_count=1)
     assert sum(batch["mask"].sum() for batch in evaluation) == 5
 
 
@@ -298,28 +298,28 @@ def test_hidden_files_are_ignored(tmp_path):
 
 def test_error_missing_path(tmp_path):
     with pytest.raises(data.DataConfigError, match="does not exist"):
-        sources.open_source(folder_config(tmp_path / "nowhere", tmp_path / "cache"))
+        sources.prepare_source(folder_config(tmp_path / "nowhere", tmp_path / "cache"))
 
 
 def test_error_empty_class_folder(tmp_path):
     write_image_folder(tmp_path / "images", SMALL_FOLDER)
     (tmp_path / "images" / "train" / "zebra").mkdir()
     with pytest.raises(data.DataConfigError, match=r"Empty class folder .*zebra"):
-        sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache"))
+        sources.prepare_source(folder_config(tmp_path / "images", tmp_path / "cache"))
 
 
 def test_error_folder_without_class_folders(tmp_path):
     (tmp_path / "images" / "train").mkdir(parents=True)
     with pytest.raises(data.DataConfigError, match="no class folders"):
-        sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache"))
+        sources.prepare_source(folder_config(tmp_path / "images", tmp_path / "cache"))
 
 
 def test_error_wrong_split_name_lists_the_valid_ones(tmp_path, cache_dir):
     with pytest.raises(data.DataConfigError, match=r"'validation'.*\['train', 'test'\]"):
-        sources.open_source(digits_config(cache_dir, eval_split="validation"))
+        sources.prepare_source(digits_config(cache_dir, eval_split="validation"))
     write_image_folder(tmp_path / "images", SMALL_FOLDER)
     with pytest.raises(data.DataConfigError, match="Valid splits"):
-        sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache", train_split="training"))
+        sources.prepare_source(folder_config(tmp_path / "images", tmp_path / "cache", train_split="training"))
 
 
 @pytest.mark.parametrize("held_out", ["valid", "val", "validation", "eval", "dev", "Test", "VALID"])
@@ -327,14 +327,14 @@ def test_the_usual_held_out_split_names_are_found(tmp_path, held_out):
     write_image_folder(
         tmp_path / "images", {"Train" if held_out.isupper() else "train": {"a": 3, "b": 3}, held_out: {"a": 1, "b": 1}}
     )
-    source = sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache"))
+    source = sources.prepare_source(folder_config(tmp_path / "images", tmp_path / "cache"))
     assert source.eval_split == held_out and source.num_examples(source.eval_split) == 2
 
 
 def test_test_is_preferred_and_the_config_decides(tmp_path):
     write_image_folder(tmp_path / "images", {"train": {"a": 3}, "val": {"a": 2}, "test": {"a": 1}})
-    assert sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache")).eval_split == "test"
-    chosen = sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache", eval_split="val"))
+    assert sources.prepare_source(folder_config(tmp_path / "images", tmp_path / "cache")).eval_split == "test"
+    chosen = sources.prepare_source(folder_config(tmp_path / "images", tmp_path / "cache", eval_split="val"))
     assert chosen.eval_split == "val"
 
 
@@ -348,25 +348,38 @@ def test_without_a_held_out_split_the_eval_split_must_be_asked_for(tmp_path):
         r"data.eval_split: .* or data.eval_split='train' to evaluate on the "
         r"training images",
     ):
-        sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache"))
-    asked = sources.open_source(folder_config(tmp_path / "images", tmp_path / "cache", eval_split="train"))
+        sources.prepare_source(folder_config(tmp_path / "images", tmp_path / "cache"))
+    asked = sources.prepare_source(folder_config(tmp_path / "images", tmp_path / "cache", eval_split="train"))
     assert (asked.train_split, asked.eval_split) == ("train", "train")
 
 
 def test_subsplits_are_accepted(cache_dir):
-    source = sources.open_source(digits_config(cache_dir, train_split="train[:80%]", eval_split="train[80%:]"))
+    source = sources.prepare_source(digits_config(cache_dir, train_split="train[:80%]", eval_split="train[80%:]"))
     assert source.num_examples(source.train_split) + source.num_examples(source.eval_split) == 1437
 
 
 def test_error_unknown_source_and_unknown_tfds_name(cache_dir):
     with pytest.raises(
         data.DataConfigError,
-        match=r"source must be one of \['digits', 'tfds', 'image_folder', 'in_memory'\], got 'folder'",
+        match=r"source must be one of \['digits', 'tfds', 'image_folder'\], got 'folder'",
     ):
-        sources.open_source(digits_config(cache_dir, source="folder"))
+        sources.prepare_source(digits_config(cache_dir, source="folder"))
     config = data.get_config("none", source="tfds", name="no_such_data_set")
     with pytest.raises(data.DataConfigError, match="no_such_data_set"):
-        sources.open_source(config)
+        sources.prepare_source(config)
+
+
+def test_where_the_data_come_from_is_apart_from_how_batches_are_made():
+    config = data.get_config("none", source="in_memory")
+    with pytest.raises(data.DataConfigError, match=r'source="in_memory" is now pipeline="in_memory", with'):
+        data.open_source(config)
+    config = data.get_config("none", source="tfds", name="cifar10", pipeline="in_memory")
+    with pytest.raises(data.DataConfigError, match=r'a tfds data set is read by tf.data: set pipeline="tf_data"'):
+        data.open_source(config)
+    config = data.get_config("none", pipeline="arrays")
+    with pytest.raises(data.DataConfigError, match=r"pipeline must be one of \['tf_data', 'in_memory'\]"):
+        data.open_source(config)
+    assert isinstance(data.open_source(data.get_config("none", pipeline="in_memory")), data.ArraySource)
 
 
 def test_prepare_builds_a_tfds_data_set_and_says_what_is_missing(tmp_path, capsys):
@@ -376,7 +389,7 @@ def test_prepare_builds_a_tfds_data_set_and_says_what_is_missing(tmp_path, capsy
     assert "sklearn_digits is prepared" in capsys.readouterr().out
     config = data.get_config("none", source="tfds", name="sklearn_digits")
     config.data_dir = str(tmp_path)
-    assert data.dataset_info(config).train_examples == 1437
+    assert data.open_source(config).info.train_examples == 1437
     manual = tmp_path / "manual"
     assert prepare.main(["imagenet2012", "--data_dir", str(tmp_path), "--manual_dir", str(manual)]) == 2
     error = capsys.readouterr().err.strip()
@@ -400,7 +413,7 @@ def test_error_unprepared_tfds_data_set_shows_the_command(tmp_path, name, comman
     config = data.get_config("xcit", source="tfds", name=name)
     config.data_dir = str(tmp_path)
     with pytest.raises(data.DataConfigError, match="not prepared") as error:
-        sources.open_source(config)
+        sources.prepare_source(config)
     assert command.format(d=tmp_path) in str(error.value)
     assert not (tmp_path / "downloads").exists() or not any((tmp_path / "downloads").iterdir())  # downloaded nothing
 
@@ -408,11 +421,11 @@ def test_error_unprepared_tfds_data_set_shows_the_command(tmp_path, name, comman
 def test_error_batch_size_not_divisible(cache_dir):
     config = digits_config(cache_dir)
     with pytest.raises(data.DataConfigError, match="not divisible by the process count 4"):
-        data.build_train_iterator(config, 30, process_index=0, process_count=4, local_device_count=1)
+        data.open_source(config).train_batches(30, process_index=0, process_count=4, local_device_count=1, seed=0)
     with pytest.raises(data.DataConfigError, match="not divisible by the 4 local devices"):
-        data.build_eval_iterator(config, 30, process_index=0, process_count=1, local_device_count=4)
+        data.open_source(config).eval_batches(30, process_index=0, process_count=1, local_device_count=4)
     with pytest.raises(data.DataConfigError, match="larger than"):
-        data.build_train_iterator(config, 4096, process_index=0, process_count=1, local_device_count=1)
+        data.open_source(config).train_batches(4096, process_index=0, process_count=1, local_device_count=1, seed=0)
 
 
 @pytest.mark.parametrize(
@@ -425,7 +438,7 @@ def test_error_batch_size_not_divisible(cache_dir):
 )
 def test_error_bad_config_values(cache_dir, field, value, message):
     with pytest.raises(data.DataConfigError, match=message):
-        sources.open_source(digits_config(cache_dir, **{field: value}))
+        sources.prepare_source(digits_config(cache_dir, **{field: value}))
 
 
 def test_error_bad_augment_values():

@@ -20,7 +20,7 @@ from qkv_vit.train.config import base_config
 
 
 def memory_config(cache_dir):
-    config = data.get_config("none", source="in_memory")
+    config = data.get_config("none", pipeline="in_memory")
     config.cache_dir = str(cache_dir)
     return config
 
@@ -29,11 +29,11 @@ def test_device_resident_batches_are_the_host_streams(tmp_path):
     config = memory_config(tmp_path)
     mesh = sharding.make_mesh(base_config().mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    split = data.open_source(config).splits["train"]
-    steps = data.steps_per_epoch(config, 64)
-    host = data.build_train_iterator(config, 64, seed=5, start_step=steps - 2)
-    rows = data.build_train_rows(config, 64, seed=5, start_step=steps - 2)
-    resident = device_data.DeviceResidentBatches(split, rows, batch_sharding)
+    source = data.open_source(config)
+    steps = source.steps_per_epoch(64)
+    host = source.train_batches(64, seed=5, start_step=steps - 2)
+    rows = source.train_rows(64, seed=5, start_step=steps - 2)
+    resident = device_data.DeviceResidentBatches(source.train_arrays, rows, batch_sharding)
     for _ in range(4):  # across an epoch boundary
         wanted, got = next(host), next(resident)
         assert got["image"].dtype == np.uint8 and got["image"].sharding == batch_sharding
@@ -47,12 +47,12 @@ def test_eight_devices_each_gather_the_host_paths_shard(tmp_path):
         from qkv_vit import data
         from qkv_vit.train import device_data, sharding
         from qkv_vit.train.config import base_config
-        config = data.get_config("none", source="in_memory")
+        config = data.get_config("none", pipeline="in_memory")
         config.cache_dir = {str(tmp_path)!r}
         batch_sharding = sharding.batch_sharding(sharding.make_mesh(base_config().mesh))
-        split = data.open_source(config).splits["train"]
-        host = data.build_train_iterator(config, 64, seed=1)
-        resident = device_data.DeviceResidentBatches(split, data.build_train_rows(config, 64, seed=1), batch_sharding)
+        source = data.open_source(config)
+        host = source.train_batches(64, seed=1)
+        resident = device_data.DeviceResidentBatches(source.train_arrays, source.train_rows(64, seed=1), batch_sharding)
         for _ in range(3):
             wanted, got = sharding.global_batch(next(host), batch_sharding), next(resident)
             for key in ("image", "label"):
@@ -89,10 +89,10 @@ def test_auto_places_the_split_where_it_fits_and_device_refuses_a_split_too_larg
         device_data.on_devices("device", split, [fake_device(size // 2)])
 
 
-def test_device_placement_needs_the_in_memory_source():
+def test_device_placement_needs_the_in_memory_pipeline():
     config = data.get_config("none", source="digits")
     config.placement = "device"
-    with pytest.raises(DataConfigError, match='placement="device".*source="in_memory"'):
+    with pytest.raises(DataConfigError, match='placement="device".*pipeline="in_memory"'):
         data.validate_config(config)
     config.placement = "everywhere"
     with pytest.raises(DataConfigError, match="placement"):
@@ -101,7 +101,7 @@ def test_device_placement_needs_the_in_memory_source():
 
 @pytest.mark.slow
 def test_training_is_the_same_on_either_placement_and_resumes_across_them(tmp_path, tiny_config):
-    tiny_config.data.source = "in_memory"
+    tiny_config.data.pipeline = "in_memory"
     tiny_config.data.augment.update(randaugment_layers=0, crop_scale=(0.35, 1.0))
     tiny_config.total_steps = 6
     tiny_config.data.placement = "host"

@@ -17,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from qkv_vit.train import trainer
+from qkv_vit.train.config import check_config, check_fits
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -127,9 +128,8 @@ def check_training_command(argv: list[str], comment: str, cwd: Path) -> None:
     previous = os.getcwd()
     os.chdir(cwd)  # init_from and other relative paths are the user's
     try:
-        trainer.check_config(config)
-        model = trainer.build_model(config, config.data.num_classes)
-        trainer.validate_run_config(config, model)
+        check_config(config)
+        check_fits(config, trainer.build_model(config, config.data.num_classes))
     finally:
         os.chdir(previous)
 

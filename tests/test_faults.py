@@ -5,6 +5,7 @@ One tiny run (24 steps, a checkpoint every 4, the last 3 kept) is the reference:
 end with exactly its parameters. The kill tests use real processes on CPU.
 """
 
+import dataclasses
 import errno
 import json
 import logging
@@ -14,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 
 import jax
 import numpy as np
@@ -25,9 +25,11 @@ from conftest import REPO, load_config
 from qkv_vit import data
 from qkv_vit.data.testing import write_image_folder
 from qkv_vit.errors import CheckpointError, ConfigError, StorageError
-from qkv_vit.train import logging_utils, train_and_evaluate, trainer
+from qkv_vit.train import logging_utils, run_record, sharding, train_and_evaluate, trainer
 from qkv_vit.train.checkpointing import RunCheckpoints
+from qkv_vit.train.config import check_config
 from qkv_vit.train.logging_utils import read_metrics
+from qkv_vit.train.reporting import Reporter
 from qkv_vit.weights import read_weights
 
 # Orbax leaves the coroutines of a restore that failed on a damaged file unawaited; Python reports them when collected.
@@ -184,10 +186,8 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_and_is_kept_asid
 
 
 def abstract_state(config, workdir):
-    run = trainer.setup_run(config, workdir)
-    return jax.tree.map(
-        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), run.abstract_state, run.state_sharding
-    )
+    run = trainer.build_run(config, workdir, data.open_source(config.data))
+    return sharding.placed(run.steps.abstract_state, run.steps.state_sharding)
 
 
 DAMAGE = {
@@ -250,19 +250,17 @@ def back_to_step(workdir, step):
 
 
 def test_a_checkpoint_records_what_its_step_means(reference):
-    assert saved_meta(reference["workdir"], 20) | {"architecture": None} == {
+    workdir = reference["workdir"]
+    meta = saved_meta(workdir, 20)
+    assert meta == {
         "step": 20,
-        "data_position": 20,
         "images_seen": 20 * 16,
-        "global_batch_size": 16,
-        "accumulation_steps": 1,
-        "total_steps": TOTAL_STEPS,
-        "train_examples": 1437,
-        "class_names": [str(digit) for digit in range(10)],
-        "model_name": "xcit_nano_12_p8",
-        "architecture": None,
-        "config": json.loads((reference["workdir"] / "config.json").read_text()),
+        "config": json.loads((workdir / "config.json").read_text()),
+        **json.loads((workdir / "model.json").read_text()),  # the same record as the workdir's files
     }
+    assert (meta["config"]["global_batch_size"], meta["config"]["optimizer"]["accumulation_steps"]) == (16, 1)
+    assert meta["total_steps"] == TOTAL_STEPS and meta["data"]["train_examples"] == 1437
+    assert meta["data"]["class_names"] == [str(digit) for digit in range(10)]
 
 
 @pytest.mark.parametrize(
@@ -298,36 +296,29 @@ def test_a_rerun_that_changes_what_a_step_means_is_refused_and_keeps_the_config(
     )  # still describes the checkpoints
 
 
-def test_a_checkpoint_from_before_the_definition_was_recorded_is_checked_against_config_json(
-    tmp_path, reference, data_cache
-):
+def test_a_checkpoint_that_records_no_run_is_one_clear_error(tmp_path, reference, data_cache):
     workdir = copy_run(reference, tmp_path)
     back_to_step(workdir, 20)
-    for step in (16, 20):  # as a run of the previous version saved them
+    for step in (16, 20):  # as an earlier version of qkv_vit saved them: no config, no data
         meta_file = workdir / "checkpoints" / str(step) / "meta" / "metadata"
         meta = json.loads(meta_file.read_text())
-        meta_file.write_text(
-            json.dumps(
-                {key: meta[key] for key in ("step", "data_position", "train_examples", "model_name", "architecture")}
-            )
-        )
-    with pytest.raises(
-        ConfigError,
-        match=r"made with global_batch_size=16 \(step 20: 320 images seen\), but this "
-        r"config gives global_batch_size=32",
-    ):
-        train_and_evaluate(small_config(data_cache, global_batch_size=32), workdir)
+        meta_file.write_text(json.dumps({key: meta[key] for key in ("step", "architecture")}))
+    with pytest.raises(CheckpointError, match=r"The checkpoint of step 20 in .* records no 'config' of its run"):
+        train_and_evaluate(small_config(data_cache), workdir)
 
 
 def test_another_accumulation_is_refused_like_another_batch(tmp_path, data_cache):
-    run = trainer.setup_run(small_config(data_cache, optimizer={"accumulation_steps": 4}), tmp_path)
-    meta = {"step": 8, "global_batch_size": 16, "accumulation_steps": 2, "total_steps": TOTAL_STEPS}
+    config = small_config(data_cache, optimizer={"accumulation_steps": 4})
+    now = trainer.build_run(config, tmp_path, data.open_source(config.data)).record
+    then = dataclasses.replace(
+        now, config={**now.config, "optimizer": {**now.config["optimizer"], "accumulation_steps": 2}}
+    )
     with pytest.raises(
         ConfigError,
         match=r"made with accumulation_steps=2 \(step 8: 128 images seen\), but this "
         r"config gives accumulation_steps=4, .* --config.optimizer.accumulation_steps=2 ",
     ):
-        trainer.check_same_run_definition(run, meta, types.SimpleNamespace(directory=tmp_path / "checkpoints"))
+        run_record.check_step_meaning(now, then, 8, str(tmp_path / "checkpoints"), str(tmp_path))
 
 
 def test_a_longer_run_continues_from_the_checkpoint_with_a_warning(tmp_path, reference, data_cache, caplog):
@@ -346,21 +337,21 @@ def test_the_final_state_is_saved_before_the_final_evaluation_and_a_rerun_only_e
 ):
     workdir = copy_run(reference, tmp_path)
     back_to_step(workdir, 16)
-    real_log_eval = trainer.log_eval
+    real_evaluate = trainer.evaluate_state
 
-    def crashes_at_the_end(run, writer, step, *args):
-        if step == TOTAL_STEPS:
+    def crashes_at_the_end(run, state, batches):
+        if int(state.step) == TOTAL_STEPS:
             raise RuntimeError("the evaluation crashed")
-        return real_log_eval(run, writer, step, *args)
+        return real_evaluate(run, state, batches)
 
-    monkeypatch.setattr(trainer, "log_eval", crashes_at_the_end)
+    monkeypatch.setattr(trainer, "evaluate_state", crashes_at_the_end)
     with pytest.raises(RuntimeError, match="the evaluation crashed"):
         train_and_evaluate(small_config(data_cache), workdir)
     assert steps_on_disk(workdir) == [16, 20, 24]  # the last step's checkpoint was written first
     assert not [m for m in read_metrics(workdir) if "val/top1" in m]
 
-    monkeypatch.setattr(trainer, "log_eval", real_log_eval)
-    monkeypatch.setattr(data, "build_train_iterator", lambda *args, **kwargs: pytest.fail("trained again"))
+    monkeypatch.setattr(trainer, "evaluate_state", real_evaluate)
+    monkeypatch.setattr(trainer, "train_batch_stream", lambda *args, **kwargs: pytest.fail("trained again"))
     state = train_and_evaluate(small_config(data_cache), workdir)
     assert_same(state.params, reference["params"])
     assert [m["step"] for m in read_metrics(workdir) if "val/top1" in m] == [TOTAL_STEPS]
@@ -370,7 +361,7 @@ def test_the_final_state_is_saved_before_the_final_evaluation_and_a_rerun_only_e
 
 @pytest.mark.parametrize("name", ["exp [v1]", "run*", "what?", "back\\slash"])
 def test_a_workdir_path_orbax_would_read_as_a_glob_is_refused_before_any_work(tmp_path, data_cache, monkeypatch, name):
-    monkeypatch.setattr(trainer, "setup_run", lambda *args: pytest.fail("read data"))
+    monkeypatch.setattr(data, "open_source", lambda *args: pytest.fail("read data"))
     with pytest.raises(ConfigError, match=r"has .* in its path .* choose a --workdir whose full path has none of "):
         train_and_evaluate(small_config(data_cache), tmp_path / "runs" / name)
     assert not (tmp_path / "runs").exists()
@@ -383,7 +374,7 @@ def test_a_first_checkpoint_that_does_not_read_back_stops_the_run_at_once(tmp_pa
         return None
 
     monkeypatch.setattr(ocp._src.serialization.ocdbt_utils, "merge_ocdbt_per_process_files", merges_nothing)
-    monkeypatch.setattr(trainer, "log_train", lambda *args: pytest.fail("trained past the first checkpoint"))
+    monkeypatch.setattr(Reporter, "train", lambda *args: pytest.fail("trained past the first checkpoint"))
     with pytest.raises(
         CheckpointError,
         match=r"The checkpoint of step 4 was written to .* but cannot be read back "
@@ -424,7 +415,7 @@ def test_full_disk_while_saving_is_a_clear_error_and_the_previous_checkpoint_sta
 def test_a_failed_background_save_logs_one_line_not_orbax_traceback():
     """On the console Orbax's error record keeps its message and drops its traceback (our `error:` line follows
     with the cause); other records keep theirs."""
-    from qkv_vit.main import QuietLibraries
+    from qkv_vit.train.logging_utils import QuietLibraries
 
     try:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -513,7 +504,7 @@ def test_a_log_file_that_cannot_be_written_is_dropped_with_one_warning(tmp_path,
 
 
 def test_unwritable_workdir_fails_before_any_work(tmp_path, data_cache, monkeypatch):
-    monkeypatch.setattr(trainer, "setup_run", lambda *args: pytest.fail("read data after a bad workdir"))
+    monkeypatch.setattr(data, "open_source", lambda *args: pytest.fail("read data after a bad workdir"))
     (tmp_path / "file").write_text("")
     with pytest.raises(CheckpointError, match="Cannot write to the workdir .*: Not a directory"):
         train_and_evaluate(small_config(data_cache), tmp_path / "file" / "run")
@@ -604,7 +595,7 @@ def test_bad_config_fails_before_any_data_is_read(tmp_path, data_cache, monkeypa
     config = small_config(data_cache)
     for key, value in change.items():
         config[key].update(value) if isinstance(value, dict) else config.update({key: value})
-    monkeypatch.setattr(trainer, "setup_run", lambda *args: pytest.fail("read data after a bad config"))
+    monkeypatch.setattr(data, "open_source", lambda *args: pytest.fail("read data after a bad config"))
     with pytest.raises((ConfigError, data.DataConfigError), match=message):
         train_and_evaluate(config, tmp_path)
     assert not tmp_path.joinpath("checkpoints").exists()
@@ -761,19 +752,19 @@ def test_an_unfinished_save_is_removed_after_a_write_in_flight_and_left_with_a_w
         ("--noconfig.async_checkpointin", ["no key 'async_checkpointin'", "did you mean 'async_checkpointing'"]),
     ],
 )
-def test_an_override_key_the_config_lacks_is_one_error_line_before_absl_parses(override, words, capsys):
-    from qkv_vit.main import check_override_keys, load_config_file
+def test_an_override_key_the_config_lacks_is_one_error_before_absl_parses(override, words):
+    from qkv_vit import config_file
 
-    argv = ["main", f"--config={REPO}/configs/quickstart.py:runlocal", "--config.seed=1", override]
-    with pytest.raises(SystemExit) as stopped:
-        check_override_keys(argv, load_config_file(argv))
-    error = capsys.readouterr().err
-    assert stopped.value.code == 2 and error.startswith(f"error: {override}") and all(w in error for w in words)
-    argv = ["main", f"--config={REPO}/configs/quickstart.py", "--config.mesh.fsdp=1", "--noconfig.init_from_ema"]
-    check_override_keys(argv, load_config_file(argv))
+    argument, argv = config_file.split_argv(["main", "--config", f"{REPO}/configs/quickstart.py:runlocal", override])
+    assert argument == f"{REPO}/configs/quickstart.py:runlocal" and argv == ["main", override]
+    with pytest.raises(ConfigError) as raised:
+        config_file.check_override_keys(argv, config_file.load(argument))
+    assert str(raised.value).startswith(override) and all(word in str(raised.value) for word in words)
+    argv = ["main", "--config.mesh.fsdp=1", "--noconfig.init_from_ema"]
+    config_file.check_override_keys(argv, config_file.load(f"{REPO}/configs/quickstart.py"))
 
 
 def test_a_config_file_that_sets_a_renamed_key_is_told_the_new_name(tiny_config):
     tiny_config.mesh.model = 2  # as a config file written for the earlier name does
     with pytest.raises(ConfigError, match=r"config.mesh.model is now called config.mesh.fsdp"):
-        trainer.check_config(tiny_config)
+        check_config(tiny_config)

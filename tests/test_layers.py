@@ -226,17 +226,18 @@ def test_forward_mode_autodiff_goes_through_a_flax_model():
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["flax", "cpu"])
 def test_a_flax_train_step_has_no_custom_gradients_or_fusion_barriers(tiny_config, tmp_path, impl):
+    from qkv_vit import data
     from qkv_vit.train import trainer
 
     tiny_config.model.layer_impl = impl
-    run = trainer.setup_run(tiny_config, tmp_path)
-    state = jax.eval_shape(run.init_state)
+    run = trainer.build_run(tiny_config, tmp_path, data.open_source(tiny_config.data))
+    state = jax.eval_shape(run.steps.init_state)
     size = tiny_config.data.image_size
     batch = {
         "image": jax.ShapeDtypeStruct((16, size, size, 3), jnp.uint8),
         "label": jax.ShapeDtypeStruct((16,), jnp.int32),
     }
-    jaxpr = str(jax.make_jaxpr(run.train_step)(state, batch))
+    jaxpr = str(jax.make_jaxpr(run.steps.train_step)(state, batch))
     kernels = ("custom_vjp_call" in jaxpr, "optimization_barrier" in jaxpr)
     assert kernels == ((False, False) if impl == "flax" else (True, True))
 

@@ -68,10 +68,10 @@ def resumable_copy(finished, tmp_path):
 
 def test_each_checkpoint_records_its_config_and_class_names(finished, data_cache):
     meta = json.loads((finished / "checkpoints" / "2" / "meta" / "metadata").read_text())
-    assert meta["class_names"] == [str(digit) for digit in range(10)]
+    assert meta["data"]["class_names"] == [str(digit) for digit in range(10)]
     assert meta["config"] == json.loads((finished / "config.json").read_text())
     assert meta["config"] == run_record.config_record(run_config(data_cache))
-    assert json.loads((finished / "model.json").read_text())["data"]["class_names"] == meta["class_names"]
+    assert json.loads((finished / "model.json").read_text())["data"] == meta["data"]
 
 
 def test_a_rerun_of_a_finished_run_with_another_seed_and_lr_is_one_error_line_and_the_records_stay(
@@ -158,7 +158,7 @@ FOLDER = {"train": {"ant": 6, "bee": 6, "cat": 4}, "test": {"ant": 2, "bee": 2, 
 
 def folder_config(data_cache, folder):
     config = run_config(data_cache)
-    config.data.update(source="in_memory", path=str(folder), cache_dir=str(data_cache), image_size=32)
+    config.data.update(source="image_folder", pipeline="in_memory", path=str(folder), cache_dir=str(data_cache), image_size=32)
     config.data.num_classes = 3
     config.update(global_batch_size=8, eval_batch_size=6)
     return config
@@ -184,14 +184,14 @@ def test_class_folders_renamed_between_a_preemption_and_the_resume_are_refused(t
 
 def test_a_held_out_split_with_a_class_the_train_split_lacks_is_an_error_not_an_extra_class(tmp_path, caplog):
     write_image_folder(tmp_path / "images", {"train": {"ant": 2, "bee": 2}, "val": {"ant": 1, "Bee": 1}})
-    config = data.get_config("none", source="in_memory")
+    config = data.get_config("none", source="image_folder", pipeline="in_memory")
     config.path, config.cache_dir = str(tmp_path / "images"), str(tmp_path / "cache")
     with pytest.raises(data.DataConfigError, match=r"val has class folders \['Bee'\] that the train split 'train'"):
         data.open_source(config)
     shutil.rmtree(tmp_path / "images" / "val" / "Bee")
     with caplog.at_level(logging.WARNING):
         source = data.open_source(config)
-    assert source.class_names == ["ant", "bee"]
+    assert source.info.class_names == ["ant", "bee"]
     assert "Split 'val' of" in caplog.text and "no class folder for 1 of the 2 classes (['bee'])" in caplog.text
 
 

@@ -12,9 +12,11 @@ import pytest
 from qkv_vit import data, models
 from qkv_vit.paths import as_path
 from qkv_vit.train import NonFiniteError, train_and_evaluate, trainer
+from qkv_vit.train.config import check_fits
 from qkv_vit.train.logging_utils import JsonlWriter, read_metrics
 from qkv_vit.train.optimizer import decay_mask, learning_rate, make_optimizer
-from qkv_vit.train.trainer import evaluate, fresh_state, setup_run
+from qkv_vit.train.reporting import log_data_summary
+from qkv_vit.train.trainer import build_run, evaluate, fresh_state
 from qkv_vit.weights import read_weights
 
 pytestmark = pytest.mark.slow  # trains, starts processes or converts real data: not in `pytest -m "not slow"`
@@ -43,7 +45,6 @@ def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config,
     summary = json.loads((tmp_path / "model.json").read_text())
     assert summary["qkv"] == "fsne_m8" and summary["architecture"]["embed_dim"] == 32
     assert summary["architecture"]["dtype"] == "float32" and summary["architecture"]["num_classes"] == 10
-    assert summary["model_config"] == summary["architecture"]  # the name earlier versions wrote, for their readers
     caplog.clear()  # the training's own records
     with caplog.at_level(logging.WARNING):
         weights = read_weights(tmp_path / "checkpoints" / "4")  # a step directory finds its run's architecture
@@ -80,9 +81,9 @@ def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config,
 
 @pytest.mark.parametrize("eval_batch_size", [16, 48, 100, 512])
 def test_evaluation_counts_every_example_once(tiny_config, eval_batch_size, tmp_path):
-    run = setup_run(tiny_config, tmp_path)
+    run = build_run(tiny_config, tmp_path, data.open_source(tiny_config.data))
     state = fresh_state(run)
-    batches = data.build_eval_iterator(tiny_config.data, eval_batch_size)
+    batches = data.open_source(tiny_config.data).eval_batches(eval_batch_size)
     result = evaluate(run, state.params, state.batch_stats, batches)
     assert result["count"] == 360
     # A constant model (zeroed head, bias on class 3) gets exactly the share of 3s right, whatever the padding.
@@ -121,7 +122,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
 def test_nonfinite_skip_policy_drops_the_update_and_counts_it(tmp_path, tiny_config):
     tiny_config.optimizer.update(lr=1e30, warmup_init_lr=1e30)  # every update overflows
     tiny_config.nonfinite = "skip"
-    run = setup_run(tiny_config, tmp_path / "init")
+    run = build_run(tiny_config, tmp_path / "init", data.open_source(tiny_config.data))
     initial = jax.device_get(fresh_state(run).params)
     state = train_and_evaluate(tiny_config, tmp_path / "run")
     assert int(state.skipped_steps) == 4 and params_close(state.params, initial)
@@ -274,7 +275,7 @@ def test_config_files_load_and_build_their_model(name, arg):
 def test_the_log_names_the_evaluated_split_and_warns_when_it_holds_training_images(tmp_path, tiny_config, caplog):
     tiny_config.data.update(train_split="train[:90%]", eval_split="train")
     with caplog.at_level(logging.INFO):
-        trainer.log_data_summary(setup_run(tiny_config, tmp_path))
+        log_data_summary(tiny_config, data.open_source(tiny_config.data).info)
     assert (
         "1293 train examples (split 'train[:90%]'); evaluation on split 'train' (1437 examples); also present: "
         "['test'] (data.eval_split chooses)."
@@ -286,7 +287,7 @@ def test_the_log_names_the_evaluated_split_and_warns_when_it_holds_training_imag
     caplog.clear()
     tiny_config.data.eval_split = "train[90%:]"  # a held-out part of the train split: nothing shared, no warning
     with caplog.at_level(logging.INFO):
-        trainer.log_data_summary(setup_run(tiny_config, tmp_path))
+        log_data_summary(tiny_config, data.open_source(tiny_config.data).info)
     assert "evaluation on split 'train[90%:]' (144 examples)" in caplog.text and "shares" not in caplog.text
 
 
@@ -356,12 +357,12 @@ def test_metrics_file_is_strict_json_with_non_finite_values_as_null(tmp_path):
 def test_run_config_warns_where_batch_norm_groups_or_mixing_do_not_fit_the_device_shards(
     monkeypatch, caplog, tiny_config, group, batch, mixing, warning
 ):
-    monkeypatch.setattr(trainer.jax, "device_count", lambda: 4)  # the check only needs the count
+    monkeypatch.setattr(jax, "device_count", lambda: 4)  # the check only needs the count
     tiny_config.global_batch_size = tiny_config.eval_batch_size = batch
     tiny_config.data.augment.update(mixup_alpha=mixing, mix_prob=1.0)
     tiny_config.model.batch_norm_group_size = group
     with caplog.at_level(logging.WARNING):
-        trainer.validate_run_config(tiny_config, trainer.build_model(tiny_config, num_classes=10))
+        check_fits(tiny_config, trainer.build_model(tiny_config, num_classes=10))
     if warning is None:
         assert not caplog.records
     else:

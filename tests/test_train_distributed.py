@@ -19,7 +19,8 @@ import pytest
 
 from conftest import REPO
 from qkv_vit import data
-from qkv_vit.train import train_and_evaluate, trainer
+from qkv_vit.data.pipeline import TFDataSource
+from qkv_vit.train import train_and_evaluate
 from qkv_vit.train.logging_utils import read_metrics
 from qkv_vit.weights import read_weights
 
@@ -60,7 +61,7 @@ def max_difference(a, b):
 
 @pytest.fixture
 def prepared(tiny_config, data_cache):
-    data.dataset_info(tiny_config.data)  # build the digits data set once, before processes race for it
+    data.open_source(tiny_config.data)  # build the digits data set once, before processes race for it
     tiny_config.total_steps = 6
     tiny_config.data.augment.update(mixup_alpha=0.0, cutmix_alpha=0.0)
     return tiny_config
@@ -107,14 +108,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-PROCESS_STREAM = data.build_train_iterator
+PROCESS_STREAM = TFDataSource.train_batches
 
 
-def two_process_stream(data_config, global_batch_size, *, seed, start_step):
+def two_process_stream(source, global_batch_size, *, seed, start_step):
     """What a 2-process job feeds: each global batch is process 0's local batch, then process 1's."""
     parts = [
         PROCESS_STREAM(
-            data_config,
+            source,
             global_batch_size,
             seed=seed,
             start_step=start_step,
@@ -150,7 +151,7 @@ def test_two_processes_train_together_like_one(tmp_path, prepared, data_cache, m
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
 
-    monkeypatch.setattr(trainer.data, "build_train_iterator", two_process_stream)
+    monkeypatch.setattr(TFDataSource, "train_batches", two_process_stream)
     reference = train_and_evaluate(prepared, tmp_path / "single")
     variables = read_weights(tmp_path / "multi").variables
     assert max_difference(variables["params"], jax.device_get(reference.params)) < TOLERANCE

@@ -36,9 +36,7 @@ def processes(process_index: int | None, process_count: int | None) -> tuple[int
     return process_index, process_count
 
 
-def train_seed(config_seed: int, seed: int | None, start_step: int) -> int:
-    """The train stream's seed (`seed`, else the data config's); DataConfigError unless it and `start_step` are >= 0."""
-    seed = config_seed if seed is None else seed
+def check_stream_position(seed: int, start_step: int) -> None:
+    """DataConfigError unless a train stream's seed and first step are >= 0."""
     if seed < 0 or start_step < 0:
         raise DataConfigError(f"seed and start_step must be >= 0, not {seed} and {start_step}.")
-    return seed

@@ -14,8 +14,11 @@ from ml_collections import config_dict
 from qkv_vit import config_rules as rules
 from qkv_vit.data.errors import DataConfigError
 
-SOURCES = ("digits", "tfds", "image_folder", "in_memory")
-PLACEMENTS = ("auto", "device", "host")  # where source="in_memory" holds the train split (qkv_vit.train.device_data)
+SOURCES = ("digits", "tfds", "image_folder")  # where the data come from
+# How batches are made: "tf_data" streams them on the host (qkv_vit.data.pipeline), "in_memory" gathers them from
+# arrays decoded once, without TensorFlow (qkv_vit.data.in_memory: image folders, archives and the digits).
+PIPELINES = ("tf_data", "in_memory")
+PLACEMENTS = ("auto", "device", "host")  # where pipeline="in_memory" holds the train split (qkv_vit.train.device_data)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -89,16 +92,19 @@ def augment_config(preset: str = "xcit") -> ml_collections.ConfigDict:
 _PRESET_SIZES = {"xcit": (224, 3), "transfer": (224, 1), "small": (32, 1), "none": (32, 1)}
 
 
-def get_config(preset: str = "small", source: str = "digits", name: str = "") -> ml_collections.ConfigDict:
-    """A complete data config: the offline digits source with the "small" preset unless told otherwise."""
+def get_config(
+    preset: str = "small", source: str = "digits", name: str = "", pipeline: str = "tf_data"
+) -> ml_collections.ConfigDict:
+    """A complete data config: the offline digits through tf.data with the "small" preset unless told otherwise."""
     augment = augment_config(preset)
     image_size, repeats = _PRESET_SIZES[preset]
     return ml_collections.ConfigDict(
         dict(
-            source=source,  # "digits" (offline default), "tfds", "image_folder" or "in_memory" (path, or the digits)
+            source=source,  # "digits" (offline default), "tfds" or "image_folder" (path)
+            pipeline=pipeline,  # "tf_data", or "in_memory" (image_folder or digits decoded once into arrays)
             name=name,  # tfds data set name for source="tfds", e.g. "imagenet2012", "cifar10"
             data_dir=config_dict.placeholder(str),  # tfds data_dir; None: tfds's default (~/tensorflow_datasets)
-            path=config_dict.placeholder(str),  # image_folder, in_memory: ROOT/<split>/<class>/*.jpg, or a tar of one
+            path=config_dict.placeholder(str),  # image_folder: ROOT/<split>/<class>/*.jpg, or a tar of one
             cache_dir=config_dict.placeholder(str),  # prepared digits / image folders; None: ~/.cache/qkv_vit
             train_split=config_dict.placeholder(str),  # None: the source's usual train split
             eval_split=config_dict.placeholder(str),  # None: the source's usual eval split
@@ -114,7 +120,7 @@ def get_config(preset: str = "small", source: str = "digits", name: str = "") ->
             prefetch=2,  # batches
             seed=0,
             bad_files="skip",  # image_folder: a file that is not an image is "skip"ped and counted, or an "error"
-            placement="auto",  # in_memory: the train split on the "device"s or the "host"; "auto": device if it fits
+            placement="auto",  # pipeline in_memory: the train split on the "device"s or the "host"; "auto": on them if it fits
         )
     )
 
@@ -152,6 +158,7 @@ AUGMENT_RULES = {
 
 DATA_RULES = {
     "source": rules.text(SOURCES),
+    "pipeline": rules.text(PIPELINES),
     "name": rules.text(),
     "data_dir": rules.text(nonempty=True, optional=True),
     "path": rules.text(nonempty=True, optional=True),
@@ -177,7 +184,17 @@ DATA_RULES = {
 def validate_config(config: ml_collections.ConfigDict, prefix: str = "") -> None:
     """Checks every field (type, length, range) and what each source needs, before any data is read; raises
     DataConfigError naming the first bad field (`prefix` + its key, e.g. "config.data.")."""
+    if config.get("source") == "in_memory":  # before the rules, which would only list the sources
+        raise DataConfigError(
+            f'{prefix}source="in_memory" is now {prefix}pipeline="in_memory", with {prefix}source="image_folder" '
+            '(and its path) or "digits" saying where the data come from.'
+        )
     rules.check_values(config, DATA_RULES, prefix, DataConfigError)
+    if config.pipeline == "in_memory" and config.source == "tfds":
+        raise DataConfigError(
+            f'{prefix}pipeline="in_memory" decodes image folders, archives and the digits (source="image_folder" or '
+            '"digits") without TensorFlow; a tfds data set is read by tf.data: set pipeline="tf_data".'
+        )
     if config.source == "tfds" and not config.name:
         raise DataConfigError(f'source="tfds" needs {prefix}name, e.g. "imagenet2012" or "cifar10".')
     if config.source == "image_folder" and not config.path:
@@ -190,8 +207,14 @@ def validate_config(config: ml_collections.ConfigDict, prefix: str = "") -> None
             f"{prefix}augment.crop_padding={augment.crop_padding} (pad-and-crop) replaces random-resized-crop: set "
             f'{prefix}augment.crop_scale="(1.0, 1.0)" and crop_ratio="(1.0, 1.0)", or crop_padding=0.'
         )
-    if config.placement == "device" and config.source != "in_memory":
+    if config.placement == "device" and config.pipeline != "in_memory":
         raise DataConfigError(
-            f'{prefix}placement="device" holds an in-memory data set on the devices: it needs source="in_memory", '
-            f"not {config.source!r} (tf.data sources stream from the host)."
+            f'{prefix}placement="device" holds an in-memory data set on the devices: it needs pipeline="in_memory" '
+            "(tf.data streams from the host)."
         )
+
+
+def crops_on_device(config: ml_collections.ConfigDict) -> bool:
+    """Whether the train batches come uncropped and unflipped, for the device to crop and flip (the in-memory
+    pipeline's host does no per-image work; tf.data's does them)."""
+    return config.pipeline == "in_memory"

@@ -1,8 +1,8 @@
 """Data sets that fit in memory (CIFAR-10/100, STL-10, the digits, image folders up to MAX_BYTES), decoded once
 into uint8 arrays without TensorFlow, and served as batches of those arrays.
 
-`data.source = "in_memory"` reads `data.path` (an image folder or tar, as for "image_folder") or, without a path,
-the offline digits. The first run decodes every image with PIL (in threads), resizes it as the eval pipeline
+`data.pipeline = "in_memory"` serves `data.source = "image_folder"` (`data.path`: an image folder or tar) or
+"digits" (the offline digits) this way. The first run decodes every image with PIL (in threads), resizes it as the eval pipeline
 does (short side to image_size / crop_ratio, bicubic, centre crop to image_size; an image already of that size
 is kept pixel for pixel) and caches the arrays in `<cache_dir>/in_memory/<key>/` (one .npy file per array, their
 sizes recorded: an entry cut short later is decoded again, `qkv_vit.data.cache`); later runs map those files into
@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 import numpy as np
 
 from qkv_vit.data import cache
+from qkv_vit.data.batching import check_stream_position, local_batch_size, processes
 from qkv_vit.data.config import validate_config
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.folders import (
@@ -48,6 +49,7 @@ from qkv_vit.data.folders import (
     tar_key,
 )
 from qkv_vit.data.info import DatasetInfo, SkippedFiles
+from qkv_vit.data.protocol import Batch
 
 MAX_BYTES = 16 << 30  # decoded arrays larger than this belong in a streaming source (image_folder, tfds)
 DIGITS_TEST_EVERY = 5  # the offline digits: every 5th image is held out (1,437 train / 360 test)
@@ -63,55 +65,103 @@ class ArraySplit:
 
 @dataclasses.dataclass(frozen=True)
 class ArraySource:
-    """A data set held as arrays, with the interface of `sources.Source` that the trainer uses."""
+    """A DataSource (qkv_vit.data.protocol) holding its splits as arrays decoded once: a train batch is a gather of
+    rows, on the host (train_batches) or, from `train_rows`, on devices that hold `train_arrays`
+    (qkv_vit.train.device_data)."""
 
     splits: dict[str, ArraySplit]
-    train_split: str
-    eval_split: str
-    class_names: list[str]
-    description: str
-    skipped_files: SkippedFiles | None = None
+    info: DatasetInfo
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
+    def train_arrays(self) -> ArraySplit:
+        return self.splits[self.info.train_split]
 
-    def num_examples(self, split: str) -> int:
-        return len(self.splits[split].labels)
+    def steps_per_epoch(
+        self, global_batch_size: int, *, process_count: int | None = None, local_device_count: int | None = None
+    ) -> int:
+        """Whole global batches of the train split per epoch (the remainder is left out each epoch)."""
+        _, process_count = processes(0, process_count)
+        local_batch_size(global_batch_size, process_count, local_device_count)
+        steps = len(self.train_arrays.labels) // global_batch_size
+        if steps == 0:
+            raise DataConfigError(
+                f"Global batch size {global_batch_size} is larger than the {len(self.train_arrays.labels)} "
+                f"train examples of {self.info.description}."
+            )
+        return steps
 
-    def info(self, num_classes: int | None = None) -> DatasetInfo:
-        others = [split for split in self.splits if split not in (self.train_split, self.eval_split)]
-        overlap = self.num_examples(self.train_split) if self.train_split == self.eval_split else 0
-        return DatasetInfo(
-            self.description,
-            self.train_split,
-            self.eval_split,
-            self.num_examples(self.train_split),
-            self.num_examples(self.eval_split),
-            num_classes or self.num_classes,
-            self.class_names,
-            others,
-            overlap,
-            self.skipped_files,
+    def train_rows(
+        self,
+        global_batch_size: int,
+        *,
+        seed: int,
+        start_step: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        local_device_count: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Endless (B,) int64 row indices into the train split, B = global_batch_size / process_count: process
+        p's slice of each global batch, in the epoch's order (the same permutation on every process). The first is
+        batch `start_step` of the stream that starts at 0."""
+        check_stream_position(seed, start_step)
+        process_index, process_count = processes(process_index, process_count)
+        local = local_batch_size(global_batch_size, process_count, local_device_count)
+        steps = self.steps_per_epoch(
+            global_batch_size, process_count=process_count, local_device_count=local_device_count
         )
+        epoch, step = divmod(start_step, steps)
+        while True:
+            order = epoch_order(seed, epoch, len(self.train_arrays.labels))
+            for position in range(step, steps):
+                first = position * global_batch_size + process_index * local
+                yield order[first : first + local]
+            epoch, step = epoch + 1, 0
+
+    def train_batches(self, global_batch_size: int, **stream: Any) -> Iterator[Batch]:
+        """Endless {"image" (B,S,S,3) uint8, "label" (B,) int32}: the rows of `train_rows` (same arguments),
+        gathered on the host."""
+        split = self.train_arrays
+        for rows in self.train_rows(global_batch_size, **stream):
+            yield {"image": split.images[rows], "label": split.labels[rows]}
+
+    def eval_batches(
+        self,
+        global_batch_size: int,
+        split: str | None = None,
+        *,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        local_device_count: int | None = None,
+    ) -> ArrayEvalBatches:
+        """Eval batches {"image" uint8, "label" int32, "mask" float32 (0 on padding)} of `split` (default: the
+        eval split), each example once over all processes."""
+        process_index, process_count = processes(process_index, process_count)
+        local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
+        split = split or self.info.eval_split
+        if split not in self.splits:
+            raise DataConfigError(
+                f"Bad split {split!r} for {self.info.description}. Valid splits: {sorted(self.splits)}."
+            )
+        return ArrayEvalBatches(self.splits[split], local_batch, process_index, process_count)
 
 
 def open_in_memory(config: ml_collections.ConfigDict) -> ArraySource:
-    """The configured data as arrays (decoded now, or loaded from the cache); DataConfigError with the fix."""
+    """config.data's image folder, archive or digits as arrays (decoded now, or loaded from the cache); DataConfigError
+    with the fix."""
     validate_config(config)
     check_device_augmentation(config)
-    cache_dir = cache.cache_dir_of(config.cache_dir)
-    if config.path:
+    if config.source == "image_folder":
+        cache_dir = cache.cache_dir_of(config.cache_dir)
         splits, class_names, skipped = _folder_arrays(Path(config.path).expanduser(), cache_dir, config)
         description = f"image folder {config.path} (in memory)"
-    else:
+    else:  # validate_config allows the digits besides
         splits, class_names, skipped = _digits_arrays(config.image_size), [str(d) for d in range(10)], None
         description = "the offline digits data set (in memory)"
     for split in (config.train_split, config.eval_split):
         if split is not None and split not in splits:
             raise DataConfigError(
-                f"Split {split!r} is not one of {description}'s splits {sorted(splits)} (source='in_memory' takes "
-                "whole splits: sub-splits such as 'train[:90%]' need source='image_folder')."
+                f"Split {split!r} is not one of {description}'s splits {sorted(splits)} (pipeline='in_memory' takes "
+                "whole splits: sub-splits such as 'train[:90%]' need pipeline='tf_data')."
             )
     train_split = config.train_split or find_split(list(splits), TRAIN_SPLIT_NAMES) or "train"
     eval_split = config.eval_split or find_split(list(splits), HELD_OUT_SPLIT_NAMES)
@@ -119,7 +169,24 @@ def open_in_memory(config: ml_collections.ConfigDict) -> ArraySource:
         raise DataConfigError(no_held_out_split_message(description, sorted(splits)))
     if train_split not in splits:
         raise DataConfigError(f"{description} has no train split: its splits are {sorted(splits)}.")
-    return ArraySource(splits, train_split, eval_split, class_names, description, skipped)
+    if config.num_classes is not None and config.num_classes < len(class_names):
+        raise DataConfigError(
+            f"num_classes={config.num_classes} is less than the {len(class_names)} classes of {description}."
+        )
+    others = [split for split in splits if split not in (train_split, eval_split)]
+    info = DatasetInfo(
+        description,
+        train_split,
+        eval_split,
+        len(splits[train_split].labels),
+        len(splits[eval_split].labels),
+        config.num_classes or len(class_names),
+        class_names,
+        others,
+        len(splits[train_split].labels) if train_split == eval_split else 0,
+        skipped,
+    )
+    return ArraySource(splits, info)
 
 
 def check_device_augmentation(config: ml_collections.ConfigDict) -> None:
@@ -133,9 +200,9 @@ def check_device_augmentation(config: ml_collections.ConfigDict) -> None:
     set_keys = [key for key, value in host_only.items() if value]
     if set_keys:
         raise DataConfigError(
-            f"source='in_memory' crops, flips, erases and mixes on the device; {', '.join(set_keys)} run only in "
+            f"pipeline='in_memory' crops, flips, erases and mixes on the device; {', '.join(set_keys)} run only in "
             "the tf.data pipelines. Set them off (randaugment_layers=0, color_jitter=0, repeated_augmentation=1) "
-            "or use source='image_folder' or 'tfds'."
+            "or use pipeline='tf_data'."
         )
 
 
@@ -153,7 +220,6 @@ def _folder_arrays(
     key = tar_key(path) if is_tar else folder_key(path)
     entry = cache_dir / "in_memory" / f"{key}-{config.image_size}-{config.crop_ratio:g}-v{_FORMAT_VERSION}"
     if not cache.whole(entry, _META, f"decoding {path}", _unreadable):
-        _read.cache_clear()  # no arrays of a discarded entry stay open
         _decode_folder(path, is_tar, entry, config)
     return _load(entry, config.bad_files, path)
 
@@ -176,7 +242,7 @@ def _decode_folder(path: Path, is_tar: bool, entry: Path, config: ml_collections
         if bytes_needed > MAX_BYTES:
             raise DataConfigError(
                 f"{path} would take {bytes_needed / 2**30:.1f} GiB decoded at {config.image_size}x{config.image_size}, "
-                f"more than source='in_memory' holds ({MAX_BYTES / 2**30:.0f} GiB): use source='image_folder'."
+                f"more than pipeline='in_memory' holds ({MAX_BYTES / 2**30:.0f} GiB): use pipeline='tf_data'."
             )
         written = work / "entry"
         written.mkdir()
@@ -249,13 +315,10 @@ def _load(entry: Path, bad_files: str, path: Path) -> tuple[dict[str, ArraySplit
     )
 
 
-@functools.lru_cache(maxsize=4)
 def _read(entry: Path) -> tuple[dict[str, ArraySplit], dict]:
-    """The arrays and record of one cache entry, opened once per process and shared, read-only, by every open of
-    it (the trainer opens its data four times: run setup, run length, train and eval batches). The images are
-    memory-mapped: pages are read on first use and held by the OS's page cache, which every process on the host
-    shares, so 8 processes (one per GPU) hold one copy, not 8. An entry's name is its content's key, so a cached
-    read never goes stale."""
+    """The arrays and record of one cache entry, read-only. The images are memory-mapped: pages are read on first
+    use and held by the OS's page cache, which every process on the host shares, so 8 processes (one per GPU) hold
+    one copy, not 8."""
     meta = json.loads((entry / _META).read_text())
     splits = {
         split: _read_only(
@@ -277,10 +340,8 @@ def skipped_list(entry: Path) -> Path:
     return entry / "skipped.txt"
 
 
-@functools.lru_cache(maxsize=4)
 def _digits_arrays(image_size: int) -> dict[str, ArraySplit]:
-    """scikit-learn's digits (0..16 counts spread over 0..255, grey to RGB), resized to image_size; made once per
-    process and size, and shared read-only (as `_read`)."""
+    """scikit-learn's digits (0..16 counts spread over 0..255, grey to RGB), resized to image_size, read-only."""
     import PIL.Image
     from sklearn.datasets import load_digits
 
@@ -298,55 +359,9 @@ def _digits_arrays(image_size: int) -> dict[str, ArraySplit]:
 # ---- batches ----
 
 
-def train_steps(source: ArraySource, global_batch_size: int) -> int:
-    """Train steps per epoch: whole global batches of the train split (the remainder is left out each epoch)."""
-    steps = source.num_examples(source.train_split) // global_batch_size
-    if steps == 0:
-        raise DataConfigError(
-            f"Global batch size {global_batch_size} is larger than the {source.num_examples(source.train_split)} "
-            f"train examples of {source.description}."
-        )
-    return steps
-
-
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     """The train split's order in `epoch`: a permutation drawn from (seed, epoch), the same on every process."""
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
-def train_rows(
-    source: ArraySource,
-    global_batch_size: int,
-    seed: int,
-    start_step: int,
-    process_index: int,
-    process_count: int,
-) -> Iterator[np.ndarray]:
-    """Endless (B,) int64 row indices into the train split, B = global_batch_size / process_count: process p's
-    slice of each global batch, in the epoch's order. The first is batch `start_step` of the stream that starts
-    at 0. The host-resident batches gather these rows here; the device-resident ones on the device."""
-    steps, local = train_steps(source, global_batch_size), global_batch_size // process_count
-    epoch, step = divmod(start_step, steps)
-    while True:
-        order = epoch_order(seed, epoch, source.num_examples(source.train_split))
-        for position in range(step, steps):
-            first = position * global_batch_size + process_index * local
-            yield order[first : first + local]
-        epoch, step = epoch + 1, 0
-
-
-def train_batches(
-    source: ArraySource,
-    global_batch_size: int,
-    seed: int,
-    start_step: int,
-    process_index: int,
-    process_count: int,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Endless {"image" (B,S,S,3) uint8, "label" (B,) int32}: the rows of `train_rows`, gathered on the host."""
-    split = source.splits[source.train_split]
-    for rows in train_rows(source, global_batch_size, seed, start_step, process_index, process_count):
-        yield {"image": split.images[rows], "label": split.labels[rows]}
 
 
 class ArrayEvalBatches:

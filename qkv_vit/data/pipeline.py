@@ -11,14 +11,14 @@ whose "mask" is 0, so each example of the split is counted exactly once, whateve
 
 Images leave as uint8 after the per-image augmentation (crop, flip, RandAugment, colour jitter): the
 trainer's step normalizes, erases and mixes them on the device (qkv_vit.train.finishing), so the host
-ships a quarter of float32's bytes and does no per-pixel float work. `finish_on_host=True` gives the
-finished float32 batches instead (normalized, erased, mixed with soft labels), for consumers outside the
-trainer. tf.data runs on a private thread pool with one thread per op, as big_vision configures it.
+ships a quarter of float32's bytes and does no per-pixel float work. tf.data runs on a private thread pool
+with one thread per op, as big_vision configures it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import math
 import os
@@ -30,72 +30,111 @@ import tensorflow_datasets as tfds
 
 from qkv_vit.data import augment as augment_lib
 from qkv_vit.data._tensorflow import tf
-from qkv_vit.data.batching import local_batch_size, processes, train_seed
+from qkv_vit.data.batching import check_stream_position, local_batch_size, processes
 from qkv_vit.data.errors import DataConfigError
-from qkv_vit.data.mixup import mix_batch
-from qkv_vit.data.sources import Source, open_source
+from qkv_vit.data.info import DatasetInfo
+from qkv_vit.data.protocol import Batch
+from qkv_vit.data.sources import PreparedSource, prepare_source
 
-Batch = dict[str, np.ndarray]
 _EPOCH_OVERLAP = 8  # batches before an epoch ends at which the next epoch's pipeline starts warming up
+# The seed streams of an epoch (_derive_seed): fixed numbers, so a stream's batches stay those of earlier versions.
+EXAMPLE_STREAM, SHUFFLE_STREAM = 0, 2
 
 
-def steps_per_epoch(
-    data_config: ml_collections.ConfigDict,
-    global_batch_size: int,
-    *,
-    process_count: int | None = None,
-    local_device_count: int | None = None,
-) -> int:
-    """Train batches per epoch, the same on every process (each drops its last partial batch)."""
-    _, process_count = processes(0, process_count)
-    local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
-    source = open_source(data_config)
-    return _train_steps(source, local_batch, 0, process_count)[1]
+@dataclasses.dataclass(frozen=True)
+class TFDataSource:
+    """A DataSource (qkv_vit.data.protocol) whose batches tf.data makes on the host, from a prepared tfds builder
+    (`sources.PreparedSource`: a tfds data set, an image folder or archive converted once, or the digits)."""
 
+    prepared: PreparedSource
+    config: ml_collections.ConfigDict  # config.data
+    info: DatasetInfo
 
-def build_train_iterator(
-    data_config: ml_collections.ConfigDict,
-    global_batch_size: int,
-    *,
-    seed: int | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    start_step: int = 0,
-    local_device_count: int | None = None,
-    finish_on_host: bool = False,
-) -> Iterator[Batch]:
-    """Endless train batches {"image" (B,H,W,3) uint8, "label" (B,) int32}, for the device to finish; with
-    `finish_on_host` {"image" float32 normalized and erased, "label", "soft_label" (B,C) float32}, mixed.
+    def steps_per_epoch(
+        self, global_batch_size: int, *, process_count: int | None = None, local_device_count: int | None = None
+    ) -> int:
+        """Train batches per epoch, the same on every process (each drops its last partial batch)."""
+        _, process_count = processes(0, process_count)
+        local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
+        return _train_steps(self.prepared, local_batch, 0, process_count)[1]
 
-    B = global_batch_size / process_count. `seed` defaults to data_config.seed; `start_step` resumes
-    the stream: the first batch yielded is batch `start_step` of the stream that starts at 0.
-    """
-    seed = train_seed(data_config.seed, seed, start_step)
-    process_index, process_count = processes(process_index, process_count)
-    local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
-    source = open_source(data_config)  # after the cheap checks: it may convert an image folder
-    split, steps = _train_steps(source, local_batch, process_index, process_count)
-    num_classes = data_config.num_classes or source.num_classes
-    augment, mix = _train_functions(data_config, local_batch, num_classes, finish_on_host)
+    def train_batches(
+        self,
+        global_batch_size: int,
+        *,
+        seed: int,
+        start_step: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        local_device_count: int | None = None,
+    ) -> Iterator[Batch]:
+        """Endless train batches {"image" (B,H,W,3) uint8, "label" (B,) int32}, B = global_batch_size /
+        process_count, augmented per image (crop, flip, RandAugment, colour jitter) for the device to finish. The
+        first yielded is batch `start_step` of the stream that starts at 0."""
+        check_stream_position(seed, start_step)
+        process_index, process_count = processes(process_index, process_count)
+        local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
+        split, steps = _train_steps(self.prepared, local_batch, process_index, process_count)
+        augment = _train_augmentation(self.config)
 
-    def make_epoch(epoch: int, skip_batches: int) -> tf.data.Dataset:
-        return _train_epoch(
-            source,
-            data_config,
-            split,
-            local_batch,
-            steps,
-            augment,
-            mix,
-            seeds=[_derive_seed(seed, epoch, process_index, stream) for stream in range(3)],
-            skip_batches=skip_batches,
+        def make_epoch(epoch: int, skip_batches: int) -> tf.data.Dataset:
+            seeds = [_derive_seed(seed, epoch, process_index, stream) for stream in (EXAMPLE_STREAM, SHUFFLE_STREAM)]
+            return _train_epoch(
+                self.prepared, self.config, split, local_batch, steps, augment, seeds, skip_batches=skip_batches
+            )
+
+        return _endless(make_epoch, steps, start_step)
+
+    def eval_batches(
+        self,
+        global_batch_size: int,
+        split: str | None = None,
+        *,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        local_device_count: int | None = None,
+    ) -> EvalBatches:
+        """Eval batches {"image" uint8, "label" int32, "mask" float32 (1 real, 0 padding)} of `split` (default:
+        the eval split)."""
+        process_index, process_count = processes(process_index, process_count)
+        local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
+        prepared, config = self.prepared, self.config
+        split = split or prepared.eval_split
+        prepared.check_split(split)
+        parts = [
+            tfds.split_for_jax_process(split, process_index=index, process_count=process_count)
+            for index in range(process_count)
+        ]
+        # Every process runs as many batches as the largest part needs, so collective ops stay in step.
+        num_batches = math.ceil(max(prepared.num_examples(part) for part in parts) / local_batch)
+        preprocess = augment_lib.eval_preprocess(config, finish=False)
+        examples = prepared.read(parts[process_index]).map(
+            lambda example: {
+                "image": preprocess(example["image"]),
+                "label": example["label"],
+                "mask": tf.constant(1.0),
+            },
+            num_parallel_calls=_parallel(config),
+            deterministic=True,
         )
+        size = config.image_size
+        padding = tf.data.Dataset.from_tensors(
+            {"image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0), "mask": tf.constant(0.0)}
+        ).repeat()
+        batches = examples.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
+        dataset = _with_options(batches.prefetch(config.prefetch))
+        return EvalBatches(dataset, num_batches, prepared.num_examples(parts[process_index]))
 
-    return _endless(make_epoch, steps, start_step)
+
+def open_tf_data(config: ml_collections.ConfigDict) -> TFDataSource:
+    """config.data's data set, prepared (a tfds data set, an image folder converted once, the digits) and served by
+    tf.data; DataConfigError with the fix if it cannot be read."""
+    prepared = prepare_source(config)
+    return TFDataSource(prepared, config, prepared.info(config.num_classes))
 
 
 def _train_steps(
-    source: Source, local_batch: int, process_index: int, process_count: int
+    source: PreparedSource, local_batch: int, process_index: int, process_count: int
 ) -> tuple[tfds.typing.SplitArg, int]:
     # drop_remainder: every process gets floor(N / process_count) examples, so all run the same steps.
     split = tfds.split_for_jax_process(
@@ -120,75 +159,42 @@ def _parallel(config: ml_collections.ConfigDict) -> int:
     return tf.data.AUTOTUNE if config.num_parallel_calls < 0 else config.num_parallel_calls
 
 
-def _train_functions(
-    config: ml_collections.ConfigDict, local_batch: int, num_classes: int, finish: bool
-) -> tuple[Callable, Callable | None]:
-    """The per-image augmentation and (finishing on the host) the per-batch mixing, traced once and reused by every
-    epoch's pipeline."""
-    size, augment = config.image_size, config.augment
+def _train_augmentation(config: ml_collections.ConfigDict) -> Callable:
+    """The per-image augmentation, traced once and reused by every epoch's pipeline."""
     decoded = config.repeated_augmentation > 1  # see _train_epoch: each image is decoded once for its copies
     image_spec = tf.TensorSpec([None, None, 3], tf.uint8) if decoded else tf.TensorSpec([], tf.string)
-    preprocess = tf.function(
-        augment_lib.train_preprocess(config, finish, decoded),
+    return tf.function(
+        augment_lib.train_preprocess(config, finish=False, decoded=decoded),
         input_signature=[image_spec, tf.TensorSpec([2], tf.int64)],
     )
-    if not finish:
-        return preprocess, None
-    mix = tf.function(
-        functools.partial(
-            mix_batch,
-            num_classes=num_classes,
-            mixup_alpha=augment.mixup_alpha,
-            cutmix_alpha=augment.cutmix_alpha,
-            mix_prob=augment.mix_prob,
-            switch_prob=augment.mix_switch_prob,
-            label_smoothing=augment.label_smoothing,
-        ),
-        input_signature=[
-            tf.TensorSpec([local_batch, size, size, 3], tf.float32),
-            tf.TensorSpec([local_batch], tf.int32),
-            tf.TensorSpec([2], tf.int64),
-        ],
-    )
-    return preprocess, mix
 
 
 def _train_epoch(
-    source: Source,
+    prepared: PreparedSource,
     config: ml_collections.ConfigDict,
     split,
     local_batch: int,
     steps: int,
     augment: Callable,
-    mix: Callable | None,
     seeds: list[int],
     skip_batches: int,
 ) -> tf.data.Dataset:
-    example_seed, mix_seed, shuffle_seed = seeds
-    records = source.read(split, shuffle_seed=shuffle_seed)
+    example_seed, shuffle_seed = seeds
+    records = prepared.read(split, shuffle_seed=shuffle_seed)
     if config.shuffle_buffer > 1:
         records = records.shuffle(config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
     records = _positions(records, config, steps * local_batch, skip_batches * local_batch)
 
-    # The closures only call already-traced tf.functions: nothing for AutoGraph to convert (and it warns).
+    # The closure only calls an already-traced tf.function: nothing for AutoGraph to convert (and it warns).
     @tf.autograph.experimental.do_not_convert
     def augment_example(index: tf.Tensor, example: dict) -> dict:
         seed = tf.stack([tf.constant(example_seed, tf.int64), index])
         return {"image": augment(example["image"], seed), "label": example["label"], "position": index}
 
-    @tf.autograph.experimental.do_not_convert
-    def mix_batch_at(step: tf.Tensor, batch: dict) -> dict:
-        images, soft_labels = mix(batch["image"], batch["label"], tf.stack([tf.constant(mix_seed, tf.int64), step]))
-        return {"image": images, "label": batch["label"], "soft_label": soft_labels}
-
     batches = records.map(augment_example, num_parallel_calls=_parallel(config), deterministic=True)
     batches = batches.batch(local_batch, drop_remainder=True).map(
         functools.partial(_spread_copies, repeats=config.repeated_augmentation)
     )
-    if mix is not None:
-        batches = batches.enumerate(start=skip_batches).map(
-            mix_batch_at, num_parallel_calls=_parallel(config), deterministic=True
-        )
     return _with_options(batches.prefetch(config.prefetch))
 
 
@@ -271,45 +277,3 @@ class EvalBatches:
 
     def __len__(self) -> int:
         return self.num_batches
-
-
-def build_eval_iterator(
-    data_config: ml_collections.ConfigDict,
-    global_batch_size: int,
-    split: str | None = None,
-    *,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    local_device_count: int | None = None,
-    finish_on_host: bool = False,
-) -> EvalBatches:
-    """Eval batches {"image" uint8 (float32 normalized with `finish_on_host`), "label" int32, "mask" float32
-    (1 real, 0 padding)} of `split` (default: the eval split)."""
-    process_index, process_count = processes(process_index, process_count)
-    local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
-    source = open_source(data_config)
-    split = split or source.eval_split
-    source.check_split(split)
-    parts = [
-        tfds.split_for_jax_process(split, process_index=index, process_count=process_count)
-        for index in range(process_count)
-    ]
-    # Every process runs as many batches as the largest part needs, so collective ops stay in step.
-    num_batches = math.ceil(max(source.num_examples(part) for part in parts) / local_batch)
-    preprocess = augment_lib.eval_preprocess(data_config, finish_on_host)
-    examples = source.read(parts[process_index]).map(
-        lambda example: {"image": preprocess(example["image"]), "label": example["label"], "mask": tf.constant(1.0)},
-        num_parallel_calls=_parallel(data_config),
-        deterministic=True,
-    )
-    size = data_config.image_size
-    padding = tf.data.Dataset.from_tensors(
-        {
-            "image": tf.zeros([size, size, 3], tf.float32 if finish_on_host else tf.uint8),
-            "label": tf.constant(0),
-            "mask": tf.constant(0.0),
-        }
-    ).repeat()
-    batches = examples.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
-    dataset = _with_options(batches.prefetch(data_config.prefetch))
-    return EvalBatches(dataset, num_batches, source.num_examples(parts[process_index]))

@@ -1,7 +1,7 @@
-"""One interface over every data source: a prepared tfds builder plus its split names and classes.
+"""Where tf.data reads from: a prepared tfds builder plus its split names and classes.
 
-`open_source(config)` turns a data config into a `Source` (validating it, and preparing the digits or
-an image folder when needed); `Source.read(split)` gives a tf.data.Dataset of still-encoded images
+`prepare_source(config)` turns a data config into a `PreparedSource` (validating it, and preparing the digits or
+an image folder when needed); `PreparedSource.read(split)` gives a tf.data.Dataset of still-encoded images
 and int32 labels, so that shuffling and skipping cost no decoding.
 """
 
@@ -40,7 +40,7 @@ TFDS_DATASETS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Source:
+class PreparedSource:
     """A prepared data set: the tfds builder to read, the splits to use and the class names."""
 
     builder: tfds.core.DatasetBuilder
@@ -126,7 +126,7 @@ class Source:
         return dataset.map(lambda example: {"image": example["image"], "label": tf.cast(example["label"], tf.int32)})
 
 
-def open_source(config: ml_collections.ConfigDict) -> Source:
+def prepare_source(config: ml_collections.ConfigDict) -> PreparedSource:
     """Validates the config and returns the prepared source; raises DataConfigError with the fix."""
     validate_config(config)
     if config.source == "digits":
@@ -198,7 +198,7 @@ def _make_source(
     eval_default: str | None,
     description: str,
     skipped_files: SkippedFiles | None = None,
-) -> Source:
+) -> PreparedSource:
     """The source with its splits: the config's, else the data set's own defaults, else found by name."""
     features = builder.info.features
     if "image" not in features or "label" not in features:
@@ -210,7 +210,7 @@ def _make_source(
     eval_split = config.eval_split or eval_default or find_split(available, HELD_OUT_SPLIT_NAMES)
     if eval_split is None:
         raise DataConfigError(no_held_out_split_message(description, available))
-    source = Source(builder, train_split, eval_split, list(features["label"].names), description, skipped_files)
+    source = PreparedSource(builder, train_split, eval_split, list(features["label"].names), description, skipped_files)
     source.check_split(source.train_split)
     source.check_split(source.eval_split)
     return source

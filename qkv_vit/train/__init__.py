@@ -3,7 +3,7 @@
 The step, optimizer, state and sharding modules (`qkv_vit.train.steps`, `.optimizer`, `.state`, `.sharding`)
 import without TensorFlow, tfds, clu or ml_collections, so a model can be stepped on synthetic data where
 those are not installed; the names below load the trainer on first use. The trainer itself needs
-ml_collections, and TensorFlow and tfds only to read data through tf.data: with data.source="in_memory" it runs
+ml_collections, and TensorFlow and tfds only to read data through tf.data: with data.pipeline="in_memory" it runs
 without them and without clu (then writing metrics.jsonl but no TensorBoard events).
 """
 

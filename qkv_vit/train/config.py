@@ -1,8 +1,15 @@
-"""Defaults of a training run; each configs/*.py starts from base_config() and overrides a few fields."""
+"""Defaults of a training run (each configs/*.py starts from base_config() and overrides a few fields), and the
+checks a config passes before any work: its values' rules (check_config), then how they fit the devices, the model
+and the mesh (check_fits).
+"""
 
+import contextlib
+import logging
 import typing
+from collections.abc import Iterator
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
@@ -10,8 +17,8 @@ from ml_collections import config_dict
 from qkv_vit import config_rules as rules
 from qkv_vit import data, models
 from qkv_vit.errors import ConfigError
+from qkv_vit.train import sharding
 from qkv_vit.train.optimizer import OPTIMIZERS
-from qkv_vit.train.sharding import SHARDING_STRATEGIES
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # parameters stay float32 either way
 NONFINITE_POLICIES = ("stop", "skip")  # a NaN/inf step: stop the run, or skip the update
@@ -109,9 +116,8 @@ def shrink_for_local_run(
     """
     if not keep_data:
         augment, repeats = config.data.augment, config.data.repeated_augmentation
-        # The in-memory source reads the digits too (without a path), keeping its own code path.
-        source = "in_memory" if config.data.source == "in_memory" else "digits"
-        config.data = data.get_config("small", source=source)
+        # The digits through the config's own pipeline, which keeps its code path.
+        config.data = data.get_config("small", source="digits", pipeline=config.data.pipeline)
         config.data.update(augment=augment, repeated_augmentation=repeats, shuffle_buffer=256)
     config.data.image_size = 32
     config.model.update(embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1)
@@ -162,7 +168,7 @@ RUN_RULES = {
     "ema_decay": rules.number(0.0, 1.0, high_open=True, optional=True),
     "nonfinite": rules.text(NONFINITE_POLICIES),
     "mesh": {"data": rules.integer(1, or_minus_one=True), "fsdp": rules.integer(1, or_minus_one=True)},
-    "sharding": rules.text(SHARDING_STRATEGIES),
+    "sharding": rules.text(sharding.SHARDING_STRATEGIES),
     "log_every_steps": rules.integer(1),
     "eval_every_steps": rules.integer(0),  # 0: only at the end
     # Metric names are <eval_name>/top1 and ema_<eval_name>/top1, beside train/*: a name must not collide with them.
@@ -188,6 +194,56 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     ConfigError (DataConfigError for config.data) naming the first bad key, what it must be, and what it got."""
     rules.check_values(config, RUN_RULES, "config.", renamed=RENAMED_KEYS)
     data.validate_config(config.data, prefix="config.data.")
+
+
+@contextlib.contextmanager
+def config_mistakes(keys: str) -> Iterator[None]:
+    """A ValueError raised while building from the config values `keys` is a mistake in them: a ConfigError."""
+    try:
+        yield
+    except ConfigError:  # DataConfigError and WeightMismatchError included
+        raise
+    except ValueError as error:
+        raise ConfigError(f"{error} Check {keys}.") from error
+
+
+def check_fits(config: ml_collections.ConfigDict, model: models.XCiT) -> None:
+    """What the values' own rules (check_config) cannot see: how they fit the devices, the model and the mesh."""
+    devices = jax.device_count()
+    for name in ("global_batch_size", "eval_batch_size"):
+        size = config.get(name)
+        if size is not None and size % devices:
+            raise ConfigError(
+                f"config.{name}={size} is not divisible by the {devices} devices; use a multiple of {devices}."
+            )
+    group, per_device = model.batch_norm_group_size, config.global_batch_size // devices
+    if group is not None and config.global_batch_size % group:
+        raise ConfigError(
+            f"config.model.batch_norm_group_size={group} does not divide config.global_batch_size="
+            f"{config.global_batch_size}: BatchNorm normalizes groups of that many images of each batch."
+        )
+    if group is not None and per_device % group and group % per_device:
+        logging.warning(
+            "BatchNorm groups of %d images straddle the devices' shards of %d images: XLA gathers their "
+            "activations across devices for every BatchNorm (slower). A group size that divides the "
+            "per-device batch, or is a multiple of it, avoids that.",
+            group,
+            per_device,
+        )
+    augment = config.data.augment
+    if per_device < 2 and augment.mix_prob > 0 and (augment.mixup_alpha > 0 or augment.cutmix_alpha > 0):
+        logging.warning(
+            "Each device mixes (mixup / cutmix) its own shard of the batch, and it holds %d image: nothing "
+            "is mixed. Use a larger global batch, or fewer devices.",
+            per_device,
+        )
+    if config.data.image_size % model.patch_size:
+        raise ConfigError(
+            f"config.data.image_size={config.data.image_size} is not divisible by the patch size {model.patch_size}: "
+            f"use a multiple of {model.patch_size}."
+        )
+    with config_mistakes(f"config.mesh={config.mesh.to_dict()}"):
+        sharding.make_mesh(config.mesh)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -1,9 +1,9 @@
-"""The in-memory source's train split held on the devices (`config.data.placement`), each batch gathered there.
+"""The in-memory pipeline's train split held on the devices (`config.data.placement`), each batch gathered there.
 
 With placement "device" the train images (N, S, S, 3) uint8 and labels (N,) int32 are copied once to every
 device (replicated, so each device gathers its own shard of a batch without any image crossing devices); per
 step the host then sends only row indices, 4 bytes an image instead of S x S x 3, and does no other work. The
-rows are those of the host-resident stream (`qkv_vit.data.build_train_rows`: the epoch's permutation, each
+rows are those of the host-resident stream (`ArraySource.train_rows`: the epoch's permutation, each
 process its slice of every global batch), so both placements give the same batches pixel for pixel, and a run
 resumed under the other placement continues exactly.
 
@@ -81,7 +81,7 @@ def _gather(images: jax.Array, labels: jax.Array, rows: jax.Array) -> dict[str, 
 class DeviceResidentBatches(Iterator[dict[str, jax.Array]]):
     """Train batches {"image" (B, S, S, 3) uint8, "label" (B,) int32} gathered on the devices, laid out by
     `sharding` as the host path's `sharding.global_batch` lays them out; `rows`: this process's row indices per
-    step (build_train_rows)."""
+    step (ArraySource.train_rows)."""
 
     def __init__(self, split: ArraySplit, rows: Iterator[np.ndarray], batch_sharding: NamedSharding):
         self.images, self.labels = replicate(split.images, batch_sharding), replicate(split.labels, batch_sharding)

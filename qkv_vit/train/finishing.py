@@ -32,7 +32,7 @@ CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many boxes, the
 
 @dataclasses.dataclass(frozen=True)
 class BatchFinishing:
-    """The recipe the device applies to a uint8 batch (from config.data and its `augment` group)."""
+    """What the device does to a uint8 batch (from config.data and its `augment` group)."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -54,13 +54,14 @@ class BatchFinishing:
     label_smoothing: float = 0.0
 
     @classmethod
-    def from_config(cls, data_config: Any, num_classes: int) -> BatchFinishing:
+    def from_config(cls, data_config: Any, num_classes: int, geometry: bool) -> BatchFinishing:
+        """From config.data; `geometry`: whether the batches come uncropped (data.crops_on_device)."""
         augment = data_config.augment
         return cls(
             tuple(data_config.mean),
             tuple(data_config.std),
             num_classes,
-            data_config.source == "in_memory",
+            geometry,
             tuple(augment.crop_scale),
             tuple(augment.crop_ratio),
             augment.crop_padding,
@@ -133,17 +134,17 @@ def pad_and_crop(image: jax.Array, key: jax.Array, padding: int) -> jax.Array:
     return jax.lax.dynamic_slice(padded, (top, left, 0), image.shape)
 
 
-def crop_and_flip_each(images: jax.Array, keys: jax.Array, recipe: BatchFinishing) -> jax.Array:
-    """Pad-and-crop or random-resized-crop (when the recipe crops) and horizontal flip of each float image with
+def crop_and_flip_each(images: jax.Array, keys: jax.Array, finishing: BatchFinishing) -> jax.Array:
+    """Pad-and-crop or random-resized-crop (when the finishing crops) and horizontal flip of each float image with
     its own key."""
 
     def one(image: jax.Array, key: jax.Array) -> jax.Array:
         crop_key, flip_key = jax.random.split(key)
-        if recipe.crop_padding:
-            image = pad_and_crop(image, crop_key, recipe.crop_padding)
-        elif recipe.crops:
-            image = random_resized_crop(image, crop_key, recipe.crop_scale, recipe.crop_ratio)
-        flip = jax.random.uniform(flip_key) < recipe.flip_prob
+        if finishing.crop_padding:
+            image = pad_and_crop(image, crop_key, finishing.crop_padding)
+        elif finishing.crops:
+            image = random_resized_crop(image, crop_key, finishing.crop_scale, finishing.crop_ratio)
+        flip = jax.random.uniform(flip_key) < finishing.flip_prob
         return jnp.where(flip, image[:, ::-1], image)
 
     return jax.vmap(one)(images, keys)
@@ -180,7 +181,7 @@ def random_erasing(
     return jax.lax.cond(erase, erased, lambda: image)
 
 
-def erase_each(images: jax.Array, keys: jax.Array, recipe: BatchFinishing) -> jax.Array:
+def erase_each(images: jax.Array, keys: jax.Array, finishing: BatchFinishing) -> jax.Array:
     """random_erasing on each image (B, H, W, C) with its own key.
 
     On a CPU backend one image at a time (lax.map), so that the N(0, 1) noise, which dominates the cost there,
@@ -190,7 +191,12 @@ def erase_each(images: jax.Array, keys: jax.Array, recipe: BatchFinishing) -> ja
 
     def one(image: jax.Array, key: jax.Array) -> jax.Array:
         return random_erasing(
-            image, key, recipe.erasing_prob, recipe.erasing_area, recipe.erasing_aspect_min, recipe.erasing_mode
+            image,
+            key,
+            finishing.erasing_prob,
+            finishing.erasing_area,
+            finishing.erasing_aspect_min,
+            finishing.erasing_mode,
         )
 
     if jax.default_backend() == "cpu":
@@ -221,21 +227,23 @@ def _cutmix_box(height: int, width: int, lam: jax.Array, key: jax.Array) -> tupl
     return inside, 1.0 - ((bottom - top) * (right - left)) / (height * width)
 
 
-def mix(images: jax.Array, labels: jax.Array, key: jax.Array, recipe: BatchFinishing) -> tuple[jax.Array, jax.Array]:
+def mix(images: jax.Array, labels: jax.Array, key: jax.Array, finishing: BatchFinishing) -> tuple[jax.Array, jax.Array]:
     """timm's Mixup in "batch" mode on (B, H, W, C) images: the batch mixed with itself reversed; with probability
     mix_prob, cutmix (probability mix_switch_prob when both are on) or mixup with lam ~ Beta(alpha, alpha), lam
     corrected to the pasted box's area for cutmix. Returns (images, (B, classes) soft targets summing to 1)."""
-    targets = smooth_labels(labels, recipe.num_classes, recipe.label_smoothing)
-    if not recipe.mixes:
+    targets = smooth_labels(labels, finishing.num_classes, finishing.label_smoothing)
+    if not finishing.mixes:
         return images, targets
     apply_key, switch_key, mixup_key, cutmix_key, box_key = jax.random.split(key, 5)
-    apply = jax.random.uniform(apply_key) < recipe.mix_prob
-    if recipe.mixup_alpha > 0 and recipe.cutmix_alpha > 0:
-        use_cutmix = jax.random.uniform(switch_key) < recipe.mix_switch_prob
+    apply = jax.random.uniform(apply_key) < finishing.mix_prob
+    if finishing.mixup_alpha > 0 and finishing.cutmix_alpha > 0:
+        use_cutmix = jax.random.uniform(switch_key) < finishing.mix_switch_prob
     else:
-        use_cutmix = jnp.asarray(recipe.cutmix_alpha > 0)
-    lam_mixup = _beta(mixup_key, recipe.mixup_alpha)
-    inside, lam_cutmix = _cutmix_box(images.shape[1], images.shape[2], _beta(cutmix_key, recipe.cutmix_alpha), box_key)
+        use_cutmix = jnp.asarray(finishing.cutmix_alpha > 0)
+    lam_mixup = _beta(mixup_key, finishing.mixup_alpha)
+    inside, lam_cutmix = _cutmix_box(
+        images.shape[1], images.shape[2], _beta(cutmix_key, finishing.cutmix_alpha), box_key
+    )
     reversed_images = images[::-1]
     cutmixed = jnp.where(inside[None], reversed_images, images)
     mixed_up = lam_mixup * images + (1.0 - lam_mixup) * reversed_images
@@ -245,9 +253,9 @@ def mix(images: jax.Array, labels: jax.Array, key: jax.Array, recipe: BatchFinis
 
 
 def finish_train_batch(
-    batch: dict[str, jax.Array], key: jax.Array, recipe: BatchFinishing, mesh: Mesh | None = None
+    batch: dict[str, jax.Array], key: jax.Array, finishing: BatchFinishing, mesh: Mesh | None = None
 ) -> dict[str, jax.Array]:
-    """{"image" uint8, "label"} -> {"image" float32, "label", "soft_label"}: crop and flip (recipe.geometry),
+    """{"image" uint8, "label"} -> {"image" float32, "label", "soft_label"}: crop and flip (finishing.geometry),
     normalize, erase, mix per shard.
 
     `mesh`: the batch is sharded over all of its axes (the trainer's layout) and each device finishes its own
@@ -263,12 +271,12 @@ def finish_train_batch(
         def per_image(stream_key: jax.Array) -> jax.Array:  # one key per image, from its global position
             return jax.vmap(lambda index: jax.random.fold_in(stream_key, first + index))(jnp.arange(images.shape[0]))
 
-        if recipe.geometry:
-            images = crop_and_flip_each(images.astype(jnp.float32), per_image(geometry_key), recipe)
-        images = normalize(images, recipe.mean, recipe.std)
-        if recipe.erasing_prob > 0:
-            images = erase_each(images, per_image(erasing_key), recipe)
-        return mix(images, labels, jax.random.fold_in(mixing_key, shard), recipe)
+        if finishing.geometry:
+            images = crop_and_flip_each(images.astype(jnp.float32), per_image(geometry_key), finishing)
+        images = normalize(images, finishing.mean, finishing.std)
+        if finishing.erasing_prob > 0:
+            images = erase_each(images, per_image(erasing_key), finishing)
+        return mix(images, labels, jax.random.fold_in(mixing_key, shard), finishing)
 
     if mesh is None or mesh.size == 1:
         mixed, soft = finish_shard(batch["image"], batch["label"], keys, 0)

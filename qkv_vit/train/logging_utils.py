@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 
 try:
     from clu import metric_writers
@@ -175,3 +176,28 @@ def read_metrics(workdir: PathLike) -> list[dict[str, Any]]:
             continue
         records.append({key: math.nan if value is None else value for key, value in record.items()})
     return records
+
+
+# Loggers of this package: the root logger (qkv_vit logs through `logging.info` etc.) and "qkv_vit.*".
+OWN_LOGGERS = ("root", "qkv_vit")
+
+
+class QuietLibraries(logging.Filter):
+    """On the console, the libraries' records (any logger but OWN_LOGGERS: Orbax, clu and tfds log through
+    absl's logger "absl", TensorFlow through "tensorflow", JAX through "jax.*") show from WARNING up, each as its
+    one-line message: their per-save INFO chatter stays off, and a failed background save is not followed by
+    Orbax's traceback before our own `error:` line, which names the step and the cause. Ours show whole.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] in OWN_LOGGERS:
+            return True
+        if record.exc_info:
+            record.exc_info = record.exc_text = None
+        return record.levelno >= logging.WARNING
+
+
+def quiet_libraries() -> None:
+    """QuietLibraries on absl's handler, which prints every logger's records once absl's app (or a notebook's
+    absl_logging.use_absl_handler()) has installed it on the root logger."""
+    absl_logging.get_absl_handler().addFilter(QuietLibraries())

@@ -78,6 +78,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str) -> Any:
     return jax.tree.map(rule, abstract_state)
 
 
+def placed(abstract_tree: Any, shardings: Any) -> Any:
+    """`abstract_tree`'s leaves (of jax.ShapeDtypeStruct) laid out as `shardings`' leaves: what a restore fills."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract_tree, shardings
+    )
+
+
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assemble each process's numpy batch into global arrays sharded over the mesh."""
     return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()}
