@@ -130,11 +130,12 @@ def setup_run(config, num_classes: int):
     """The trainer's Run (model, optimizer, shardings, jitted step) without a data set: the class count,
     the only thing the trainer reads from the data to build it, is given here instead."""
     from qkv_vit.train import trainer
+    from qkv_vit.train.config import check_config, check_fits
 
-    trainer.check_config(config)
+    check_config(config)
     model = trainer.build_model(config, num_classes)
-    trainer.validate_run_config(config, model)  # the trainer's one-line errors (batch vs devices, ...)
-    return trainer.build_run(config, workdir=None, source=None, model=trainer.build_model(config, num_classes))
+    check_fits(config, model)  # the trainer's one-line errors (batch vs devices, ...)
+    return trainer.build_run(config, workdir=None, source=None, model=model)
 
 
 def local_batch(batch_size: int, image_size: int, num_classes: int, seed: int = 0) -> dict:
@@ -167,21 +168,21 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     rss_before_model = harness.peak_rss_bytes()
     config = make_config(args)
     run = setup_run(config, args.num_classes)
-    state = jax.jit(run.init_state, out_shardings=run.state_sharding)()
+    state = jax.jit(run.steps.init_state, out_shardings=run.steps.state_sharding)()
     batch = local_batch(args.batch_size, args.image_size, args.num_classes)
 
     last_loss = float("nan")
 
     def step() -> None:
         nonlocal state, last_loss
-        state, metrics = run.train_step(state, sharding.global_batch(batch, run.batch_sharding))
+        state, metrics = run.steps.train_step(state, sharding.global_batch(batch, run.steps.batch_sharding))
         last_loss = jax.block_until_ready(metrics["loss"])
         jax.block_until_ready(state)
 
     compiles_before, compile_seconds_before = compile_events.snapshot()
     first_step_s = harness.time_calls(step, 1)[0]
     compiles_after_first, compile_seconds = compile_events.snapshot()
-    cache_after_first = run.train_step._cache_size()
+    cache_after_first = run.steps.train_step._cache_size()
     harness.time_calls(step, args.warmup)
     if args.profile:
         jax.profiler.start_trace(args.profile)
@@ -192,7 +193,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         jax.profiler.stop_trace()
     later_compiles = compile_events.snapshot()[0] - compiles_after_first
-    recompiled = later_compiles > 0 or run.train_step._cache_size() != cache_after_first
+    recompiled = later_compiles > 0 or run.steps.train_step._cache_size() != cache_after_first
 
     step_s = harness.median(times)
     images_per_sec = args.batch_size / step_s
@@ -210,7 +211,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "num_classes": args.num_classes,
-        "params": models.count_params(run.abstract_state.params),
+        "params": models.count_params(run.steps.abstract_state.params),
         "macs_per_image": macs,
         "steps": args.steps,
         "step_time_s": step_s,

@@ -158,7 +158,9 @@ FOLDER = {"train": {"ant": 6, "bee": 6, "cat": 4}, "test": {"ant": 2, "bee": 2, 
 
 def folder_config(data_cache, folder):
     config = run_config(data_cache)
-    config.data.update(source="image_folder", pipeline="in_memory", path=str(folder), cache_dir=str(data_cache), image_size=32)
+    config.data.update(
+        source="image_folder", pipeline="in_memory", path=str(folder), cache_dir=str(data_cache), image_size=32
+    )
     config.data.num_classes = 3
     config.update(global_batch_size=8, eval_batch_size=6)
     return config

@@ -3,10 +3,9 @@
     python -m qkv_vit.data.inspect --source image_folder --path ../shared/data/cifar10-jpeg.tar.gz \\
         --preset xcit --image-size 224 --batch-size 128 --batches 20
 
-Throughput is images/second of train batches as the trainer takes them (decode, the preset's per-image
-augmentation, uint8 out; the device normalizes, erases and mixes), or with --finish-on-host of batches
-finished on the host (normalized and erased float32, mixed, soft labels), measured after one warm-up
-batch on this host's CPUs, also per CPU core. The last line printed is one JSON object with every result.
+Throughput is images/second of tf.data's train batches as the trainer takes them (decode, the preset's per-image
+augmentation, uint8 out; the device normalizes, erases and mixes), measured after one warm-up batch on this host's
+CPUs, also per CPU core. The last line printed is one JSON object with every result.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ from collections.abc import Sequence
 
 from qkv_vit.data.config import get_config
 from qkv_vit.data.errors import DataConfigError
-from qkv_vit.data.pipeline import build_train_iterator
-from qkv_vit.data.sources import open_source
+from qkv_vit.data.pipeline import TFDataSource, open_tf_data
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -38,11 +36,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-parallel-calls", type=int, default=-1, help="-1: AUTOTUNE")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-class-counts", action="store_true", help="skip reading every label (slow on ImageNet)")
-    parser.add_argument(
-        "--finish-on-host",
-        action="store_true",
-        help="finish batches on the host (float32, erasing, mixup) instead of shipping uint8",
-    )
     return parser.parse_args(argv)
 
 
@@ -55,17 +48,9 @@ def _config(args: argparse.Namespace):
     return config
 
 
-def measure_throughput(config, batch_size: int, batches: int, seed: int = 0, finish_on_host: bool = False) -> float:
+def measure_throughput(source: TFDataSource, batch_size: int, batches: int, seed: int = 0) -> float:
     """Images per second of train batches, after one warm-up batch (graph tracing, buffer filling)."""
-    iterator = build_train_iterator(
-        config,
-        batch_size,
-        seed=seed,
-        process_index=0,
-        process_count=1,
-        local_device_count=1,
-        finish_on_host=finish_on_host,
-    )
+    iterator = source.train_batches(batch_size, seed=seed, process_index=0, process_count=1, local_device_count=1)
     next(iterator)
     start = time.perf_counter()
     for _ in range(batches):
@@ -77,32 +62,36 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = _parse(argv)
     config = _config(args)
     try:
-        source = open_source(config)
+        source = open_tf_data(config)
     except DataConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    result = {"source": source.description, "num_classes": source.num_classes, "num_examples": {}, "class_counts": {}}
-    for role, split in (("train", source.train_split), ("eval", source.eval_split)):
-        count = source.num_examples(split)
+    prepared = source.prepared
+    result = {
+        "source": prepared.description,
+        "num_classes": prepared.num_classes,
+        "num_examples": {},
+        "class_counts": {},
+    }
+    for role, split in (("train", prepared.train_split), ("eval", prepared.eval_split)):
+        count = prepared.num_examples(split)
         result["num_examples"][split] = count
         print(f"{role} split {split!r}: {count} examples")
         if not args.no_class_counts:
-            counts = dict(zip(source.class_names, source.label_counts(split)))
+            counts = dict(zip(prepared.class_names, prepared.label_counts(split)))
             result["class_counts"][split] = counts
             print("  per class: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
-    speed = measure_throughput(config, args.batch_size, args.batches, args.seed, args.finish_on_host)
+    speed = measure_throughput(source, args.batch_size, args.batches, args.seed)
     cores = os.cpu_count() or 1
-    output = "float32 finished on the host" if args.finish_on_host else "uint8 for the device to finish"
     print(
         f"train pipeline, preset {args.preset!r} at {config.image_size}x{config.image_size}, batch {args.batch_size}, "
-        f"{output}: {speed:.0f} images/s on {cores} CPUs ({speed / cores:.0f} per core)"
+        f"uint8 for the device to finish: {speed:.0f} images/s on {cores} CPUs ({speed / cores:.0f} per core)"
     )
     result.update(
         preset=args.preset,
         image_size=config.image_size,
         batch_size=args.batch_size,
         batches=args.batches,
-        finish_on_host=args.finish_on_host,
         images_per_second=round(speed, 1),
         images_per_second_per_core=round(speed / cores, 1),
         cpu_count=cores,
