@@ -141,8 +141,6 @@ def find_runs(paths: Iterable[str]) -> list[epath.Path]:
 def read_run(workdir: epath.Path) -> RunRecord:
     config = json.loads((workdir / "config.json").read_text())
     model = json.loads((workdir / "model.json").read_text())
-    if "architecture" not in model:  # model.json written before the key was renamed
-        model["architecture"] = model["model_config"]
     records = read_metrics(workdir)
     total, why = total_steps(config, model)
     top1_key = f"{config.get('eval_name', 'val')}/top1"
