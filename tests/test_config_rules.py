@@ -8,8 +8,8 @@ from conftest import load_config
 from qkv_vit import data
 from qkv_vit.config_rules import check_values, closest_key, integer, number, numbers, text
 from qkv_vit.errors import ConfigError
-from qkv_vit.train import trainer
-from qkv_vit.train.config import RUN_RULES, base_config, check_config
+from qkv_vit.train import run_record, trainer
+from qkv_vit.train.config import RENAMED_KEYS, RUN_RULES, base_config, check_config, renamed_key_message
 
 
 @pytest.mark.parametrize("preset", ["xcit", "transfer", "small", "none"])
@@ -113,6 +113,15 @@ def test_a_key_a_config_file_misspelled_is_refused_with_the_closest_one(tiny_con
         r"config.optimizer.weight_decay\?\)",
     ):
         check_config(tiny_config)
+
+
+def test_a_renamed_key_is_refused_with_the_key_to_set_instead():
+    known = run_record.flatten(base_config().to_dict())
+    for old, new in RENAMED_KEYS.items():
+        replacement = new.split()[0]
+        assert old.removeprefix("config.") not in known and replacement.removeprefix("config.") in known
+        assert renamed_key_message(old).startswith(f"{old} is no longer a key: set {replacement}")
+    assert renamed_key_message("config.seed") is None
 
 
 def test_rules_say_what_they_accept():

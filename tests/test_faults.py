@@ -757,7 +757,7 @@ def test_an_unfinished_save_is_removed_after_a_write_in_flight_and_left_with_a_w
     "override, words",
     [
         ("--config.optimzer.lr=1", ["no key 'optimzer.lr'", "did you mean 'optimizer.lr'"]),
-        ("--config.mesh.model=2", ["config.mesh.model is now called config.mesh.fsdp"]),
+        ("--config.mesh.model=2", ["config.mesh.model", "config.mesh.fsdp"]),
         ("--noconfig.async_checkpointin", ["no key 'async_checkpointin'", "did you mean 'async_checkpointing'"]),
     ],
 )
@@ -775,5 +775,5 @@ def test_an_override_key_the_config_lacks_is_one_error_line_before_absl_parses(o
 
 def test_a_config_file_that_sets_a_renamed_key_is_told_the_new_name(tiny_config):
     tiny_config.mesh.model = 2  # as a config file written for the earlier name does
-    with pytest.raises(ConfigError, match=r"config.mesh.model is now called config.mesh.fsdp"):
+    with pytest.raises(ConfigError, match=r"config.mesh.model is no longer a key: set config.mesh.fsdp"):
         trainer.check_config(tiny_config)

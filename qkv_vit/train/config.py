@@ -10,6 +10,7 @@ from ml_collections import config_dict
 from qkv_vit import config_rules as rules
 from qkv_vit import data, models
 from qkv_vit.errors import ConfigError
+from qkv_vit.train import run_record
 from qkv_vit.train.optimizer import OPTIMIZERS
 from qkv_vit.train.sharding import SHARDING_STRATEGIES
 
@@ -176,17 +177,31 @@ RUN_RULES = {
 }
 
 
-# Keys renamed since configs were written with them: the old name is refused with the new one.
+# The one table of config keys this project renamed or removed, by full name: {old key: what to set instead}.
+# A config file or a --config.KEY override that sets an old key is refused with renamed_key_message (as timm's
+# register_model_deprecations does for model names); nothing reads an old key.
 RENAMED_KEYS = {
     "config.mesh.model": "config.mesh.fsdp (the axis shards parameters, FSDP, and splits the batch: it is not "
     "tensor parallelism)",
 }
 
 
+def renamed_key_message(key: str) -> str | None:
+    """The error for setting `key` (its full name, e.g. "config.mesh.model") if RENAMED_KEYS holds it, else None."""
+    if key not in RENAMED_KEYS:
+        return None
+    return f"{key} is no longer a key: set {RENAMED_KEYS[key]} instead, in the config file or on the command line."
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Every value of a training config checked for type, length and range before any data is read: one
-    ConfigError (DataConfigError for config.data) naming the first bad key, what it must be, and what it got."""
-    rules.check_values(config, RUN_RULES, "config.", renamed=RENAMED_KEYS)
+    ConfigError (DataConfigError for config.data) naming the first bad key, what it must be, and what it got; a
+    key that RENAMED_KEYS holds is refused first, with what to set instead."""
+    for key in run_record.flatten(config.to_dict()):
+        message = renamed_key_message(f"config.{key}")
+        if message:
+            raise ConfigError(message)
+    rules.check_values(config, RUN_RULES, "config.")
     data.validate_config(config.data, prefix="config.data.")
 
 
