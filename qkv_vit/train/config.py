@@ -10,7 +10,7 @@ from ml_collections import config_dict
 from qkv_vit import config_rules as rules
 from qkv_vit import data, models
 from qkv_vit.errors import ConfigError
-from qkv_vit.train import run_record
+from qkv_vit.train import optimizer, run_record
 from qkv_vit.train.optimizer import OPTIMIZERS
 from qkv_vit.train.sharding import SHARDING_STRATEGIES
 
@@ -219,27 +219,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.total_epochs = 400.0
     config.total_steps = config_dict.placeholder(int)  # set: overrides total_epochs
 
-    config.optimizer = ml_collections.ConfigDict(
-        dict(
-            name="adamw",  # or "sgd" (with momentum; DeiT's fine-tuning recipe)
-            lr=5e-4,  # at 512 images per update; scaled by global batch x accumulation steps / 512 (scale_lr_by_batch)
-            scale_lr_by_batch=True,
-            warmup_epochs=5.0,
-            warmup_steps=config_dict.placeholder(int),  # set: overrides warmup_epochs
-            warmup_init_lr=1e-6,
-            min_lr=1e-5,
-            weight_decay=0.05,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            momentum=0.9,  # sgd only
-            nesterov=False,  # sgd only
-            grad_clip_norm=0.0,  # 0: no clipping (XCiT's recipe)
-            accumulation_steps=1,
-            code_weight_decay=False,  # F-SNE codes: no weight decay by default
-            filter_bias_and_bn=True,  # no weight decay on biases, norms, gammas, ... (timm's default); False: all
-        )
-    )
+    # Each key explained in optimizer.DEFAULTS; warmup_steps (None there) an int placeholder the command line can set.
+    config.optimizer = ml_collections.ConfigDict({**optimizer.DEFAULTS, "warmup_steps": config_dict.placeholder(int)})
     config.ema_decay = config_dict.placeholder(float)  # e.g. 0.99996; evaluations then also report ema_*
     config.nonfinite = "stop"  # NaN/inf loss or gradients: "stop" the run, or "skip" the step
 
