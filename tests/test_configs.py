@@ -219,7 +219,7 @@ def test_imagenet_recipe_is_xcits():
         1e-6,
         1e-5,
     )
-    assert (config.data.name, config.data.crop_ratio, config.data.repeated_augmentation) == ("imagenet2012", 1.0, 3)
+    assert (config.data.name, config.data.crop_pct, config.data.repeated_augmentation) == ("imagenet2012", 1.0, 3)
     assert config.data.augment.erasing_prob == 0.25 and config.ema_decay is None
     drop_path = {
         size: load_config("imagenet", f"model={size}").model.drop_path_rate

@@ -758,6 +758,7 @@ def test_an_unfinished_save_is_removed_after_a_write_in_flight_and_left_with_a_w
     [
         ("--config.optimzer.lr=1", ["no key 'optimzer.lr'", "did you mean 'optimizer.lr'"]),
         ("--config.mesh.model=2", ["config.mesh.model", "config.mesh.fsdp"]),
+        ("--config.data.crop_ratio=0.9", ["config.data.crop_ratio", "config.data.crop_pct"]),
         ("--noconfig.async_checkpointin", ["no key 'async_checkpointin'", "did you mean 'async_checkpointing'"]),
     ],
 )

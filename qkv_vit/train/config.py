@@ -183,6 +183,11 @@ RUN_RULES = {
 RENAMED_KEYS = {
     "config.mesh.model": "config.mesh.fsdp (the axis shards parameters, FSDP, and splits the batch: it is not "
     "tensor parallelism)",
+    # crop_ratio named two things: the eval resize fraction and the random-resized-crop's aspect range.
+    "config.data.crop_ratio": "config.data.crop_pct (eval: the short side is resized to image_size / crop_pct, "
+    "timm's crop_pct)",
+    "config.data.augment.crop_ratio": "config.data.augment.crop_aspect ((min, max) of the random-resized-crop's "
+    "aspect ratio, timm's ratio)",
 }
 
 
