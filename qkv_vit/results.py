@@ -51,7 +51,8 @@ IGNORED_KEYS = SEED_KEYS + (
 LABELLED_KEYS = ("model_name", "qkv", "data.source", "data.name", "data.num_classes")
 TRANSFER_SETS = ("cifar10", "cifar100", "cars196", "stl10")
 
-# Top-1 on ImageNet-1k at 224 (PAPER.md; XCiT's README for the other sizes), by model and QKV embedding.
+# Top-1 on ImageNet-1k at 224 (docs/models.md, "What the papers report": arXiv 2111.10017 and Mathematics 11(8):1933;
+# facebookresearch/xcit's README for the other sizes), by model and QKV embedding.
 XCIT_IMAGENET = {
     "xcit_nano_12_p16": 69.9,
     "xcit_tiny_12_p16": 77.1,
@@ -73,7 +74,7 @@ PROPOSED_IMAGENET = {
     "xcit_tiny_12_p16": "77.8 (proposed)",
     "xcit_small_12_p16": "82.1 (proposed)",
 }
-# Mean top-1 over the four transfer data sets (PAPER.md).
+# Mean top-1 over the four transfer data sets (Mathematics 11(8):1933, as docs/models.md, "What the papers report").
 PAPER_TRANSFER = {
     ("xcit_nano_12_p16", "linear"): "92.2 (XCiT)",
     ("xcit_nano_12_p16", "fsne"): "93.3 (F-SNE, 2.9M)",

@@ -1,5 +1,5 @@
 """Every config file: each command its docstring documents builds a valid config and model; `runlocal` trains
-a step through the real trainer; sweeps expand to valid configs; the recipes say what PAPER.md says."""
+a step through the real trainer; sweeps expand to valid configs; the recipes say what the papers say (docs/models.md, "What the papers report")."""
 
 import ast
 import json
