@@ -42,7 +42,6 @@ IGNORED_KEYS = SEED_KEYS + (
     "data.prefetch",
     "mesh.data",
     "mesh.fsdp",
-    "mesh.model",
     "sharding",
     "nonfinite",
     "eval_name",

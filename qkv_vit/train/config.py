@@ -192,7 +192,7 @@ RENAMED_KEYS = {
 
 
 def renamed_key_message(key: str) -> str | None:
-    """The error for setting `key` (its full name, e.g. "config.mesh.model") if RENAMED_KEYS holds it, else None."""
+    """The error for setting `key` (its full name, "config.<group>.<key>") if RENAMED_KEYS holds it, else None."""
     if key not in RENAMED_KEYS:
         return None
     return f"{key} is no longer a key: set {RENAMED_KEYS[key]} instead, in the config file or on the command line."
