@@ -131,7 +131,9 @@ def test_repeated_augmentation_repeats_each_image_in_the_same_batch_a_round_apar
 def test_default_process_and_devices_come_from_jax(cache_dir):
     import jax
 
-    batch = next(data.build_train_iterator(digits_config(cache_dir, preset="none"), 4 * jax.local_device_count()))
+    batch = next(
+        data.build_train_iterator(digits_config(cache_dir, preset="none"), 4 * jax.local_device_count(), seed=0)
+    )
     assert batch["image"].shape[0] == 4 * jax.local_device_count() // jax.process_count()
 
 

@@ -408,11 +408,11 @@ def test_error_unprepared_tfds_data_set_shows_the_command(tmp_path, name, comman
 def test_error_batch_size_not_divisible(cache_dir):
     config = digits_config(cache_dir)
     with pytest.raises(data.DataConfigError, match="not divisible by the process count 4"):
-        data.build_train_iterator(config, 30, process_index=0, process_count=4, local_device_count=1)
+        data.build_train_iterator(config, 30, seed=0, process_index=0, process_count=4, local_device_count=1)
     with pytest.raises(data.DataConfigError, match="not divisible by the 4 local devices"):
         data.build_eval_iterator(config, 30, process_index=0, process_count=1, local_device_count=4)
     with pytest.raises(data.DataConfigError, match="larger than"):
-        data.build_train_iterator(config, 4096, process_index=0, process_count=1, local_device_count=1)
+        data.build_train_iterator(config, 4096, seed=0, process_index=0, process_count=1, local_device_count=1)
 
 
 @pytest.mark.parametrize(
