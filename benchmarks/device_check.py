@@ -90,25 +90,6 @@ def copy_rates(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def optimizer_config(batch_size: int) -> types.SimpleNamespace:
-    """XCiT's AdamW recipe (what configs/imagenet.py sets), without ml_collections."""
-    return types.SimpleNamespace(
-        name="adamw",
-        lr=5e-4,
-        scale_lr_by_batch=True,
-        accumulation_steps=1,
-        warmup_init_lr=1e-6,
-        min_lr=1e-5,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        weight_decay=0.05,
-        code_weight_decay=False,
-        filter_bias_and_bn=True,
-        grad_clip_norm=0.0,
-    )
-
-
 def build_step(config: dict[str, Any], args: argparse.Namespace):
     import jax
     import jax.numpy as jnp
@@ -125,7 +106,7 @@ def build_step(config: dict[str, Any], args: argparse.Namespace):
         layer_impl=config["layer_impl"],
         **overrides,
     )
-    opt = optimizer_config(args.batch_size)
+    opt = types.SimpleNamespace(**optimizer.DEFAULTS)  # config.optimizer's defaults (XCiT's AdamW), no ml_collections
     schedule = optimizer.learning_rate(opt, args.batch_size, total_steps=500_000, warmup_steps=6_250)
     recipe = BatchFinishing(
         IMAGENET_MEAN,
@@ -136,7 +117,7 @@ def build_step(config: dict[str, Any], args: argparse.Namespace):
         cutmix_alpha=1.0,
         label_smoothing=0.1,
     )  # XCiT's
-    mesh = sharding.make_mesh({"data": -1, "model": 1})
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
     jitted = steps.jit_steps(
         model,
         optimizer.make_optimizer(opt, schedule),

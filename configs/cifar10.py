@@ -8,9 +8,11 @@
   python -m qkv_vit.main --config=configs/cifar10.py:qkv=psne,depth=4,epochs=2,seed=1 --workdir=workdirs/c10_psne_s1
   python -m launch.sweep local --config=configs/cifar10.py --sweep=depth=4,epochs=2 --workdir=workdirs/cifar10_sweep
 
-Data: `path=` a folder or tar of CIFAR-10's 60,000 images as `cifar10-jpeg/{train,test}/<class>/*.jpg`,
-prepared once into a tfds data set under ~/.cache/qkv_vit (the default path is where developer machines keep
-one, beside the repository), or `source=tfds` (after `python -m qkv_vit.data.prepare cifar10 --data_dir DIR`
+Data: `path=` a folder or tar of CIFAR-10's 60,000 images as `cifar10-jpeg/{train,test}/<class>/*.jpg`
+(default: data/cifar10-jpeg.tar.gz in this clone; put the archive there, or pass path=, or use one of the
+sources below), prepared once into a tfds data set under ~/.cache/qkv_vit. The images are CIFAR-10's
+(https://www.cs.toronto.edu/~kriz/cifar.html), each written as a JPEG under its split and class; this code
+does not make the archive. Or `source=tfds` (after `python -m qkv_vit.data.prepare cifar10 --data_dir DIR`
 on a machine with internet, and --config.data.data_dir=DIR), or `source=in_memory`: the same folder or tar
 decoded once into arrays, batches served without tf.data and without TensorFlow, cropped and flipped on the
 device (the long recipe then runs without RandAugment, which only tf.data does).
@@ -43,7 +45,7 @@ from qkv_vit import data
 from qkv_vit.errors import ConfigError
 from qkv_vit.train.config import base_config, parse_arg, shrink_for_local_run
 
-SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / "data" / "cifar10-jpeg.tar.gz"  # inside this clone
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 RECIPE_EPOCHS = {"long": 100.0, "short": 3.0}
@@ -54,7 +56,7 @@ ARGUMENTS = dict(
     depth=int,
     batch=128,
     seed=0,
-    path=str(SHARED_ARCHIVE),
+    path=str(DEFAULT_ARCHIVE),
     source="image_folder",
     runlocal=False,
 )

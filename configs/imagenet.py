@@ -11,18 +11,19 @@ Needs an accelerator: 400 epochs of 1.28M images at batch 1024 (500k steps; XCiT
 
 Data: tfds `imagenet2012`, which cannot be downloaded automatically: put ILSVRC2012_img_train.tar and
 ILSVRC2012_img_val.tar in <data_dir>/downloads/manual/, run
-`python -m qkv_vit.data.prepare imagenet2012 --data_dir <data_dir> --manual_dir <data_dir>/downloads/manual` once (README,
-"Input pipelines"), and pass data_dir=<data_dir> (a gs:// bucket works on TPU VMs).
-Recipe (PAPER.md, facebookresearch/xcit): 400 epochs, batch 1024, AdamW (eps 1e-8, weight decay 0.05),
+`python -m qkv_vit.data.prepare imagenet2012 --data_dir <data_dir> --manual_dir <data_dir>/downloads/manual` once
+(docs/data.md, "ImageNet-1k"), and pass data_dir=<data_dir> (a gs:// bucket works on TPU VMs).
+Recipe (XCiT's paper, arXiv 2106.09681, and facebookresearch/xcit): 400 epochs, batch 1024, AdamW (eps 1e-8, weight decay 0.05),
 lr 5e-4 x batch/512, 5 warmup epochs from 1e-6, cosine to 1e-5, no clipping; the `xcit` augmentation
 (RandAugment m9, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1, repeated augmentation x3);
 one drop-path rate per size (XCiT's Table B.1: 0.0 for N12/T12, 0.05 T24/S12, 0.1 S24, 0.15 M24, 0.25 L24);
-eval: resize to 224 with crop ratio 1.0; bfloat16 compute with float32 parameters (XCiT used mixed precision);
+eval: resize to 224 with crop_pct 1.0; bfloat16 compute with float32 parameters (XCiT used mixed precision);
 BatchNorm statistics over groups of 64 images (XCiT's per-GPU batch: DDP without SyncBatchNorm).
 Expected top-1 (ImageNet val, 224): XCiT (qkv=linear): N12/16 69.9, T12/16 77.1, T24/16 79.4, S12/16 82.0,
 S24/16 82.6, M24/16 82.7, L24/16 82.9 (p8: 73.8, 79.7, 81.9, 83.4, 83.9, 83.7, 84.4; XCiT's README).
 Ahn et al.'s proposed embedding: N12/16 71.4 (3.1M parameters: qkv=fsne_m8_wide, F-SNE m=8 h=192),
-T12/16 77.8, S12/16 82.1 (PAPER.md; the abstract does not say which variant gave T12/S12).
+T12/16 77.8, S12/16 82.1 (arXiv 2111.10017 and Mathematics 11(8):1933, 2023, as docs/models.md, "What the papers report"; the
+abstract does not say which variant gave T12/S12).
 Arguments: model=<size>_<patch> (nano_12_p16, tiny_12_p16, tiny_24_p16, small_12_p16, small_24_p16,
 medium_24_p16, large_24_p16, and the _p8 ones), qkv=linear|sne|psne|psne_second|fsne|fsne_m8|fsne_m8_wide|fsne_m16,
 code_size=<m> (F-SNE only; the paper's best: 8 for nano, 16 for tiny), hidden=<h> (QKV hidden width),

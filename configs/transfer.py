@@ -14,14 +14,14 @@ count; nothing else may differ (model=, qkv=, code_size=, hidden= must match the
 
 Data: tfds `cifar10`, `cifar100`, `cars196`, `stl10` (train / test). This code never downloads: run
 `python -m qkv_vit.data.prepare <name> --data_dir <data_dir>` on a machine with internet, copy <data_dir> if the training
-machine is offline, and pass data_dir=<data_dir> (README, "Input pipelines").
-Recipe (PAPER.md: XCiT follows DeiT; Touvron, facebookresearch/deit#45): batch 768, SGD (momentum 0.9)
+machine is offline, and pass data_dir=<data_dir> (docs/data.md, "Transfer data sets").
+Recipe (XCiT's paper, arXiv 2106.09681, follows DeiT; Touvron, facebookresearch/deit#45): batch 768, SGD (momentum 0.9)
 lr 0.01 (not scaled by batch), weight decay 1e-4, 1000 epochs, cosine after 5 warmup epochs from 1e-6 to
 1e-5; no random erasing, no drop path; otherwise ImageNet's augmentation (`transfer` preset: RandAugment,
 mixup / cutmix, label smoothing). opt=adamw is the usual alternative: ImageNet's weight decay 0.05 and a
 smaller lr, by default 7.5e-6 (Touvron's value for ViT-B on CIFAR-10, facebookresearch/dino#81; tiny
 models may want more: lr=).
-Expected top-1, averaged over the four data sets (PAPER.md): N12/16 XCiT 92.2, F-SNE 93.3 (2.9M parameters:
+Expected top-1, averaged over the four data sets (Mathematics 11(8):1933, 2023, as docs/models.md, "What the papers report"): N12/16 XCiT 92.2, F-SNE 93.3 (2.9M parameters:
 qkv=fsne_m8); S12/16 XCiT 94.5, proposed 94.8. The paper's per-data-set numbers are not available to us.
 Arguments: dataset=cifar10|cifar100|cars196|stl10, model=<size>_<patch>, qkv=<as configs/imagenet.py>,
 code_size=<m>, hidden=<h>, init=<run dir or converted weights> (required), opt=sgd|adamw, lr=<lr>,

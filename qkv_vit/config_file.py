@@ -12,7 +12,7 @@ import ml_collections
 
 from qkv_vit.config_rules import closest_key
 from qkv_vit.errors import ConfigError
-from qkv_vit.train.config import RENAMED_KEYS
+from qkv_vit.train.config import renamed_key_message
 from qkv_vit.train.run_record import flatten
 
 
@@ -107,8 +107,9 @@ def check_override_keys(argv: list[str], config: ml_collections.ConfigDict) -> N
         if not arg.startswith(("--config.", "--noconfig.")):
             continue
         key = arg.split("=", 1)[0].split("config.", 1)[1]
-        if f"config.{key}" in RENAMED_KEYS:
-            raise ConfigError(f"{arg}: config.{key} is now called {RENAMED_KEYS[f'config.{key}']}.")
+        renamed = renamed_key_message(f"config.{key}")
+        if renamed:
+            raise ConfigError(f"{arg}: {renamed}")
         if key not in known:
             close = closest_key(key, known)
             raise ConfigError(

@@ -195,14 +195,10 @@ def check_values(
     rules: RuleTable,
     prefix: str = "config.",
     error: type[ConfigError] = ConfigError,
-    renamed: Mapping[str, str] | None = None,
 ) -> None:
-    """Every key of `config` against its rule (nested tables for nested configs); `error` names the first bad one.
-    `renamed`: {old full name: new full name} of keys renamed since configs were written with them."""
+    """Every key of `config` against its rule (nested tables for nested configs); `error` names the first bad one."""
     for key in config.keys():
         name = f"{prefix}{key}"
-        if renamed and name in renamed:
-            raise error(f"{name} is now called {renamed[name]}: rename it in the config file or on the command line.")
         if key not in rules:
             close = closest_key(key, list(rules))
             raise error(
@@ -215,4 +211,4 @@ def check_values(
         elif rule is not None:
             if not hasattr(config[key], "keys"):  # a ConfigDict (or dict) of its own keys
                 raise error(f"{name} must be a group of keys ({', '.join(rule)}), got {config[key]!r}.")
-            check_values(config[key], rule, f"{name}.", error, renamed)
+            check_values(config[key], rule, f"{name}.", error)

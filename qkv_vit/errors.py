@@ -1,7 +1,7 @@
 """Errors a user can fix, each raised with one message that says what is wrong and how to fix it.
 
 `python -m qkv_vit.main` prints them as one `error: ...` line and exits with the code of their kind
-(README, "What happens when things go wrong"); any other exception is a bug and keeps its traceback.
+(docs/failures.md, "Exit codes"); any other exception is a bug and keeps its traceback.
 The data pipeline's `DataConfigError` and the weight import's `WeightMismatchError` are ConfigErrors: a
 caller can catch every mistake in its inputs as one type.
 """

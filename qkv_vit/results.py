@@ -42,7 +42,6 @@ IGNORED_KEYS = SEED_KEYS + (
     "data.prefetch",
     "mesh.data",
     "mesh.fsdp",
-    "mesh.model",
     "sharding",
     "nonfinite",
     "eval_name",
@@ -51,7 +50,8 @@ IGNORED_KEYS = SEED_KEYS + (
 LABELLED_KEYS = ("model_name", "qkv", "data.source", "data.name", "data.num_classes")
 TRANSFER_SETS = ("cifar10", "cifar100", "cars196", "stl10")
 
-# Top-1 on ImageNet-1k at 224 (PAPER.md; XCiT's README for the other sizes), by model and QKV embedding.
+# Top-1 on ImageNet-1k at 224 (docs/models.md, "What the papers report": arXiv 2111.10017 and Mathematics 11(8):1933;
+# facebookresearch/xcit's README for the other sizes), by model and QKV embedding.
 XCIT_IMAGENET = {
     "xcit_nano_12_p16": 69.9,
     "xcit_tiny_12_p16": 77.1,
@@ -73,7 +73,7 @@ PROPOSED_IMAGENET = {
     "xcit_tiny_12_p16": "77.8 (proposed)",
     "xcit_small_12_p16": "82.1 (proposed)",
 }
-# Mean top-1 over the four transfer data sets (PAPER.md).
+# Mean top-1 over the four transfer data sets (Mathematics 11(8):1933, as docs/models.md, "What the papers report").
 PAPER_TRANSFER = {
     ("xcit_nano_12_p16", "linear"): "92.2 (XCiT)",
     ("xcit_nano_12_p16", "fsne"): "93.3 (F-SNE, 2.9M)",
@@ -141,8 +141,6 @@ def find_runs(paths: Iterable[str]) -> list[epath.Path]:
 def read_run(workdir: epath.Path) -> RunRecord:
     config = json.loads((workdir / "config.json").read_text())
     model = json.loads((workdir / "model.json").read_text())
-    if "architecture" not in model:  # model.json written before the key was renamed
-        model["architecture"] = model["model_config"]
     records = read_metrics(workdir)
     total, why = total_steps(config, model)
     top1_key = f"{config.get('eval_name', 'val')}/top1"

@@ -25,8 +25,7 @@ from qkv_vit.paths import PathLike, as_path
 from qkv_vit.tree import flatten, unflatten
 
 # Converted weights: an Orbax checkpoint with the items `variables` and `architecture` (JSON: XCiT's constructor
-# arguments, models.architecture_of). Directories converted before the item was renamed call it `model_config`.
-ARCHITECTURE_ITEMS = ("architecture", "model_config")
+# arguments, models.architecture_of).
 HEAD = "head"
 
 
@@ -44,8 +43,7 @@ def read_weights(path: PathLike, use_ema: bool = False) -> Weights:
     without EMA parameters; CheckpointError if what it holds cannot be read back.
     """
     path = as_path(path)
-    item = converted_architecture_item(path)
-    if item is not None:
+    if is_converted(path):
         return read_or_explain(path, lambda: Weights(restore_converted_variables(path), read_architecture(path)))
     state_item = find_state_item(path)
     state = read_or_explain(state_item.parent, lambda: restore_on_local_device(state_item))
@@ -56,11 +54,6 @@ def read_weights(path: PathLike, use_ema: bool = False) -> Weights:
         params = state["ema_params"]
     variables = {"params": params, "batch_stats": state.get("batch_stats", {})}
     return Weights(variables, run_architecture(state_item), run_summary(state_item).get("data", {}).get("class_names"))
-
-
-def read_variables(path: PathLike, use_ema: bool = False) -> dict[str, Any]:
-    """read_weights(path, use_ema).variables, under the name earlier versions had (users' scripts call it)."""
-    return read_weights(path, use_ema).variables
 
 
 def save_converted(directory: str | Path, variables: dict[str, Any], architecture: dict[str, Any]) -> Path:
@@ -79,24 +72,22 @@ def save_converted(directory: str | Path, variables: dict[str, Any], architectur
     return directory
 
 
-def converted_architecture_item(path: epath.Path) -> str | None:
-    """The name of the architecture item if `path` holds converted weights, else None."""
-    if not (path / "variables").is_dir():
-        return None
-    return next((name for name in ARCHITECTURE_ITEMS if (path / name).is_dir()), None)
+def is_converted(path: epath.Path) -> bool:
+    """Whether `path` holds converted weights (save_converted's two items)."""
+    return (path / "variables").is_dir() and (path / "architecture").is_dir()
 
 
 def read_architecture(path: PathLike) -> dict[str, Any] | None:
     """The architecture recorded with the weights at `path` (JSON, as read_weights gives it), without reading any
     array: None where none was recorded; FileNotFoundError if `path` holds no weights."""
     path = as_path(path)
-    item = converted_architecture_item(path)
-    if item is None:
+    if not is_converted(path):
         return run_architecture(find_state_item(path))
 
     def restore() -> dict[str, Any]:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            return checkpointer.restore(path, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+            restored = checkpointer.restore(path, args=ocp.args.Composite(architecture=ocp.args.JsonRestore()))
+            return restored["architecture"]
 
     return dict(read_or_explain(path, restore))
 
@@ -131,8 +122,7 @@ def run_summary(state_item: epath.Path) -> dict[str, Any]:
 
 def run_architecture(state_item: epath.Path) -> dict[str, Any] | None:
     """The architecture in the model.json of the run that wrote WORKDIR/checkpoints/<step>/state; None if absent."""
-    summary = run_summary(state_item)
-    return summary.get("architecture", summary.get("model_config"))  # the key's name before it was renamed
+    return run_summary(state_item).get("architecture")
 
 
 def read_or_explain(checkpoint: epath.Path, read: Callable[[], Any]) -> Any:

@@ -1,6 +1,7 @@
 """Every config value is checked for type, length and range before any data is read: one clear error per mistake."""
 
 import math
+import re
 
 import pytest
 
@@ -8,8 +9,8 @@ from conftest import load_config
 from qkv_vit import data
 from qkv_vit.config_rules import check_values, closest_key, integer, number, numbers, text
 from qkv_vit.errors import ConfigError
-from qkv_vit.train import trainer
-from qkv_vit.train.config import RUN_RULES, base_config, check_config
+from qkv_vit.train import run_record, trainer
+from qkv_vit.train.config import RENAMED_KEYS, RUN_RULES, base_config, check_config, renamed_key_message
 
 
 @pytest.mark.parametrize("preset", ["xcit", "transfer", "small", "none"])
@@ -38,7 +39,7 @@ BAD_VALUES = [  # (key path, value, what the one error line must say)
     ("data.augment.crop_scale", (0.5,), "config.data.augment.crop_scale must be 2 numbers (min, max)"),
     ("data.augment.crop_scale", (0.9, 0.5), "the first <= the second, got (0.9, 0.5)"),
     ("data.augment.crop_scale", (0.0, 1.0), "each in (0, 1]"),
-    ("data.augment.crop_ratio", (0.75, 1.33, 2.0), "config.data.augment.crop_ratio must be 2 numbers"),
+    ("data.augment.crop_aspect", (0.75, 1.33, 2.0), "config.data.augment.crop_aspect must be 2 numbers"),
     ("data.augment.erasing_area", (0.02, 1.5), "config.data.augment.erasing_area must be 2 numbers"),
     ("data.augment.erasing_aspect_min", 3.3, "must be a finite number in (0, 1]"),
     ("data.augment.flip_prob", 1.5, "config.data.augment.flip_prob must be a finite number in [0, 1], got 1.5"),
@@ -49,8 +50,8 @@ BAD_VALUES = [  # (key path, value, what the one error line must say)
     ("data.mean", (0.5, 0.5), "config.data.mean must be 3 numbers (red, green, blue)"),
     ("data.mean", (123.7, 116.3, 103.5), "Images are scaled to [0, 1] before normalizing"),
     ("data.std", (0.25, 0.0, 0.25), "config.data.std must be 3 numbers (red, green, blue) each in (0, 1]"),
-    ("data.crop_ratio", 0.0, "config.data.crop_ratio must be a finite number in [0.1, 1]"),
-    ("data.crop_ratio", 1e-30, "config.data.crop_ratio must be a finite number in [0.1, 1], got 1e-30"),
+    ("data.crop_pct", 0.0, "config.data.crop_pct must be a finite number in [0.1, 1]"),
+    ("data.crop_pct", 1e-30, "config.data.crop_pct must be a finite number in [0.1, 1], got 1e-30"),
     ("data.image_size", 0, "config.data.image_size must be an integer >= 1, got 0"),
     ("data.num_parallel_calls", 0, "num_parallel_calls must be an integer >= 1 or -1"),
     ("data.shuffle_buffer", -5, "shuffle_buffer must be an integer >= 0"),
@@ -113,6 +114,22 @@ def test_a_key_a_config_file_misspelled_is_refused_with_the_closest_one(tiny_con
         r"config.optimizer.weight_decay\?\)",
     ):
         check_config(tiny_config)
+
+
+@pytest.mark.parametrize("old", list(RENAMED_KEYS))
+def test_a_config_file_that_sets_a_renamed_key_is_told_the_key_to_set_instead(old):
+    known = run_record.flatten(base_config().to_dict())
+    replacement = RENAMED_KEYS[old].split()[0]
+    assert old.removeprefix("config.") not in known and replacement.removeprefix("config.") in known
+    assert renamed_key_message(old).startswith(f"{old} is no longer a key: set {replacement} (")
+    config = base_config()
+    set_value(config, old.removeprefix("config."), 1)  # as a config file written for the earlier name does
+    with pytest.raises(ConfigError, match=rf"^{re.escape(renamed_key_message(old))}$"):
+        check_config(config)
+
+
+def test_a_key_that_was_never_renamed_has_no_rename_message():
+    assert renamed_key_message("config.seed") is None
 
 
 def test_rules_say_what_they_accept():

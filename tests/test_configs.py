@@ -1,5 +1,5 @@
 """Every config file: each command its docstring documents builds a valid config and model; `runlocal` trains
-a step through the real trainer; sweeps expand to valid configs; the recipes say what PAPER.md says."""
+a step through the real trainer; sweeps expand to valid configs; the recipes say what the papers say (docs/models.md, "What the papers report")."""
 
 import ast
 import json
@@ -219,7 +219,7 @@ def test_imagenet_recipe_is_xcits():
         1e-6,
         1e-5,
     )
-    assert (config.data.name, config.data.crop_ratio, config.data.repeated_augmentation) == ("imagenet2012", 1.0, 3)
+    assert (config.data.name, config.data.crop_pct, config.data.repeated_augmentation) == ("imagenet2012", 1.0, 3)
     assert config.data.augment.erasing_prob == 0.25 and config.ema_decay is None
     drop_path = {
         size: load_config("imagenet", f"model={size}").model.drop_path_rate

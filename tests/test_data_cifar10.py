@@ -1,7 +1,7 @@
 """The real CIFAR-10 archive from ../shared/data (dev machines and CI): counts, classes, exact evaluation.
 
 Skipped, with the reason, where the archive is absent (a user's machine): there, point
-`QKV_VIT_SHARED` at a folder holding data/cifar10-jpeg.tar.gz, or see the README's "Input pipelines".
+`QKV_VIT_SHARED` at a folder holding data/cifar10-jpeg.tar.gz, or see docs/data.md, "Small data sets in memory".
 """
 
 import math

@@ -204,7 +204,7 @@ def test_random_erasing_replaces_one_box(mode):
 
 def test_eval_resize_and_center_crop_matches_timm_with_pil():
     image = natural_image(40, 60)
-    ours = np.asarray(augment.resize_and_center_crop(tf.constant(image), 32, crop_ratio=0.875))
+    ours = np.asarray(augment.resize_and_center_crop(tf.constant(image), 32, crop_pct=0.875))
     # timm eval transform: Resize(floor(32 / 0.875) = 36, bicubic) on the short side, CenterCrop(32).
     resized = PIL.Image.fromarray(image).resize((54, 36), PIL.Image.BICUBIC)
     left, top = round((54 - 32) / 2), round((36 - 32) / 2)

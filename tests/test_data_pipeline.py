@@ -209,7 +209,7 @@ def test_pad_and_crop_replaces_random_resized_crop(cache_dir):
     config.augment.crop_padding = 4
     with pytest.raises(DataConfigError, match=r"crop_padding=4 \(pad-and-crop\) replaces random-resized-crop"):
         data.validate_config(config)
-    config.augment.update(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    config.augment.update(crop_scale=(1.0, 1.0), crop_aspect=(1.0, 1.0))
     padded = next(data.open_source(config).train_batches(32, seed=0, **ONE_PROCESS))["image"]
     config.augment.crop_padding = 0
     plain = next(data.open_source(config).train_batches(32, seed=0, **ONE_PROCESS))["image"]

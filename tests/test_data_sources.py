@@ -452,7 +452,7 @@ def test_error_bad_augment_values():
 
 def test_presets_carry_the_recipes():
     xcit = data.get_config("xcit")
-    assert (xcit.image_size, xcit.repeated_augmentation, xcit.crop_ratio) == (224, 3, 1.0)
+    assert (xcit.image_size, xcit.repeated_augmentation, xcit.crop_pct) == (224, 3, 1.0)
     assert (xcit.augment.randaugment_layers, xcit.augment.randaugment_magnitude) == (2, 9.0)
     assert (xcit.augment.erasing_prob, xcit.augment.mixup_alpha, xcit.augment.cutmix_alpha) == (0.25, 0.8, 1.0)
     assert xcit.augment.label_smoothing == 0.1 and xcit.augment.crop_scale == (0.08, 1.0)

@@ -9,7 +9,7 @@ from qkv_vit import models
 from qkv_vit.models import XCiT
 
 # Exact parameter counts with 1000 classes. The five marked (ref) are timm's published counts (fixtures
-# README, PAPER.md); every entry also equals reference_param_count below, derived from the PyTorch modules.
+# README, docs/models.md); every entry also equals reference_param_count below, derived from the PyTorch modules.
 PARAM_COUNTS = {
     "xcit_nano_12_p16": 3_053_224,  # ref
     "xcit_nano_12_p8": 3_049_016,  # ref

@@ -34,7 +34,7 @@ VARIANTS = {
 
 
 def paper_qkv_params(d, options):
-    """PAPER.md's table of parameters per block, written out independently of the library."""
+    """docs/models.md's table of parameters per block (our reading of the papers' abstracts), written out independently of the library."""
     h, m = options.get("qkv_hidden_dim") or d, options.get("code_size", 8)
     embed = options["qkv_embed"]
     if embed == "linear":

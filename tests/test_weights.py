@@ -5,7 +5,6 @@ tests/test_train_distributed.py; converting PyTorch weights by tests/test_conver
 """
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from qkv_vit import models
@@ -35,34 +34,3 @@ def test_converted_weights_read_back_with_their_architecture(tmp_path):
         save_converted(tmp_path / "new", variables, architecture)
     with pytest.raises(FileNotFoundError, match="neither converted weights"):
         read_weights(tmp_path / "nowhere")
-
-
-def test_weights_converted_before_the_architecture_item_was_renamed_still_read(tmp_path):
-    architecture = models.architecture("xcit_nano_12_p8", num_classes=3)
-    variables = {"params": {"head": {"bias": np.zeros(3, np.float32)}}, "batch_stats": {}}
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:  # the layout of the earlier version
-        checkpointer.save(
-            tmp_path / "old",
-            args=ocp.args.Composite(
-                variables=ocp.args.StandardSave(variables), model_config=ocp.args.JsonSave(architecture)
-            ),
-        )
-    weights = read_weights(tmp_path / "old")
-    assert weights.architecture == architecture
-    np.testing.assert_array_equal(weights.variables["params"]["head"]["bias"], np.zeros(3))
-
-
-def test_the_names_earlier_versions_had_still_read_the_same_weights(tmp_path):
-    """Users' scripts import load_converted, read_variables and load_params and read model.json's model_config."""
-    from qkv_vit.analysis import load_params
-    from qkv_vit.convert.saved import load_converted
-    from qkv_vit.weights import read_variables
-
-    model = models.create("xcit_nano_12_p8", num_classes=3, depth=1)
-    variables = {"params": {"head": {"bias": np.arange(3, dtype=np.float32)}}, "batch_stats": {}}
-    save_converted(tmp_path / "c", variables, models.architecture_of(model))
-    converted = load_converted(tmp_path / "c")
-    assert models.XCiT(**converted.model_config) == model
-    np.testing.assert_array_equal(converted.variables["params"]["head"]["bias"], np.arange(3))
-    np.testing.assert_array_equal(read_variables(tmp_path / "c")["params"]["head"]["bias"], np.arange(3))
-    np.testing.assert_array_equal(load_params(tmp_path / "c")["head"]["bias"], np.arange(3))

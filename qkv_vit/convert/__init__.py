@@ -3,15 +3,11 @@ checkpoint."""
 
 from qkv_vit.convert.loading import WeightMismatchError, load_pytorch_weights
 from qkv_vit.convert.mapping import infer_architecture
-from qkv_vit.convert.saved import ConvertedWeights, load_converted, save_converted  # earlier versions' names
 from qkv_vit.convert.state_dict import read_state_dict
 
 __all__ = [
-    "ConvertedWeights",
     "WeightMismatchError",
     "infer_architecture",
-    "load_converted",
     "load_pytorch_weights",
     "read_state_dict",
-    "save_converted",
 ]

@@ -1,7 +1,7 @@
 """Per-image preprocessing in TensorFlow: decode, XCiT's train augmentation, eval resize/crop.
 
 Train (timm's order): random-resized-crop (bicubic), or pad-and-crop -> horizontal flip -> RandAugment -> colour
-jitter -> normalize -> random erasing. Eval: resize the short side to image_size / crop_ratio
+jitter -> normalize -> random erasing. Eval: resize the short side to image_size / crop_pct
 (bicubic), center-crop image_size, normalize. Every random op is stateless and takes its own seed,
 so a (seed, example index) pair always gives the same image, whatever the parallelism.
 """
@@ -144,10 +144,10 @@ def random_erasing(
     return tf.cond(erase, erased, lambda: image)
 
 
-def resize_and_center_crop(image: tf.Tensor, size: int, crop_ratio: float = 1.0, method: str = "bicubic") -> tf.Tensor:
-    """timm's eval transform: short side to floor(size / crop_ratio), keep aspect, center-crop size x size."""
+def resize_and_center_crop(image: tf.Tensor, size: int, crop_pct: float = 1.0, method: str = "bicubic") -> tf.Tensor:
+    """timm's eval transform: short side to floor(size / crop_pct), keep aspect, center-crop size x size."""
     height, width = tf.shape(image)[0], tf.shape(image)[1]
-    short_target = math.floor(size / crop_ratio)
+    short_target = math.floor(size / crop_pct)
     short, long = tf.minimum(height, width), tf.maximum(height, width)
     long_target = tf.cast(short_target * long / short, tf.int32)  # truncates, as torchvision's Resize
     new_height = tf.where(height <= width, short_target, long_target)
@@ -171,11 +171,11 @@ def train_preprocess(
         crop_seed, flip_seed, randaugment_seed, jitter_seed, erasing_seed = split_seed(seed, 5)
         if decoded:
             image = tf.ensure_shape(
-                resize(random_crop(source, crop_seed, augment.crop_scale, augment.crop_ratio), size, size),
+                resize(random_crop(source, crop_seed, augment.crop_scale, augment.crop_aspect), size, size),
                 [size, size, 3],
             )
         else:
-            image = random_resized_crop(source, crop_seed, size, augment.crop_scale, augment.crop_ratio)
+            image = random_resized_crop(source, crop_seed, size, augment.crop_scale, augment.crop_aspect)
         if augment.crop_padding > 0:  # instead of a random-resized-crop: the one above kept the whole image
             image = pad_and_crop(image, split_seed(crop_seed, 2)[1], augment.crop_padding)
         if augment.flip_prob > 0:
@@ -215,7 +215,7 @@ def eval_preprocess(config: ml_collections.ConfigDict, finish: bool = True) -> C
     finish=False, uint8 for the device to normalize)."""
 
     def preprocess(encoded: tf.Tensor) -> tf.Tensor:
-        image = resize_and_center_crop(decode(encoded), config.image_size, config.crop_ratio)
+        image = resize_and_center_crop(decode(encoded), config.image_size, config.crop_pct)
         return normalize(image, config.mean, config.std) if finish else image
 
     return preprocess

@@ -33,7 +33,7 @@ def augment_config(preset: str = "xcit") -> ml_collections.ConfigDict:
     xcit = dict(
         # Random-resized-crop: area fraction and aspect ratio ranges (torchvision/timm defaults).
         crop_scale=(0.08, 1.0),
-        crop_ratio=(3 / 4, 4 / 3),
+        crop_aspect=(3 / 4, 4 / 3),
         # Pad-and-crop instead (torchvision's RandomCrop(size, padding=crop_padding), CIFAR's classic): zero
         # padding on every side, then a uniformly placed crop of the original size; 0: off.
         crop_padding=0,
@@ -74,7 +74,7 @@ def augment_config(preset: str = "xcit") -> ml_collections.ConfigDict:
         "none": dict(
             xcit,
             crop_scale=(1.0, 1.0),
-            crop_ratio=(1.0, 1.0),
+            crop_aspect=(1.0, 1.0),
             flip_prob=0.0,
             randaugment_layers=0,
             erasing_prob=0.0,
@@ -110,7 +110,7 @@ def get_config(
             eval_split=config_dict.placeholder(str),  # None: the source's usual eval split
             num_classes=config_dict.placeholder(int),  # None: from the data set
             image_size=image_size,
-            crop_ratio=1.0,  # eval: resize the short side to image_size / crop_ratio, center-crop (XCiT: 1.0)
+            crop_pct=1.0,  # eval: resize the short side to image_size / crop_pct, center-crop (timm's crop_pct; XCiT: 1.0)
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             augment=augment,
@@ -132,7 +132,7 @@ AUGMENT_RULES = {
     "crop_scale": rules.numbers(
         2, 0.0, 1.0, low_open=True, ordered=True, what="(min, max) of the area fraction", hint=TUPLE_HINT
     ),
-    "crop_ratio": rules.numbers(
+    "crop_aspect": rules.numbers(
         2, 0.0, low_open=True, ordered=True, what="(min, max) of the aspect ratio", hint=TUPLE_HINT
     ),
     "crop_padding": rules.integer(0),
@@ -167,7 +167,7 @@ DATA_RULES = {
     "eval_split": rules.text(nonempty=True, optional=True),
     "num_classes": rules.integer(1, optional=True),
     "image_size": rules.integer(1),
-    "crop_ratio": rules.number(0.1, 1.0),  # eval images are resized to image_size / crop_ratio first
+    "crop_pct": rules.number(0.1, 1.0),  # eval images are resized to image_size / crop_pct first
     "mean": rules.numbers(3, 0.0, 1.0, what="(red, green, blue)", hint=f"{SCALE_HINT} {TUPLE_HINT}"),
     "std": rules.numbers(3, 0.0, 1.0, low_open=True, what="(red, green, blue)", hint=f"{SCALE_HINT} {TUPLE_HINT}"),
     "augment": AUGMENT_RULES,
@@ -202,10 +202,10 @@ def validate_config(config: ml_collections.ConfigDict, prefix: str = "") -> None
             f'source="image_folder" needs {prefix}path: a folder ROOT/<split>/<class>/ or a tar of one.'
         )
     augment = config.augment
-    if augment.crop_padding and (tuple(augment.crop_scale) != (1.0, 1.0) or tuple(augment.crop_ratio) != (1.0, 1.0)):
+    if augment.crop_padding and (tuple(augment.crop_scale) != (1.0, 1.0) or tuple(augment.crop_aspect) != (1.0, 1.0)):
         raise DataConfigError(
             f"{prefix}augment.crop_padding={augment.crop_padding} (pad-and-crop) replaces random-resized-crop: set "
-            f'{prefix}augment.crop_scale="(1.0, 1.0)" and crop_ratio="(1.0, 1.0)", or crop_padding=0.'
+            f'{prefix}augment.crop_scale="(1.0, 1.0)" and crop_aspect="(1.0, 1.0)", or crop_padding=0.'
         )
     if config.placement == "device" and config.pipeline != "in_memory":
         raise DataConfigError(

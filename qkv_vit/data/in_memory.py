@@ -3,7 +3,7 @@ into uint8 arrays without TensorFlow, and served as batches of those arrays.
 
 `data.pipeline = "in_memory"` serves `data.source = "image_folder"` (`data.path`: an image folder or tar) or
 "digits" (the offline digits) this way. The first run decodes every image with PIL (in threads), resizes it as the eval pipeline
-does (short side to image_size / crop_ratio, bicubic, centre crop to image_size; an image already of that size
+does (short side to image_size / crop_pct, bicubic, centre crop to image_size; an image already of that size
 is kept pixel for pixel) and caches the arrays in `<cache_dir>/in_memory/<key>/` (one .npy file per array, their
 sizes recorded: an entry cut short later is decoded again, `qkv_vit.data.cache`); later runs map those files into
 memory, so that several processes on one host (one per GPU) share one copy.
@@ -12,7 +12,7 @@ The host does no per-image work at all: a train batch is a gather of rows, in an
 seed (the same permutation on every process; process p takes the p-th slice of each global batch, so processes
 read disjoint parts and together every example of the epoch). The train step crops and flips on the device
 (`qkv_vit.train.finishing`), from stateless keys, so resume stays exact. Crop: random-resized-crop over the
-stored image (`augment.crop_scale`, `crop_ratio`) or pad-and-crop (`augment.crop_padding`); flip:
+stored image (`augment.crop_scale`, `crop_aspect`) or pad-and-crop (`augment.crop_padding`); flip:
 `augment.flip_prob`. RandAugment, colour jitter and repeated augmentation run only in the tf.data pipelines:
 they are refused here. Where the train split lives, the host or every device, is `data.placement`
 (`qkv_vit.train.device_data`); either way the batches are the same.
@@ -218,7 +218,7 @@ def _folder_arrays(
     if not (is_tar or path.is_dir()):
         raise DataConfigError(f"{path} is neither a folder nor a {'/'.join(TAR_SUFFIXES)} archive.")
     key = tar_key(path) if is_tar else folder_key(path)
-    entry = cache_dir / "in_memory" / f"{key}-{config.image_size}-{config.crop_ratio:g}-v{_FORMAT_VERSION}"
+    entry = cache_dir / "in_memory" / f"{key}-{config.image_size}-{config.crop_pct:g}-v{_FORMAT_VERSION}"
     if not cache.whole(entry, _META, f"decoding {path}", _unreadable):
         _decode_folder(path, is_tar, entry, config)
     return _load(entry, config.bad_files, path)
@@ -263,7 +263,7 @@ def _decode_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     label_of = {name: index for index, name in enumerate(scan.class_names)}
     with concurrent.futures.ThreadPoolExecutor(thread_name_prefix="qkv_vit_decode") as pool:  # PIL frees the GIL
-        decoded = list(pool.map(lambda item: decode(item[0], config.image_size, config.crop_ratio), files))
+        decoded = list(pool.map(lambda item: decode(item[0], config.image_size, config.crop_pct), files))
     kept = [(image, label_of[name]) for image, (file, name) in zip(decoded, files) if image is not None]
     for image, (file, _) in zip(decoded, files):
         if image is None:
@@ -273,9 +273,9 @@ def _decode_split(
     return np.stack([image for image, _ in kept]), np.asarray([label for _, label in kept], np.int32)
 
 
-def decode(file: Path, image_size: int, crop_ratio: float = 1.0) -> np.ndarray | None:
+def decode(file: Path, image_size: int, crop_pct: float = 1.0) -> np.ndarray | None:
     """The whole image as (image_size, image_size, 3) uint8, as the eval pipeline sizes it: short side to
-    floor(image_size / crop_ratio) (bicubic, antialiased), centre crop; None if PIL cannot decode all of it."""
+    floor(image_size / crop_pct) (bicubic, antialiased), centre crop; None if PIL cannot decode all of it."""
     import PIL.Image
 
     try:
@@ -283,14 +283,14 @@ def decode(file: Path, image_size: int, crop_ratio: float = 1.0) -> np.ndarray |
             image = opened.convert("RGB")  # decodes every row: a truncated file raises here
     except (OSError, ValueError, PIL.Image.DecompressionBombError):
         return None
-    return resize_and_crop(image, image_size, crop_ratio)
+    return resize_and_crop(image, image_size, crop_pct)
 
 
-def resize_and_crop(image, image_size: int, crop_ratio: float = 1.0) -> np.ndarray:
-    """PIL image -> (image_size, image_size, 3) uint8: short side to floor(image_size / crop_ratio), centre crop."""
+def resize_and_crop(image, image_size: int, crop_pct: float = 1.0) -> np.ndarray:
+    """PIL image -> (image_size, image_size, 3) uint8: short side to floor(image_size / crop_pct), centre crop."""
     import PIL.Image
 
-    short = math.floor(image_size / crop_ratio)
+    short = math.floor(image_size / crop_pct)
     width, height = image.size
     if min(width, height) != short:
         scale = short / min(width, height)

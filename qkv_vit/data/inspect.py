@@ -1,6 +1,6 @@
 """Print a data set's example and per-class counts, and measure train-pipeline throughput.
 
-    python -m qkv_vit.data.inspect --source image_folder --path ../shared/data/cifar10-jpeg.tar.gz \\
+    python -m qkv_vit.data.inspect --source image_folder --path data/cifar10-jpeg.tar.gz \\
         --preset xcit --image-size 224 --batch-size 128 --batches 20
 
 Throughput is images/second of tf.data's train batches as the trainer takes them (decode, the preset's per-image

@@ -17,7 +17,7 @@ from ml_collections import config_dict
 from qkv_vit import config_rules as rules
 from qkv_vit import data, models
 from qkv_vit.errors import ConfigError
-from qkv_vit.train import sharding
+from qkv_vit.train import optimizer, run_record, sharding
 from qkv_vit.train.optimizer import OPTIMIZERS
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # parameters stay float32 either way
@@ -182,17 +182,36 @@ RUN_RULES = {
 }
 
 
-# Keys renamed since configs were written with them: the old name is refused with the new one.
+# The one table of config keys this project renamed or removed, by full name: {old key: what to set instead}.
+# A config file or a --config.KEY override that sets an old key is refused with renamed_key_message (as timm's
+# register_model_deprecations does for model names); nothing reads an old key.
 RENAMED_KEYS = {
     "config.mesh.model": "config.mesh.fsdp (the axis shards parameters, FSDP, and splits the batch: it is not "
     "tensor parallelism)",
+    # crop_ratio named two things: the eval resize fraction and the random-resized-crop's aspect range.
+    "config.data.crop_ratio": "config.data.crop_pct (eval: the short side is resized to image_size / crop_pct, "
+    "timm's crop_pct)",
+    "config.data.augment.crop_ratio": "config.data.augment.crop_aspect ((min, max) of the random-resized-crop's "
+    "aspect ratio, timm's ratio)",
 }
+
+
+def renamed_key_message(key: str) -> str | None:
+    """The error for setting `key` (its full name, "config.<group>.<key>") if RENAMED_KEYS holds it, else None."""
+    if key not in RENAMED_KEYS:
+        return None
+    return f"{key} is no longer a key: set {RENAMED_KEYS[key]} instead, in the config file or on the command line."
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Every value of a training config checked for type, length and range before any data is read: one
-    ConfigError (DataConfigError for config.data) naming the first bad key, what it must be, and what it got."""
-    rules.check_values(config, RUN_RULES, "config.", renamed=RENAMED_KEYS)
+    ConfigError (DataConfigError for config.data) naming the first bad key, what it must be, and what it got; a
+    key that RENAMED_KEYS holds is refused first, with what to set instead."""
+    for key in run_record.flatten(config.to_dict()):
+        message = renamed_key_message(f"config.{key}")
+        if message:
+            raise ConfigError(message)
+    rules.check_values(config, RUN_RULES, "config.")
     data.validate_config(config.data, prefix="config.data.")
 
 
@@ -260,27 +279,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.total_epochs = 400.0
     config.total_steps = config_dict.placeholder(int)  # set: overrides total_epochs
 
-    config.optimizer = ml_collections.ConfigDict(
-        dict(
-            name="adamw",  # or "sgd" (with momentum; DeiT's fine-tuning recipe)
-            lr=5e-4,  # at 512 images per update; scaled by global batch x accumulation steps / 512 (scale_lr_by_batch)
-            scale_lr_by_batch=True,
-            warmup_epochs=5.0,
-            warmup_steps=config_dict.placeholder(int),  # set: overrides warmup_epochs
-            warmup_init_lr=1e-6,
-            min_lr=1e-5,
-            weight_decay=0.05,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            momentum=0.9,  # sgd only
-            nesterov=False,  # sgd only
-            grad_clip_norm=0.0,  # 0: no clipping (XCiT's recipe)
-            accumulation_steps=1,
-            code_weight_decay=False,  # F-SNE codes: no weight decay by default
-            filter_bias_and_bn=True,  # no weight decay on biases, norms, gammas, ... (timm's default); False: all
-        )
-    )
+    # Each key explained in optimizer.DEFAULTS; warmup_steps (None there) an int placeholder the command line can set.
+    config.optimizer = ml_collections.ConfigDict({**optimizer.DEFAULTS, "warmup_steps": config_dict.placeholder(int)})
     config.ema_decay = config_dict.placeholder(float)  # e.g. 0.99996; evaluations then also report ema_*
     config.nonfinite = "stop"  # NaN/inf loss or gradients: "stop" the run, or "skip" the step
 

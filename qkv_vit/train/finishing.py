@@ -40,7 +40,7 @@ class BatchFinishing:
     # Crop and flip here too (the in-memory source, whose host does no per-image work); else the host did them.
     geometry: bool = False
     crop_scale: tuple[float, float] = (1.0, 1.0)
-    crop_ratio: tuple[float, float] = (1.0, 1.0)
+    crop_aspect: tuple[float, float] = (1.0, 1.0)
     crop_padding: int = 0  # pad-and-crop instead of random-resized-crop (the two are exclusive: data config)
     flip_prob: float = 0.0
     erasing_prob: float = 0.0
@@ -63,7 +63,7 @@ class BatchFinishing:
             num_classes,
             geometry,
             tuple(augment.crop_scale),
-            tuple(augment.crop_ratio),
+            tuple(augment.crop_aspect),
             augment.crop_padding,
             augment.flip_prob,
             augment.erasing_prob,
@@ -79,7 +79,7 @@ class BatchFinishing:
 
     @property
     def crops(self) -> bool:
-        return self.geometry and (self.crop_scale != (1.0, 1.0) or self.crop_ratio != (1.0, 1.0))
+        return self.geometry and (self.crop_scale != (1.0, 1.0) or self.crop_aspect != (1.0, 1.0))
 
     @property
     def mixes(self) -> bool:
@@ -143,7 +143,7 @@ def crop_and_flip_each(images: jax.Array, keys: jax.Array, finishing: BatchFinis
         if finishing.crop_padding:
             image = pad_and_crop(image, crop_key, finishing.crop_padding)
         elif finishing.crops:
-            image = random_resized_crop(image, crop_key, finishing.crop_scale, finishing.crop_ratio)
+            image = random_resized_crop(image, crop_key, finishing.crop_scale, finishing.crop_aspect)
         flip = jax.random.uniform(flip_key) < finishing.flip_prob
         return jnp.where(flip, image[:, ::-1], image)
 

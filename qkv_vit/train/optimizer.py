@@ -18,6 +18,28 @@ NO_DECAY_LEAVES = ("bias", "scale", "gamma1", "gamma2", "gamma3", "temperature",
 NO_DECAY_SUFFIXES = ("_bias",)  # the QKV embeddings' hidden_bias / output_bias
 NO_DECAY_MODULES = ("pos_embed",)  # the positional encoding's projection
 
+# config.optimizer's defaults (XCiT's AdamW recipe), as plain values: base_config() makes config.optimizer of them
+# (warmup_steps a placeholder there), and benchmarks/device_check.py steps with them without ml_collections.
+DEFAULTS = dict(
+    name="adamw",  # or "sgd" (with momentum; DeiT's fine-tuning recipe)
+    lr=5e-4,  # at 512 images per update; scaled by global batch x accumulation steps / 512 (scale_lr_by_batch)
+    scale_lr_by_batch=True,
+    warmup_epochs=5.0,
+    warmup_steps=None,  # set: overrides warmup_epochs
+    warmup_init_lr=1e-6,
+    min_lr=1e-5,
+    weight_decay=0.05,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    momentum=0.9,  # sgd only
+    nesterov=False,  # sgd only
+    grad_clip_norm=0.0,  # 0: no clipping (XCiT's recipe)
+    accumulation_steps=1,
+    code_weight_decay=False,  # F-SNE codes: no weight decay by default
+    filter_bias_and_bn=True,  # no weight decay on biases, norms, gammas, ... (timm's default); False: all
+)
+
 
 def learning_rate(
     opt: ml_collections.ConfigDict, global_batch_size: int, total_steps: int, warmup_steps: int
@@ -71,11 +93,9 @@ def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> 
     Both decay only the leaves that decay_mask selects. SGD's decay is PyTorch's: weight_decay x param is
     added to the (clipped) gradient before momentum, as torch.optim.SGD(weight_decay=...) does.
     """
-    name = getattr(opt, "name", "adamw")
+    name = opt.name
     mask = functools.partial(
-        decay_mask,
-        code_weight_decay=opt.code_weight_decay,
-        filter_bias_and_bn=getattr(opt, "filter_bias_and_bn", True),  # a config made before the key existed
+        decay_mask, code_weight_decay=opt.code_weight_decay, filter_bias_and_bn=opt.filter_bias_and_bn
     )
     if name == "adamw":
         update = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=mask)

@@ -33,7 +33,7 @@ FSDP_MIN_SIZE_TO_SHARD_BYTES = 16 * 2**10
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
     """A (data, fsdp) mesh over all devices (or `devices`), sizes from config; one -1 takes the rest."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
+    sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError(f"Only one mesh axis may be -1 (all remaining devices), got {dict(zip(MESH_AXES, sizes))}.")
     known = int(np.prod([s for s in sizes if s != -1]))
