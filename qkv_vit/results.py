@@ -26,7 +26,7 @@ from qkv_vit.train.config import base_config
 from qkv_vit.train.logging_utils import read_metrics
 
 # Keys that do not change what a run learns (bookkeeping, where files live, hardware layout), and seeds.
-SEED_KEYS = ("seed", "data.seed")
+SEED_KEYS = ("seed",)
 IGNORED_KEYS = SEED_KEYS + (
     "init_from",
     "data.cache_dir",

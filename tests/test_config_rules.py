@@ -56,7 +56,6 @@ BAD_VALUES = [  # (key path, value, what the one error line must say)
     ("data.num_parallel_calls", 0, "num_parallel_calls must be an integer >= 1 or -1"),
     ("data.shuffle_buffer", -5, "shuffle_buffer must be an integer >= 0"),
     ("data.num_classes", 0, "config.data.num_classes must be an integer >= 1 (or None to leave it unset), got 0"),
-    ("data.seed", True, "config.data.seed must be an integer >= 0, got True"),
     ("optimizer.eps", 0.0, "config.optimizer.eps must be a finite number > 0"),
     ("optimizer.b2", 1.0, "config.optimizer.b2 must be a finite number in [0, 1)"),
     ("optimizer.lr", float("inf"), "config.optimizer.lr must be a finite number >= 0, got inf"),

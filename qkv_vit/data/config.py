@@ -118,7 +118,6 @@ def get_config(
             shuffle_buffer=10_000,  # examples (encoded bytes, before decoding)
             num_parallel_calls=-1,  # -1: tf.data AUTOTUNE
             prefetch=2,  # batches
-            seed=0,
             bad_files="skip",  # image_folder: a file that is not an image is "skip"ped and counted, or an "error"
             placement="auto",  # pipeline in_memory: the train split on the "device"s or the "host"; "auto": on them if it fits
         )
@@ -175,7 +174,6 @@ DATA_RULES = {
     "shuffle_buffer": rules.integer(0),
     "num_parallel_calls": rules.integer(1, or_minus_one=True),  # -1: tf.data AUTOTUNE
     "prefetch": rules.integer(0, or_minus_one=True),
-    "seed": rules.integer(0),
     "bad_files": rules.text(("skip", "error")),
     "placement": rules.text(PLACEMENTS),
 }

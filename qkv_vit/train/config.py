@@ -193,6 +193,8 @@ RENAMED_KEYS = {
     "timm's crop_pct)",
     "config.data.augment.crop_ratio": "config.data.augment.crop_aspect ((min, max) of the random-resized-crop's "
     "aspect ratio, timm's ratio)",
+    # Never read: the trainer seeds the data's order and augmentation with config.seed.
+    "config.data.seed": "config.seed (the run's one seed: parameters, data order and augmentation)",
 }
 
 
