@@ -1,5 +1,5 @@
-"""Whole training runs on small images: the in-memory source (train split on the host or on the devices)
-against the tf.data image-folder source.
+"""Whole training runs on small images from an image folder or tar: the in-memory pipeline (train split on the
+host or on the devices) against tf.data.
 
     python benchmarks/small_data.py                      # CIFAR-10 archive from ../shared/data, else generated JPEGs
     python benchmarks/small_data.py --path DIR_OR_TAR --rounds 2 --steps 200 --depth 12
@@ -7,8 +7,8 @@ against the tf.data image-folder source.
     python benchmarks/small_data.py --smoke              # a 1-block model, a few steps (tests)
 
 Each run is `python -m qkv_vit.main` with `configs/cifar10.py:recipe=short` (XCiT-N12/8 at 32x32, batch 128,
-flips and label smoothing only, so both sources do the same augmentation: tf.data on the host, or the device in
-the step) in a fresh process, the sources alternating, round after round. The figure is the trainer's own
+flips and label smoothing only, so both pipelines do the same augmentation: tf.data on the host, or the device in
+the step) in a fresh process, the pipelines alternating, round after round. The figure is the trainer's own
 `train/images_per_sec` (data and step together), the median over the logged intervals after the first (which
 holds compilation). Data preparation (the one-time conversion or decoding) is done before timing starts.
 Prints a table and ends with one JSON line.
@@ -27,9 +27,9 @@ from pathlib import Path
 import harness
 
 ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-# Each variant: (data.source, data.placement).
+# Each variant: (data.pipeline, data.placement), on the image folder or tar.
 VARIANTS = {
-    "image_folder": ("image_folder", "auto"),
+    "image_folder": ("tf_data", "auto"),
     "in_memory_host": ("in_memory", "host"),
     "in_memory_device": ("in_memory", "device"),
 }
@@ -71,8 +71,8 @@ def write_random_folder(root: Path) -> str:
 
 def run_once(args: argparse.Namespace, variant: str, workdir: Path) -> list[float]:
     """One training run; its logged images/s after the first interval."""
-    source, placement = VARIANTS[variant]
-    config = f"configs/cifar10.py:recipe=short,source={source},depth={args.depth},batch={args.batch_size}"
+    pipeline, placement = VARIANTS[variant]
+    config = f"configs/cifar10.py:recipe=short,pipeline={pipeline},depth={args.depth},batch={args.batch_size}"
     config += f",path={args.path}"
     overrides = [f"--config.total_steps={args.steps}", f"--config.log_every_steps={args.log_every}"]
     overrides.append(f"--config.data.placement={placement}")

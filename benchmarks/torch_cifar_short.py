@@ -48,11 +48,11 @@ def load_arrays(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch
     """{"train"/"test": (uint8 images (N, 3, 32, 32), int64 labels)} through the in-memory source's decoding."""
     from qkv_vit import data
 
-    config = data.get_config("none", source="in_memory")
+    config = data.get_config("none", source="image_folder" if args.path else "digits", pipeline="in_memory")
     config.path, config.cache_dir = (args.path or None), (args.cache_dir or None)
     source = data.open_source(config)
     arrays = {}
-    for name, split in (("train", source.train_split), ("test", source.eval_split)):
+    for name, split in (("train", source.info.train_split), ("test", source.info.eval_split)):
         images, labels = source.splits[split].images, source.splits[split].labels
         images = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()  # NCHW, a writable copy
         arrays[name] = (images, torch.from_numpy(np.array(labels)).long())

@@ -55,26 +55,35 @@ def load(argument: str) -> ml_collections.ConfigDict:
     sys.modules[module.__name__] = module  # as importlib's loader does (dataclasses in a config file look it up)
     try:
         exec(code, module.__dict__)  # noqa: S102 - running the user's config file is what --config asks for
-        get_config = getattr(module, "get_config", None)
-        if not callable(get_config):
-            bad(
-                f"the file has no get_config function (it defines {public_names(module) or 'nothing'}). A config "
-                "file defines get_config(arg=None) returning an ml_collections.ConfigDict, as configs/quickstart.py "
-                "does."
-            )
+    except Exception as error:  # noqa: BLE001 - whatever the user's code raises is reported, with its place
+        bad(failure(error, path))
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        bad(
+            f"the file has no get_config function (it defines {public_names(module) or 'nothing'}). A config "
+            "file defines get_config(arg=None) returning an ml_collections.ConfigDict, as configs/quickstart.py "
+            "does."
+        )
+    try:
         config = get_config(*config_string)
-    except SyntaxError as error:  # in a module the config file imports
-        bad(f"{syntax_error_place(error, path)}: {error.msg}.")
     except ConfigError as error:  # get_config's own check of its argument says what to do already
         bad(str(error))
-    except Exception as error:  # noqa: BLE001 - whatever the user's code raises is reported, with its place
-        bad(f"{exception_place(error, path)}: {type(error).__name__}: {error}")
+    except Exception as error:  # noqa: BLE001
+        bad(failure(error, path))
     if not isinstance(config, ml_collections.ConfigDict):
         bad(
             f"get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict"
             f"{' (a missing return statement?)' if config is None else ''}."
         )
     return config
+
+
+def failure(error: Exception, path: str) -> str:
+    """What went wrong running the config file at `path`, and where: a syntax error (in a module it imports), or
+    an exception with its place."""
+    if isinstance(error, SyntaxError):
+        return f"{syntax_error_place(error, path)}: {error.msg}."
+    return f"{exception_place(error, path)}: {type(error).__name__}: {error}"
 
 
 def syntax_error_place(error: SyntaxError, path: str) -> str:

@@ -21,6 +21,7 @@ import ml_collections
 from etils import epath
 
 from qkv_vit import models
+from qkv_vit.data.config import data_name
 from qkv_vit.train import run_record
 from qkv_vit.train.config import base_config
 from qkv_vit.train.logging_utils import read_metrics
@@ -176,12 +177,7 @@ def total_steps(config: dict[str, Any], model: dict[str, Any]) -> tuple[int | No
 
 
 def data_label(config: dict[str, Any]) -> str:
-    source = config["data.source"]
-    name = config["data.name"] if source == "tfds" else source
-    if source in ("image_folder", "in_memory") and config.get("data.path"):
-        name = epath.Path(config["data.path"]).name.split(".")[0]
-    elif source == "in_memory":  # without a path: the offline digits
-        name = "digits"
+    name = data_name(config["data.source"], config["data.name"], config.get("data.path"))
     return f"{name} (fine-tuned)" if config.get("init_from") else name
 
 

@@ -40,8 +40,8 @@ EXTRA_ARGS = {
         "runlocal",
         "recipe=short,runlocal",
         "recipe=short,epochs=10",
-        "recipe=short,source=in_memory",
-        "source=in_memory",
+        "recipe=short,pipeline=in_memory",
+        "pipeline=in_memory",
     ],
     "imagenet": [
         None,
@@ -87,7 +87,7 @@ def test_documented_arguments_build_a_valid_config_and_model(name, arg):
     config = load_config(name, arg)
     model = build_model(config, num_classes=10)
     data.validate_config(config.data)
-    if config.data.source == "in_memory":  # only what the device does: no host-only augmentation
+    if config.data.pipeline == "in_memory":  # only what the device does: no host-only augmentation
         in_memory.check_device_augmentation(config.data)
     assert config.data.image_size % model.patch_size == 0
     assert config.global_batch_size > 0 and (config.total_steps or config.total_epochs) > 0

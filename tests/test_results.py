@@ -163,8 +163,7 @@ def test_mean_std(values, expected):
     "config, label",
     [
         ({"data.source": "image_folder", "data.path": "/d/cifar10-jpeg.tar.gz"}, "cifar10-jpeg"),
-        ({"data.source": "in_memory", "data.path": "/d/cifar10-jpeg.tar.gz"}, "cifar10-jpeg"),
-        ({"data.source": "in_memory", "data.path": None}, "digits"),
+        ({"data.source": "digits", "data.path": None}, "digits"),
         ({"data.source": "tfds", "data.name": "cifar100", "init_from": "/runs/x"}, "cifar100 (fine-tuned)"),
     ],
 )

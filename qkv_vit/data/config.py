@@ -8,6 +8,8 @@ Start from `get_config()` and override fields, e.g.
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -216,3 +218,13 @@ def crops_on_device(config: ml_collections.ConfigDict) -> bool:
     """Whether the train batches come uncropped and unflipped, for the device to crop and flip (the in-memory
     pipeline's host does no per-image work; tf.data's does them)."""
     return config.pipeline == "in_memory"
+
+
+def data_name(source: str, name: str, path: str | None) -> str:
+    """A short name for the data a config reads: the tfds data set's name, the image folder's or archive's name
+    without its suffixes, or "digits"."""
+    if source == "tfds":
+        return name
+    if source == "image_folder" and path:
+        return PurePath(path).name.split(".")[0]
+    return source
