@@ -7,8 +7,9 @@ import PIL.Image
 import PIL.ImageEnhance
 import PIL.ImageOps
 import pytest
+import tf_oracles
 
-from qkv_vit.data import augment, mixup, randaugment
+from qkv_vit.data import augment, randaugment
 from qkv_vit.data._tensorflow import tf
 from qkv_vit.data.config import IMAGENET_MEAN, IMAGENET_STD, get_config
 
@@ -180,7 +181,7 @@ def test_color_jitter_range_and_identity_at_zero():
 
 def test_normalize_values():
     image = np.array([[[0, 255, 128]]], np.uint8)
-    out = np.asarray(augment.normalize(tf.constant(image), IMAGENET_MEAN, IMAGENET_STD))
+    out = np.asarray(tf_oracles.normalize(tf.constant(image), IMAGENET_MEAN, IMAGENET_STD))
     expected = (np.array([0, 1, 128 / 255]) - IMAGENET_MEAN) / IMAGENET_STD
     np.testing.assert_allclose(out[0, 0], expected, rtol=1e-6)
     assert out.dtype == np.float32
@@ -189,8 +190,8 @@ def test_normalize_values():
 @pytest.mark.parametrize("mode", ["pixel", "const"])
 def test_random_erasing_replaces_one_box(mode):
     image = tf.fill([32, 32, 3], 5.0)
-    np.testing.assert_array_equal(augment.random_erasing(image, SEED, prob=0.0), image)
-    erased = np.asarray(augment.random_erasing(image, SEED, prob=1.0, mode=mode))
+    np.testing.assert_array_equal(tf_oracles.random_erasing(image, SEED, prob=0.0), image)
+    erased = np.asarray(tf_oracles.random_erasing(image, SEED, prob=1.0, mode=mode))
     changed = np.any(erased != 5.0, axis=-1)
     rows, cols = np.nonzero(changed)
     box_area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
@@ -219,12 +220,10 @@ def test_train_and_eval_preprocess_output():
     encoded = encode(natural_image(30, 40), "JPEG")
     train = augment.train_preprocess(config)
     first, again = train(encoded, SEED), train(encoded, SEED)
-    assert first.shape == (24, 24, 3) and first.dtype == tf.float32
+    assert first.shape == (24, 24, 3) and first.dtype == tf.uint8  # the device normalizes, erases and mixes
     np.testing.assert_array_equal(first, again)
-    low = (0 - np.max(IMAGENET_MEAN)) / np.min(IMAGENET_STD)
-    high = (1 - np.min(IMAGENET_MEAN)) / np.min(IMAGENET_STD)
-    evaluation = np.asarray(augment.eval_preprocess(config)(encoded))
-    assert evaluation.shape == (24, 24, 3) and low - 1e-5 <= evaluation.min() and evaluation.max() <= high + 1e-5
+    evaluation = augment.eval_preprocess(config)(encoded)
+    assert evaluation.shape == (24, 24, 3) and evaluation.dtype == tf.uint8
 
 
 # ---- inside tf.data: graph mode and parallel map give what eager mode gives ----
@@ -234,7 +233,7 @@ GRAPH_OPS = {
     "randaugment": lambda e, s: randaugment.randaugment(augment.decode(e), s),
     "random_flip": lambda e, s: augment.random_flip(augment.decode(e), s),
     "color_jitter": lambda e, s: augment.color_jitter(augment.decode(e), s, 0.4),
-    "random_erasing": lambda e, s: augment.random_erasing(tf.cast(augment.decode(e), tf.float32), s, prob=1.0),
+    "random_erasing": lambda e, s: tf_oracles.random_erasing(tf.cast(augment.decode(e), tf.float32), s, prob=1.0),
     "eval": lambda e, s: augment.resize_and_center_crop(augment.decode(e), 16, 0.875),
 }
 
@@ -261,7 +260,7 @@ def batch(size=8, pixels=16, classes=5):
 
 def test_label_smoothing_only():
     images, labels = batch()
-    mixed, soft = mixup.mix_batch(
+    mixed, soft = tf_oracles.mix_batch(
         images, labels, SEED, num_classes=5, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.1
     )
     np.testing.assert_array_equal(mixed, images)
@@ -270,7 +269,7 @@ def test_label_smoothing_only():
 
 def test_mixup_blends_images_and_labels_with_the_same_lambda():
     images, labels = batch()
-    mixed, soft = mixup.mix_batch(
+    mixed, soft = tf_oracles.mix_batch(
         images, labels, SEED, num_classes=5, mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.0
     )
     lam = float(np.asarray(soft)[0, labels[0]])  # example 0 is mixed with example 7 (label 2)
@@ -281,7 +280,7 @@ def test_mixup_blends_images_and_labels_with_the_same_lambda():
 def test_cutmix_pastes_a_box_whose_area_sets_the_label_weights():
     images, labels = batch()
     for i in range(6):
-        mixed, soft = mixup.mix_batch(
+        mixed, soft = tf_oracles.mix_batch(
             images,
             labels,
             tf.constant([5, i], tf.int64),
@@ -298,8 +297,8 @@ def test_cutmix_pastes_a_box_whose_area_sets_the_label_weights():
 
 def test_mix_batch_is_deterministic_and_soft_labels_sum_to_one():
     images, labels = batch()
-    first = mixup.mix_batch(images, labels, SEED, num_classes=5)
-    again = mixup.mix_batch(images, labels, SEED, num_classes=5)
+    first = tf_oracles.mix_batch(images, labels, SEED, num_classes=5)
+    again = tf_oracles.mix_batch(images, labels, SEED, num_classes=5)
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(np.asarray(first[1]).sum(axis=1), 1.0, rtol=1e-6)

@@ -4,8 +4,9 @@ mixup / cutmix (timm's algorithms, label smoothing folded into the targets), dra
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tf_oracles
 
-from qkv_vit.data import augment, mixup
+from qkv_vit.data import augment
 from qkv_vit.data._tensorflow import tf
 from qkv_vit.train import finishing
 
@@ -27,11 +28,13 @@ XCIT = finishing.BatchFinishing(
 
 def test_normalization_and_smoothed_targets_equal_the_hosts():
     images = np.random.default_rng(0).integers(0, 256, (4, 6, 6, 3), dtype=np.uint8)
-    host = np.stack([augment.normalize(tf.constant(image), XCIT.mean, XCIT.std).numpy() for image in images])
+    host = np.stack([tf_oracles.normalize(tf.constant(image), XCIT.mean, XCIT.std).numpy() for image in images])
     np.testing.assert_allclose(finishing.normalize(images, XCIT.mean, XCIT.std), host, rtol=1e-6, atol=1e-6)
     labels = np.array([0, 3, 4, 1], np.int32)
     np.testing.assert_allclose(
-        finishing.smooth_labels(labels, 5, 0.1), mixup.smooth_labels(tf.constant(labels), 5, 0.1).numpy(), rtol=1e-6
+        finishing.smooth_labels(labels, 5, 0.1),
+        tf_oracles.smooth_labels(tf.constant(labels), 5, 0.1).numpy(),
+        rtol=1e-6,
     )
 
 
@@ -41,7 +44,7 @@ def host_erased_fractions(count: int) -> tf.Tensor:
 
     def fraction(i: tf.Tensor) -> tf.Tensor:
         image = tf.fill([24, 24, 3], 7.0)
-        erased = augment.random_erasing(image, tf.stack([tf.constant(3, tf.int64), i]), 0.25, (0.02, 1 / 3), 0.3)
+        erased = tf_oracles.random_erasing(image, tf.stack([tf.constant(3, tf.int64), i]), 0.25, (0.02, 1 / 3), 0.3)
         return tf.reduce_mean(tf.cast(tf.reduce_any(erased != 7.0, axis=-1), tf.float32))
 
     return tf.map_fn(fraction, tf.range(count, dtype=tf.int64), fn_output_signature=tf.float32)
@@ -111,7 +114,9 @@ def test_mixing_draws_lam_and_the_switch_as_the_host_does():
             cutmixed.append(np.all((pixels == 0) | (pixels == 1)) and 0 < pixels.mean() < 1)
         return np.array(shares), np.array(cutmixed)
 
-    host_mix = tf.function(lambda seed: mixup.mix_batch(tf.constant(images), tf.constant(labels), seed, num_classes=5))
+    host_mix = tf.function(
+        lambda seed: tf_oracles.mix_batch(tf.constant(images), tf.constant(labels), seed, num_classes=5)
+    )
     host_shares, host_cut = draws(lambda i: host_mix(tf.constant([9, i], tf.int64)))
     device_mix = jax.jit(lambda key: finishing.mix(images, labels, key, XCIT))
     device_shares, device_cut = draws(lambda i: device_mix(jax.random.key(i)))

@@ -1,8 +1,8 @@
-"""Per-image preprocessing in TensorFlow: decode, XCiT's train augmentation, eval resize/crop.
+"""Per-image preprocessing in TensorFlow: decode, XCiT's train augmentation, eval resize/crop, uint8 out.
 
 Train (timm's order): random-resized-crop (bicubic), or pad-and-crop -> horizontal flip -> RandAugment -> colour
-jitter -> normalize -> random erasing. Eval: resize the short side to image_size / crop_pct
-(bicubic), center-crop image_size, normalize. Every random op is stateless and takes its own seed,
+jitter; the device then normalizes, erases and mixes (qkv_vit.train.finishing). Eval: resize the short side to
+image_size / crop_pct (bicubic), center-crop image_size. Every random op is stateless and takes its own seed,
 so a (seed, example index) pair always gives the same image, whatever the parallelism.
 """
 
@@ -105,45 +105,6 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tenso
     return randaugment_lib.color(image, factors[2])
 
 
-def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-    """uint8 [0, 255] to float32 (x / 255 - mean) / std."""
-    return (tf.cast(image, tf.float32) / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
-
-
-def random_erasing(
-    image: tf.Tensor,
-    seed: tf.Tensor,
-    prob: float = 0.25,
-    area: Sequence[float] = (0.02, 1 / 3),
-    aspect_min: float = 0.3,
-    mode: str = "pixel",
-    attempts: int = 10,
-) -> tf.Tensor:
-    """timm RandomErasing (one box) on a normalized float image; "pixel" fills N(0, 1) noise, "const" zeros."""
-    height, width = tf.shape(image)[0], tf.shape(image)[1]
-    apply_seed, area_seed, aspect_seed, top_seed, left_seed, noise_seed = split_seed(seed, 6)
-    image_area = tf.cast(height * width, tf.float32)
-    target = tf.random.stateless_uniform([attempts], area_seed, area[0], area[1]) * image_area
-    log_aspect = tf.random.stateless_uniform([attempts], aspect_seed, math.log(aspect_min), -math.log(aspect_min))
-    box_heights = tf.cast(tf.round(tf.sqrt(target * tf.exp(log_aspect))), tf.int32)
-    box_widths = tf.cast(tf.round(tf.sqrt(target / tf.exp(log_aspect))), tf.int32)
-    fits = (box_heights < height) & (box_widths < width)  # timm keeps the first attempt that fits
-    first = tf.argmax(tf.cast(fits, tf.int32))
-    box_height, box_width = box_heights[first], box_widths[first]
-    top = tf.random.stateless_uniform([], top_seed, 0, tf.maximum(height - box_height + 1, 1), dtype=tf.int32)
-    left = tf.random.stateless_uniform([], left_seed, 0, tf.maximum(width - box_width + 1, 1), dtype=tf.int32)
-    rows = tf.range(height)[:, None, None]
-    cols = tf.range(width)[None, :, None]
-    inside = (rows >= top) & (rows < top + box_height) & (cols >= left) & (cols < left + box_width)
-    erase = (tf.random.stateless_uniform([], apply_seed) < prob) & tf.reduce_any(fits)
-
-    def erased():  # noise for the whole image costs as much as the rest: only draw it when erasing
-        noise = tf.random.stateless_normal(tf.shape(image), noise_seed) if mode == "pixel" else tf.zeros_like(image)
-        return tf.where(inside, noise, image)
-
-    return tf.cond(erase, erased, lambda: image)
-
-
 def resize_and_center_crop(image: tf.Tensor, size: int, crop_pct: float = 1.0, method: str = "bicubic") -> tf.Tensor:
     """timm's eval transform: short side to floor(size / crop_pct), keep aspect, center-crop size x size."""
     height, width = tf.shape(image)[0], tf.shape(image)[1]
@@ -159,16 +120,17 @@ def resize_and_center_crop(image: tf.Tensor, size: int, crop_pct: float = 1.0, m
 
 
 def train_preprocess(
-    config: ml_collections.ConfigDict, finish: bool = True, decoded: bool = False
+    config: ml_collections.ConfigDict, decoded: bool = False
 ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """(encoded image, or with `decoded` a uint8 HxWx3 one; seed [2]) -> image_size x image_size x 3, with
-    config.augment's recipe: float32 after normalization and random erasing, or with finish=False uint8 after
-    colour jitter (the device finishes it: qkv_vit.train.finishing)."""
+    """(encoded image, or with `decoded` a uint8 HxWx3 one; seed [2]) -> image_size x image_size x 3 uint8, with
+    config.augment's per-image recipe up to colour jitter (the device normalizes, erases and mixes:
+    qkv_vit.train.finishing)."""
     augment, size = config.augment, config.image_size
     fill = tuple(round(255 * m) for m in config.mean)  # timm fills rotations/shears with the mean colour
 
     def preprocess(source: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        crop_seed, flip_seed, randaugment_seed, jitter_seed, erasing_seed = split_seed(seed, 5)
+        # Five seeds, the fifth once the host's random erasing's: the same seed gives the same images as before.
+        crop_seed, flip_seed, randaugment_seed, jitter_seed, _ = split_seed(seed, 5)
         if decoded:
             image = tf.ensure_shape(
                 resize(random_crop(source, crop_seed, augment.crop_scale, augment.crop_aspect), size, size),
@@ -193,29 +155,15 @@ def train_preprocess(
             )
         if augment.color_jitter > 0:
             image = color_jitter(image, jitter_seed, augment.color_jitter)
-        if not finish:
-            return image
-        image = normalize(image, config.mean, config.std)
-        if augment.erasing_prob > 0:
-            image = random_erasing(
-                image,
-                erasing_seed,
-                augment.erasing_prob,
-                augment.erasing_area,
-                augment.erasing_aspect_min,
-                augment.erasing_mode,
-            )
         return image
 
     return preprocess
 
 
-def eval_preprocess(config: ml_collections.ConfigDict, finish: bool = True) -> Callable[[tf.Tensor], tf.Tensor]:
-    """encoded image -> image_size x image_size x 3: resize, center crop, then normalize to float32 (or, with
-    finish=False, uint8 for the device to normalize)."""
+def eval_preprocess(config: ml_collections.ConfigDict) -> Callable[[tf.Tensor], tf.Tensor]:
+    """encoded image -> image_size x image_size x 3 uint8 (the device normalizes): resize, center crop."""
 
     def preprocess(encoded: tf.Tensor) -> tf.Tensor:
-        image = resize_and_center_crop(decode(encoded), config.image_size, config.crop_pct)
-        return normalize(image, config.mean, config.std) if finish else image
+        return resize_and_center_crop(decode(encoded), config.image_size, config.crop_pct)
 
     return preprocess

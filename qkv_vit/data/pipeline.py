@@ -107,7 +107,7 @@ class TFDataSource:
         ]
         # Every process runs as many batches as the largest part needs, so collective ops stay in step.
         num_batches = math.ceil(max(prepared.num_examples(part) for part in parts) / local_batch)
-        preprocess = augment_lib.eval_preprocess(config, finish=False)
+        preprocess = augment_lib.eval_preprocess(config)
         examples = prepared.read(parts[process_index]).map(
             lambda example: {
                 "image": preprocess(example["image"]),
@@ -164,7 +164,7 @@ def _train_augmentation(config: ml_collections.ConfigDict) -> Callable:
     decoded = config.repeated_augmentation > 1  # see _train_epoch: each image is decoded once for its copies
     image_spec = tf.TensorSpec([None, None, 3], tf.uint8) if decoded else tf.TensorSpec([], tf.string)
     return tf.function(
-        augment_lib.train_preprocess(config, finish=False, decoded=decoded),
+        augment_lib.train_preprocess(config, decoded=decoded),
         input_signature=[image_spec, tf.TensorSpec([2], tf.int64)],
     )
 

@@ -1,13 +1,58 @@
-"""Mixup / CutMix per batch with label smoothing folded into soft targets (timm's Mixup, mode "batch").
+"""TensorFlow versions of what the device does to a train batch (qkv_vit.train.finishing): timm's normalization,
+RandomErasing (one box) and Mixup / CutMix per batch (mode "batch", label smoothing folded into the targets).
+The trainer does not use them; the tests hold the device's ops against them, as oracles.
 
-Runs in TensorFlow on the host, after batching: each batch is mixed with itself reversed. With
-probability `mix_prob` a batch is mixed; then CutMix is chosen with probability `switch_prob` (when
-both are on), lam ~ Beta(alpha, alpha), and for CutMix lam is corrected to the pasted box's area.
+Mixing: each batch is mixed with itself reversed. With probability `mix_prob` a batch is mixed; then CutMix is
+chosen with probability `switch_prob` (when both are on), lam ~ Beta(alpha, alpha), and for CutMix lam is corrected
+to the pasted box's area.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 from qkv_vit.data._tensorflow import tf
+from qkv_vit.data.augment import split_seed
+
+
+def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+    """uint8 [0, 255] to float32 (x / 255 - mean) / std."""
+    return (tf.cast(image, tf.float32) / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def random_erasing(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    prob: float = 0.25,
+    area: Sequence[float] = (0.02, 1 / 3),
+    aspect_min: float = 0.3,
+    mode: str = "pixel",
+    attempts: int = 10,
+) -> tf.Tensor:
+    """timm RandomErasing (one box) on a normalized float image; "pixel" fills N(0, 1) noise, "const" zeros."""
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    apply_seed, area_seed, aspect_seed, top_seed, left_seed, noise_seed = split_seed(seed, 6)
+    image_area = tf.cast(height * width, tf.float32)
+    target = tf.random.stateless_uniform([attempts], area_seed, area[0], area[1]) * image_area
+    log_aspect = tf.random.stateless_uniform([attempts], aspect_seed, math.log(aspect_min), -math.log(aspect_min))
+    box_heights = tf.cast(tf.round(tf.sqrt(target * tf.exp(log_aspect))), tf.int32)
+    box_widths = tf.cast(tf.round(tf.sqrt(target / tf.exp(log_aspect))), tf.int32)
+    fits = (box_heights < height) & (box_widths < width)  # timm keeps the first attempt that fits
+    first = tf.argmax(tf.cast(fits, tf.int32))
+    box_height, box_width = box_heights[first], box_widths[first]
+    top = tf.random.stateless_uniform([], top_seed, 0, tf.maximum(height - box_height + 1, 1), dtype=tf.int32)
+    left = tf.random.stateless_uniform([], left_seed, 0, tf.maximum(width - box_width + 1, 1), dtype=tf.int32)
+    rows = tf.range(height)[:, None, None]
+    cols = tf.range(width)[None, :, None]
+    inside = (rows >= top) & (rows < top + box_height) & (cols >= left) & (cols < left + box_width)
+    erase = (tf.random.stateless_uniform([], apply_seed) < prob) & tf.reduce_any(fits)
+
+    def erased():  # noise for the whole image costs as much as the rest: only draw it when erasing
+        noise = tf.random.stateless_normal(tf.shape(image), noise_seed) if mode == "pixel" else tf.zeros_like(image)
+        return tf.where(inside, noise, image)
+
+    return tf.cond(erase, erased, lambda: image)
 
 
 def smooth_labels(labels: tf.Tensor, num_classes: int, smoothing: float) -> tf.Tensor:
