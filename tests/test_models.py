@@ -161,7 +161,7 @@ def test_drop_path_is_off_in_eval_and_stochastic_in_train():
 
 
 def test_drop_path_drops_whole_samples():
-    from qkv_vit.models.blocks import drop_path
+    from qkv_vit.models.layers import drop_path
 
     x = jnp.ones((64, 5, 7))
     out = drop_path(0.5, train=True).apply({}, x, rngs={"dropout": jax.random.key(0)})

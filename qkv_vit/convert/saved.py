@@ -14,11 +14,11 @@ __all__ = ["ConvertedWeights", "load_converted", "save_converted"]
 @dataclasses.dataclass(frozen=True)
 class ConvertedWeights:
     variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...}
-    model_config: dict[str, Any]  # XCiT(**model_config) is the model the variables belong to
+    model_config: dict[str, Any]  # models.from_architecture(model_config) is the model the variables belong to
 
 
 def load_converted(directory: str | Path) -> ConvertedWeights:
-    """The converted weights in `directory` with XCiT's constructor arguments; FileNotFoundError if it holds none."""
+    """The converted weights in `directory` with their model's architecture; FileNotFoundError if it holds none."""
     weights = read_weights(directory)
     if weights.architecture is None:
         raise FileNotFoundError(f"{directory} is not converted weights (python -m qkv_vit.convert SRC DST).")
