@@ -16,7 +16,6 @@ from qkv_vit.models.registry import (
     init_shapes,
     layer_fields,
     list_models,
-    param_count,
     qkv_preset,
 )
 from qkv_vit.models.xcit import XCiT
@@ -39,6 +38,5 @@ __all__ = [
     "init_shapes",
     "layer_fields",
     "list_models",
-    "param_count",
     "qkv_preset",
 ]

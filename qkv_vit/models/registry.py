@@ -205,10 +205,6 @@ def init_shapes(model: nn.Module, image_size: int = 224) -> dict:
 
 
 def count_params(tree: Any) -> int:
-    """Number of scalars in a pytree of arrays or ShapeDtypeStructs (e.g. variables['params'])."""
+    """Number of scalars in a pytree of arrays or ShapeDtypeStructs. A model's trainable parameters (BatchNorm's
+    running statistics not counted, as in the reference): count_params(init_shapes(model)["params"])."""
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
-
-
-def param_count(model: nn.Module, image_size: int = 224) -> int:
-    """Trainable parameters of a model (BatchNorm running statistics are not counted, as in the reference)."""
-    return count_params(init_shapes(model, image_size)["params"])
