@@ -10,7 +10,7 @@ import pytest
 
 from qkv_vit import models
 from qkv_vit.models import cpu_kernels, layers
-from qkv_vit.models.attention import XCA
+from qkv_vit.models.xcit import XCA
 
 TOLERANCE = 1e-5
 
@@ -48,9 +48,10 @@ def module_function(module, collection="params"):
     return run
 
 
-def both(factory, x):
-    """The same layer built by each implementation, checked to have identical variables, with its leaves."""
-    flax_layer, cpu_layer = factory("flax"), factory("cpu")
+def both(field, x, *args, **kwargs):
+    """The same layer (XCiT's layer `field`) built by each implementation, checked to have identical variables,
+    with its leaves."""
+    flax_layer, cpu_layer = (models.layer_fields(impl)[field](*args, **kwargs) for impl in ("flax", "cpu"))
     flax_variables = flax_layer.init(jax.random.key(0), x)
     cpu_variables = cpu_layer.init(jax.random.key(0), x)
     assert jax.tree.map(np.shape, flax_variables) == jax.tree.map(np.shape, cpu_variables)
@@ -66,19 +67,19 @@ def both(factory, x):
 
 def test_layer_norm_implementations_agree():
     (x,) = random_arrays((2, 5, 8), offset=3.0)  # a large mean tests the variance formula
-    flax_fn, cpu_fn, leaves = both(lambda impl: layers.make_layer_norm(impl, "norm"), x)
+    flax_fn, cpu_fn, leaves = both("norm_layer", x, name="norm")
     grads_close(cpu_fn, flax_fn, (x, *leaves))
 
 
 def test_dense_implementations_agree_on_token_grids():
     (x,) = random_arrays((2, 5, 8))
-    flax_fn, cpu_fn, leaves = both(lambda impl: layers.make_dense(impl, 6, jnp.float32, "fc"), x)
+    flax_fn, cpu_fn, leaves = both("dense_layer", x, 6, dtype=jnp.float32, name="fc")
     grads_close(cpu_fn, flax_fn, (x, *leaves))
 
 
 def test_depthwise_conv_implementations_agree_and_equal_a_grouped_convolution():
     (x,) = random_arrays((2, 5, 7, 6))
-    flax_fn, cpu_fn, leaves = both(lambda impl: layers.make_depthwise_conv3x3(impl, 6, jnp.float32, "conv"), x)
+    flax_fn, cpu_fn, leaves = both("depthwise_conv_layer", x, 6, dtype=jnp.float32, name="conv")
     grads_close(cpu_fn, flax_fn, (x, *leaves))
 
     def grouped(x, kernel):
@@ -99,7 +100,8 @@ def batch_norm_function(impl, train, stats, group_size=None):
     """(x, scale, bias) -> (y, new batch_stats) of our BatchNorm."""
 
     def run(x, scale, bias):
-        module = layers.BatchNorm(use_running_average=not train, layer_impl=impl, group_size=group_size)
+        layer = models.layer_fields(impl)["batch_norm_layer"]
+        module = layer(use_running_average=not train, group_size=group_size)
         y, updates = module.apply(
             {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x, mutable=["batch_stats"]
         )
@@ -185,7 +187,7 @@ SMALLEST = dict(TINY, depth=1)  # one block of each kind: what the whole-model c
 
 def model_pair(qkv, **options):
     flax_model = models.create("xcit_nano_12_p8", qkv=qkv, layer_impl="flax", **SMALLEST, **options)
-    return flax_model, flax_model.clone(layer_impl="cpu")
+    return flax_model, flax_model.clone(**models.layer_fields("cpu"))
 
 
 @pytest.mark.slow  # compiles two whole models' gradients
@@ -243,10 +245,18 @@ def test_a_flax_train_step_has_no_custom_gradients_or_fusion_barriers(tiny_confi
 
 
 def test_auto_chooses_the_cpu_kernels_on_a_cpu_backend_only(monkeypatch):
-    assert layers.resolve_layer_impl("auto") == "cpu"  # the tests run on a CPU backend
+    auto = models.create("xcit_nano_12_p8", **TINY)  # layer_impl="auto" by default
+    (images,) = random_arrays((1, 16, 16, 3))
+    variables = auto.init(jax.random.key(0), images)
+
+    def jaxpr():
+        return str(jax.make_jaxpr(lambda x: auto.apply(variables, x))(images))
+
+    assert "optimization_barrier" in jaxpr()  # the tests run on a CPU backend: the CPU kernels
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert layers.resolve_layer_impl("auto") == "flax"
-    assert layers.resolve_layer_impl("cpu") == "cpu"
+    assert "optimization_barrier" not in jaxpr()  # chosen when the model is applied, not when it is built
+    assert models.architecture_of(auto)["layer_impl"] == "auto"
+    assert models.architecture_of(auto.clone(**models.layer_fields("cpu")))["layer_impl"] == "cpu"
     with pytest.raises(ValueError, match="Unknown layer_impl 'xla'"):
         models.create("xcit_nano_12_p8", layer_impl="xla")
 

@@ -63,7 +63,7 @@ def test_every_named_model_has_a_count():
 @pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
 def test_param_count_is_exact(name):
     model = models.create(name)
-    assert models.param_count(model) == PARAM_COUNTS[name]
+    assert models.count_params(models.init_shapes(model)["params"]) == PARAM_COUNTS[name]
     assert reference_param_count(**models.architecture(name)) == PARAM_COUNTS[name]
 
 
@@ -161,7 +161,7 @@ def test_drop_path_is_off_in_eval_and_stochastic_in_train():
 
 
 def test_drop_path_drops_whole_samples():
-    from qkv_vit.models.blocks import drop_path
+    from qkv_vit.models.layers import drop_path
 
     x = jnp.ones((64, 5, 7))
     out = drop_path(0.5, train=True).apply({}, x, rngs={"dropout": jax.random.key(0)})

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURE_NAMES, require_fixtures
+from qkv_vit import models
 from qkv_vit.convert import load_pytorch_weights
-from qkv_vit.models import XCiT
 
 TOLERANCE = 1e-4  # max absolute difference in float32
 
@@ -16,7 +16,7 @@ def load_fixture(name, layer_impl="auto"):
     fixture = np.load(require_fixtures() / f"{name}.npz")
     config = json.loads(str(fixture["config"]))
     config.pop("img_size")  # any size divisible by the patch works
-    return XCiT(**config, layer_impl=layer_impl), fixture
+    return models.from_architecture({**config, "layer_impl": layer_impl}), fixture
 
 
 def timm_layout_pth(name, tmp_path):

@@ -50,7 +50,9 @@ def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config,
         weights = read_weights(tmp_path / "checkpoints" / "4")  # a step directory finds its run's architecture
     assert not caplog.records, caplog.text  # a healthy checkpoint reads without a warning
     assert weights.architecture == summary["architecture"]
-    assert models.XCiT(**models.architecture_from_json(weights.architecture)) == trainer.build_model(tiny_config, 10)
+    assert models.from_architecture(models.architecture_from_json(weights.architecture)) == trainer.build_model(
+        tiny_config, 10
+    )
     assert summary["num_params"] == models.count_params(state.params)
     assert summary["data"] == {
         "source": "the offline digits data set",

@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_architecture(args: argparse.Namespace, inferred: dict[str, Any]) -> dict[str, Any]:
-    """The full constructor arguments: a named model's (checked against the weights) or the inferred ones."""
+    """The full architecture: a named model's (checked against the weights) or the inferred one."""
     if args.model:
         return models.architecture(args.model, num_classes=inferred["num_classes"])
     for name, named in models.MODEL_CONFIGS.items():
@@ -42,7 +42,7 @@ def resolve_architecture(args: argparse.Namespace, inferred: dict[str, Any]) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        model = models.XCiT(**resolve_architecture(args, infer_architecture(read_state_dict(args.src))))
+        model = models.from_architecture(resolve_architecture(args, infer_architecture(read_state_dict(args.src))))
         variables = load_pytorch_weights(args.src, model)
         out = save_converted(args.dst, variables, models.architecture_of(model))
     except (WeightMismatchError, ValueError, FileNotFoundError, FileExistsError, ImportError) as error:

@@ -1,8 +1,8 @@
-"""XCiT models: the module, the named model registry and parameter accounting."""
+"""XCiT models: the module (xcit.py), the named model registry with its layer choice, and parameter accounting."""
 
-from qkv_vit.models.layers import LAYER_IMPLS
 from qkv_vit.models.qkv import QKV_EMBEDDINGS, QKVSpec
 from qkv_vit.models.registry import (
+    LAYER_IMPLS,
     MODEL_CONFIGS,
     QKV_PRESET_ALIASES,
     QKV_PRESETS,
@@ -12,9 +12,10 @@ from qkv_vit.models.registry import (
     architecture_of,
     count_params,
     create,
+    from_architecture,
     init_shapes,
+    layer_fields,
     list_models,
-    param_count,
     qkv_preset,
 )
 from qkv_vit.models.xcit import XCiT
@@ -33,8 +34,9 @@ __all__ = [
     "architecture_of",
     "count_params",
     "create",
+    "from_architecture",
     "init_shapes",
+    "layer_fields",
     "list_models",
-    "param_count",
     "qkv_preset",
 ]

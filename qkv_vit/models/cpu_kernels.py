@@ -1,5 +1,6 @@
 """The CPU implementations of XCiT's layers (`layer_impl="cpu"`): the same functions and parameters as the
-standard flax / lax layers of models/layers.py, written for XLA's CPU backend.
+standard flax / lax layers of models/layers.py, written for XLA's CPU backend. registry.py passes them to XCiT
+as its layer fields: `dense`, `LayerNorm`, `DepthwiseConv3x3`, `BatchNorm`, `token_matrix`.
 
 What differs, and why (figures in benchmarks/README.md):
 - LayerNorm and BatchNorm have hand-written gradients that keep only the input and the per-row or
@@ -16,11 +17,14 @@ are chosen on a CPU backend only (layer_impl="auto"), never the only path.
 """
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from qkv_vit.models import layers
 
 # --- normalization statistics and LayerNorm ---------------------------------------------------------------------
 
@@ -74,10 +78,10 @@ layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
 
 
 class LayerNorm(nn.Module):
-    """nn.LayerNorm(epsilon, use_fast_variance=False) (same parameters `scale`, `bias`; `dtype` the output dtype)
-    with the hand-written gradient above."""
+    """layers.layer_norm, nn.LayerNorm(epsilon, use_fast_variance=False) (same parameters `scale`, `bias`; `dtype`
+    the output dtype), with the hand-written gradient above."""
 
-    epsilon: float = 1e-6
+    epsilon: float = layers.LAYER_NORM_EPSILON
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -124,6 +128,12 @@ def _batch_norm_backward(epsilon: float, residuals: tuple, cotangents: tuple) ->
 batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)
 
 
+class BatchNorm(layers.BatchNorm):
+    """layers.BatchNorm (same variables, statistics and groups) normalizing with the hand-written gradient above."""
+
+    normalize: Callable[..., tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]] = batch_norm_train
+
+
 # --- Dense over a token matrix -------------------------------------------------------------------------------------
 
 
@@ -145,6 +155,9 @@ class Dense(nn.Dense):
 
     def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
         return super().__call__(token_matrix(inputs)).reshape(*inputs.shape[:-1], self.features)
+
+
+dense = functools.partial(Dense, kernel_init=layers.dense_init)  # layers.dense
 
 
 # --- depthwise 3x3 convolution -------------------------------------------------------------------------------------
@@ -200,12 +213,13 @@ depthwise_conv3x3.defvjp(_depthwise_forward, _depthwise_backward)
 
 
 class DepthwiseConv3x3(nn.Module):
-    """nn.Conv(C, (3, 3), padding 1, feature_group_count=C) with the same parameters (`kernel` (3, 3, 1, C),
-    `bias` (C,)), computed as nine shifted multiply-adds with the hand-written gradient above."""
+    """layers.depthwise_conv3x3, nn.Conv(C, (3, 3), padding 1, feature_group_count=C) with the same parameters
+    (`kernel` (3, 3, 1, C), `bias` (C,)), computed as nine shifted multiply-adds with the hand-written gradient
+    above."""
 
     features: int
     dtype: Any = jnp.float32
-    kernel_init: Any = nn.initializers.lecun_normal()
+    kernel_init: Any = layers.conv_init
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:

@@ -6,9 +6,8 @@ and softmax are left out. XLA's own cost analysis (`jax.jit(f).lower(...).cost_a
 too and each multiply-add as 2 flops; `tests/test_qkv.py` checks the two agree.
 """
 
-from qkv_vit.models.embedding import STAGE_WIDTH_DIVISORS
 from qkv_vit.models.qkv import QKVSpec, qkv_macs_per_token
-from qkv_vit.models.xcit import XCiT
+from qkv_vit.models.xcit import STAGE_WIDTH_DIVISORS, XCiT
 
 FOURIER_FEATURES = 64
 

@@ -1,13 +1,15 @@
-"""The layers XCiT is built from, chosen by `layer_impl`, and its BatchNorm.
+"""The standard layers XCiT is built from (flax's, differentiated by JAX) and its BatchNorm.
 
-`layer_impl="flax"`: flax's standard layers (nn.LayerNorm, nn.Dense, nn.Conv with feature_group_count=C for
-the depthwise convolution) and a BatchNorm differentiated by JAX: what XLA fuses well on GPU and TPU, and
-what forward-mode autodiff (jax.jvp, jacfwd) goes through. `"cpu"`: models/cpu_kernels.py, the same
-functions with hand-written gradients and 2-d matmuls, faster on XLA's CPU backend. `"auto"` (default):
-"cpu" when jax.default_backend() is "cpu", else "flax". Both have the same parameters and statistics, so
-checkpoints and converted weights load under either.
+XCiT takes its LayerNorm, Dense, depthwise convolution, BatchNorm and the QKV embedding's token layout as
+module fields (`norm_layer`, `dense_layer`, ...), as flax's examples and timm do; the defaults are the ones
+here: flax's standard layers (nn.LayerNorm, nn.Dense, nn.Conv with feature_group_count=C for the depthwise
+convolution) and a BatchNorm differentiated by JAX, what XLA fuses well on GPU and TPU and what forward-mode
+autodiff (jax.jvp, jacfwd) goes through. models/cpu_kernels.py has the same layers (same parameters and
+statistics) written for XLA's CPU backend; models/registry.py maps `layer_impl` to one set or the other.
 """
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -15,11 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qkv_vit.models import cpu_kernels
-
 Dtype = Any
+ModuleDef = Any  # a module class, or a function or partial that builds a module
 
-LAYER_IMPLS = ("auto", "flax", "cpu")
 LAYER_NORM_EPSILON = 1e-6  # timm's XCiT: partial(nn.LayerNorm, eps=1e-6)
 # PyTorch's default BatchNorm2d: eps 1e-5, running-stat momentum 0.1 (= flax momentum 0.9).
 BATCH_NORM_EPSILON = 1e-5
@@ -28,48 +28,16 @@ BATCH_NORM_MOMENTUM = 0.9
 dense_init = nn.initializers.truncated_normal(stddev=0.02)
 conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
-
-def check_layer_impl(layer_impl: str) -> None:
-    """ValueError for an unknown `layer_impl` (without starting a JAX backend, as resolving "auto" does)."""
-    if layer_impl not in LAYER_IMPLS:
-        raise ValueError(f"Unknown layer_impl {layer_impl!r}: choose one of {LAYER_IMPLS}.")
-
-
-def resolve_layer_impl(layer_impl: str) -> str:
-    """ "flax" or "cpu" for an XCiT `layer_impl`; ValueError for an unknown one. Resolving "auto" asks JAX for its
-    backend, which starts it: call this when the model is applied, not when it is built (jax.distributed must
-    be initialized before any backend starts)."""
-    check_layer_impl(layer_impl)
-    if layer_impl == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "flax"
-    return layer_impl
+# Dense(features, dtype=, name=): float32 parameters, `dtype` compute, timm's init, bias zero.
+dense = functools.partial(nn.Dense, kernel_init=dense_init)
+# LayerNorm(name=) over the last axis, statistics and output in float32 whatever the compute dtype (as under
+# PyTorch's autocast, which runs layer_norm in float32): the residual stream stays float32.
+layer_norm = functools.partial(nn.LayerNorm, LAYER_NORM_EPSILON, dtype=jnp.float32, use_fast_variance=False)
 
 
-def gelu(x: jnp.ndarray) -> jnp.ndarray:
-    """Exact GELU, x/2 (1 + erf(x / sqrt 2)), as torch.nn.GELU computes it (flax's default is the tanh
-    approximation). jax.nn.gelu(approximate=False) is the same function through erfc, which XLA's CPU backend
-    evaluates several times slower than erf."""
-    return 0.5 * x * (1 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
-
-
-def make_layer_norm(layer_impl: str, name: str) -> nn.Module:
-    """LayerNorm over the last axis, statistics and output in float32 whatever the compute dtype (as under
-    PyTorch's autocast, which runs layer_norm in float32): the residual stream stays float32."""
-    if layer_impl == "cpu":
-        return cpu_kernels.LayerNorm(LAYER_NORM_EPSILON, jnp.float32, name=name)
-    return nn.LayerNorm(LAYER_NORM_EPSILON, dtype=jnp.float32, use_fast_variance=False, name=name)
-
-
-def make_dense(layer_impl: str, features: int, dtype: Dtype, name: str, kernel_init: Any = dense_init) -> nn.Module:
-    """nn.Dense (float32 parameters, `dtype` compute) with timm's init, bias zero."""
-    kind = cpu_kernels.Dense if layer_impl == "cpu" else nn.Dense
-    return kind(features, dtype=dtype, kernel_init=kernel_init, name=name)
-
-
-def make_depthwise_conv3x3(layer_impl: str, features: int, dtype: Dtype, name: str) -> nn.Module:
-    """Depthwise 3x3 convolution, padding 1, stride 1, with bias: parameters `kernel` (3, 3, 1, C), `bias` (C,)."""
-    if layer_impl == "cpu":
-        return cpu_kernels.DepthwiseConv3x3(features, dtype, conv_init, name=name)
+def depthwise_conv3x3(features: int, dtype: Dtype, name: str) -> nn.Conv:
+    """Depthwise 3x3 convolution, padding 1, stride 1, with bias, on (B, H, W, C): parameters `kernel` (3, 3, 1, C),
+    `bias` (C,)."""
     return nn.Conv(
         features,
         (3, 3),
@@ -79,6 +47,41 @@ def make_depthwise_conv3x3(layer_impl: str, features: int, dtype: Dtype, name: s
         kernel_init=conv_init,
         name=name,
     )
+
+
+def tokens_as_they_are(x: jnp.ndarray) -> jnp.ndarray:
+    """The token layout of the non-linear QKV embeddings' matmuls: (B, N, d) kept (cpu_kernels.token_matrix
+    flattens it)."""
+    return x
+
+
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+    """Exact GELU, x/2 (1 + erf(x / sqrt 2)), as torch.nn.GELU computes it (flax's default is the tanh
+    approximation). jax.nn.gelu(approximate=False) is the same function through erfc, which XLA's CPU backend
+    evaluates several times slower than erf."""
+    return 0.5 * x * (1 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
+def drop_path(rate: float, train: bool) -> nn.Dropout:
+    """Stochastic depth: drops a residual branch for whole samples (mask broadcast over tokens, channels)."""
+    return nn.Dropout(rate, broadcast_dims=(1, 2), deterministic=not train)
+
+
+class Mlp(nn.Module):
+    """fc1, GELU, dropout, fc2, dropout on tokens (..., C) -> (..., C), as timm.layers.Mlp; `dtype` computes."""
+
+    hidden_dim: int
+    drop_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    dense_layer: ModuleDef = dense
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        out_dim = x.shape[-1]
+        x = gelu(self.dense_layer(self.hidden_dim, dtype=self.dtype, name="fc1")(x))
+        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+        x = self.dense_layer(out_dim, dtype=self.dtype, name="fc2")(x)
+        return nn.Dropout(self.drop_rate, deterministic=not train)(x)
 
 
 def batch_norm_train(
@@ -96,6 +99,7 @@ def batch_norm_train(
 class BatchNorm(nn.Module):
     """BatchNorm over every axis but the last, with flax.linen.BatchNorm's variables and running averages:
     `ra = momentum * ra + (1 - momentum) * batch statistic` (PyTorch momentum 0.1 is flax momentum 0.9).
+    Input (..., C) in any dtype; output the same shape in `dtype`; statistics in float32.
 
     As torch.nn.BatchNorm2d (and unlike flax), the batch normalizes with the biased variance but the running
     variance averages the unbiased one, n / (n - 1) times it for n values per channel. Under jit with the batch
@@ -112,8 +116,9 @@ class BatchNorm(nn.Module):
     momentum: float = BATCH_NORM_MOMENTUM
     epsilon: float = BATCH_NORM_EPSILON
     dtype: Dtype = jnp.float32
-    layer_impl: str = "flax"
     group_size: int | None = None
+    # (x, scale, bias, epsilon) -> (y, mean, biased variance) of one group in training mode.
+    normalize: Callable[..., tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]] = batch_norm_train
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -138,8 +143,7 @@ class BatchNorm(nn.Module):
         self, x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray
     ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         """(y, per-group means (groups, C), per-group biased variances (groups, C)); one group without group_size."""
-        normalize = cpu_kernels.batch_norm_train if self.layer_impl == "cpu" else batch_norm_train
-        batch, size = x.shape[0], self.group_size
+        normalize, batch, size = self.normalize, x.shape[0], self.group_size
         if size is None or size == batch or (self.is_initializing() and batch % size):
             y, mean, var = normalize(x, scale, bias, self.epsilon)
             return y, mean[None], var[None]
@@ -148,11 +152,3 @@ class BatchNorm(nn.Module):
         groups = x.reshape(batch // size, size, *x.shape[1:])
         y, mean, var = jax.vmap(normalize, in_axes=(0, None, None, None))(groups, scale, bias, self.epsilon)
         return y.reshape(x.shape), mean, var
-
-
-def make_batch_norm(
-    train: bool, dtype: Dtype, name: str, layer_impl: str = "flax", group_size: int | None = None
-) -> BatchNorm:
-    return BatchNorm(
-        use_running_average=not train, dtype=dtype, layer_impl=layer_impl, group_size=group_size, name=name
-    )

@@ -21,8 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qkv_vit.models.cpu_kernels import token_matrix
-from qkv_vit.models.layers import Dtype, dense_init, make_dense
+from qkv_vit.models.layers import Dtype, ModuleDef, dense, dense_init, tokens_as_they_are
 
 QKV_EMBEDDINGS = ("linear", "sne", "psne", "fsne")
 SHARED_LAYERS = ("first", "second")
@@ -77,36 +76,64 @@ class QKVSpec:
         return self.code_size if self.code_mode == "concat" else dim
 
 
-def qkv_embedding(spec: QKVSpec, dim: int, dtype: Dtype, layer_impl: str = "flax", name: str = "qkv") -> nn.Module:
+def qkv_embedding(
+    spec: QKVSpec,
+    dim: int,
+    dtype: Dtype,
+    dense_layer: ModuleDef = dense,
+    token_layout: Callable[[jnp.ndarray], jnp.ndarray] = tokens_as_they_are,
+    name: str = "qkv",
+) -> nn.Module:
     """The module mapping tokens (B, N, d) to q, k, v; its output reshapes to (B, N, 3, d)."""
     if spec.qkv_embed == "linear":
         # One Dense(3d), named as in the reference so that PyTorch weights load unchanged.
-        return make_dense(layer_impl, 3 * dim, dtype, name=name)
-    return NonlinearQKV(spec, dim, dtype, layer_impl, name=name)
+        return dense_layer(3 * dim, dtype=dtype, name=name)
+    return NonlinearQKV(spec, dim, dtype, token_layout, name=name)
+
+
+def embed_queries_keys_values(
+    spec: QKVSpec,
+    dim: int,
+    dtype: Dtype,
+    dense_layer: ModuleDef,
+    token_layout: Callable[[jnp.ndarray], jnp.ndarray],
+    x: jnp.ndarray,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """q, k, v, each (B, N, dim) in `dtype`, of tokens x (B, N, dim) from the calling block's embedding (a submodule
+    named `qkv`)."""
+    embedding = qkv_embedding(spec, dim, dtype, dense_layer, token_layout)
+    if isinstance(embedding, NonlinearQKV):
+        return embedding.embed(x)
+    # The reference's channel order, (q, k, v) of C each, kept so that its qkv weights load unchanged.
+    qkv = embedding(x).reshape(*x.shape[:-1], 3, dim)
+    # A split, not three indexings: its gradient is one concatenation, not three zero-padded copies summed.
+    return tuple(jnp.squeeze(t, axis=-2) for t in jnp.split(qkv, 3, axis=-2))
 
 
 class NonlinearQKV(nn.Module):
     """SNE, P-SNE and F-SNE: two Dense layers with an activation between, each shared by q, k, v or not.
 
     Parameters: `hidden_kernel`/`hidden_bias` (d->h, or d+m->h for concatenated codes), `output_kernel`/
-    `output_bias` (h->d), a leading axis of 3 where the layer is separate, and `codes` (3, m) for F-SNE.
-    `embed(x)` returns q, k, v, each (..., d); calling the module returns them stacked, (..., 3, d).
+    `output_bias` (h->d), a leading axis of 3 where the layer is separate, and `codes` (3, m) for F-SNE, all
+    float32; `dtype` computes. `embed(x)` returns q, k, v, each (..., d); calling the module returns them
+    stacked, (..., 3, d).
 
-    Each of q, k, v is its own matmul; with layer_impl="cpu" the tokens are multiplied as one (tokens, d)
-    matrix, which on a CPU avoids the transposed copies that batched 3-d contractions cost (benchmarks/README.md).
+    Each of q, k, v is its own matmul over the tokens as `token_layout` lays them out: as they are, or (with
+    cpu_kernels.token_matrix) as one (tokens, d) matrix, which on a CPU avoids the transposed copies that batched
+    3-d contractions cost (benchmarks/README.md).
     """
 
     spec: QKVSpec
     dim: int
     dtype: Dtype = jnp.float32
-    layer_impl: str = "flax"
+    token_layout: Callable[[jnp.ndarray], jnp.ndarray] = tokens_as_they_are
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         return jnp.stack(self.embed(x), axis=-2)  # (..., 3, d)
 
     @nn.compact
     def embed(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-        tokens = (token_matrix(x) if self.layer_impl == "cpu" else x).astype(self.dtype)
+        tokens = self.token_layout(x).astype(self.dtype)
         activation = ACTIVATIONS[self.spec.qkv_activation]
         hidden = [activation(h) for h in self.first_layer(tokens)]
         return tuple(out.reshape(*x.shape[:-1], self.dim) for out in self.second_layer(hidden))

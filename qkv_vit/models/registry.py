@@ -1,4 +1,5 @@
-"""The named XCiT models of the reference (timm / facebookresearch/xcit) and `create(name, **overrides)`."""
+"""The named XCiT models of the reference (timm / facebookresearch/xcit), `create(name, **overrides)`, and the
+layers each `layer_impl` builds them from."""
 
 import dataclasses
 import typing
@@ -9,7 +10,59 @@ import jax
 import jax.numpy as jnp
 
 from qkv_vit.config_rules import closest_key
+from qkv_vit.models import cpu_kernels, layers
+from qkv_vit.models.layers import ModuleDef
 from qkv_vit.models.xcit import XCiT
+
+
+@dataclasses.dataclass(frozen=True)
+class OnCPUBackend:
+    """A layer that is `cpu` on a CPU backend and `other` on any other, chosen each time the model builds the
+    layer (in `init`/`apply`), not when the model is built: asking JAX for its backend starts it, and a program
+    must be able to build its model before jax.distributed.initialize, which has to come before any backend."""
+
+    cpu: ModuleDef
+    other: ModuleDef
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.cpu if jax.default_backend() == "cpu" else self.other)(*args, **kwargs)
+
+
+# XCiT's layer fields and what each `layer_impl` fills them with: flax's standard layers (differentiated by JAX:
+# what XLA fuses on GPU and TPU, and what forward-mode autodiff goes through), models/cpu_kernels.py's
+# (hand-written gradients and 2-d matmuls, faster on XLA's CPU backend), or "auto": cpu_kernels' on a CPU
+# backend, flax's elsewhere. The same parameters and statistics either way, so checkpoints and converted
+# weights load under each.
+_FLAX_AND_CPU_LAYERS: dict[str, tuple[ModuleDef, ModuleDef]] = {
+    "dense_layer": (layers.dense, cpu_kernels.dense),
+    "norm_layer": (layers.layer_norm, cpu_kernels.LayerNorm),
+    "depthwise_conv_layer": (layers.depthwise_conv3x3, cpu_kernels.DepthwiseConv3x3),
+    "batch_norm_layer": (layers.BatchNorm, cpu_kernels.BatchNorm),
+    "token_layout": (layers.tokens_as_they_are, cpu_kernels.token_matrix),
+}
+LAYERS: dict[str, dict[str, ModuleDef]] = {
+    "auto": {field: OnCPUBackend(cpu, flax) for field, (flax, cpu) in _FLAX_AND_CPU_LAYERS.items()},
+    "flax": {field: flax for field, (flax, _) in _FLAX_AND_CPU_LAYERS.items()},
+    "cpu": {field: cpu for field, (_, cpu) in _FLAX_AND_CPU_LAYERS.items()},
+}
+LAYER_IMPLS = tuple(LAYERS)
+DEFAULT_LAYER_IMPL = "auto"
+
+
+def layer_fields(layer_impl: str) -> dict[str, ModuleDef]:
+    """XCiT's layer fields (dense_layer, norm_layer, ...) for a `layer_impl`; ValueError for an unknown one."""
+    if layer_impl not in LAYERS:
+        raise ValueError(f"Unknown layer_impl {layer_impl!r}: choose one of {LAYER_IMPLS}.")
+    return dict(LAYERS[layer_impl])
+
+
+def layer_impl_of(model: XCiT) -> str:
+    """The `layer_impl` whose layers a model has; ValueError for layers no name stands for."""
+    for layer_impl, fields in LAYERS.items():
+        if all(getattr(model, field) == layer for field, layer in fields.items()):
+            return layer_impl
+    raise ValueError(f"The model's layers are none of layer_impl {LAYER_IMPLS}: they cannot be recorded by name.")
+
 
 # (embed_dim, depth, num_heads, eta, tokens_norm) per size, as in the reference's model functions.
 _SIZES = {
@@ -70,14 +123,22 @@ def list_models() -> list[str]:
 
 
 def architecture_fields() -> dict[str, Any]:
-    """XCiT's constructor arguments and their types (`int | None` for optional ones), in declaration order."""
+    """The options that make an XCiT and their types (`int | None` for optional ones), in XCiT's declaration
+    order: its constructor arguments, with `layer_impl` (str) where the layer fields it stands for are."""
     hints = typing.get_type_hints(XCiT)
-    return {f.name: hints[f.name] for f in dataclasses.fields(XCiT) if f.init and f.name not in ("parent", "name")}
+    fields = {}
+    for field in dataclasses.fields(XCiT):
+        if field.name in _FLAX_AND_CPU_LAYERS:
+            fields["layer_impl"] = str
+        elif field.init and field.name not in ("parent", "name"):
+            fields[field.name] = hints[field.name]
+    return fields
 
 
 def architecture(name: str, qkv: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """The architecture of a named model: XCiT's constructor arguments, with a QKV preset and overrides applied
-    in that order (XCiT(**architecture(...)) is the model). ValueError for an unknown name, preset or option."""
+    """The architecture of a named model: the options of architecture_fields, with a QKV preset and overrides
+    applied in that order (from_architecture(architecture(...)) is the model). ValueError for an unknown name,
+    preset or option."""
     if name not in MODEL_CONFIGS:
         raise ValueError(
             f"Unknown model {name!r}.{closest(name, list_models())} Known models: {', '.join(list_models())}."
@@ -96,15 +157,16 @@ def architecture(name: str, qkv: str | None = None, **overrides: Any) -> dict[st
 
 
 def architecture_of(model: XCiT) -> dict[str, Any]:
-    """A model's constructor arguments as JSON values (the compute dtype by name, e.g. "float32"), as model.json
-    and converted weights store them; XCiT(**architecture_from_json(...)) rebuilds the model."""
-    fields = {name: getattr(model, name) for name in architecture_fields()}
-    return {**fields, "dtype": jnp.dtype(model.dtype).name}
+    """A model's architecture as JSON values (the compute dtype and the layers by name: "float32", "auto"), as
+    model.json and converted weights store them; from_architecture(architecture_from_json(...)) rebuilds it."""
+    named = {"layer_impl": layer_impl_of(model), "dtype": jnp.dtype(model.dtype).name}
+    return {name: named[name] if name in named else getattr(model, name) for name in architecture_fields()}
 
 
 def architecture_from_json(stored: dict[str, Any]) -> dict[str, Any]:
-    """XCiT's constructor arguments from stored JSON: the dtype's name back to a dtype; keys XCiT does not know
-    (written by another version) dropped; a dtype that is not a name (older model.json files) left out."""
+    """The architecture (options of architecture_fields) from stored JSON: the dtype's name back to a dtype; keys
+    XCiT does not know (written by another version) dropped; a dtype that is not a name (older model.json files)
+    left out."""
     fields = architecture_fields()
     options = {key: value for key, value in stored.items() if key in fields and key != "dtype"}
     dtype = stored.get("dtype")
@@ -123,9 +185,17 @@ def closest(name: str, choices: Any) -> str:
 def create(name: str, qkv: str | None = None, **overrides: Any) -> XCiT:
     """Build a named model, e.g. create('xcit_nano_12_p16', qkv='fsne_m8', num_classes=10).
 
-    `qkv` names a QKV_PRESETS entry; single options (qkv_embed, code_size, ...) can also be overridden.
+    `qkv` names a QKV_PRESETS entry; single options (qkv_embed, code_size, ...) can also be overridden;
+    `layer_impl` ("auto", "flax" or "cpu") chooses the layers.
     """
-    return XCiT(**architecture(name, qkv, **overrides))
+    return from_architecture(architecture(name, qkv, **overrides))
+
+
+def from_architecture(options: dict[str, Any]) -> XCiT:
+    """The XCiT of an architecture (the options of architecture_fields): its `layer_impl` (default "auto")
+    chooses the layer fields, here and only here."""
+    fields = {name: value for name, value in options.items() if name != "layer_impl"}
+    return XCiT(**fields, **layer_fields(options.get("layer_impl", DEFAULT_LAYER_IMPL)))
 
 
 def init_shapes(model: nn.Module, image_size: int = 224) -> dict:
@@ -135,10 +205,6 @@ def init_shapes(model: nn.Module, image_size: int = 224) -> dict:
 
 
 def count_params(tree: Any) -> int:
-    """Number of scalars in a pytree of arrays or ShapeDtypeStructs (e.g. variables['params'])."""
+    """Number of scalars in a pytree of arrays or ShapeDtypeStructs. A model's trainable parameters (BatchNorm's
+    running statistics not counted, as in the reference): count_params(init_shapes(model)["params"])."""
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
-
-
-def param_count(model: nn.Module, image_size: int = 224) -> int:
-    """Trainable parameters of a model (BatchNorm running statistics are not counted, as in the reference)."""
-    return count_params(init_shapes(model, image_size)["params"])

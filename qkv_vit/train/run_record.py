@@ -44,7 +44,7 @@ RESULT_NEUTRAL = {
     "async_checkpointing": "whether checkpoints are written in the background",
     "mesh": "how the devices are arranged (the same global batch on other devices)",
     "sharding": "how parameters are laid out on the devices",
-    "model.layer_impl": "which implementation computes the same layers (models/layers.py)",
+    "model.layer_impl": "which implementation computes the same layers (models/registry.py)",
     "data.data_dir": "where the tfds data are (the data set's name and version say which data they are)",
     "data.cache_dir": "where the data cache is",
     "data.placement": "whether the in-memory train split sits on the host or the devices (the same batches)",

@@ -134,7 +134,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None) -> m
     shown = {key: value for key, value in overrides.items() if key != "num_classes"}
     if config.model_from_init:
         with config_mistakes(f"the architecture of config.init_from={config.init_from!r} and config.model: {shown}"):
-            return models.XCiT(**{**architecture_from_init(config), **overrides, "dtype": dtype})
+            return models.from_architecture({**architecture_from_init(config), **overrides, "dtype": dtype})
     with config_mistakes(f"config.model_name={config.model_name!r}, config.qkv={config.qkv!r}, config.model: {shown}"):
         return models.create(config.model_name, qkv=config.qkv or None, dtype=dtype, **overrides)
 
