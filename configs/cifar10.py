@@ -26,7 +26,7 @@ Recipes, each named for the budget it is meant for:
     4e-5, then cosine to 0; horizontal flips and label smoothing 0.1 only, CIFAR-10's mean and std, no drop
     path, full depth.
 Expected: recipe=short, 58.7 / 67.8 / 71.2% top-1 after epochs 1 / 2 / 3 (measured: linear QKV, mean of seeds 0,
-1, 2, ± 0.8 / 0.8 / 0.4, the in-memory source, 2-core CPU, 2026-11-30; its PyTorch reference,
+1, 2, ± 0.8 / 0.8 / 0.4, the in-memory pipeline, 2-core CPU, 2026-11-30; its PyTorch reference,
 benchmarks/torch_cifar_short.py, reached 71.3 and 70.9% with seeds 0 and 1, and 71.6% in an earlier run; every
 QKV embedding: docs/experiments.md); recipe=long 54.4% top-1 after 5 epochs with depth=6
 (measured on a 2-core CPU in 26 minutes) and 47.3-47.8% for every QKV embedding after 2 epochs with depth=4

@@ -26,13 +26,11 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import ml_collections
 import numpy as np
 
 from qkv_vit.data import cache
-from qkv_vit.data.batching import check_stream_position, local_batch_size, processes
 from qkv_vit.data.config import validate_config
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.folders import (
@@ -49,7 +47,7 @@ from qkv_vit.data.folders import (
     tar_key,
 )
 from qkv_vit.data.info import DatasetInfo, SkippedFiles
-from qkv_vit.data.protocol import Batch
+from qkv_vit.data.protocol import Batch, DataSource, Stream
 
 MAX_BYTES = 16 << 30  # decoded arrays larger than this belong in a streaming source (image_folder, tfds)
 DIGITS_TEST_EVERY = 5  # the offline digits: every 5th image is held out (1,437 train / 360 test)
@@ -64,10 +62,10 @@ class ArraySplit:
 
 
 @dataclasses.dataclass(frozen=True)
-class ArraySource:
-    """A DataSource (qkv_vit.data.protocol) holding its splits as arrays decoded once: a train batch is a gather of
-    rows, on the host (train_batches) or, from `train_rows`, on devices that hold `train_arrays`
-    (qkv_vit.train.device_data)."""
+class ArraySource(DataSource):
+    """A DataSource holding its splits as arrays decoded once: a train batch is a gather of rows, on the host
+    (train_batches) or, from `train_rows`, on devices that hold `train_arrays` (qkv_vit.train.device_data). An
+    epoch is the whole global batches of the train split (the remainder is left out each epoch)."""
 
     splits: dict[str, ArraySplit]
     info: DatasetInfo
@@ -76,68 +74,38 @@ class ArraySource:
     def train_arrays(self) -> ArraySplit:
         return self.splits[self.info.train_split]
 
-    def steps_per_epoch(
-        self, global_batch_size: int, *, process_count: int | None = None, local_device_count: int | None = None
-    ) -> int:
-        """Whole global batches of the train split per epoch (the remainder is left out each epoch)."""
-        _, process_count = processes(0, process_count)
-        local_batch_size(global_batch_size, process_count, local_device_count)
-        steps = len(self.train_arrays.labels) // global_batch_size
-        if steps == 0:
-            raise DataConfigError(
-                f"Global batch size {global_batch_size} is larger than the {len(self.train_arrays.labels)} "
-                f"train examples of {self.info.description}."
-            )
-        return steps
+    def train_rows(self, global_batch_size: int, **stream: int | None) -> Iterator[np.ndarray]:
+        """Endless (B,) int64 row indices into the train split of the stream (DataSource.stream's arguments), B =
+        global_batch_size / process_count: process p's slice of each global batch, in the epoch's order (the same
+        permutation on every process)."""
+        return self._train_rows(self.stream(global_batch_size, **stream))
 
-    def train_rows(
-        self,
-        global_batch_size: int,
-        *,
-        seed: int,
-        start_step: int = 0,
-        process_index: int | None = None,
-        process_count: int | None = None,
-        local_device_count: int | None = None,
-    ) -> Iterator[np.ndarray]:
-        """Endless (B,) int64 row indices into the train split, B = global_batch_size / process_count: process
-        p's slice of each global batch, in the epoch's order (the same permutation on every process). The first is
-        batch `start_step` of the stream that starts at 0."""
-        check_stream_position(seed, start_step)
-        process_index, process_count = processes(process_index, process_count)
-        local = local_batch_size(global_batch_size, process_count, local_device_count)
-        steps = self.steps_per_epoch(
-            global_batch_size, process_count=process_count, local_device_count=local_device_count
-        )
-        epoch, step = divmod(start_step, steps)
+    def _steps_per_epoch(self, local_batch: int, process_count: int) -> int:
+        examples, global_batch = len(self.train_arrays.labels), local_batch * process_count
+        if examples < global_batch:
+            raise DataConfigError(
+                f"Global batch size {global_batch} is larger than the {examples} train examples of "
+                f"{self.info.description}."
+            )
+        return examples // global_batch
+
+    def _train_rows(self, stream: Stream) -> Iterator[np.ndarray]:
+        global_batch = stream.local_batch * stream.process_count
+        steps = self._steps_per_epoch(stream.local_batch, stream.process_count)
+        epoch, step = divmod(stream.start_step, steps)
         while True:
-            order = epoch_order(seed, epoch, len(self.train_arrays.labels))
+            order = epoch_order(stream.seed, epoch, len(self.train_arrays.labels))
             for position in range(step, steps):
-                first = position * global_batch_size + process_index * local
-                yield order[first : first + local]
+                first = position * global_batch + stream.process_index * stream.local_batch
+                yield order[first : first + stream.local_batch]
             epoch, step = epoch + 1, 0
 
-    def train_batches(self, global_batch_size: int, **stream: Any) -> Iterator[Batch]:
-        """Endless {"image" (B,S,S,3) uint8, "label" (B,) int32}: the rows of `train_rows` (same arguments),
-        gathered on the host."""
+    def _train_batches(self, stream: Stream) -> Iterator[Batch]:
         split = self.train_arrays
-        for rows in self.train_rows(global_batch_size, **stream):
+        for rows in self._train_rows(stream):
             yield {"image": split.images[rows], "label": split.labels[rows]}
 
-    def eval_batches(
-        self,
-        global_batch_size: int,
-        split: str | None = None,
-        *,
-        process_index: int | None = None,
-        process_count: int | None = None,
-        local_device_count: int | None = None,
-    ) -> ArrayEvalBatches:
-        """Eval batches {"image" uint8, "label" int32, "mask" float32 (0 on padding)} of `split` (default: the
-        eval split), each example once over all processes."""
-        process_index, process_count = processes(process_index, process_count)
-        local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
-        split = split or self.info.eval_split
+    def _eval_batches(self, split: str, local_batch: int, process_index: int, process_count: int) -> ArrayEvalBatches:
         if split not in self.splits:
             raise DataConfigError(
                 f"Bad split {split!r} for {self.info.description}. Valid splits: {sorted(self.splits)}."

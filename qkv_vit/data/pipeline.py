@@ -30,10 +30,9 @@ import tensorflow_datasets as tfds
 
 from qkv_vit.data import augment as augment_lib
 from qkv_vit.data._tensorflow import tf
-from qkv_vit.data.batching import check_stream_position, local_batch_size, processes
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.info import DatasetInfo
-from qkv_vit.data.protocol import Batch
+from qkv_vit.data.protocol import Batch, DataSource, Stream
 from qkv_vit.data.sources import PreparedSource, prepare_source
 
 _EPOCH_OVERLAP = 8  # batches before an epoch ends at which the next epoch's pipeline starts warming up
@@ -42,64 +41,36 @@ EXAMPLE_STREAM, SHUFFLE_STREAM = 0, 2
 
 
 @dataclasses.dataclass(frozen=True)
-class TFDataSource:
-    """A DataSource (qkv_vit.data.protocol) whose batches tf.data makes on the host, from a prepared tfds builder
-    (`sources.PreparedSource`: a tfds data set, an image folder or archive converted once, or the digits)."""
+class TFDataSource(DataSource):
+    """A DataSource whose batches tf.data makes on the host, from a prepared tfds builder (`sources.PreparedSource`:
+    a tfds data set, an image folder or archive converted once, or the digits). Each process drops its last partial
+    train batch."""
 
     prepared: PreparedSource
     config: ml_collections.ConfigDict  # config.data
     info: DatasetInfo
 
-    def steps_per_epoch(
-        self, global_batch_size: int, *, process_count: int | None = None, local_device_count: int | None = None
-    ) -> int:
-        """Train batches per epoch, the same on every process (each drops its last partial batch)."""
-        _, process_count = processes(0, process_count)
-        local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
+    def _steps_per_epoch(self, local_batch: int, process_count: int) -> int:
         return _train_steps(self.prepared, local_batch, 0, process_count)[1]
 
-    def train_batches(
-        self,
-        global_batch_size: int,
-        *,
-        seed: int,
-        start_step: int = 0,
-        process_index: int | None = None,
-        process_count: int | None = None,
-        local_device_count: int | None = None,
-    ) -> Iterator[Batch]:
-        """Endless train batches {"image" (B,H,W,3) uint8, "label" (B,) int32}, B = global_batch_size /
-        process_count, augmented per image (crop, flip, RandAugment, colour jitter) for the device to finish. The
-        first yielded is batch `start_step` of the stream that starts at 0."""
-        check_stream_position(seed, start_step)
-        process_index, process_count = processes(process_index, process_count)
-        local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
-        split, steps = _train_steps(self.prepared, local_batch, process_index, process_count)
+    def _train_batches(self, stream: Stream) -> Iterator[Batch]:
+        """Augmented per image (crop, flip, RandAugment, colour jitter) for the device to finish."""
+        split, steps = _train_steps(self.prepared, stream.local_batch, stream.process_index, stream.process_count)
         augment = _train_augmentation(self.config)
 
         def make_epoch(epoch: int, skip_batches: int) -> tf.data.Dataset:
-            seeds = [_derive_seed(seed, epoch, process_index, stream) for stream in (EXAMPLE_STREAM, SHUFFLE_STREAM)]
+            seeds = [
+                _derive_seed(stream.seed, epoch, stream.process_index, purpose)
+                for purpose in (EXAMPLE_STREAM, SHUFFLE_STREAM)
+            ]
             return _train_epoch(
-                self.prepared, self.config, split, local_batch, steps, augment, seeds, skip_batches=skip_batches
+                self.prepared, self.config, split, stream.local_batch, steps, augment, seeds, skip_batches
             )
 
-        return _endless(make_epoch, steps, start_step)
+        return _endless(make_epoch, steps, stream.start_step)
 
-    def eval_batches(
-        self,
-        global_batch_size: int,
-        split: str | None = None,
-        *,
-        process_index: int | None = None,
-        process_count: int | None = None,
-        local_device_count: int | None = None,
-    ) -> EvalBatches:
-        """Eval batches {"image" uint8, "label" int32, "mask" float32 (1 real, 0 padding)} of `split` (default:
-        the eval split)."""
-        process_index, process_count = processes(process_index, process_count)
-        local_batch = local_batch_size(global_batch_size, process_count, local_device_count)
+    def _eval_batches(self, split: str, local_batch: int, process_index: int, process_count: int) -> EvalBatches:
         prepared, config = self.prepared, self.config
-        split = split or prepared.eval_split
         prepared.check_split(split)
         parts = [
             tfds.split_for_jax_process(split, process_index=index, process_count=process_count)
