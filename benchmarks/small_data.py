@@ -27,9 +27,9 @@ from pathlib import Path
 import harness
 
 ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-# Each variant: (data.pipeline, data.placement), on the image folder or tar.
+# Each variant: (configs/cifar10.py's source= argument, data.placement), on the image folder or tar.
 VARIANTS = {
-    "image_folder": ("tf_data", "auto"),
+    "image_folder": ("image_folder", "auto"),
     "in_memory_host": ("in_memory", "host"),
     "in_memory_device": ("in_memory", "device"),
 }
@@ -71,8 +71,8 @@ def write_random_folder(root: Path) -> str:
 
 def run_once(args: argparse.Namespace, variant: str, workdir: Path) -> list[float]:
     """One training run; its logged images/s after the first interval."""
-    pipeline, placement = VARIANTS[variant]
-    config = f"configs/cifar10.py:recipe=short,pipeline={pipeline},depth={args.depth},batch={args.batch_size}"
+    source, placement = VARIANTS[variant]
+    config = f"configs/cifar10.py:recipe=short,source={source},depth={args.depth},batch={args.batch_size}"
     config += f",path={args.path}"
     overrides = [f"--config.total_steps={args.steps}", f"--config.log_every_steps={args.log_every}"]
     overrides.append(f"--config.data.placement={placement}")

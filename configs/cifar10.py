@@ -1,10 +1,10 @@
 """CIFAR-10 from scratch at 32x32 with XCiT-N12/8, from a folder or tar of its JPEGs, or tfds `cifar10`.
 
   python -m qkv_vit.main --config=configs/cifar10.py:recipe=short --workdir=workdirs/cifar10_short
-  python -m qkv_vit.main --config=configs/cifar10.py:recipe=short,pipeline=in_memory --workdir=workdirs/cifar10_mem
+  python -m qkv_vit.main --config=configs/cifar10.py:recipe=short,source=in_memory --workdir=workdirs/cifar10_mem
   python -m qkv_vit.main --config=configs/cifar10.py --workdir=workdirs/cifar10
   python -m qkv_vit.main --config=configs/cifar10.py:qkv=fsne_m8,epochs=100 --workdir=workdirs/cifar10_fsne
-  python -m qkv_vit.main --config=configs/cifar10.py:pipeline=in_memory --workdir=workdirs/cifar10_long_mem
+  python -m qkv_vit.main --config=configs/cifar10.py:source=in_memory --workdir=workdirs/cifar10_long_mem
   python -m qkv_vit.main --config=configs/cifar10.py:qkv=psne,depth=4,epochs=2,seed=1 --workdir=workdirs/c10_psne_s1
   python -m launch.sweep local --config=configs/cifar10.py --sweep=depth=4,epochs=2 --workdir=workdirs/cifar10_sweep
 
@@ -13,9 +13,10 @@ Data: `path=` a folder or tar of CIFAR-10's 60,000 images as `cifar10-jpeg/{trai
 sources below), prepared once into a tfds data set under ~/.cache/qkv_vit. The images are CIFAR-10's
 (https://www.cs.toronto.edu/~kriz/cifar.html), each written as a JPEG under its split and class; this code
 does not make the archive. Or `source=tfds` (after `python -m qkv_vit.data.prepare cifar10 --data_dir DIR`
-on a machine with internet, and --config.data.data_dir=DIR). Batches come from tf.data, or with `pipeline=in_memory`
-from the folder or tar decoded once into arrays, without tf.data and without TensorFlow, cropped and flipped on
-the device (the long recipe then runs without RandAugment, which only tf.data does).
+on a machine with internet, and --config.data.data_dir=DIR), or `source=in_memory`: the same folder or tar
+through the in-memory pipeline (data.source="image_folder", data.pipeline="in_memory"), decoded once into arrays,
+batches served without tf.data and without TensorFlow, cropped and flipped on the device (the long recipe then runs
+without RandAugment, which only tf.data does).
 Model: XCiT-N12/8 (patch 8, so a 4x4 token grid at 32x32), width 128, optionally with depth=N fewer blocks.
 Recipes, each named for the budget it is meant for:
   recipe=long (default, 100 epochs): XCiT's recipe scaled to CIFAR: AdamW, lr 1e-3 x batch / 512, one warmup
@@ -32,7 +33,7 @@ QKV embedding: docs/experiments.md); recipe=long 54.4% top-1 after 5 epochs with
 (measured on a 2-core CPU in 26 minutes) and 47.3-47.8% for every QKV embedding after 2 epochs with depth=4
 (3 seeds each, ± 0.6; docs/experiments.md has the table); its 100-epoch default is unmeasured.
 Arguments: recipe=long|short, qkv=<preset>, epochs=<n> (default: the recipe's), depth=<n>, batch=<n>, seed=<n>,
-path=<folder or tar>, source=image_folder|tfds, pipeline=tf_data|in_memory, runlocal.
+path=<folder or tar>, source=image_folder|tfds|in_memory, runlocal.
 Sweep (`get_sweep(arg)`): the QKV comparison at one budget, qkv in linear, sne, psne, fsne_m8, fsne_m8_wide
 x seed in 0, 1, 2; `arg` (e.g. "depth=4,epochs=2" or "recipe=short") is added to every point.
 """
@@ -58,7 +59,6 @@ ARGUMENTS = dict(
     seed=0,
     path=str(DEFAULT_ARCHIVE),
     source="image_folder",
-    pipeline="tf_data",
     runlocal=False,
 )
 SWEEP_QKV = ("linear", "sne", "psne", "fsne_m8", "fsne_m8_wide")
@@ -74,15 +74,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args.depth is not None:
         config.model.depth = args.depth
     config.model.drop_path_rate = 0.05
-    if args.source not in ("image_folder", "tfds"):
+    # How to read CIFAR-10: (data.source, data.pipeline) of each choice of this file's `source=` argument.
+    readers = {
+        "image_folder": ("image_folder", "tf_data"),
+        "tfds": ("tfds", "tf_data"),
+        "in_memory": ("image_folder", "in_memory"),
+    }
+    if args.source not in readers:
         raise ConfigError(
-            f"source={args['source']!r}: use source=tfds, or leave it out for the image folder or tar at path=."
+            f"source={args['source']!r}: use source=tfds or source=in_memory, or leave it out for the image folder "
+            "at path=."
         )
-    name = "cifar10" if args.source == "tfds" else ""
-    config.data = data.get_config("small", source=args.source, name=name, pipeline=args.pipeline)
-    if args.source == "image_folder":
+    source, pipeline = readers[args.source]
+    config.data = data.get_config("small", source=source, name="cifar10" if source == "tfds" else "", pipeline=pipeline)
+    if source == "image_folder":
         config.data.path = args.path
-    if args.pipeline == "in_memory":  # the device crops, flips, erases and mixes; RandAugment is tf.data's
+    if pipeline == "in_memory":  # the device crops, flips, erases and mixes; RandAugment is tf.data's
         config.data.augment.randaugment_layers = 0
     config.data.image_size = 32
     config.global_batch_size = args.batch

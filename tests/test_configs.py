@@ -40,8 +40,8 @@ EXTRA_ARGS = {
         "runlocal",
         "recipe=short,runlocal",
         "recipe=short,epochs=10",
-        "recipe=short,pipeline=in_memory",
-        "pipeline=in_memory",
+        "recipe=short,source=in_memory",
+        "source=in_memory",
     ],
     "imagenet": [
         None,

@@ -33,6 +33,11 @@ def open_source(config: ml_collections.ConfigDict) -> DataSource:
     return importlib.import_module("qkv_vit.data.pipeline").open_tf_data(config)
 
 
+def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+    """What config.data's data set holds and which parts a run uses (opens it: prepares it if needed)."""
+    return open_source(config).info
+
+
 __all__ = [
     "ArraySource",
     "ArraySplit",
@@ -43,6 +48,7 @@ __all__ = [
     "SkippedFiles",
     "augment_config",
     "crops_on_device",
+    "dataset_info",
     "get_config",
     "local_batch_size",
     "open_source",

@@ -2,8 +2,8 @@
 run from are read by qkv_vit/weights.py).
 
 A run's checkpoints live in WORKDIR/checkpoints/<step>/ with two items: `state` (the TrainState) and
-`meta` (JSON, "the step record": step, data position, what a step means, architecture). Orbax writes each step into `<step>.orbax-checkpoint-tmp`
-and renames it when complete, so a killed save never leaves a step that looks finished; what it leaves is
+`meta` (JSON, "the step record": the step, the images seen and the run's record, run_record.RunRecord). Orbax
+writes each step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a killed save never leaves a step that looks finished; what it leaves is
 removed when the next run opens the directory. A step that fails to read back (truncated or missing files,
 garbage metadata) is skipped for the previous one and renamed `<step>.corrupt-<time>`: never deleted, and
 out of the way of the resumed run, which saves that step number again. The first checkpoint a process writes
