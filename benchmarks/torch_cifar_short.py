@@ -9,7 +9,7 @@ XCiT-N12/8 (timm's init), `torch.optim.AdamW(model.parameters(), lr=1e-3, weight
 decays), a per-step schedule of linear warmup from 4e-5 over the first 10% of steps then cosine to 0,
 `CrossEntropyLoss(label_smoothing=0.1)`, batch 128 reshuffled each epoch with the last partial batch kept
 (DataLoader's drop_last=False), a horizontal flip with probability 0.5 per image, CIFAR-10's mean and std, and
-after each epoch top-1 on every test image. The images are the in-memory source's arrays (PIL-decoded once,
+after each epoch top-1 on every test image. The images are the in-memory pipeline's arrays (PIL-decoded once,
 as torchvision's ImageFolder would decode them), so both trainers see the same pixels. Prints one line per
 epoch and ends with one JSON line.
 """
@@ -45,7 +45,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_arrays(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{"train"/"test": (uint8 images (N, 3, 32, 32), int64 labels)} through the in-memory source's decoding."""
+    """{"train"/"test": (uint8 images (N, 3, 32, 32), int64 labels)} through the in-memory pipeline's decoding."""
     from qkv_vit import data
 
     config = data.get_config("none", source="image_folder" if args.path else "digits", pipeline="in_memory")

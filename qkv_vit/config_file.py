@@ -15,21 +15,27 @@ from qkv_vit.errors import ConfigError
 from qkv_vit.train.config import renamed_key_message
 from qkv_vit.train.run_record import flatten
 
+HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
 
-def split_argv(argv: list[str]) -> tuple[str, list[str]]:
-    """(FILE[:ARG] of the last --config=FILE[:ARG] or --config FILE[:ARG], as absl takes it, the other arguments);
-    ConfigError without one."""
+
+def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(FILE[:ARG] of the last --config=FILE[:ARG] or --config FILE[:ARG] before any `--`, as absl takes it, the
+    other arguments); None for a request for help without one, ConfigError for anything else without one."""
     given, rest, args = [], [], iter(argv)
     for arg in args:
-        if arg == "--config":
+        if arg == "--":
+            rest += [arg, *args]
+        elif arg == "--config":
             given.append(next(args, ""))
         elif arg.startswith("--config="):
             given.append(arg.split("=", 1)[1])
         else:
             rest.append(arg)
-    if not given or not given[-1]:
-        raise ConfigError("--config=FILE is required: a config file such as configs/quickstart.py[:arguments].")
-    return given[-1], rest
+    if given and given[-1]:
+        return given[-1], rest
+    if set(rest) & set(HELP_FLAGS):
+        return None, rest
+    raise ConfigError("--config=FILE is required: a config file such as configs/quickstart.py[:arguments].")
 
 
 def load(argument: str) -> ml_collections.ConfigDict:

@@ -196,7 +196,14 @@ def check_values(
     prefix: str = "config.",
     error: type[ConfigError] = ConfigError,
 ) -> None:
-    """Every key of `config` against its rule (nested tables for nested configs); `error` names the first bad one."""
+    """Every key of `config` against its rule (nested tables for nested configs); `error` names the first bad one,
+    or the first key of the table the config lacks (a group replaced whole by a config file)."""
+    missing = [key for key in rules if key not in config.keys()]
+    if missing:
+        raise error(
+            f"{prefix}{missing[0]} is missing: a config file replaced its group without it. Start from the defaults "
+            "(base_config(), data.get_config()) and change the keys you need instead of replacing a whole group."
+        )
     for key in config.keys():
         name = f"{prefix}{key}"
         if key not in rules:

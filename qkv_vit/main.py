@@ -1,13 +1,12 @@
 """python -m qkv_vit.main --config=configs/FILE.py[:args] --workdir=DIR [--config.key=value ...]
 
-Multi-host: every process runs the same command. On SLURM or a TPU pod pass --distributed (JAX finds
-the coordinator itself); elsewhere give --coordinator_address, --num_processes and --process_id.
+Multi-host: every process runs the same command, with --distributed on SLURM or a TPU pod (JAX finds the
+coordinator), elsewhere with --coordinator_address, --num_processes and --process_id.
 
-Exit codes: 0 finished; 2 bad input (flag, config value, data, weights), 3 loss or gradients became NaN/inf,
-4 storage (a full, read-only or unwritable disk under the workdir or the data cache, no checkpoint readable),
-each with one `error:` line on stderr that says what to do; 143 stopped by SIGTERM or SIGINT (Ctrl-C) at any
-time, after saving a checkpoint when it came during training (rerun the same command to resume); 1 an
-unexpected exception (a bug: its traceback is printed).
+Exit codes: 0 finished; 2 bad input (flag, config value, data, weights), 3 loss or gradients became NaN/inf, 4
+storage (a full, read-only or unwritable disk under the workdir or the data cache, no checkpoint readable), each
+with one `error:` line on stderr that says what to do; 143 stopped by SIGTERM or SIGINT (Ctrl-C) at any time,
+after saving a checkpoint when it came during training (rerun to resume); 1 a bug (its traceback is printed).
 
 On Linux it first re-executes itself with a faster malloc preloaded (qkv_vit/allocator.py; QKV_VIT_ALLOCATOR=system).
 """
@@ -56,9 +55,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     overrides applied to it; a mistake in either is one `error:` line (exit code 2)."""
     try:
         argument, argv = config_file.split_argv(argv)
-        config = config_file.load(argument)
-        config_file.check_override_keys(argv, config)
-        config_flags.DEFINE_config_dict("config", config, "Training config, from --config=FILE[:ARG].", sys_argv=argv)
+        if argument is not None:  # None: only help asked for
+            config = config_file.load(argument)
+            config_file.check_override_keys(argv, config)
+            config_flags.DEFINE_config_dict("config", config, "Training config, --config=FILE[:ARG].", sys_argv=argv)
         return FLAGS(argv)
     except ConfigError as error:
         fail(str(error))

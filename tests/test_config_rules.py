@@ -3,6 +3,7 @@
 import math
 import re
 
+import ml_collections
 import pytest
 
 from conftest import load_config
@@ -112,6 +113,18 @@ def test_a_key_a_config_file_misspelled_is_refused_with_the_closest_one(tiny_con
         match=r"config.optimizer.weight_decy is not a known key \(did you mean "
         r"config.optimizer.weight_decay\?\)",
     ):
+        check_config(tiny_config)
+
+
+@pytest.mark.parametrize("group", ["optimizer", "mesh", "data.augment"])
+def test_a_group_a_config_file_replaced_without_all_its_keys_is_one_error(tiny_config, group):
+    *parents, name = group.split(".")
+    parent = tiny_config
+    for key in parents:
+        parent = parent[key]
+    first_key = next(iter(parent[name].keys()))
+    parent[name] = ml_collections.ConfigDict({first_key: parent[name][first_key]})  # the rest left out
+    with pytest.raises(ConfigError, match=rf"config\.{group}\.\w+ is missing: a config file replaced its group"):
         check_config(tiny_config)
 
 

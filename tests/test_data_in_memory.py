@@ -1,4 +1,4 @@
-"""The in-memory source: the same examples as the image-folder source, disjoint and complete per process, device
+"""The in-memory pipeline: the same examples as tf.data on an image folder, disjoint and complete per process, device
 crop and flip deterministic per seed and step, exact resume, and no TensorFlow needed."""
 
 import json

@@ -303,7 +303,7 @@ def test_a_checkpoint_that_records_no_run_is_one_clear_error(tmp_path, reference
         meta_file = workdir / "checkpoints" / str(step) / "meta" / "metadata"
         meta = json.loads(meta_file.read_text())
         meta_file.write_text(json.dumps({key: meta[key] for key in ("step", "architecture")}))
-    with pytest.raises(CheckpointError, match=r"The checkpoint of step 20 in .* records no 'config' of its run"):
+    with pytest.raises(ConfigError, match=r"The checkpoint of step 20 in .* records no 'config' of its run"):
         train_and_evaluate(small_config(data_cache), workdir)
 
 
@@ -763,3 +763,20 @@ def test_an_override_key_the_config_lacks_is_one_error_before_absl_parses(overri
     assert str(raised.value).startswith(override) and all(word in str(raised.value) for word in words)
     argv = ["main", "--config.mesh.fsdp=1", "--noconfig.init_from_ema"]
     config_file.check_override_keys(argv, config_file.load(f"{REPO}/configs/quickstart.py"))
+
+
+def test_the_config_argument_is_found_in_either_form_and_help_needs_none():
+    from qkv_vit import config_file
+
+    assert config_file.split_argv(["main", "--config=a.py", "--config", "b.py:x", "--workdir=w"]) == (
+        "b.py:x",
+        ["main", "--workdir=w"],
+    )  # the last one, as absl takes it
+    assert config_file.split_argv(["main", "--config=a.py", "--", "--config=b.py"])[0] == "a.py"
+    assert config_file.split_argv(["main", "--helpfull"]) == (None, ["main", "--helpfull"])
+    with pytest.raises(ConfigError, match="--config=FILE is required"):
+        config_file.split_argv(["main", "--workdir=w"])
+    shown = subprocess.run(
+        [sys.executable, "-m", "qkv_vit.main", "--helpfull"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert "--workdir" in shown.stdout + shown.stderr and "error:" not in shown.stderr  # absl's help exits 1

@@ -153,7 +153,7 @@ def windows_of_padded(image: np.ndarray, padding: int) -> list[np.ndarray]:
 
 def test_pad_and_crop_takes_every_window_of_the_zero_padded_image_on_host_and_device():
     """torchvision's RandomCrop(size, padding): each draw is one of the (2p + 1)^2 windows, deterministic per key,
-    and all of them come; the same on the device (in-memory source) and in tf.data."""
+    and all of them come; the same on the device (in-memory pipeline) and in tf.data."""
     image = np.arange(6 * 6 * 3).reshape(6, 6, 3) % 251 + 1  # no zeros: padding shows
     windows = windows_of_padded(image, 2)
     device = jax.jit(lambda key: finishing.pad_and_crop(jnp.asarray(image, jnp.float32), key, 2))

@@ -19,7 +19,7 @@ import ml_collections
 
 from qkv_vit.data import in_memory
 from qkv_vit.data.batching import local_batch_size
-from qkv_vit.data.config import augment_config, crops_on_device, get_config, validate_config
+from qkv_vit.data.config import augment_config, get_config, validate_config
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.in_memory import ArraySource, ArraySplit
 from qkv_vit.data.info import DatasetInfo, SkippedFiles
@@ -47,7 +47,6 @@ __all__ = [
     "DatasetInfo",
     "SkippedFiles",
     "augment_config",
-    "crops_on_device",
     "dataset_info",
     "get_config",
     "local_batch_size",

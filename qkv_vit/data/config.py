@@ -8,6 +8,7 @@ Start from `get_config()` and override fields, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import PurePath
 
 import ml_collections
@@ -158,7 +159,11 @@ AUGMENT_RULES = {
 }
 
 DATA_RULES = {
-    "source": rules.text(SOURCES),
+    "source": dataclasses.replace(
+        rules.text(SOURCES),
+        hint='It says where the data come from; how batches are made is pipeline ("tf_data", or "in_memory" for an '
+        "image_folder or the digits decoded once into arrays).",
+    ),
     "pipeline": rules.text(PIPELINES),
     "name": rules.text(),
     "data_dir": rules.text(nonempty=True, optional=True),
@@ -184,11 +189,6 @@ DATA_RULES = {
 def validate_config(config: ml_collections.ConfigDict, prefix: str = "") -> None:
     """Checks every field (type, length, range) and what each source needs, before any data is read; raises
     DataConfigError naming the first bad field (`prefix` + its key, e.g. "config.data.")."""
-    if config.get("source") == "in_memory":  # before the rules, which would only list the sources
-        raise DataConfigError(
-            f'{prefix}source="in_memory" is now {prefix}pipeline="in_memory", with {prefix}source="image_folder" '
-            '(and its path) or "digits" saying where the data come from.'
-        )
     rules.check_values(config, DATA_RULES, prefix, DataConfigError)
     if config.pipeline == "in_memory" and config.source == "tfds":
         raise DataConfigError(
@@ -212,12 +212,6 @@ def validate_config(config: ml_collections.ConfigDict, prefix: str = "") -> None
             f'{prefix}placement="device" holds an in-memory data set on the devices: it needs pipeline="in_memory" '
             "(tf.data streams from the host)."
         )
-
-
-def crops_on_device(config: ml_collections.ConfigDict) -> bool:
-    """Whether the train batches come uncropped and unflipped, for the device to crop and flip (the in-memory
-    pipeline's host does no per-image work; tf.data's does them)."""
-    return config.pipeline == "in_memory"
 
 
 def data_name(source: str, name: str, path: str | None) -> str:

@@ -26,6 +26,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import ml_collections
 import numpy as np
@@ -69,16 +70,11 @@ class ArraySource(DataSource):
 
     splits: dict[str, ArraySplit]
     info: DatasetInfo
+    crops_on_device: ClassVar[bool] = True  # the host does no per-image work
 
     @property
     def train_arrays(self) -> ArraySplit:
         return self.splits[self.info.train_split]
-
-    def train_rows(self, global_batch_size: int, **stream: int | None) -> Iterator[np.ndarray]:
-        """Endless (B,) int64 row indices into the train split of the stream (DataSource.stream's arguments), B =
-        global_batch_size / process_count: process p's slice of each global batch, in the epoch's order (the same
-        permutation on every process)."""
-        return self._train_rows(self.stream(global_batch_size, **stream))
 
     def _steps_per_epoch(self, local_batch: int, process_count: int) -> int:
         examples, global_batch = len(self.train_arrays.labels), local_batch * process_count
@@ -158,7 +154,7 @@ def open_in_memory(config: ml_collections.ConfigDict) -> ArraySource:
 
 
 def check_device_augmentation(config: ml_collections.ConfigDict) -> None:
-    """The in-memory source's train augmentation is what the device does: refuse what only tf.data does."""
+    """The in-memory pipeline's train augmentation is what the device does: refuse what only tf.data does."""
     augment = config.augment
     host_only = {
         "augment.randaugment_layers": augment.randaugment_layers,

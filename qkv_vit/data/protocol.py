@@ -13,11 +13,15 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from qkv_vit.data.batching import check_stream_position, local_batch_size, processes
 from qkv_vit.data.info import DatasetInfo
+
+if TYPE_CHECKING:
+    from qkv_vit.data.in_memory import ArraySplit
 
 Batch = dict[str, np.ndarray]
 
@@ -39,6 +43,13 @@ class DataSource(abc.ABC):
     otherwise; None: JAX's process index, count and local devices)."""
 
     info: DatasetInfo  # the splits used, their sizes, the class names
+    # Whether train batches come uncropped and unflipped, for the device to crop and flip (BatchFinishing.geometry).
+    crops_on_device: ClassVar[bool] = False
+
+    @property
+    def train_arrays(self) -> ArraySplit | None:
+        """The decoded train split where the source holds one (the devices may hold it: train_rows), else None."""
+        return None
 
     def steps_per_epoch(
         self, global_batch_size: int, *, process_count: int | None = None, local_device_count: int | None = None
@@ -72,6 +83,11 @@ class DataSource(abc.ABC):
         exactly the batches an uninterrupted one would."""
         return self._train_batches(self.stream(global_batch_size, **stream))
 
+    def train_rows(self, global_batch_size: int, **stream: int | None) -> Iterator[np.ndarray]:
+        """Endless (B,) int64 row indices into `train_arrays` of the stream (`stream`'s arguments): the rows of
+        train_batches' batches, for a caller that holds the split elsewhere (qkv_vit.train.device_data)."""
+        return self._train_rows(self.stream(global_batch_size, **stream))
+
     def eval_batches(
         self,
         global_batch_size: int,
@@ -92,6 +108,9 @@ class DataSource(abc.ABC):
 
     @abc.abstractmethod
     def _train_batches(self, stream: Stream) -> Iterator[Batch]: ...
+
+    def _train_rows(self, stream: Stream) -> Iterator[np.ndarray]:
+        raise NotImplementedError(f"{type(self).__name__} holds no train arrays to give rows of.")
 
     @abc.abstractmethod
     def _eval_batches(

@@ -1,6 +1,7 @@
 """Query/key/value embeddings: XCiT's linear one and the three of Ahn et al. (arXiv 2111.10017).
 
-Our reading of the abstracts (see PAPER.md), with d the token width, h the hidden width, m the code size:
+Our reading of the abstracts (arXiv 2111.10017; Mathematics 11(8):1933, 2023; docs/models.md), with d the token
+width, h the hidden width, m the code size:
 
   linear  [Q, K, V] = Dense(3d)(x)                                     (XCiT's baseline)
   sne     t = Dense_t2(act(Dense_t1(x)))             for t in q, k, v  (separate non-linear)
@@ -179,7 +180,7 @@ class NonlinearQKV(nn.Module):
 
 
 def qkv_params_per_block(spec: QKVSpec, dim: int) -> int:
-    """PAPER.md's parameter formula for one block's q, k, v embedding."""
+    """The papers' parameter formula (docs/models.md, "The QKV embeddings") for one block's q, k, v embedding."""
     d, h = dim, spec.hidden(dim)
     if spec.qkv_embed == "linear":
         return 3 * d * d + 3 * d

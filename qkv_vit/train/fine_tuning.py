@@ -46,7 +46,7 @@ def architecture_from_init(config: ml_collections.ConfigDict) -> dict[str, Any]:
         raise ConfigError(f"config.init_from: {error}") from error
     if stored is None:
         raise ConfigError(
-            f"config.init_from={config.init_from} records no architecture (its run has no model.json): "
+            f"config.init_from={config.init_from} records no architecture (no model.json with one): "
             "set config.model_name, config.qkv and config.model.* instead of config.model_from_init."
         )
     architecture = models.architecture_from_json(stored)

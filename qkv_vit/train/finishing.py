@@ -1,10 +1,10 @@
-"""Finishing a batch on the device, inside the jitted step: what the host would otherwise do in float32.
+"""Finishing a batch on the device, inside the jitted step: the float32 work no host does.
 
 The input pipeline ships uint8 images (after crop, flip, RandAugment and colour jitter) and int32 labels: a
 quarter of float32's bytes, and none of the per-pixel float work on the host. The step then normalizes them,
-applies random erasing per image and mixup / cutmix, and folds label smoothing into soft targets, with the
-same algorithms as the host versions (`qkv_vit.data.augment.random_erasing`, `qkv_vit.data.mixup`: timm's
-RandomErasing and Mixup in "batch" mode) and stateless keys derived from the run's seed and the step, so
+applies random erasing per image and mixup / cutmix, and folds label smoothing into soft targets, with timm's
+algorithms (RandomErasing, Mixup in "batch" mode; the tests hold them against TensorFlow versions,
+tests/tf_oracles.py) and stateless keys derived from the run's seed and the step, so
 an interrupted run resumes bit for bit.
 
 Semantics on several devices, as big_vision: each device finishes its own shard of the batch, so no image
@@ -37,7 +37,7 @@ class BatchFinishing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int
-    # Crop and flip here too (the in-memory source, whose host does no per-image work); else the host did them.
+    # Crop and flip here too (the in-memory pipeline, whose host does no per-image work); else the host did them.
     geometry: bool = False
     crop_scale: tuple[float, float] = (1.0, 1.0)
     crop_aspect: tuple[float, float] = (1.0, 1.0)
@@ -55,7 +55,7 @@ class BatchFinishing:
 
     @classmethod
     def from_config(cls, data_config: Any, num_classes: int, geometry: bool) -> BatchFinishing:
-        """From config.data; `geometry`: whether the batches come uncropped (data.crops_on_device)."""
+        """From config.data; `geometry`: whether the batches come uncropped (DataSource.crops_on_device)."""
         augment = data_config.augment
         return cls(
             tuple(data_config.mean),

@@ -1,12 +1,12 @@
 """What a workdir's records say its checkpoints were trained with, and what a rerun of the workdir may change.
 
-Every checkpoint's step record holds the run's whole config (as config.json has it) and the class names of its
-train data. A rerun that resumes, or finds the run finished, compares its own config with the record of the
-checkpoint it restored (config.json for checkpoints from before configs were recorded):
+Every checkpoint's step record holds the run's RunRecord: its whole config (as config.json has it), and model.json's
+summary with the class names of its train data. A rerun that resumes, or finds the run finished, compares its own
+record with the one of the checkpoint it restored (check_resume):
 
 - a key in RESULT_NEUTRAL (how often the run logs, evaluates and saves, how it is laid out on the devices, where
   it finds its files) may differ: the run goes on under the new value with a warning that lists the changes;
-- what a step means (RUN_DEFINITION: the batch, accumulation and run length) is checked apart (trainer: a
+- what a step means (STEP_MEANING: the batch, accumulation and run length) is checked apart (check_step_meaning: a
   longer run continues, one that would end at or before the checkpoint is refused, so is another batch);
 - any other key (seed, optimizer, augmentation, model, data, ...) changes what is trained: the rerun
   is refused with a ConfigError naming each key with both values, unless `allow_config_change` is given; then
@@ -30,7 +30,7 @@ from typing import Any
 import ml_collections
 
 from qkv_vit.data.info import DatasetInfo
-from qkv_vit.errors import CheckpointError, ConfigError
+from qkv_vit.errors import ConfigError
 
 # Keys (or groups of keys) that change how a run is carried out or recorded, never the parameters it trains:
 # each with why, as the documentation lists them.
@@ -101,11 +101,11 @@ class RunRecord:
 
     @classmethod
     def from_step_record(cls, saved: dict[str, Any], checkpoints: str) -> RunRecord:
-        """The record a checkpoint was saved with; CheckpointError for one that records no run."""
+        """The record a checkpoint was saved with; ConfigError for one that records no run."""
         try:
             return cls(**{field.name: saved[field.name] for field in dataclasses.fields(cls)})
         except KeyError as error:
-            raise CheckpointError(
+            raise ConfigError(
                 f"The checkpoint of step {saved.get('step')} in {checkpoints} records no {error} of its run (an "
                 "earlier version of qkv_vit wrote it), so it cannot be checked against this config: start a new "
                 f"--workdir, with --config.init_from=<that step's directory> to begin from its weights."

@@ -168,8 +168,10 @@ def build_run(
         sharding_strategy=config.sharding,
         accumulation_steps=config.optimizer.accumulation_steps,
         skip_nonfinite=config.nonfinite == "skip",
-        # The data ship uint8 batches; the in-memory pipeline's uncropped too.
-        finishing=BatchFinishing.from_config(config.data, model.num_classes, data.crops_on_device(config.data)),
+        # The data ship uint8 batches, uncropped where the source leaves cropping to the device.
+        finishing=BatchFinishing.from_config(
+            config.data, model.num_classes, source is not None and source.crops_on_device
+        ),
     )
     record = None
     if source is not None:
@@ -263,7 +265,7 @@ def train_batch_stream(run: Run, start: int) -> Iterator[dict[str, jax.Array]]:
     """The train batches from step `start` on, as global arrays on the devices: gathered there from a decoded train
     split they hold (device_data), or sent from the host a few batches ahead."""
     config, source, batch_sharding = run.config, run.source, run.steps.batch_sharding
-    if isinstance(source, data.ArraySource):  # decoded arrays the devices may hold
+    if source.train_arrays is not None:  # decoded arrays the devices may hold
         resident = device_data.on_devices(config.data.placement, source.train_arrays)
         device_data.log_placement(resident, source.train_arrays)
         if resident:
