@@ -148,7 +148,7 @@ def restore_on_local_device(item_dir: epath.Path) -> dict[str, Any]:
     return checkpointer.restore(item_dir, target)
 
 
-def check_fine_tuning_fit(fresh: dict[str, Any], loaded: dict[str, Any], source: str) -> list[tuple[str, ...]]:
+def check_fine_tuning_fit(fresh: dict[str, Any], loaded: dict[str, Any], init_from: str) -> list[tuple[str, ...]]:
     """The head variables to re-initialize (class count differs); ConfigError naming every other mismatch.
 
     `fresh` may hold arrays or shapes only (jax.ShapeDtypeStruct), so this runs before anything compiles.
@@ -161,7 +161,7 @@ def check_fine_tuning_fit(fresh: dict[str, Any], loaded: dict[str, Any], source:
     problems = [k for k in missing + reshaped if not is_head(k)] + unexpected
     if problems:
         raise ConfigError(
-            f"init_from={source} does not fit the configured model ({len(problems)} variables differ): "
+            f"init_from={init_from} does not fit the configured model ({len(problems)} variables differ): "
             + ", ".join("/".join(k) for k in problems[:10])
             + (" ..." if len(problems) > 10 else "")
             + ". Check config.model_name and the QKV options against the checkpoint's."
@@ -169,12 +169,12 @@ def check_fine_tuning_fit(fresh: dict[str, Any], loaded: dict[str, Any], source:
     return [k for k in missing + reshaped if is_head(k)]
 
 
-def merge_for_fine_tuning(fresh: dict[str, Any], loaded: dict[str, Any], source: str) -> dict[str, Any]:
+def merge_for_fine_tuning(fresh: dict[str, Any], loaded: dict[str, Any], init_from: str) -> dict[str, Any]:
     """Loaded weights over a fresh init: every variable must match, except the head, which is re-initialized
     when the class count differs. Anything else that differs is a ConfigError naming the variables."""
-    reinit_head = check_fine_tuning_fit(fresh, loaded, source)
+    reinit_head = check_fine_tuning_fit(fresh, loaded, init_from)
     if reinit_head:
-        logging.info("init_from: re-initialized the classifier head (class count differs from %s).", source)
+        logging.info("init_from: re-initialized the classifier head (class count differs from %s).", init_from)
     fresh_flat, loaded_flat = flatten(fresh), flatten(loaded)
     merged = {k: (fresh_flat[k] if k in reinit_head else loaded_flat[k]) for k in fresh_flat}
     return unflatten(merged)

@@ -83,32 +83,34 @@ def read_init_from(
 ) -> dict[str, Any]:
     """config.init_from's variables, checked against the shapes of `abstract_state` (ConfigError naming what
     differs); a warning where its head is kept but was trained on other classes than `class_names`."""
-    source = config.init_from
+    init_from = config.init_from
     try:
-        weights = read_weights(source, use_ema=config.init_from_ema)
+        weights = read_weights(init_from, use_ema=config.init_from_ema)
     except FileNotFoundError as error:
         raise ConfigError(f"config.init_from: {error}") from error
     fresh = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
     try:
-        reinitialized = check_fine_tuning_fit(fresh, weights.variables, source)
+        reinitialized = check_fine_tuning_fit(fresh, weights.variables, init_from)
     except ConfigError as error:
         raise ConfigError(f"{error} {architecture_difference(model, weights.architecture)}".rstrip()) from error
     if not reinitialized and weights.class_names is not None and weights.class_names != class_names:
         logging.warning(
             "config.init_from=%s was trained on the classes %s, this data has %s: its head is kept, so its output "
             "i now stands for this data's class i (fine-tuning retrains it).",
-            source,
+            init_from,
             *compared_classes(weights.class_names, class_names),
         )
     return weights.variables
 
 
-def fine_tuning_state(source: str, state: TrainState, loaded: dict[str, Any], state_sharding: TrainState) -> TrainState:
-    """A fresh `state` with the weights `loaded` from `source` (never its optimizer state or step), laid out as
+def fine_tuning_state(
+    init_from: str, state: TrainState, loaded: dict[str, Any], state_sharding: TrainState
+) -> TrainState:
+    """A fresh `state` with the weights `loaded` from `init_from` (never its optimizer state or step), laid out as
     `state_sharding`: the start of a fine-tuning run."""
     fresh = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    merged = merge_for_fine_tuning(fresh, loaded, source)
-    logging.info("Initialized from %s.", source)
+    merged = merge_for_fine_tuning(fresh, loaded, init_from)
+    logging.info("Initialized from %s.", init_from)
     params = jax.device_put(merged["params"], state_sharding.params)
     batch_stats = jax.device_put(merged["batch_stats"], state_sharding.batch_stats)
     ema = jax.device_put(merged["params"], state_sharding.ema_params) if state.ema_params is not None else None
