@@ -1,5 +1,7 @@
 """XCiT model: exact parameter counts, shapes for any size, BatchNorm state, drop path, dtypes, errors."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,3 +211,14 @@ def test_image_size_not_divisible_by_patch_is_a_clear_error():
     model = XCiT(patch_size=16, **TINY)
     with pytest.raises(ValueError, match="not divisible by the patch size 16"):
         model.init(jax.random.key(0), jnp.zeros((1, 40, 48, 3)))
+
+
+def test_a_recorded_architecture_builds_its_model_with_the_constructor_alone():
+    """What model.json and converted weights store, read back: XCiT(**architecture_from_json(...)) is the model the
+    weights belong to (with the standard layers), from_architecture the same with the layers of "auto"."""
+    model = models.create("xcit_nano_12_p8", qkv="fsne_m8", num_classes=3, depth=1, layer_impl="cpu")
+    stored = json.loads(json.dumps(models.architecture_of(model)))
+    assert stored["layer_impl"] == "cpu" and stored["dtype"] == "float32"
+    options = models.architecture_from_json(stored)
+    assert models.architecture_of(models.XCiT(**options)) == {**stored, "layer_impl": "flax"}
+    assert models.from_architecture(options) == model.clone(**models.layer_fields("auto"))

@@ -158,17 +158,20 @@ def architecture(name: str, qkv: str | None = None, **overrides: Any) -> dict[st
 
 def architecture_of(model: XCiT) -> dict[str, Any]:
     """A model's architecture as JSON values (the compute dtype and the layers by name: "float32", "auto"), as
-    model.json and converted weights store them; from_architecture(architecture_from_json(...)) rebuilds it."""
+    model.json and converted weights store them; from_architecture(architecture_from_json(...)) rebuilds it (with
+    the layers of "auto")."""
     named = {"layer_impl": layer_impl_of(model), "dtype": jnp.dtype(model.dtype).name}
     return {name: named[name] if name in named else getattr(model, name) for name in architecture_fields()}
 
 
 def architecture_from_json(stored: dict[str, Any]) -> dict[str, Any]:
-    """The architecture (options of architecture_fields) from stored JSON: the dtype's name back to a dtype; keys
-    XCiT does not know (written by another version) dropped; a dtype that is not a name (older model.json files)
-    left out."""
+    """XCiT's constructor arguments from a stored architecture (architecture_of's JSON), so that
+    `XCiT(**architecture_from_json(stored))` is the model the weights belong to: the dtype's name back to a dtype;
+    `layer_impl` left out (it says how the layers were computed, not what: from_architecture chooses them, "auto"
+    unless told); keys XCiT does not know (written by another version) dropped; a dtype that is not a name left
+    out."""
     fields = architecture_fields()
-    options = {key: value for key, value in stored.items() if key in fields and key != "dtype"}
+    options = {key: value for key, value in stored.items() if key in fields and key not in ("dtype", "layer_impl")}
     dtype = stored.get("dtype")
     if isinstance(dtype, str) and dtype in ("float32", "bfloat16", "float16"):
         options["dtype"] = jnp.dtype(dtype)
