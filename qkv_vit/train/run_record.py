@@ -69,7 +69,7 @@ class RunRecord:
     config.json is `config`, model.json `summary()`, a checkpoint's step record `step_record(step)`."""
 
     config: dict[str, Any]  # the whole config, as JSON (tuples as lists)
-    architecture: dict[str, Any]  # XCiT's constructor arguments (models.architecture_of)
+    architecture: dict[str, Any]  # XCiT's options as JSON, the layers and dtype by name (models.architecture_of)
     num_params: int
     total_steps: int
     data: dict[str, Any]  # source, train/eval split, their example counts, class names
