@@ -1,5 +1,6 @@
 """XCiT model: exact parameter counts, shapes for any size, BatchNorm state, drop path, dtypes, errors."""
 
+import functools
 import json
 
 import jax
@@ -8,7 +9,10 @@ import numpy as np
 import pytest
 
 from qkv_vit import models
-from qkv_vit.models import XCiT
+
+# XCiT with the layers models.create gives (layer_impl="auto": the CPU kernels on a CPU, which run these tests
+# faster); the layers compute the same values either way (tests/test_layers.py).
+XCiT = functools.partial(models.XCiT, **models.layer_fields("auto"))
 
 # Exact parameter counts with 1000 classes. The five marked (ref) are timm's published counts (fixtures
 # README, docs/models.md); every entry also equals reference_param_count below, derived from the PyTorch modules.

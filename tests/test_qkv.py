@@ -1,6 +1,8 @@
 """The SNE / P-SNE / F-SNE query-key-value embeddings: exact parameter budgets, the algebra they must
 satisfy, F-SNE's efficient form, gradients into the codes, and that every variant trains."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,10 +10,13 @@ import optax
 import pytest
 
 from qkv_vit import models
-from qkv_vit.models import XCiT
 from qkv_vit.models.flops import count_macs
 from qkv_vit.models.qkv import NonlinearQKV, QKVSpec, qkv_params_per_block
 from qkv_vit.params import main as params_main
+
+# XCiT with the layers models.create gives (layer_impl="auto": the CPU kernels on a CPU, which run these tests
+# faster); the layers compute the same values either way (tests/test_layers.py).
+XCiT = functools.partial(models.XCiT, **models.layer_fields("auto"))
 
 BASELINE = {"xcit_nano_12_p16": 3_053_224, "xcit_tiny_12_p16": 6_716_272}
 
