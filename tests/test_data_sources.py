@@ -466,3 +466,11 @@ def test_presets_carry_the_recipes():
 def test_default_cache_dir_honours_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("QKV_VIT_CACHE", os.fspath(tmp_path))
     assert cache.default_cache_dir() == tmp_path
+
+
+@pytest.mark.parametrize("pipeline", ["tf_data", "in_memory"])
+def test_fewer_classes_than_the_data_set_has_is_an_error_on_either_pipeline(cache_dir, pipeline):
+    config = digits_config(cache_dir)
+    config.update(pipeline=pipeline, num_classes=5)
+    with pytest.raises(data.DataConfigError, match=r"num_classes=5 is less than the 10 classes of the offline digits"):
+        data.open_source(config)

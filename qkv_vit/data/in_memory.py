@@ -47,7 +47,7 @@ from qkv_vit.data.folders import (
     scan_image_folder,
     tar_key,
 )
-from qkv_vit.data.info import DatasetInfo, SkippedFiles
+from qkv_vit.data.info import DatasetInfo, SkippedFiles, check_num_classes
 from qkv_vit.data.protocol import Batch, DataSource, Stream
 
 MAX_BYTES = 16 << 30  # decoded arrays larger than this belong in a streaming source (image_folder, tfds)
@@ -133,10 +133,7 @@ def open_in_memory(config: ml_collections.ConfigDict) -> ArraySource:
         raise DataConfigError(no_held_out_split_message(description, sorted(splits)))
     if train_split not in splits:
         raise DataConfigError(f"{description} has no train split: its splits are {sorted(splits)}.")
-    if config.num_classes is not None and config.num_classes < len(class_names):
-        raise DataConfigError(
-            f"num_classes={config.num_classes} is less than the {len(class_names)} classes of {description}."
-        )
+    check_num_classes(config.num_classes, class_names, description)
     others = [split for split in splits if split not in (train_split, eval_split)]
     info = DatasetInfo(
         description,

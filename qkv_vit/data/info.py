@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from qkv_vit.data.errors import DataConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class SkippedFiles:
@@ -29,3 +31,11 @@ class DatasetInfo:
     other_splits: list[str]  # present but neither trained nor evaluated on
     train_eval_overlap: int  # examples the eval split shares with the train split (e.g. eval_split="train")
     skipped_files: SkippedFiles | None
+
+
+def check_num_classes(num_classes: int | None, class_names: list[str], description: str) -> None:
+    """DataConfigError for a config.data.num_classes (None: the data set's) below the data set's class count."""
+    if num_classes is not None and num_classes < len(class_names):
+        raise DataConfigError(
+            f"num_classes={num_classes} is less than the {len(class_names)} classes of {description}."
+        )

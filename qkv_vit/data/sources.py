@@ -24,7 +24,7 @@ from qkv_vit.data.folders import (
     find_split,
     no_held_out_split_message,
 )
-from qkv_vit.data.info import DatasetInfo, SkippedFiles
+from qkv_vit.data.info import DatasetInfo, SkippedFiles, check_num_classes
 
 # Train split, eval split and class count of the data sets the paper uses; any other tfds data
 # set with an "image" and a "label" feature works too (with train/test as default splits).
@@ -143,10 +143,7 @@ def prepare_source(config: ml_collections.ConfigDict) -> PreparedSource:
         source = _make_source(
             builder, config, None, None, f"image folder {config.path}", skipped if prepared.num_skipped else None
         )
-    if config.num_classes is not None and config.num_classes < source.num_classes:
-        raise DataConfigError(
-            f"num_classes={config.num_classes} is less than the {source.num_classes} classes of {source.description}."
-        )
+    check_num_classes(config.num_classes, source.class_names, source.description)
     return source
 
 
