@@ -70,6 +70,8 @@ EXTRAS_REQUIRE = {
     # Reading PyTorch .pth/.pt files. On a CPU-only machine prefer the CPU wheel:
     # pip install torch --index-url https://download.pytorch.org/whl/cpu
     "torch": ["torch>=2.1"],
+    # Compiling for TPU slices that are not here (python -m qkv_vit.plan); a TPU VM has libtpu already.
+    "tpu": ["libtpu; sys_platform == 'linux'"],
     # The tests execute notebooks/*.ipynb in a Jupyter kernel, so dev includes what runs them.
     # ruff is pinned: another release may format differently, and CI checks the format (pyproject.toml).
     "dev": ["pytest>=7.4", "pytest-xdist>=3.5", "ruff==0.16.9", *NOTEBOOK_RUNNER],

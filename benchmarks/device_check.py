@@ -13,8 +13,10 @@ trainer's feeding: two batches in flight): images/s, step time, compile time, MF
 bfloat16 peak, the step's device memory (XLA's memory analysis); and, where torch and timm import, timm's XCiT training step (AMP
 bfloat16, AdamW) eager and under torch.compile on the same device.
 
-Needs jax, flax, optax and this package only: no TensorFlow, tfds, clu or ml_collections (the accelerator
-machines it is meant for lack them). Every measurement is printed and appended to the JSONL file as soon as
+Each step is the trainer's own, built from configs/imagenet.py by trainer.build_run for this machine's devices, and
+recorded with its program fingerprint (the one `python -m qkv_vit.plan` prints for the same config and devices).
+Needs jax, flax, optax, ml_collections and this package: no TensorFlow, tfds or clu (the accelerator machines it
+is meant for lack them; ml_collections is a small pure-Python wheel). Every measurement is printed and appended to the JSONL file as soon as
 it is made, so a run cut short keeps what it measured. The last line printed is a JSON summary.
 """
 
@@ -22,8 +24,8 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from typing import Any
 import harness
 from train_step import TRAIN_FLOPS_PER_MAC, peak_tflops
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+sys.path.insert(0, str(harness.REPO))  # configs/ is not a package of the installed project
 NUM_CLASSES = 1000
 TIMM_NAMES = {"xcit_nano_12_p16": "xcit_nano_12_p16_224", "xcit_tiny_12_p16": "xcit_tiny_12_p16_224"}
 
@@ -90,48 +92,36 @@ def copy_rates(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def step_config(config: dict[str, Any], args: argparse.Namespace):
+    """configs/imagenet.py (XCiT's recipe: AdamW, BatchNorm groups of 64, erasing, mixup / cutmix, label smoothing)
+    for one measured configuration: its model, QKV embedding, compute dtype and layers, at this batch and size."""
+    from configs import imagenet
+
+    size = config["model"].removeprefix("xcit_")
+    run_config = imagenet.get_config(f"model={size},qkv={config['qkv']},batch={args.batch_size}")
+    run_config.compute_dtype = config["dtype"]
+    run_config.model.layer_impl = config["layer_impl"]
+    run_config.data.image_size = args.image_size
+    run_config.total_steps, run_config.optimizer.warmup_steps = 500_000, 6_250  # only shape the lr schedule
+    if args.smoke:
+        run_config.model.update(depth=1, embed_dim=32, num_heads=4, cls_attn_layers=1)
+        run_config.model.batch_norm_group_size = None  # a batch of 8
+    return run_config
+
+
 def build_step(config: dict[str, Any], args: argparse.Namespace):
-    import jax
-    import jax.numpy as jnp
+    """The trainer's own run (trainer.build_run) for this machine's devices, with a fresh state."""
+    from qkv_vit.train import trainer
+    from qkv_vit.train.config import check_config, check_fits
+    from qkv_vit.train.target import Target
 
-    from qkv_vit import models
-    from qkv_vit.train import optimizer, sharding, steps
-    from qkv_vit.train.finishing import BatchFinishing
-
-    overrides = dict(depth=1, embed_dim=32, num_heads=4, cls_attn_layers=1) if args.smoke else {}
-    model = models.create(
-        config["model"],
-        qkv=None if config["qkv"] == "linear" else config["qkv"],
-        dtype={"bfloat16": jnp.bfloat16, "float32": jnp.float32}[config["dtype"]],
-        layer_impl=config["layer_impl"],
-        **overrides,
-    )
-    opt = types.SimpleNamespace(**optimizer.DEFAULTS)  # config.optimizer's defaults (XCiT's AdamW), no ml_collections
-    schedule = optimizer.learning_rate(opt, args.batch_size, total_steps=500_000, warmup_steps=6_250)
-    recipe = BatchFinishing(
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        NUM_CLASSES,
-        erasing_prob=0.25,
-        mixup_alpha=0.8,
-        cutmix_alpha=1.0,
-        label_smoothing=0.1,
-    )  # XCiT's
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
-    jitted = steps.jit_steps(
-        model,
-        optimizer.make_optimizer(opt, schedule),
-        schedule,
-        mesh,
-        seed=0,
-        image_size=args.image_size,
-        ema_decay=None,
-        sharding_strategy="replicate",
-        accumulation_steps=1,
-        skip_nonfinite=False,
-        finishing=recipe,
-    )
-    return model, jitted, jax.jit(jitted.init_state, out_shardings=jitted.state_sharding)()
+    run_config = step_config(config, args)
+    check_config(run_config)
+    model = trainer.build_model(run_config, NUM_CLASSES)
+    target = Target.present()
+    check_fits(run_config, model, target)
+    run = trainer.build_run(run_config, None, None, model, target=target)
+    return run, trainer.fresh_state(run)
 
 
 def train_step(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -139,9 +129,10 @@ def train_step(config: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     import numpy as np
 
     from qkv_vit.models.flops import count_macs
-    from qkv_vit.train import sharding
+    from qkv_vit.train import program, sharding
 
-    model, jitted, state = build_step(config, args)
+    run, state = build_step(config, args)
+    jitted = run.steps
     rng = np.random.default_rng(0)
     pool = [
         {
@@ -156,7 +147,8 @@ def train_step(config: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     else:  # as the trainer feeds: host numpy batches put on the devices two steps ahead
         batches = sharding.prefetch_to_device(itertools.cycle(pool), 2, jitted.batch_sharding)
     start = time.perf_counter()
-    compiled = jitted.train_step.lower(state, next(batches)).compile()
+    lowered = jitted.train_step.lower(state, next(batches))
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     for _ in range(1 + args.warmup):
         state, metrics = compiled(state, next(batches))
@@ -169,7 +161,7 @@ def train_step(config: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     devices = jax.devices()
     images_per_s = args.batch_size / step_s
     peak = peak_tflops(devices[0].device_kind, args.peak_tflops)
-    achieved = images_per_s * TRAIN_FLOPS_PER_MAC * count_macs(model, args.image_size) / 1e12
+    achieved = images_per_s * TRAIN_FLOPS_PER_MAC * count_macs(run.model, args.image_size) / 1e12
     return {
         **config,
         "batch": args.batch_size,
@@ -177,6 +169,7 @@ def train_step(config: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         "images_per_s": round(images_per_s, 1),
         "step_ms": round(1e3 * step_s, 2),
         "compile_s": round(compile_s, 1),
+        "program": program.fingerprint(lowered),  # python -m qkv_vit.plan's for the same config and devices
         "loss": loss,
         "model_tflops": round(achieved, 2),
         "mfu_vs_bf16_peak": round(achieved / (peak * len(devices)), 4) if peak else None,

@@ -131,11 +131,13 @@ def setup_run(config, num_classes: int):
     the only thing the trainer reads from the data to build it, is given here instead."""
     from qkv_vit.train import trainer
     from qkv_vit.train.config import check_config, check_fits
+    from qkv_vit.train.target import Target
 
     check_config(config)
     model = trainer.build_model(config, num_classes)
-    check_fits(config, model)  # the trainer's one-line errors (batch vs devices, ...)
-    return trainer.build_run(config, workdir=None, source=None, model=model)
+    target = Target.present()
+    check_fits(config, model, target)  # the trainer's one-line errors (batch vs devices, ...)
+    return trainer.build_run(config, workdir=None, source=None, model=model, target=target)
 
 
 def local_batch(batch_size: int, image_size: int, num_classes: int, seed: int = 0) -> dict:

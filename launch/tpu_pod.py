@@ -4,7 +4,9 @@
       --config=configs/imagenet.py:model=nano_12_p16,qkv=fsne_m8_wide,data_dir=gs://BUCKET/tensorflow_datasets \\
       --workdir=gs://BUCKET/in1k/n12_fsne_m8_wide [--dry-run] [--config.KEY=VALUE ...]
 
-Steps: [--create] create the TPU VM; [--setup] pack this checkout (`git ls-files`: tracked files and
+Steps: first plan: compile the run's program for the slice's topology here (`python -m qkv_vit.plan`, needs
+libtpu: pip install -e '.[tpu]'), so that a config that does not fit the chips' memory is refused before the slice
+is used (--no-plan skips it; --topology names the slice if --accelerator-type does not); [--create] create the TPU VM; [--setup] pack this checkout (`git ls-files`: tracked files and
 untracked ones that git does not ignore), copy it to every worker and `pip install -e` it with jax[tpu];
 then, on every worker at once (`gcloud compute tpus tpu-vm ssh --worker=all`),
 `cd qkv_vit && python3 -m qkv_vit.main --config=... --workdir=... --distributed`: JAX finds the pod's
@@ -44,8 +46,41 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--detach", action="store_true", help="Return at once; each worker logs to ~/qkv_vit-train.log."
     )
+    parser.add_argument(
+        "--topology", help="The slice for the plan, e.g. v5e:4x4 or v4:2x2x4 (default: from --accelerator-type)."
+    )
+    parser.add_argument("--no-plan", action="store_true", help="Start without planning (compiling) the run first.")
     add_run_arguments(parser)
     return parser
+
+
+# Chips per slice -> the topology libtpu names it by: 2-d tori for v5e / v6e, 3-d for v4 / v5p.
+TOPOLOGIES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+TOPOLOGIES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8"}
+# accelerator-type prefix -> (topology version, cores per chip counted in the type's number, 3-d, chip config)
+ACCELERATOR_TYPES = {
+    "v5litepod": ("v5e", 1, False, None),
+    "v5e": ("v5e", 1, False, None),
+    "v6e": ("v6e", 1, False, None),
+    "v4": ("v4", 2, True, "megacore"),
+    "v5p": ("v5p", 2, True, "megacore"),
+}
+
+
+def plan_topology(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(the topology to plan for, libtpu's chip config) from --topology or --accelerator-type (v4-32: 16 chips)."""
+    prefix, _, count = args.accelerator_type.rpartition("-")
+    version, cores, three_d, chip_config = ACCELERATOR_TYPES.get(prefix, (None, 1, False, None))
+    if args.topology:
+        return args.topology, "megacore" if args.topology.split(":")[0] in ("v4", "v5p") else None
+    shapes = TOPOLOGIES_3D if three_d else TOPOLOGIES_2D
+    chips = int(count) // cores if count.isdigit() else None
+    if version is None or chips not in shapes:
+        raise SystemExit(
+            f"error: cannot tell the topology of --accelerator-type={args.accelerator_type}: pass --topology "
+            "(e.g. v5e:4x4, v4:2x2x4) or --no-plan."
+        )
+    return f"{version}:{shapes[chips]}", chip_config
 
 
 def gcloud(args: argparse.Namespace, action: str, *extra: str) -> str:
@@ -64,6 +99,11 @@ def plan(args: argparse.Namespace, overrides: Sequence[str]) -> list[Step]:
             file=sys.stderr,
         )
     steps = []
+    if not args.no_plan:  # here, before anything is created or started: a config that does not fit stops here
+        topology, chip_config = plan_topology(args)
+        command = [sys.executable, "-m", "qkv_vit.plan", f"--config={args.config}", f"--topology={topology}"]
+        command += [f"--chip-config={chip_config}"] if chip_config else []
+        steps.append(Step((shlex.join([*command, "--nomax-batch", *overrides]),)))
     if args.create:
         steps.append(
             Step(

@@ -1,6 +1,6 @@
-"""The --config argument of `python -m qkv_vit.main`: FILE[:ARG] loaded once, as ml_collections' config_flags would
-load it, with every way that can fail one ConfigError naming the file, the line and the problem; the --config.KEY
-overrides checked against the keys it has before absl applies them."""
+"""The --config argument of `python -m qkv_vit.main` and `python -m qkv_vit.plan`: FILE[:ARG] loaded once, as
+ml_collections' config_flags would load it, with every way that can fail one ConfigError naming the file, the line
+and the problem; the --config.KEY overrides checked against the keys it has before absl applies them."""
 
 import sys
 import traceback
@@ -9,13 +9,39 @@ from pathlib import Path
 from typing import NoReturn
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from qkv_vit.config_rules import closest_key
-from qkv_vit.errors import ConfigError
+from qkv_vit.errors import ConfigError, one_line
 from qkv_vit.train.config import renamed_key_message
 from qkv_vit.train.run_record import flatten
 
 HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
+BAD_INPUT_EXIT_CODE = 2
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flags_parser for a command with --config: FILE[:ARG] loaded once (load), then absl's parsing of the
+    other flags with the --config.KEY overrides applied to it (flags.FLAGS.config); a mistake in either is one
+    `error:` line (exit code 2)."""
+    try:
+        argument, argv = split_argv(argv)
+        if argument is not None:  # None: only help asked for
+            config = load(argument)
+            check_override_keys(argv, config)
+            config_flags.DEFINE_config_dict("config", config, "Training config, --config=FILE[:ARG].", sys_argv=argv)
+        return flags.FLAGS(argv)
+    except ConfigError as error:
+        fail(str(error))
+    except flags.Error as error:  # a malformed value, a missing required flag, an unknown flag
+        fail(f"{str(error).rstrip('.')}. See --helpfull for the flags.")
+
+
+def fail(message: str, exit_code: int = BAD_INPUT_EXIT_CODE) -> NoReturn:
+    """Exit with one `error:` line on stderr."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    sys.exit(exit_code)
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:

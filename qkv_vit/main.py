@@ -22,15 +22,13 @@ if __name__ == "__main__":  # before the heavy imports below, which the re-execu
 
 import logging
 import sys
-from typing import NoReturn
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
 from qkv_vit import config_file
 from qkv_vit.allocator import describe_allocator
-from qkv_vit.errors import ConfigError, StorageError, one_line
+from qkv_vit.errors import ConfigError, StorageError
 from qkv_vit.interrupts import STOPPED_EXIT_CODE, Interrupted, stop_on_signals
 from qkv_vit.train import NonFiniteError, Preempted, train_and_evaluate
 from qkv_vit.train.logging_utils import quiet_libraries
@@ -47,28 +45,7 @@ flags.mark_flags_as_required(["workdir"])
 
 # Errors a user can fix -> exit code (DataConfigError and WeightMismatchError are ConfigErrors, CheckpointError a
 # StorageError); anything else is a bug and keeps its traceback.
-EXIT_CODES = {ConfigError: 2, NonFiniteError: 3, StorageError: 4}
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """--config=FILE[:ARG] loaded once (config_file), then absl's parsing of the other flags with the --config.KEY
-    overrides applied to it; a mistake in either is one `error:` line (exit code 2)."""
-    try:
-        argument, argv = config_file.split_argv(argv)
-        if argument is not None:  # None: only help asked for
-            config = config_file.load(argument)
-            config_file.check_override_keys(argv, config)
-            config_flags.DEFINE_config_dict("config", config, "Training config, --config=FILE[:ARG].", sys_argv=argv)
-        return FLAGS(argv)
-    except ConfigError as error:
-        fail(str(error))
-    except flags.Error as error:  # a malformed value, a missing --workdir, an unknown flag
-        fail(f"{str(error).rstrip('.')}. See --helpfull for the flags.")
-
-
-def fail(message: str, exit_code: int = EXIT_CODES[ConfigError]) -> NoReturn:
-    print(f"error: {one_line(message)}", file=sys.stderr)
-    sys.exit(exit_code)
+EXIT_CODES = {ConfigError: config_file.BAD_INPUT_EXIT_CODE, NonFiniteError: 3, StorageError: 4}
 
 
 def main(argv: list[str]) -> int:
@@ -91,9 +68,9 @@ def main(argv: list[str]) -> int:
         logging.warning("Stopped by %s outside the train loop: rerun the same command to go on.", stop.signal_name)
         return STOPPED_EXIT_CODE
     except tuple(EXIT_CODES) as error:
-        fail(str(error), next(code for kind, code in EXIT_CODES.items() if isinstance(error, kind)))
+        config_file.fail(str(error), next(code for kind, code in EXIT_CODES.items() if isinstance(error, kind)))
     return 0
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=config_file.parse_flags)

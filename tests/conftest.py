@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The tests run on CPU devices. Where libtpu is installed (the tpu extra) a JAX process that may look for a TPU
+# takes libtpu's lock file, and the planner's TPU compiles in another test process would then abort on it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # One persistent JAX compilation cache for the session, inherited by the command-line runs the tests start:
 # many tests compile the same tiny model's steps, and every resumed run recompiles what its first run

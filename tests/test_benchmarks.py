@@ -168,7 +168,7 @@ import runpy, sys
 
 class Refuse:  # the GPU machines this script is for have none of these
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "clu", "ml_collections"):
+        if name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "clu"):
             raise ImportError(f"No module named {name!r}")
 sys.meta_path.insert(0, Refuse())
 sys.argv = sys.argv[1:]
@@ -179,8 +179,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def test_device_check_runs_without_tensorflow_and_records_every_measurement(tmp_path):
     """The one-command GPU check, on this CPU with a tiny model: every line of its JSONL is a measurement (or a
-    skip with its reason), written as it goes. It builds and steps models (both layer implementations, the
-    device-side finishing) with TensorFlow, tfds, clu and ml_collections refused: TF reads data, nothing more."""
+    skip with its reason), written as it goes. It builds the trainer's run from configs/imagenet.py and steps it
+    with TensorFlow, tfds and clu refused: TF reads data, nothing more."""
     out = tmp_path / "device_check.jsonl"
     command = [
         sys.executable,
@@ -204,5 +204,6 @@ def test_device_check_runs_without_tensorflow_and_records_every_measurement(tmp_
     assert "error" not in step, step
     assert_positive_finite(step["images_per_s"], step["step_ms"], step["compile_s"], step["loss"])
     assert (step["layer_impl"], step["feed"], step["dtype"]) == ("flax", "host", "bfloat16")
+    assert len(step["program"]) == 16  # the fingerprint qkv_vit.plan prints for the same config
     assert "images_per_s" in records[3] or "needs torch and timm" in records[3].get("skipped", "")
     assert json.loads(result.stdout.strip().splitlines()[-1])["measured"] == 3

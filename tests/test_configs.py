@@ -383,7 +383,8 @@ CONFIG_FILE_MISTAKES = {  # file text -> what the one error line says after "--c
 def test_every_way_a_config_file_fails_to_load_is_one_error_line_naming_the_file_and_line(
     tmp_path, capsys, text, problem
 ):
-    from qkv_vit.main import parse_flags
+    import qkv_vit.main  # noqa: F401 - defines the command's flags (--workdir)
+    from qkv_vit.config_file import parse_flags
 
     path = tmp_path / "my_config.py"
     path.write_text(text)
@@ -396,7 +397,8 @@ def test_every_way_a_config_file_fails_to_load_is_one_error_line_naming_the_file
 
 
 def test_a_config_file_given_as_two_arguments_is_checked_the_same(tmp_path, capsys):
-    from qkv_vit.main import parse_flags
+    import qkv_vit.main  # noqa: F401 - defines the command's flags (--workdir)
+    from qkv_vit.config_file import parse_flags
 
     path = tmp_path / "my_config.py"
     path.write_text("def get_config(arg=None)\n    return None\n")

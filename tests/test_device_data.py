@@ -27,7 +27,7 @@ def memory_config(cache_dir):
 
 def test_device_resident_batches_are_the_host_streams(tmp_path):
     config = memory_config(tmp_path)
-    mesh = sharding.make_mesh(base_config().mesh)
+    mesh = sharding.make_mesh(base_config().mesh, jax.devices())
     batch_sharding = sharding.batch_sharding(mesh)
     source = data.open_source(config)
     steps = source.steps_per_epoch(64)
@@ -43,13 +43,14 @@ def test_device_resident_batches_are_the_host_streams(tmp_path):
 
 def test_eight_devices_each_gather_the_host_paths_shard(tmp_path):
     script = textwrap.dedent(f"""
+        import jax
         import numpy as np
         from qkv_vit import data
         from qkv_vit.train import device_data, sharding
         from qkv_vit.train.config import base_config
         config = data.get_config("none", pipeline="in_memory")
         config.cache_dir = {str(tmp_path)!r}
-        batch_sharding = sharding.batch_sharding(sharding.make_mesh(base_config().mesh))
+        batch_sharding = sharding.batch_sharding(sharding.make_mesh(base_config().mesh, jax.devices()))
         source = data.open_source(config)
         host = source.train_batches(64, seed=1)
         resident = device_data.DeviceResidentBatches(source.train_arrays, source.train_rows(64, seed=1), batch_sharding)

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from qkv_vit.train import trainer
 from qkv_vit.train.config import check_config, check_fits
+from qkv_vit.train.target import Target
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -129,7 +130,7 @@ def check_training_command(argv: list[str], comment: str, cwd: Path) -> None:
     os.chdir(cwd)  # init_from and other relative paths are the user's
     try:
         check_config(config)
-        check_fits(config, trainer.build_model(config, config.data.num_classes))
+        check_fits(config, trainer.build_model(config, config.data.num_classes), Target.present())
     finally:
         os.chdir(previous)
 
@@ -256,7 +257,7 @@ def test_readme_is_a_door_not_a_manual():
     assert len(lines) < 300
     setup = fenced(REPO / "README.md", "bash")[0].strip().splitlines()
     assert len(setup) == 2 and setup[0].startswith("pip install -e . && python -m qkv_vit.main")
-    assert setup[1] == 'pip install -e ".[dev]" && python -m pytest -q'
+    assert setup[1] == 'pip install -e ".[dev,tpu]" && python -m pytest -q'
     assert "python -m pytest -q" in (REPO / ".ci" / "run").read_text()  # CI runs the README's test command
 
 

@@ -30,6 +30,7 @@ from qkv_vit.train.checkpointing import RunCheckpoints
 from qkv_vit.train.config import RENAMED_KEYS
 from qkv_vit.train.logging_utils import read_metrics
 from qkv_vit.train.reporting import Reporter
+from qkv_vit.train.target import Target
 from qkv_vit.weights import read_weights
 
 # Orbax leaves the coroutines of a restore that failed on a damaged file unawaited; Python reports them when collected.
@@ -186,7 +187,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_and_is_kept_asid
 
 
 def abstract_state(config, workdir):
-    run = trainer.build_run(config, workdir, data.open_source(config.data))
+    run = trainer.build_run(config, workdir, data.open_source(config.data), target=Target.present())
     return sharding.placed(run.steps.abstract_state, run.steps.state_sharding)
 
 
@@ -309,7 +310,7 @@ def test_a_checkpoint_that_records_no_run_is_one_clear_error(tmp_path, reference
 
 def test_another_accumulation_is_refused_like_another_batch(tmp_path, data_cache):
     config = small_config(data_cache, optimizer={"accumulation_steps": 4})
-    now = trainer.build_run(config, tmp_path, data.open_source(config.data)).record
+    now = trainer.build_run(config, tmp_path, data.open_source(config.data), target=Target.present()).record
     then = dataclasses.replace(
         now, config={**now.config, "optimizer": {**now.config["optimizer"], "accumulation_steps": 2}}
     )

@@ -35,8 +35,11 @@ def test_tpu_pod_runs_the_same_command_on_every_worker(capsys):
         "--env=TFDS_DATA_DIR=gs://bucket/tfds",
         "--config.seed=1",
     )
-    assert len(lines) == 1
-    argv = shlex.split(lines[0])
+    assert len(lines) == 2  # the plan, here, then the run on every worker
+    planned = shlex.split(lines[0])
+    assert planned[1:3] == ["-m", "qkv_vit.plan"] and f"--config={CONFIG}" in planned and "--config.seed=1" in planned
+    assert "--topology=v4:2x2x4" in planned and "--chip-config=megacore" in planned  # v4-32, the default type
+    argv = shlex.split(lines[1])
     assert argv[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--worker=all"]
     assert "--zone=us-central2-b" in argv
     remote = shlex.split(next(a for a in argv if a.startswith("--command=")).removeprefix("--command="))
@@ -67,13 +70,25 @@ def test_tpu_pod_create_and_setup_copy_this_checkout_to_all_workers(capsys):
         f"--config={CONFIG}",
         "--workdir=gs://bucket/run",
     )
-    create, pack, copy, install, train = lines
+    planned, create, pack, copy, install, train = lines
+    assert "-m qkv_vit.plan" in planned and "--topology=v5e:4x4" in planned and "--chip-config" not in planned
     assert create.startswith("gcloud compute tpus tpu-vm create pod --accelerator-type=v5litepod-16")
     assert "--project=p" in create and "--zone=z" in create
     assert pack.startswith(f"git -C {REPO} ls-files -co --exclude-standard -z | tar -czf")
     assert "scp /tmp/qkv_vit-src.tar.gz pod:qkv_vit-src.tar.gz --worker=all" in copy
     assert "--worker=all" in install and 'pip install -q -e ./qkv_vit "jax[tpu]"' in install
     assert "nohup python3 -m qkv_vit.main" in train and "> ~/qkv_vit-train.log 2>&1 < /dev/null &" in train
+
+
+def test_tpu_pod_refuses_a_config_the_plan_finds_too_big_before_anything_starts(stub_bin, tmp_path, monkeypatch):
+    """The plan step's exit code (5: does not fit) stops the launch: gcloud is never called."""
+    calls = stub_bin("gcloud")
+    planner = tmp_path / "python-that-plans-too-big"
+    planner.write_text("#!/bin/sh\nexit 5\n")
+    planner.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(planner))
+    assert tpu_pod.main(["--tpu=pod", "--zone=z", f"--config={CONFIG}", "--workdir=gs://b/run", "--create"]) == 5
+    assert calls() == []
 
 
 def test_tpu_pod_warns_when_the_workdir_is_not_a_bucket(capsys):
@@ -137,7 +152,8 @@ def stub_bin(tmp_path, monkeypatch):
             f"open({str(bin_dir / (name + '.calls'))!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
         )
         path.chmod(0o755)
-        return lambda: [json.loads(line) for line in (bin_dir / f"{name}.calls").read_text().splitlines()]
+        calls = bin_dir / f"{name}.calls"
+        return lambda: [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
 
     return stub
 
@@ -153,7 +169,7 @@ def test_slurm_writes_the_script_and_submits_it(tmp_path, stub_bin):
 
 def test_tpu_pod_calls_gcloud_for_real(stub_bin):
     calls = stub_bin("gcloud")
-    assert tpu_pod.main(["--tpu=pod", "--zone=z", f"--config={CONFIG}", "--workdir=gs://b/run"]) == 0
+    assert tpu_pod.main(["--tpu=pod", "--zone=z", f"--config={CONFIG}", "--workdir=gs://b/run", "--no-plan"]) == 0
     (call,) = calls()
     assert call[:6] == ["compute", "tpus", "tpu-vm", "ssh", "pod", "--worker=all"]
     assert "--distributed" in call[6]
@@ -261,7 +277,9 @@ def test_sweep_on_a_tpu_pod_sets_up_once_then_runs_each_point(capsys):
         "--setup",
         "--workdir=gs://b/codes",
     )
-    setup, runs = lines[:3], lines[3:]
+    plans = [line for line in lines if "-m qkv_vit.plan" in line]
+    setup, runs = lines[1:4], [line for line in lines[4:] if line not in plans]
+    assert len(plans) == 8 and lines[0] == plans[0] and "code_size=4" in plans[0]  # each point planned before it runs
     assert setup[0].startswith("git ") and "scp" in setup[1] and "pip install" in setup[2]
     assert len(runs) == 8 and all("--distributed" in run for run in runs)
     assert "--workdir=gs://b/codes/model-tiny_12_p16_qkv-fsne_code_size-32_ema" in runs[-1]

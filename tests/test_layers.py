@@ -11,6 +11,7 @@ import pytest
 from qkv_vit import models
 from qkv_vit.models import cpu_kernels, layers
 from qkv_vit.models.xcit import XCA
+from qkv_vit.train.target import Target
 
 TOLERANCE = 1e-5
 
@@ -232,7 +233,7 @@ def test_a_flax_train_step_has_no_custom_gradients_or_fusion_barriers(tiny_confi
     from qkv_vit.train import trainer
 
     tiny_config.model.layer_impl = impl
-    run = trainer.build_run(tiny_config, tmp_path, data.open_source(tiny_config.data))
+    run = trainer.build_run(tiny_config, tmp_path, data.open_source(tiny_config.data), target=Target.present())
     state = jax.eval_shape(run.steps.init_state)
     size = tiny_config.data.image_size
     batch = {

@@ -16,6 +16,7 @@ from qkv_vit.train.config import check_fits
 from qkv_vit.train.logging_utils import JsonlWriter, read_metrics
 from qkv_vit.train.optimizer import decay_mask, learning_rate, make_optimizer
 from qkv_vit.train.reporting import log_data_summary
+from qkv_vit.train.target import Target
 from qkv_vit.train.trainer import build_run, evaluate, fresh_state
 from qkv_vit.weights import read_weights
 
@@ -83,7 +84,7 @@ def test_run_writes_config_metrics_events_and_checkpoints(tmp_path, tiny_config,
 
 @pytest.mark.parametrize("eval_batch_size", [16, 48, 100, 512])
 def test_evaluation_counts_every_example_once(tiny_config, eval_batch_size, tmp_path):
-    run = build_run(tiny_config, tmp_path, data.open_source(tiny_config.data))
+    run = build_run(tiny_config, tmp_path, data.open_source(tiny_config.data), target=Target.present())
     state = fresh_state(run)
     batches = data.open_source(tiny_config.data).eval_batches(eval_batch_size)
     result = evaluate(run, state.params, state.batch_stats, batches)
@@ -124,7 +125,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
 def test_nonfinite_skip_policy_drops_the_update_and_counts_it(tmp_path, tiny_config):
     tiny_config.optimizer.update(lr=1e30, warmup_init_lr=1e30)  # every update overflows
     tiny_config.nonfinite = "skip"
-    run = build_run(tiny_config, tmp_path / "init", data.open_source(tiny_config.data))
+    run = build_run(tiny_config, tmp_path / "init", data.open_source(tiny_config.data), target=Target.present())
     initial = jax.device_get(fresh_state(run).params)
     state = train_and_evaluate(tiny_config, tmp_path / "run")
     assert int(state.skipped_steps) == 4 and params_close(state.params, initial)
@@ -364,7 +365,7 @@ def test_run_config_warns_where_batch_norm_groups_or_mixing_do_not_fit_the_devic
     tiny_config.data.augment.update(mixup_alpha=mixing, mix_prob=1.0)
     tiny_config.model.batch_norm_group_size = group
     with caplog.at_level(logging.WARNING):
-        check_fits(tiny_config, trainer.build_model(tiny_config, num_classes=10))
+        check_fits(tiny_config, trainer.build_model(tiny_config, num_classes=10), Target.present())
     if warning is None:
         assert not caplog.records
     else:

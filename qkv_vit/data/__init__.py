@@ -19,6 +19,7 @@ import ml_collections
 
 from qkv_vit.data import in_memory
 from qkv_vit.data.batching import local_batch_size
+from qkv_vit.data.catalog import known_train_examples
 from qkv_vit.data.config import augment_config, get_config, validate_config
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.in_memory import ArraySource, ArraySplit
@@ -31,6 +32,12 @@ def open_source(config: ml_collections.ConfigDict) -> DataSource:
     if config.pipeline == "in_memory":
         return in_memory.open_in_memory(config)
     return importlib.import_module("qkv_vit.data.pipeline").open_tf_data(config)
+
+
+def crops_on_device(config: ml_collections.ConfigDict) -> bool:
+    """Whether config.data's pipeline ships train batches uncropped for the device to crop and flip
+    (DataSource.crops_on_device), known without opening the data."""
+    return in_memory.ArraySource.crops_on_device if config.pipeline == "in_memory" else False
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
@@ -47,8 +54,10 @@ __all__ = [
     "DatasetInfo",
     "SkippedFiles",
     "augment_config",
+    "crops_on_device",
     "dataset_info",
     "get_config",
+    "known_train_examples",
     "local_batch_size",
     "open_source",
     "validate_config",

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 
 from qkv_vit.data import cache, digits, image_folder
 from qkv_vit.data._tensorflow import tf
+from qkv_vit.data.catalog import TFDS_DATASETS
 from qkv_vit.data.config import validate_config
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.folders import (
@@ -26,15 +27,6 @@ from qkv_vit.data.folders import (
 )
 from qkv_vit.data.info import DatasetInfo, SkippedFiles, check_num_classes
 
-# Train split, eval split and class count of the data sets the paper uses; any other tfds data
-# set with an "image" and a "label" feature works too (with train/test as default splits).
-TFDS_DATASETS = {
-    "imagenet2012": ("train", "validation", 1000),
-    "cifar10": ("train", "test", 10),
-    "cifar100": ("train", "test", 100),
-    "stl10": ("train", "test", 10),
-    "cars196": ("train", "test", 196),
-}
 # Sources that do not name their splits (image folders, other tfds sets) use the first present of
 # folders.TRAIN_SPLIT_NAMES and HELD_OUT_SPLIT_NAMES; without a held-out split the eval split must be asked for.
 
@@ -134,7 +126,8 @@ def prepare_source(config: ml_collections.ConfigDict) -> PreparedSource:
         source = _make_source(builder, config, "train", "test", "the offline digits data set")
     elif config.source == "tfds":
         builder = _tfds_builder(config)
-        train, evaluation, _ = TFDS_DATASETS.get(config.name, (None, None, None))
+        known = TFDS_DATASETS.get(config.name)
+        train, evaluation = (known.train_split, known.eval_split) if known else (None, None)
         source = _make_source(builder, config, train, evaluation, f"tfds data set {config.name!r}")
     else:
         prepared = image_folder.prepare_image_folder(config.path, config.cache_dir, config.bad_files)

@@ -12,9 +12,11 @@ from qkv_vit.models.registry import (
     architecture_of,
     count_params,
     create,
+    for_platform,
     from_architecture,
     init_shapes,
     layer_fields,
+    layer_impl_of,
     list_models,
     qkv_preset,
 )
@@ -34,9 +36,11 @@ __all__ = [
     "architecture_of",
     "count_params",
     "create",
+    "for_platform",
     "from_architecture",
     "init_shapes",
     "layer_fields",
+    "layer_impl_of",
     "list_models",
     "qkv_preset",
 ]

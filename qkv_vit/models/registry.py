@@ -19,7 +19,10 @@ from qkv_vit.models.xcit import XCiT
 class OnCPUBackend:
     """A layer that is `cpu` on a CPU backend and `other` on any other, chosen each time the model builds the
     layer (in `init`/`apply`), not when the model is built: asking JAX for its backend starts it, and a program
-    must be able to build its model before jax.distributed.initialize, which has to come before any backend."""
+    must be able to build its model before jax.distributed.initialize, which has to come before any backend.
+
+    That is right where a model runs on the default backend (a notebook's model.apply). A program built for
+    other devices (a TPU slice compiled on a CPU host) resolves the choice from them first: for_platform."""
 
     cpu: ModuleDef
     other: ModuleDef
@@ -56,11 +59,21 @@ def layer_fields(layer_impl: str) -> dict[str, ModuleDef]:
     return dict(LAYERS[layer_impl])
 
 
-def layer_impl_of(model: XCiT) -> str:
-    """The `layer_impl` whose layers a model has; ValueError for layers no name stands for."""
+def for_platform(model: XCiT, platform: str) -> XCiT:
+    """The model with layer_impl "auto" resolved for devices of `platform` ("cpu", "gpu", "tpu"): the CPU kernels
+    on "cpu", flax's layers elsewhere; a model with other layers is returned as it is."""
+    if layer_impl_of(model, strict=False) != "auto":
+        return model
+    return model.clone(**layer_fields("cpu" if platform == "cpu" else "flax"))
+
+
+def layer_impl_of(model: XCiT, strict: bool = True) -> str | None:
+    """The `layer_impl` whose layers a model has; for layers no name stands for, ValueError (None if not `strict`)."""
     for layer_impl, fields in LAYERS.items():
         if all(getattr(model, field) == layer for field, layer in fields.items()):
             return layer_impl
+    if not strict:
+        return None
     raise ValueError(f"The model's layers are none of layer_impl {LAYER_IMPLS}: they cannot be recorded by name.")
 
 

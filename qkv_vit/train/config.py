@@ -9,7 +9,6 @@ import typing
 from collections.abc import Iterator
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
@@ -19,6 +18,7 @@ from qkv_vit import data, models
 from qkv_vit.errors import ConfigError
 from qkv_vit.train import optimizer, run_record, sharding
 from qkv_vit.train.optimizer import OPTIMIZERS
+from qkv_vit.train.target import Target
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # parameters stay float32 either way
 NONFINITE_POLICIES = ("stop", "skip")  # a NaN/inf step: stop the run, or skip the update
@@ -228,9 +228,10 @@ def config_mistakes(keys: str) -> Iterator[None]:
         raise ConfigError(f"{error} Check {keys}.") from error
 
 
-def check_fits(config: ml_collections.ConfigDict, model: models.XCiT) -> None:
-    """What the values' own rules (check_config) cannot see: how they fit the devices, the model and the mesh."""
-    devices = jax.device_count()
+def check_fits(config: ml_collections.ConfigDict, model: models.XCiT, target: Target) -> None:
+    """What the values' own rules (check_config) cannot see: how they fit the target's devices, the model and the
+    mesh."""
+    devices = target.device_count
     for name in ("global_batch_size", "eval_batch_size"):
         size = config.get(name)
         if size is not None and size % devices:
@@ -264,7 +265,7 @@ def check_fits(config: ml_collections.ConfigDict, model: models.XCiT) -> None:
             f"use a multiple of {model.patch_size}."
         )
     with config_mistakes(f"config.mesh={config.mesh.to_dict()}"):
-        sharding.make_mesh(config.mesh)
+        sharding.make_mesh(config.mesh, target.devices)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -52,10 +52,13 @@ class BatchFinishing:
     mix_prob: float = 1.0
     mix_switch_prob: float = 0.5
     label_smoothing: float = 0.0
+    # Erase one image at a time (lax.map) rather than all at once (vmap): the faster way on CPU devices only.
+    erase_one_by_one: bool = False
 
     @classmethod
-    def from_config(cls, data_config: Any, num_classes: int, geometry: bool) -> BatchFinishing:
-        """From config.data; `geometry`: whether the batches come uncropped (DataSource.crops_on_device)."""
+    def from_config(cls, data_config: Any, num_classes: int, geometry: bool, platform: str) -> BatchFinishing:
+        """From config.data; `geometry`: whether the batches come uncropped (DataSource.crops_on_device);
+        `platform`: of the devices the step is built for ("cpu", "gpu", "tpu")."""
         augment = data_config.augment
         return cls(
             tuple(data_config.mean),
@@ -75,6 +78,7 @@ class BatchFinishing:
             augment.mix_prob,
             augment.mix_switch_prob,
             augment.label_smoothing,
+            erase_one_by_one=platform == "cpu",
         )
 
     @property
@@ -184,9 +188,10 @@ def random_erasing(
 def erase_each(images: jax.Array, keys: jax.Array, finishing: BatchFinishing) -> jax.Array:
     """random_erasing on each image (B, H, W, C) with its own key.
 
-    On a CPU backend one image at a time (lax.map), so that the N(0, 1) noise, which dominates the cost there,
-    is drawn only for the images erased (a quarter at XCiT's 0.25); on GPU and TPU batched (vmap), where the
-    noise is cheap and a loop over images is not. The values are the same either way.
+    With finishing.erase_one_by_one (CPU devices) one image at a time (lax.map), so that the N(0, 1) noise, which
+    dominates the cost there, is drawn only for the images erased (a quarter at XCiT's 0.25); else batched
+    (vmap: GPU and TPU), where the noise is cheap and a loop over images is not. The values are the same either
+    way.
     """
 
     def one(image: jax.Array, key: jax.Array) -> jax.Array:
@@ -199,7 +204,7 @@ def erase_each(images: jax.Array, keys: jax.Array, finishing: BatchFinishing) ->
             finishing.erasing_mode,
         )
 
-    if jax.default_backend() == "cpu":
+    if finishing.erase_one_by_one:
         return jax.lax.map(lambda pair: one(*pair), (images, keys))
     return jax.vmap(one)(images, keys)
 

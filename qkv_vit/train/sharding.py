@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-
-if TYPE_CHECKING:  # type hints only: the step and the mesh need no ml_collections (nor TensorFlow)
-    import ml_collections
 
 MESH_AXES = ("data", "fsdp")
 SHARDING_STRATEGIES = ("replicate", "fsdp")
@@ -30,10 +27,14 @@ SHARDING_STRATEGIES = ("replicate", "fsdp")
 FSDP_MIN_SIZE_TO_SHARD_BYTES = 16 * 2**10
 
 
-def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
-    """A (data, fsdp) mesh over all devices (or `devices`), sizes from config; one -1 takes the rest."""
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device]) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (a Target's: present or not), sizes from config.mesh; one -1 takes the
+    rest. ValueError for another axis name (an old config's "model"), or sizes the devices do not fill."""
+    unknown = sorted(set(mesh_config.keys()) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"Unknown mesh axes {unknown}: the mesh has axes {MESH_AXES} (config.mesh.data, .fsdp).")
+    devices = list(devices)
+    sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError(f"Only one mesh axis may be -1 (all remaining devices), got {dict(zip(MESH_AXES, sizes))}.")
     known = int(np.prod([s for s in sizes if s != -1]))

@@ -25,7 +25,7 @@ from etils import epath
 from qkv_vit import data, models
 from qkv_vit.errors import ConfigError, storage_failures
 from qkv_vit.paths import PathLike, as_path
-from qkv_vit.train import device_data, sharding
+from qkv_vit.train import device_data, program, sharding
 from qkv_vit.train.checkpointing import RunCheckpoints, all_processes_agree
 from qkv_vit.train.config import COMPUTE_DTYPES, check_config, check_fits, config_mistakes
 from qkv_vit.train.fine_tuning import architecture_from_init, fine_tuning_state, read_init_from
@@ -37,6 +37,7 @@ from qkv_vit.train.reporting import Reporter, log_data_summary, log_results
 from qkv_vit.train.run_record import RunRecord, check_resume
 from qkv_vit.train.state import TrainState
 from qkv_vit.train.steps import JittedSteps, jit_steps
+from qkv_vit.train.target import Target
 from qkv_vit.train.workdir import check_workdir_path, prepare_workdir, write_failure, write_run_records
 from qkv_vit.train.workdir_lock import workdir_lock
 
@@ -57,8 +58,9 @@ class Run:
 
     config: ml_collections.ConfigDict
     workdir: epath.Path | None  # a local directory or a URL such as gs://bucket/run
-    source: data.DataSource | None  # the train and eval data (None: a run stepped on batches of its own)
-    model: models.XCiT
+    source: data.DataSource | None  # the train and eval data (None: a run planned, or stepped on batches of its own)
+    target: Target  # the devices the program is built for (present, or a topology's)
+    model: models.XCiT  # as the program computes it: layer_impl "auto" resolved for the target's platform
     mesh: jax.sharding.Mesh
     total_steps: int
     schedule: optax.Schedule
@@ -78,11 +80,12 @@ def train_and_evaluate(
     workdir = as_path(workdir)
     check_config(config)  # every value's type, length and range
     model = build_model(config, config.data.num_classes)  # errors in model options before any data is read
-    check_fits(config, model)
+    target = Target.present()
+    check_fits(config, model, target)
     check_workdir_path(workdir)
     prepare_workdir(workdir)
     with workdir_lock(workdir, jax.process_index()), workdir_log(workdir):
-        run = build_run(config, workdir, data.open_source(config.data), model)
+        run = build_run(config, workdir, data.open_source(config.data), model, target=target)
         log_data_summary(config, run.source.info)
         checkpoints = RunCheckpoints(workdir, config)
         with finally_calling(checkpoints.close):  # waits for the save in flight
@@ -144,21 +147,25 @@ def build_run(
     workdir: epath.Path | None,
     source: data.DataSource | None,
     model: models.XCiT | None = None,
+    *,
+    target: Target,
 ) -> Run:
-    """The run's model, schedule, optimizer, shardings and jitted steps (nothing compiled yet). `model`: config's
-    model as build_model made it (None: built here); its class count becomes the source's unless
-    config.data.num_classes sets one. A run without a source (a benchmark stepping on batches of its own) needs
-    config.total_steps."""
+    """The run's model, schedule, optimizer, shardings and jitted steps for `target`'s devices (nothing compiled
+    yet; JAX is not asked which devices it has). `model`: config's model as build_model made it (None: built here);
+    its class count becomes the source's unless config.data.num_classes sets one. A run without a source (planned,
+    or a benchmark stepping on batches of its own) takes its length from config.total_steps and warmup_steps, or
+    from the size data.catalog knows for config.data (DataConfigError if it does not)."""
     model = model if model is not None else build_model(config, config.data.num_classes)
     if source is not None and config.data.num_classes is None and model.num_classes != source.info.num_classes:
         model = model.clone(num_classes=source.info.num_classes)
-    mesh = sharding.make_mesh(config.mesh)
-    total_steps, warmup_steps = run_length(config, source)
+    mesh = sharding.make_mesh(config.mesh, target.devices)
+    total_steps, warmup_steps = run_length(config, epoch_length(config, source, target))
     with config_mistakes("config.optimizer"):
         schedule = learning_rate(config.optimizer, config.global_batch_size, total_steps, warmup_steps)
         optimizer = make_optimizer(config.optimizer, schedule)
+    computed = models.for_platform(model, target.platform)
     jitted = jit_steps(
-        model,
+        computed,
         optimizer,
         schedule,
         mesh,
@@ -168,20 +175,21 @@ def build_run(
         sharding_strategy=config.sharding,
         accumulation_steps=config.optimizer.accumulation_steps,
         skip_nonfinite=config.nonfinite == "skip",
-        # The data ship uint8 batches, uncropped where the source leaves cropping to the device.
+        # The data ship uint8 batches, uncropped where the pipeline leaves cropping to the device.
         finishing=BatchFinishing.from_config(
-            config.data, model.num_classes, source is not None and source.crops_on_device
+            config.data, model.num_classes, data.crops_on_device(config.data), target.platform
         ),
     )
     record = None
-    if source is not None:
+    if source is not None:  # the config's model ("auto" as asked): the record holds for any platform
         num_params = models.count_params(jitted.abstract_state.params)
         record = RunRecord.of(config, models.architecture_of(model), num_params, total_steps, source.info)
     return Run(
         config=config,
         workdir=workdir,
         source=source,
-        model=model,
+        target=target,
+        model=computed,
         mesh=mesh,
         total_steps=total_steps,
         schedule=schedule,
@@ -191,13 +199,20 @@ def build_run(
     )
 
 
-def run_length(config: ml_collections.ConfigDict, source: data.DataSource | None) -> tuple[int, int]:
+def epoch_length(config: ml_collections.ConfigDict, source: data.DataSource | None, target: Target) -> int | None:
+    """Train steps per epoch on `target` (None where config.total_steps and warmup_steps make it unneeded): the
+    source's, or, without one, from the train split's size in data.catalog (DataConfigError if unknown there)."""
+    if config.total_steps is not None and config.optimizer.warmup_steps is not None:
+        return None
+    batch, processes, local = config.global_batch_size, target.process_count, target.local_device_count
+    if source is not None:
+        return source.steps_per_epoch(batch, process_count=processes, local_device_count=local)
+    local_batch = data.local_batch_size(batch, processes, local)
+    return data.known_train_examples(config.data) // processes // local_batch  # as tf.data: drop the remainder
+
+
+def run_length(config: ml_collections.ConfigDict, steps_per_epoch: int | None) -> tuple[int, int]:
     """(total steps, warmup steps): explicit step counts win over epochs."""
-    steps_per_epoch = None
-    if config.total_steps is None or config.optimizer.warmup_steps is None:
-        if source is None:
-            raise ConfigError("A run without data counts its length in steps: set config.total_steps and warmup_steps.")
-        steps_per_epoch = source.steps_per_epoch(config.global_batch_size)
     total = config.total_steps if config.total_steps is not None else round(config.total_epochs * steps_per_epoch)
     warmup = config.optimizer.warmup_steps
     if warmup is None:
@@ -239,6 +254,8 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
         logging.info("The run in %s finished training at step %d; running its final evaluation.", run.workdir, start)
         reporter.evaluation(start, evaluate_state(run, state, eval_batches))
         return state
+    # The fingerprint `python -m qkv_vit.plan` prints for the same config and devices (the lowering is jit's own).
+    logging.info("Train step program %s on %s.", program.fingerprint(program.lower_train_step(run)), describe(run))
     train_batches = train_batch_stream(run, start)
     with PreemptionWatcher(config.log_every_steps) as preemption:
         for step in range(start + 1, total + 1):
@@ -259,6 +276,15 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
     save_now(run, state, checkpoints, total)
     reporter.evaluation(total, evaluate_state(run, state, eval_batches))
     return state
+
+
+def describe(run: Run) -> str:
+    """e.g. "4 x TPU v5 lite (tpu), 1 process(es), mesh {'data': 4, 'fsdp': 1}"."""
+    target = run.target
+    return (
+        f"{target.device_count} x {target.device_kind} ({target.platform}), {target.process_count} process(es), "
+        f"mesh {dict(run.mesh.shape)}"
+    )
 
 
 def train_batch_stream(run: Run, start: int) -> Iterator[dict[str, jax.Array]]:
