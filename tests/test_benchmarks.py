@@ -207,3 +207,33 @@ def test_device_check_runs_without_tensorflow_and_records_every_measurement(tmp_
     assert len(step["program"]) == 16  # the fingerprint qkv_vit.plan prints for the same config
     assert "images_per_s" in records[3] or "needs torch and timm" in records[3].get("skipped", "")
     assert json.loads(result.stdout.strip().splitlines()[-1])["measured"] == 3
+
+
+def test_plan_slices_prints_a_row_per_plan_from_the_planners_json():
+    """plan_slices.py's table row from one `python -m qkv_vit.plan` JSON summary (the planner itself is tested in
+    tests/test_plan.py): the step-time range, images/s, MFU against the chip's peak and the cost range."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import plan_slices
+
+    plan = {
+        "model": "xcit_nano_12_p16",
+        "topology": "v5e:2x2",
+        "device_kind": "TPU v5 lite",
+        "global_batch_size": 1024,
+        "per_chip_batch": 256,
+        "fits": True,
+        "images_per_s": [10_000.0, 20_000.0],
+        "run_hours": [9.4, 12.6],
+        "cost": [45.0, 60.5],
+        "train": {
+            "seconds": [0.05, 0.1],
+            "flops": 9.85e11,
+            "memory_bytes": 5 * 2**30,
+            "fingerprint": "0123456789abcdef",
+        },
+    }
+    row = plan_slices.row(plan)
+    assert row == (
+        "| nano_12_p16 | v5e:2x2 | 1024 | 256 | 5.0 | 50.0-100.0 | 10,000-20,000 | 5.0-10.0 | 9-13 | 45-60 | 01234567 |"
+    )
+    assert "error: boom" in plan_slices.row({"model": "m", "topology": "t", "batch": 8, "error": "boom"})

@@ -135,6 +135,25 @@ def check_training_command(argv: list[str], comment: str, cwd: Path) -> None:
         os.chdir(previous)
 
 
+PLAN_FLAGS = {"--topology": r"v\d+[a-z]*:\d+(x\d+)+", "--chip-config": r"megacore", "--price-per-chip-hour": r"[\d.]+"}
+
+
+def check_plan_command(argv: list[str], cwd: Path) -> None:
+    """A documented `python -m qkv_vit.plan`: its own flags well formed, its config valid and buildable. Compiling
+    for a TPU is tests/test_plan.py's (libtpu lets one process compile at a time; this file runs beside it)."""
+    rest, args = [], iter(argv)
+    for arg in args:
+        name, _, value = arg.partition("=")
+        if name in PLAN_FLAGS:
+            value = value or next(args)
+            assert re.fullmatch(PLAN_FLAGS[name], value), arg
+        elif arg not in ("--nomax-batch", "--max-batch"):
+            rest.append(arg)
+    config = training_config(rest, cwd)
+    check_config(config)
+    trainer.build_model(config, config.data.num_classes)
+
+
 def check_pip_install(args: list[str]) -> None:
     """`.ci/run` installs the package with its extras from scratch; here: every extra named exists."""
     targets = [arg for arg in args if not arg.startswith("-")]
@@ -195,6 +214,8 @@ def test_documented_command_works(case, user_dir):
     module, argv = args[2], args[3:]
     if module == "qkv_vit.main":
         return check_training_command(argv, comment, user_dir)
+    if module == "qkv_vit.plan":
+        return check_plan_command(argv, user_dir)
     if module.startswith("launch."):
         argv = argv if "--dry-run" in argv else [*argv, "--dry-run"]
     elif module == "qkv_vit.data.prepare":

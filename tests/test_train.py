@@ -1,5 +1,6 @@
 """The trainer in one process: outputs in the workdir, exact evaluation, resume, fine-tuning init, NaN guard."""
 
+import dataclasses
 import json
 import logging
 import re
@@ -21,6 +22,20 @@ from qkv_vit.train.trainer import build_run, evaluate, fresh_state
 from qkv_vit.weights import read_weights
 
 pytestmark = pytest.mark.slow  # trains, starts processes or converts real data: not in `pytest -m "not slow"`
+
+
+@dataclasses.dataclass(frozen=True)
+class StandInDevice:
+    """What a Target and a mesh read of a device, for checks that only need a device count."""
+
+    id: int
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+    process_index: int = 0
+
+
+def four_devices() -> Target:
+    return Target(tuple(StandInDevice(i) for i in range(4)), "four stand-ins")
 
 
 def params_close(a, b, atol=0.0):
@@ -360,12 +375,11 @@ def test_metrics_file_is_strict_json_with_non_finite_values_as_null(tmp_path):
 def test_run_config_warns_where_batch_norm_groups_or_mixing_do_not_fit_the_device_shards(
     monkeypatch, caplog, tiny_config, group, batch, mixing, warning
 ):
-    monkeypatch.setattr(jax, "device_count", lambda: 4)  # the check only needs the count
     tiny_config.global_batch_size = tiny_config.eval_batch_size = batch
     tiny_config.data.augment.update(mixup_alpha=mixing, mix_prob=1.0)
     tiny_config.model.batch_norm_group_size = group
     with caplog.at_level(logging.WARNING):
-        check_fits(tiny_config, trainer.build_model(tiny_config, num_classes=10), Target.present())
+        check_fits(tiny_config, trainer.build_model(tiny_config, num_classes=10), four_devices())
     if warning is None:
         assert not caplog.records
     else:
