@@ -49,7 +49,7 @@ def row(plan: dict[str, Any]) -> str:
         f"| {plan['model'].removeprefix('xcit_')} | {plan['topology']} | {plan['global_batch_size']} | "
         f"{plan['per_chip_batch']} | {train['memory_bytes'] / 2**30:.1f}{fits} | {low:.1f}-{high:.1f} | "
         f"{plan['images_per_s'][0]:,.0f}-{plan['images_per_s'][1]:,.0f} | {mfu} | "
-        f"{plan['run_hours'][0]:.0f}-{plan['run_hours'][1]:.0f} | {plan['cost'][0]:,.0f}-{plan['cost'][1]:,.0f} | "
+        f"{plan['run_hours'][0]:.1f}-{plan['run_hours'][1]:.1f} | {plan['cost'][0]:,.0f}-{plan['cost'][1]:,.0f} | "
         f"{train['fingerprint'][:8]} |"
     )
 

@@ -234,6 +234,6 @@ def test_plan_slices_prints_a_row_per_plan_from_the_planners_json():
     }
     row = plan_slices.row(plan)
     assert row == (
-        "| nano_12_p16 | v5e:2x2 | 1024 | 256 | 5.0 | 50.0-100.0 | 10,000-20,000 | 5.0-10.0 | 9-13 | 45-60 | 01234567 |"
+        "| nano_12_p16 | v5e:2x2 | 1024 | 256 | 5.0 | 50.0-100.0 | 10,000-20,000 | 5.0-10.0 | 9.4-12.6 | 45-60 | 01234567 |"
     )
     assert "error: boom" in plan_slices.row({"model": "m", "topology": "t", "batch": 8, "error": "boom"})

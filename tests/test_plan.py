@@ -151,6 +151,20 @@ def test_plan_compiles_for_a_256_chip_64_process_slice_and_warns_of_what_changes
 
 
 @needs_libtpu
+@pytest.mark.slow
+def test_plan_shows_what_fsdp_compiles_to():
+    result = run_python(
+        ["-m", "qkv_vit.plan", *TINY_IMAGENET, "--topology=v5e:2x2", "--config.global_batch_size=256",
+         "--config.sharding=fsdp", "--config.mesh.fsdp=4", "--config.mesh.data=1", "--nomax-batch"]
+    )  # fmt: skip
+    plan = plan_json(result)
+    ops = {c["op"] for c in plan["train"]["collectives"]}
+    assert "all-gather" in ops  # the sharded parameters, gathered for the step
+    if "reduce-scatter" not in ops:  # XLA all-reduces the gradients in full: said, not hidden
+        assert any("no reduce-scatter" in warning for warning in plan["warnings"])
+
+
+@needs_libtpu
 def test_a_topology_that_does_not_exist_is_one_error_line():
     result = run_python(["-m", "qkv_vit.plan", *TINY_IMAGENET, "--topology=v5e:3x7x9x2"])
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # libtpu logs its own lines

@@ -223,10 +223,14 @@ def warnings(config: ml_collections.ConfigDict, target: Target, model: Any, trai
         )
     if config.sharding == "fsdp" and config.mesh.fsdp != 1:
         ops = {c.op for c in train.collectives}
-        if not ops & {"all-gather", "reduce-scatter"}:
+        if "all-gather" not in ops:
             found.append(
-                "config.sharding='fsdp' produced no all-gather or reduce-scatter: parameters are gathered "
-                "by all-reduce and gradients all-reduced in full."
+                "config.sharding='fsdp' produced no all-gather: the sharded parameters are gathered by all-reduce."
+            )
+        if "reduce-scatter" not in ops:
+            found.append(
+                "config.sharding='fsdp' produced no reduce-scatter: the gradients are all-reduced in full, "
+                "as without FSDP; only the parameters' and optimizer state's memory is divided."
             )
     if train.raw_cost_model_seconds is not None and train.raw_cost_model_seconds < 0:
         found.append(
