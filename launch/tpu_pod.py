@@ -72,7 +72,8 @@ def plan_topology(args: argparse.Namespace) -> tuple[str, str | None]:
     prefix, _, count = args.accelerator_type.rpartition("-")
     version, cores, three_d, chip_config = ACCELERATOR_TYPES.get(prefix, (None, 1, False, None))
     if args.topology:
-        return args.topology, "megacore" if args.topology.split(":")[0] in ("v4", "v5p") else None
+        chip_configs = {version: config for version, _, _, config in ACCELERATOR_TYPES.values()}
+        return args.topology, chip_configs.get(args.topology.split(":")[0])
     shapes = TOPOLOGIES_3D if three_d else TOPOLOGIES_2D
     chips = int(count) // cores if count.isdigit() else None
     if version is None or chips not in shapes:

@@ -219,3 +219,12 @@ def test_collectives_are_read_from_every_form_of_replica_groups():
     ]
     assert hlo.summed_cycles(text) == 42
     assert hlo.grouped(found)[0].startswith("1 all-reduce (bf16/f32) over groups of 16 chips: 2 arrays")
+
+
+def test_a_v4_or_v5p_topology_without_megacore_is_refused_before_libtpu_is_asked():
+    """Their VMs run a chip as one device; planned per TensorCore, every per-chip figure would be half a chip's."""
+    from qkv_vit.errors import ConfigError
+
+    for name in ("v4:2x2x2", "v5p:2x2x4"):
+        with pytest.raises(ConfigError, match="needs --chip-config megacore"):
+            Target.topology(name)

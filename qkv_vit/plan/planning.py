@@ -73,6 +73,8 @@ def compile_step(lowered: Any, target: Target) -> StepCost:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    """A config's run on a target, compiled: its steps' costs per chip and what follows from them (report.py)."""
+
     config: ml_collections.ConfigDict
     target: Target
     chip: Chip | None
@@ -127,8 +129,10 @@ class Plan:
 
 
 def plan(config: ml_collections.ConfigDict, target: Target, max_batch: bool = True) -> Plan:
-    """Compile config's train and eval steps for `target` as the trainer builds them (trainer.build_run), with no
-    data; ConfigError / DataConfigError as the trainer would raise them, before anything compiles."""
+    """Compile config's train and eval steps for `target` as the trainer builds them (trainer.build_run), reading
+    data only where data.catalog does not know what the program needs of them (source_if_needed); ConfigError /
+    DataConfigError as the trainer would raise them, before anything compiles. `max_batch`: compile the train step
+    once more at half the batch to estimate the largest per-chip batch that fits."""
     run = planned_run(config, target)
     train = compile_step(program.lower_train_step(run), target)
     evaluation = compile_step(program.lower_eval_step(run), target)

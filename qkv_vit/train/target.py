@@ -12,8 +12,11 @@ import dataclasses
 from typing import Any
 
 import jax
+from jax.experimental import topologies
 
 from qkv_vit.errors import ConfigError
+
+MEGACORE_VERSIONS = ("v4", "v5p")  # TPU versions whose VMs run a chip's two TensorCores as one device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +45,11 @@ class Target:
     def topology(cls, name: str, chip_config_name: str | None = None) -> Target:
         """The devices of a TPU topology (e.g. "v5e:2x2", "v4:2x2x4" with chip_config_name="megacore"), for
         compiling only; ConfigError naming the fix if libtpu is missing or the name is not a topology."""
-        try:
-            from jax.experimental import topologies
-        except ImportError as error:  # pragma: no cover - part of every jax
-            raise ConfigError(f"This JAX cannot describe topologies ({error}).") from error
+        if name.split(":")[0] in MEGACORE_VERSIONS and chip_config_name is None:
+            raise ConfigError(
+                f"TPU topology {name!r} needs --chip-config megacore: its VMs run each chip's two TensorCores as one "
+                "device, and the plan's figures are per chip."
+            )
         options = {} if chip_config_name is None else {"chip_config_name": chip_config_name}
         try:
             description = topologies.get_topology_desc(topology_name=name, platform="tpu", **options)
