@@ -108,7 +108,9 @@ def test_a_run_built_for_a_tpu_slice_on_a_cpu_host_is_the_tpu_program():
 @needs_libtpu
 @pytest.mark.slow
 def test_plan_compiles_the_imagenet_recipe_for_a_v5e_2x2_slice():
-    result = run_python(["-m", "qkv_vit.plan", *TINY_IMAGENET, "--topology=v5e:2x2", "--config.global_batch_size=256"])
+    result = run_python(
+        ["-m", "qkv_vit.plan", *TINY_IMAGENET, "--topology=v5e:2x2", "--config.global_batch_size=256", "--nomax-batch"]
+    )
     plan = plan_json(result)
     assert (plan["chips"], plan["processes"], plan["per_chip_batch"], plan["layer_impl"]) == (4, 1, 64, "flax")
     assert plan["fits"] is True and result.returncode == 0
@@ -228,3 +230,21 @@ def test_a_v4_or_v5p_topology_without_megacore_is_refused_before_libtpu_is_asked
     for name in ("v4:2x2x2", "v5p:2x2x4"):
         with pytest.raises(ConfigError, match="needs --chip-config megacore"):
             Target.topology(name)
+
+
+def test_the_largest_batch_that_fits_is_read_off_two_compiles_linear_in_the_batch(monkeypatch):
+    """Memory m(b) = fixed + per-image x b through the compiles at b and b / 2; the largest b with m(b) <= HBM."""
+    from qkv_vit.plan import planning
+    from qkv_vit.plan.chips import GiB, Chip
+
+    chip = Chip("test", 16 * GiB, 1e12, 1e14, 1e9, 1.0, megacore=False)
+    config = tiny_run_config()
+    config.global_batch_size = 64  # 16 per chip on 4 chips; the half compile is at 8 per chip
+    four = Target(tuple(jax.devices()[:1]) * 4, "four")
+    monkeypatch.setattr(planning, "planned_run", lambda config, target: config.global_batch_size)
+    monkeypatch.setattr(program, "lower_train_step", lambda run: run)
+    compiled = {32: 1 * GiB + 8 * 100 * 2**20}  # the half batch's step: 1 GiB fixed, 100 MiB per image
+    monkeypatch.setattr(planning, "compile_step", lambda batch, target: planning.StepCost(
+        "x", compiled[batch], None, None, None, None, None, None, ()))  # fmt: skip
+    largest = planning.largest_batch(config, four, 1 * GiB + 16 * 100 * 2**20, chip)
+    assert largest == (15 * 1024) // 100  # (16 GiB - 1 GiB) / 100 MiB

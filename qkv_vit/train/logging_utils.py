@@ -7,21 +7,18 @@ or infinite value (a blown-up loss or gradient norm) is written as `null`. `read
 """
 
 import contextlib
+import importlib
 import json
 import logging
 import math
 import sys
 from collections.abc import Iterator, Mapping
+from types import ModuleType
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging as absl_logging
-
-try:
-    from clu import metric_writers
-except ImportError:  # clu writes through TensorFlow: without them, metrics.jsonl is the record (no TensorBoard)
-    metric_writers = None
 
 from qkv_vit.paths import PathLike, as_path, is_local
 
@@ -39,7 +36,17 @@ class ScalarWriter:
         pass
 
 
-class JsonlWriter(metric_writers.MetricWriter if metric_writers is not None else ScalarWriter):
+def clu_metric_writers() -> ModuleType | None:
+    """clu.metric_writers, imported when a run creates its writer (not with this module: it imports TensorFlow,
+    seconds that `python -m qkv_vit.plan` and the benchmarks do not need); None without clu or TensorFlow, and
+    metrics.jsonl is then the record (no TensorBoard)."""
+    try:
+        return importlib.import_module("clu.metric_writers")
+    except ImportError:
+        return None
+
+
+class JsonlWriter(ScalarWriter):
     """Adds {"step": s, "name": value, ...} lines, written out per call so a killed run keeps its history.
 
     Local files are appended to. Cloud objects (gs://...) cannot be appended to, so there the writer keeps
@@ -91,13 +98,14 @@ class JsonlWriter(metric_writers.MetricWriter if metric_writers is not None else
 
 def writes_tensorboard() -> bool:
     """Whether runs write TensorBoard events (clu and TensorFlow installed)."""
-    return metric_writers is not None
+    return clu_metric_writers() is not None
 
 
 def create_writer(workdir: PathLike) -> ScalarWriter:
     """Process 0 writes TensorBoard events and metrics.jsonl; every process logs its metrics (to log.txt). Without
     clu (and TensorFlow), process 0 writes metrics.jsonl only."""
     lead = jax.process_index() == 0
+    metric_writers = clu_metric_writers()
     if metric_writers is None:
         logging.warning("clu and TensorFlow are not installed: no TensorBoard events; metrics.jsonl has every metric.")
         return JsonlWriter(as_path(workdir) / "metrics.jsonl") if lead else ScalarWriter()

@@ -16,11 +16,6 @@ from qkv_vit.data.info import DatasetInfo
 from qkv_vit.paths import is_local
 from qkv_vit.train.logging_utils import ScalarWriter, log_file_name, read_metrics, writes_tensorboard
 
-try:
-    from clu import periodic_actions
-except ImportError:  # clu needs TensorFlow; without them there is no clu progress report (our own log line stays)
-    periodic_actions = None
-
 
 def log_data_summary(config: ml_collections.ConfigDict, info: DatasetInfo) -> None:
     """What the run reads and evaluates on, and how many files the data set's conversion skipped as not images."""
@@ -54,6 +49,16 @@ def log_data_summary(config: ml_collections.ConfigDict, info: DatasetInfo) -> No
         )
 
 
+def progress_report(writer: ScalarWriter, total_steps: int) -> Any:
+    """clu's ReportProgress (steps/s and its own ETA in the metrics) where clu and TensorFlow are installed, else
+    None (our own log line stays). Imported here, when a run starts, not with the module: clu imports TensorFlow."""
+    try:
+        from clu import periodic_actions
+    except ImportError:
+        return None
+    return periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+
+
 class Reporter:
     """The train loop's reports from step `start` on: averaged train metrics and the pace at each logged step,
     evaluations as they come, and clu's progress report (where clu is installed)."""
@@ -62,9 +67,7 @@ class Reporter:
         self.writer, self.total_steps, self.global_batch_size = writer, total_steps, global_batch_size
         self.pending: list[dict[str, jax.Array]] = []  # the step metrics since the last logged step
         self.last_log = (start, time.perf_counter())
-        self.progress = (
-            periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer) if periodic_actions else None
-        )
+        self.progress = progress_report(writer, total_steps)
 
     def step(self, step: int, metrics: dict[str, jax.Array]) -> None:
         self.pending.append(metrics)
