@@ -19,7 +19,9 @@ import pytest
 from conftest import REPO
 from qkv_vit import data
 from qkv_vit.data.errors import DataConfigError
-from qkv_vit.plan import hlo
+from qkv_vit.errors import ConfigError
+from qkv_vit.plan import hlo, planning
+from qkv_vit.plan.chips import Chip, GiB
 from qkv_vit.train import program, sharding, trainer
 from qkv_vit.train.config import base_config, check_fits
 from qkv_vit.train.target import Target
@@ -225,8 +227,6 @@ def test_collectives_are_read_from_every_form_of_replica_groups():
 
 def test_a_v4_or_v5p_topology_without_megacore_is_refused_before_libtpu_is_asked():
     """Their VMs run a chip as one device; planned per TensorCore, every per-chip figure would be half a chip's."""
-    from qkv_vit.errors import ConfigError
-
     for name in ("v4:2x2x2", "v5p:2x2x4"):
         with pytest.raises(ConfigError, match="needs --chip-config megacore"):
             Target.topology(name)
@@ -234,9 +234,6 @@ def test_a_v4_or_v5p_topology_without_megacore_is_refused_before_libtpu_is_asked
 
 def test_the_largest_batch_that_fits_is_read_off_two_compiles_linear_in_the_batch(monkeypatch):
     """Memory m(b) = fixed + per-image x b through the compiles at b and b / 2; the largest b with m(b) <= HBM."""
-    from qkv_vit.plan import planning
-    from qkv_vit.plan.chips import GiB, Chip
-
     chip = Chip("test", 16 * GiB, 1e12, 1e14, 1e9, 1.0, megacore=False)
     config = tiny_run_config()
     config.global_batch_size = 64  # 16 per chip on 4 chips; the half compile is at 8 per chip
