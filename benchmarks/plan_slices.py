@@ -19,15 +19,16 @@ from typing import Any
 
 import harness
 
+from qkv_vit.train.target import MEGACORE_VERSIONS
+
 COLUMNS = "| model | slice | batch | per chip | memory GiB | step ms | images/s | MFU % | run h | cost USD | program |"
 
 
 def plan_point(model: str, topology: str, batch: int, extra: list[str], timeout: float) -> dict[str, Any]:
-    version = topology.split(":")[0]
+    megacore = topology.split(":")[0] in MEGACORE_VERSIONS
     command = [
         sys.executable, "-m", "qkv_vit.plan", f"--config=configs/imagenet.py:model={model},batch={batch}",
-        f"--topology={topology}", "--nomax-batch", *(["--chip-config=megacore"] if version in ("v4", "v5p") else []),
-        *extra,
+        f"--topology={topology}", "--nomax-batch", *(["--chip-config=megacore"] if megacore else []), *extra,
     ]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(command, cwd=harness.REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -41,9 +42,7 @@ def row(plan: dict[str, Any]) -> str:
         return f"| {plan['model']} | {plan['topology']} | {plan['batch']} | error: {plan['error'][-120:]} |"
     train = plan["train"]
     low, high = (1e3 * s for s in train["seconds"])
-    flops_s = [train["flops"] / s for s in reversed(train["seconds"])]
-    peak = {"TPU v5 lite": 197e12, "TPU v6 lite": 918e12, "TPU v4": 275e12, "TPU v5": 459e12}.get(plan["device_kind"])
-    mfu = f"{100 * flops_s[0] / peak:.1f}-{100 * flops_s[1] / peak:.1f}" if peak else "?"
+    mfu = f"{100 * train['mfu'][0]:.1f}-{100 * train['mfu'][1]:.1f}" if train["mfu"] else "?"
     fits = "" if plan["fits"] else " (does not fit)"
     return (
         f"| {plan['model'].removeprefix('xcit_')} | {plan['topology']} | {plan['global_batch_size']} | "

@@ -120,6 +120,8 @@ def test_plan_compiles_the_imagenet_recipe_for_a_v5e_2x2_slice():
     assert 0 < train["memory_bytes"] < plan["hbm_bytes"] and train["flops"] > 0 and train["bytes_accessed"] > 0
     for estimate in ("bandwidth_seconds", "cost_model_seconds", "cycles_seconds"):
         assert 0 < train[estimate] < 1, estimate
+    low, high = train["seconds"]  # MFU against v5e's bfloat16 peak, 197 TFLOP/s, at the slowest and fastest
+    assert train["mfu"] == pytest.approx([train["flops"] / 197e12 / high, train["flops"] / 197e12 / low])
     assert re.fullmatch(r"[0-9a-f]{16}", train["fingerprint"]) and train["fingerprint"] != plan["eval"]["fingerprint"]
     # Gradients and BatchNorm statistics are all-reduced over the 4 chips.
     assert {(c["op"], c["group_size"]) for c in train["collectives"]} == {("all-reduce", 4)}
@@ -234,7 +236,7 @@ def test_a_v4_or_v5p_topology_without_megacore_is_refused_before_libtpu_is_asked
 
 def test_the_largest_batch_that_fits_is_read_off_two_compiles_linear_in_the_batch(monkeypatch):
     """Memory m(b) = fixed + per-image x b through the compiles at b and b / 2; the largest b with m(b) <= HBM."""
-    chip = Chip("test", 16 * GiB, 1e12, 1e14, 1e9, 1.0, megacore=False)
+    chip = Chip("test", 16 * GiB, 1e12, 1e14, 1e9, 1.0)
     config = tiny_run_config()
     config.global_batch_size = 64  # 16 per chip on 4 chips; the half compile is at 8 per chip
     four = Target(tuple(jax.devices()[:1]) * 4, "four")

@@ -22,15 +22,14 @@ class Chip:
     peak_bf16_flops: float  # per second
     clock_hz: float
     price_per_chip_hour: float  # USD, on-demand list price
-    megacore: bool  # a chip of two TensorCores that a VM runs as one device (chip_config_name="megacore")
 
 
 # By jax's device_kind.
 CHIPS = {
-    "TPU v5 lite": Chip("v5e", 16 * GiB, 819e9, 197e12, 1.5e9, 1.20, megacore=False),
-    "TPU v6 lite": Chip("v6e", 32 * GiB, 1640e9, 918e12, 1.75e9, 2.70, megacore=False),
-    "TPU v4": Chip("v4", 32 * GiB, 1228e9, 275e12, 1.05e9, 3.22, megacore=True),
-    "TPU v5": Chip("v5p", 95 * GiB, 2765e9, 459e12, 1.75e9, 4.20, megacore=True),
+    "TPU v5 lite": Chip("v5e", 16 * GiB, 819e9, 197e12, 1.5e9, 1.20),
+    "TPU v6 lite": Chip("v6e", 32 * GiB, 1640e9, 918e12, 1.75e9, 2.70),
+    "TPU v4": Chip("v4", 32 * GiB, 1228e9, 275e12, 1.05e9, 3.22),
+    "TPU v5": Chip("v5p", 95 * GiB, 2765e9, 459e12, 1.75e9, 4.20),
 }
 
 

@@ -95,6 +95,12 @@ class Plan:
             return None
         return max(self.train.memory_bytes, self.eval.memory_bytes) <= self.chip.hbm_bytes
 
+    def mfu(self, step: StepCost) -> tuple[float, float] | None:
+        """(lowest, highest) fraction of the chip's bfloat16 peak that a step's flops reach in its step times."""
+        if not (step.flops and self.chip and step.seconds):
+            return None
+        return tuple(step.flops / self.chip.peak_bf16_flops / seconds for seconds in reversed(step.seconds))
+
     @property
     def images_per_s(self) -> tuple[float, float] | None:
         seconds = self.train.seconds

@@ -42,9 +42,8 @@ def step_lines(name: str, step: StepCost, plan: Plan) -> list[str]:
         f"{_seconds(step.cost_model_seconds)} (XLA's cost model, corrected), "
         f"{_seconds(step.cycles_seconds)} (the compiler's kernel cycles summed)",
     ]
-    if step.flops and plan.chip and step.seconds:
-        mfu = [step.flops / plan.chip.peak_bf16_flops / s for s in reversed(step.seconds)]
-        lines.append(f"  MFU              {_range(mfu, '%', 100)} of the bfloat16 peak")
+    if plan.mfu(step):
+        lines.append(f"  MFU              {_range(plan.mfu(step), '%', 100)} of the bfloat16 peak")
     for line in hlo.grouped(list(step.collectives)):
         lines.append(f"  collectives      {line}")
     return lines
@@ -95,10 +94,11 @@ def report(plan: Plan, price_per_chip_hour: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def _step_summary(step: StepCost) -> dict[str, Any]:
+def _step_summary(step: StepCost, plan: Plan) -> dict[str, Any]:
     fields = dataclasses.asdict(step)
     fields["collectives"] = [dataclasses.asdict(c) for c in step.collectives]
     fields["seconds"] = step.seconds
+    fields["mfu"] = plan.mfu(step)
     return fields
 
 
@@ -122,7 +122,7 @@ def summary(plan: Plan, price_per_chip_hour: float | None = None) -> dict[str, A
         "total_steps": plan.total_steps,
         "steps_per_epoch": plan.steps_per_epoch,
         **plan.cost(price_per_chip_hour),
-        "train": _step_summary(plan.train),
-        "eval": _step_summary(plan.eval),
+        "train": _step_summary(plan.train, plan),
+        "eval": _step_summary(plan.eval, plan),
         "warnings": list(plan.warnings),
     }
