@@ -245,3 +245,49 @@ def test_ghost_batch_norm_is_the_same_on_one_and_eight_devices_and_mixing_stays_
     assert list(outputs[8]["partners"]) == [1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14]
     assert list(outputs[1]["partners"]) == list(range(15, -1, -1))  # one device: the whole batch reversed
     assert np.abs(outputs[1]["flax2"] - outputs[1]["flax4"]).max() > 1e-4  # the group size matters
+
+
+BATCH_NORM_ACROSS_SHARDS = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from qkv_vit import models
+from qkv_vit.train import sharding
+mesh = sharding.make_mesh({"data": 2, "fsdp": 2}, jax.devices())
+axes = mesh.axis_names
+x = jax.random.normal(jax.random.key(0), (24, 3, 3, 5)) * 3 + 1  # 6 images per device
+for impl in ("flax", "cpu"):
+    layer = models.layer_fields(impl)["batch_norm_layer"]
+    # Groups inside a shard (2, 3), spanning whole shards (12, 24, None) and straddling them (4, 8).
+    for group in (None, 2, 3, 4, 8, 12, 24):
+        one = layer(use_running_average=False, group_size=group)
+        variables = one.init(jax.random.key(1), x)
+
+        def loss(params, module, x):
+            y, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                      mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y)), (y, updates["batch_stats"])
+
+        expected = jax.value_and_grad(loss, has_aux=True)(variables["params"], one, x)
+        sharded = layer(use_running_average=False, group_size=group, axis_name=axes)
+
+        def on_shard(params, x):
+            (l, (y, stats)), grads = jax.value_and_grad(loss, has_aux=True)(
+                jax.lax.pcast(params, axes, to="varying"), sharded, x)
+            return (jax.lax.psum(l, axes), (y, stats)), jax.lax.psum(grads, axes)
+
+        got = jax.jit(jax.shard_map(on_shard, mesh=mesh, in_specs=(P(), P(axes)),
+                                    out_specs=((P(), (P(axes), P())), P())))(variables["params"], x)
+        for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5, err_msg=f"{impl} {group}")
+print("ok")
+"""
+
+
+def test_batch_norm_groups_across_device_shards_equal_one_device():
+    """Under shard_map (the train step's gradients) BatchNorm's groups may lie inside a device's shard, span whole
+    shards or straddle them: outputs, running statistics and gradients are those of one device."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", BATCH_NORM_ACROSS_SHARDS], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -108,8 +108,14 @@ class BatchNorm(nn.Module):
     DistributedDataParallel without SyncBatchNorm normalizes each GPU's 64 images alone. The groups are fixed
     by position, so the result does not depend on the device count; the running statistics average the
     groups' (mean of the group means, mean of the group unbiased variances). Grouping reshapes the batch axis,
-    which a mesh with automatic axes (the trainer's) allows wherever the groups fall; under explicit sharding
-    (jax.make_mesh's default) JAX asks for the reshape's output sharding and refuses it.
+    which a mesh with automatic axes allows wherever the groups fall; under explicit sharding (jax.make_mesh's
+    default) JAX asks for the reshape's output sharding and refuses it.
+
+    `axis_name`: inside jax.shard_map over the batch's mesh axes (the trainer's train step), each device holds
+    its shard of the global batch, in order. Groups within a shard are normalized there; groups that span
+    shards (or the whole batch, without `group_size`) gather per-channel sums across the devices, in units of
+    gcd(shard, group) images, and normalize with the same two-pass statistics. Every device then holds every
+    group's statistics, so the running averages are the same as on one device.
     """
 
     use_running_average: bool
@@ -117,6 +123,7 @@ class BatchNorm(nn.Module):
     epsilon: float = BATCH_NORM_EPSILON
     dtype: Dtype = jnp.float32
     group_size: int | None = None
+    axis_name: str | tuple[str, ...] | None = None  # the batch's mesh axes, under jax.shard_map
     # (x, scale, bias, epsilon) -> (y, mean, biased variance) of one group in training mode.
     normalize: Callable[..., tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]] = batch_norm_train
 
@@ -130,12 +137,20 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             y = (x.astype(jnp.float32) - running_mean.value) * (jax.lax.rsqrt(running_var.value + self.epsilon) * scale)
             return (y + bias).astype(self.dtype)
-        y, mean, var = self.normalize_groups(x, scale, bias)
+        shards = 1 if self.axis_name is None else jax.lax.axis_size(self.axis_name)
+        spans_shards = shards > 1 and (self.group_size is None or x.shape[0] % self.group_size)
+        if spans_shards and not self.is_initializing():
+            y, mean, var = self.normalize_across_shards(x, scale, bias, shards)  # every group's statistics
+        else:
+            y, mean, var = self.normalize_groups(x, scale, bias)  # this shard's groups' statistics
         if not self.is_initializing():
-            mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
-            running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * jnp.mean(mean, axis=0)
-            count = x.size // x.shape[-1] // mean.shape[0]  # values per channel in one group
-            unbiased_var = jnp.mean(var, axis=0) * (count / max(count - 1, 1))
+            mean, var = jax.lax.stop_gradient(jnp.mean(mean, axis=0)), jax.lax.stop_gradient(jnp.mean(var, axis=0))
+            if self.axis_name is not None and not spans_shards:  # the same number of groups on every device
+                mean, var = jax.lax.pmean(mean, self.axis_name), jax.lax.pmean(var, self.axis_name)
+            running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+            group_images = self.group_size or x.shape[0] * shards
+            count = group_images * (x.size // x.shape[-1] // x.shape[0])  # values per channel in one group
+            unbiased_var = var * (count / max(count - 1, 1))
             running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased_var
         return y.astype(self.dtype)
 
@@ -151,4 +166,31 @@ class BatchNorm(nn.Module):
             raise ValueError(f"BatchNorm group_size={size} does not divide the batch of {batch} images.")
         groups = x.reshape(batch // size, size, *x.shape[1:])
         y, mean, var = jax.vmap(normalize, in_axes=(0, None, None, None))(groups, scale, bias, self.epsilon)
+        return y.reshape(x.shape), mean, var
+
+    def normalize_across_shards(
+        self, x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, shards: int
+    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        """This shard's y, and every group's means and biased variances (groups, C), for groups that span shards:
+        per-channel sums of units of gcd(shard, group) images summed over the devices into their groups (one
+        small all-reduce each), two passes as batch_norm_train."""
+        batch, channels = x.shape[0], x.shape[-1]
+        size = self.group_size or batch * shards
+        if (batch * shards) % size:
+            raise ValueError(f"BatchNorm group_size={size} does not divide the batch of {batch * shards} images.")
+        unit = int(np.gcd(batch, size))
+        units = x.astype(jnp.float32).reshape(batch // unit, -1, channels)  # (units here, values per unit, C)
+        count = size * units.shape[1] // unit  # values per channel in one group
+        # The group of each of this shard's units, by its position in the global batch.
+        first_unit = jax.lax.axis_index(self.axis_name) * (batch // unit)
+        group_of_unit = (first_unit + jnp.arange(batch // unit)) // (size // unit)
+
+        def group_means(unit_sums: jnp.ndarray) -> jnp.ndarray:  # (units here, C) -> every group's (groups, C)
+            sums = jnp.zeros((batch * shards // size, channels), jnp.float32).at[group_of_unit].add(unit_sums)
+            return jax.lax.psum(sums, self.axis_name) / count
+
+        mean = group_means(units.sum(axis=1))
+        centered = units - mean[group_of_unit][:, None]
+        var = group_means(jnp.square(centered).sum(axis=1))
+        y = centered * (jax.lax.rsqrt(var[group_of_unit] + self.epsilon) * scale)[:, None] + bias
         return y.reshape(x.shape), mean, var

@@ -216,15 +216,11 @@ def warnings(config: ml_collections.ConfigDict, target: Target, model: Any, trai
     estimates' own faults."""
     found = []
     per_chip, group = config.global_batch_size // target.device_count, model.batch_norm_group_size
-    if group is not None and group > per_chip:
-        span = group // per_chip
-        small = sum(1 for c in train.collectives if c.op == "all-reduce" and c.group_size == span)
+    if target.device_count > 1 and (group is None or per_chip % group):
         found.append(
-            f"BatchNorm groups of {group} images span {span} chips ({per_chip} images each): {small} small "
-            f"all-reduce(s) per step over groups of {span} chips."
+            f"BatchNorm groups of {group or config.global_batch_size} images span the chips' shards of {per_chip} "
+            "images: each BatchNorm layer sums its statistics over the chips (two small all-reduces per layer)."
         )
-    elif group is not None and per_chip % group:
-        found.append(f"BatchNorm groups of {group} images straddle the chips' shards of {per_chip} images.")
     augment = config.data.augment
     if augment.mix_prob > 0 and (augment.mixup_alpha > 0 or augment.cutmix_alpha > 0) and per_chip < SMALL_MIXING_SHARD:
         found.append(

@@ -158,6 +158,7 @@ RUN_RULES = {
     "qkv": rules.text(),
     "model": {key: rules.of_type(kind, optional=True) for key, kind in MODEL_OPTIONS.items()},
     "compute_dtype": rules.text(tuple(COMPUTE_DTYPES)),
+    "gradient_all_reduce_dtype": rules.text(tuple(COMPUTE_DTYPES)),
     "data": None,  # qkv_vit.data.validate_config: DATA_RULES and what each source needs
     "seed": rules.integer(0, 2**32 - 1),  # jax.random.PRNGKey keeps 32 bits: 2**32 would be seed 0 again
     "global_batch_size": rules.integer(1),
@@ -244,14 +245,6 @@ def check_fits(config: ml_collections.ConfigDict, model: models.XCiT, target: Ta
             f"config.model.batch_norm_group_size={group} does not divide config.global_batch_size="
             f"{config.global_batch_size}: BatchNorm normalizes groups of that many images of each batch."
         )
-    if group is not None and per_device % group and group % per_device:
-        logging.warning(
-            "BatchNorm groups of %d images straddle the devices' shards of %d images: XLA gathers their "
-            "activations across devices for every BatchNorm (slower). A group size that divides the "
-            "per-device batch, or is a multiple of it, avoids that.",
-            group,
-            per_device,
-        )
     augment = config.data.augment
     if per_device < 2 and augment.mix_prob > 0 and (augment.mixup_alpha > 0 or augment.cutmix_alpha > 0):
         logging.warning(
@@ -274,6 +267,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.qkv = ""  # a models.QKV_PRESETS name, e.g. "fsne_m8"; "" = the options in config.model
     config.model = ml_collections.ConfigDict({k: config_dict.placeholder(t) for k, t in MODEL_OPTIONS.items()})
     config.compute_dtype = "float32"  # or "bfloat16": bf16 compute, float32 parameters
+    # Gradients are averaged over the devices in float32 (as PyTorch AMP + DDP), or "bfloat16" (half the bytes).
+    config.gradient_all_reduce_dtype = "float32"
 
     config.data = data.get_config("small", source="digits")
     config.seed = 0

@@ -10,12 +10,58 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qkv_vit.train import sharding
 from qkv_vit.train.finishing import BatchFinishing, finish_train_batch, normalize
 from qkv_vit.train.state import TrainState, create_train_state
 
 AUGMENTATION_STREAM = 0x6175  # fold_in tag: the step's augmentation key, apart from its dropout key
+
+
+def gradients(
+    params: Any,
+    batch_stats: Any,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    *,
+    model: Any,
+    mesh: Mesh,
+    all_reduce_dtype: jnp.dtype,
+) -> tuple[jax.Array, Any, jax.Array, Any]:
+    """(loss, new batch_stats, logits, gradients) of a finished global batch, sharded over every axis of `mesh`.
+
+    Each device computes its shard's loss and float32 gradients, and the gradients are averaged over the devices
+    in `all_reduce_dtype`, explicitly: as DistributedDataParallel under PyTorch's AMP, whose per-GPU gradients of
+    float32 parameters are all-reduced in float32 (bfloat16: as DDP's bf16_compress_hook). Left to XLA, the
+    average is taken where the bfloat16 products are, in bfloat16. BatchNorm groups may span devices
+    (layers.BatchNorm's axis_name); each device draws its own dropout and drop-path masks, as each GPU does.
+    """
+    axes = tuple(mesh.axis_names)
+    on_shards = model.clone(batch_norm_layer=functools.partial(model.batch_norm_layer, axis_name=axes))
+
+    def on_shard(params: Any, batch_stats: Any, images: jax.Array, soft_labels: jax.Array, key: jax.Array) -> tuple:
+        def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, jax.Array]]:
+            logits, updates = on_shards.apply(
+                {"params": params, "batch_stats": batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.fold_in(key, jax.lax.axis_index(axes))},
+            )
+            loss = optax.softmax_cross_entropy(logits, soft_labels).mean()
+            return loss, (updates["batch_stats"], logits)
+
+        # Gradients with respect to a per-device copy of the parameters: this device's, summed below. (With
+        # respect to the replicated parameters JAX would sum them itself, in the dtype the model casts them to.)
+        local = jax.lax.pcast(params, axes, to="varying")
+        (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(local)
+        grads = jax.tree.map(lambda g: jax.lax.pmean(g.astype(all_reduce_dtype), axes).astype(g.dtype), grads)
+        return jax.lax.pmean(loss, axes), batch_stats, logits, grads
+
+    return jax.shard_map(
+        on_shard, mesh=mesh, in_specs=(P(), P(), P(axes), P(axes), P()), out_specs=(P(), P(), P(axes), P())
+    )(params, batch_stats, batch["image"], batch["soft_label"], key)
 
 
 def train_step(
@@ -28,13 +74,15 @@ def train_step(
     ema_decay: float | None,
     accumulation_steps: int,
     skip_nonfinite: bool,
+    mesh: Mesh,
+    all_reduce_dtype: jnp.dtype,
     finishing: BatchFinishing | None = None,
-    mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One forward/backward/update on a global batch.
+    """One forward/backward/update on a global batch, sharded over every axis of `mesh`.
 
     With `finishing` the batch is {"image" uint8, "label"}, normalized, erased and mixed here (finishing.py; each
-    device mixes its shard of `mesh`); without, it is already finished: {"image" float32, "label", "soft_label"}.
+    device mixes its shard); without, it is already finished: {"image" float32, "label", "soft_label"}. The
+    gradients are averaged over the devices in `all_reduce_dtype` (`gradients`).
     A non-finite loss, gradient or updated parameter never reaches the state: the update is dropped and the step is
     recorded in `nonfinite_step`; without `skip_nonfinite` every later update is dropped too, so the state
     stays the last good one while the host notices and stops.
@@ -42,19 +90,9 @@ def train_step(
     step_key = jax.random.fold_in(state.rng, state.step)  # keys from the run's seed and the step: exact resume
     if finishing is not None:
         batch = finish_train_batch(batch, jax.random.fold_in(step_key, AUGMENTATION_STREAM), finishing, mesh)
-
-    def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, jax.Array]]:
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": step_key},
-        )
-        loss = optax.softmax_cross_entropy(logits, batch["soft_label"]).mean()
-        return loss, (updates["batch_stats"], logits)
-
-    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, batch_stats, logits, grads = gradients(
+        state.params, state.batch_stats, batch, step_key, model=model, mesh=mesh, all_reduce_dtype=all_reduce_dtype
+    )
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -133,10 +171,12 @@ def jit_steps(
     sharding_strategy: str,
     accumulation_steps: int,
     skip_nonfinite: bool,
+    all_reduce_dtype: jnp.dtype,
     finishing: BatchFinishing | None,
 ) -> JittedSteps:
     """The steps jitted over `mesh`: the state placed by `sharding_strategy` ("replicate" or "fsdp"), the batch
-    split over every device, the state donated to the train step; shapes from jax.eval_shape."""
+    split over every device, gradients averaged over the devices in `all_reduce_dtype`, the state donated to the
+    train step; shapes from jax.eval_shape."""
     init = functools.partial(
         create_train_state, model, optimizer, jax.random.PRNGKey(seed), image_size, ema_decay is not None
     )
@@ -154,6 +194,7 @@ def jit_steps(
             skip_nonfinite=skip_nonfinite,
             finishing=finishing,
             mesh=mesh,
+            all_reduce_dtype=all_reduce_dtype,
         ),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, sharding.replicated(mesh)),

@@ -175,6 +175,7 @@ def build_run(
         sharding_strategy=config.sharding,
         accumulation_steps=config.optimizer.accumulation_steps,
         skip_nonfinite=config.nonfinite == "skip",
+        all_reduce_dtype=COMPUTE_DTYPES[config.gradient_all_reduce_dtype],
         # The data ship uint8 batches, uncropped where the pipeline leaves cropping to the device.
         finishing=BatchFinishing.from_config(
             config.data, model.num_classes, data.crops_on_device(config.data), target.platform
