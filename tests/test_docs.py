@@ -185,7 +185,14 @@ def check_tfds_build(args: list[str]) -> None:
             assert arg.split("=")[0] in help_text, arg
 
 
-TOOLS = ("qkv_vit.params", "qkv_vit.sweep", "qkv_vit.results", "qkv_vit.analysis", "qkv_vit.data.inspect")
+TOOLS = (
+    "qkv_vit.params",
+    "qkv_vit.sweep",
+    "qkv_vit.results",
+    "qkv_vit.analysis",
+    "qkv_vit.data.inspect",
+    "qkv_vit.evaluate",
+)
 
 
 def offline_prepare_args(argv: list[str], cwd: Path) -> list[str]:
@@ -246,7 +253,15 @@ def test_documented_python_runs(case, user_dir):
 
 def test_documented_commands_were_found():
     found = {page for page, _, _ in documented_commands()}
-    assert {"README.md", "training.md", "experiments.md", "launching.md", "models.md", "data.md"} <= found
+    assert {
+        "README.md",
+        "training.md",
+        "experiments.md",
+        "launching.md",
+        "models.md",
+        "data.md",
+        "evaluation.md",
+    } <= found
 
 
 def slug(header: str) -> str:

@@ -432,6 +432,8 @@ class XCiT(nn.Module):
 
     def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = self.pre_logits(images, train)
+        # Kept only where the caller makes "intermediates" mutable (OOD scores on features): free otherwise.
+        self.sow("intermediates", "pre_logits", x)
         if self.num_classes <= 0:
             return x
         x = self.head_drop(x, deterministic=not train)

@@ -1,0 +1,183 @@
+"""Evaluation metrics (qkv_vit.evaluate): classification metrics, class subsets, OOD scores and detection metrics,
+against hand-computed cases, scikit-learn and NumPy."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from sklearn import metrics as sk
+
+from conftest import REPO, load_config
+from qkv_vit import models
+from qkv_vit.evaluate import metrics, ood
+from qkv_vit.evaluate.evaluation import OODData, evaluate
+from qkv_vit.train import train_and_evaluate
+from qkv_vit.train.logging_utils import read_metrics
+
+
+def test_classification_metrics_by_hand():
+    logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 4.0], [2.0, 2.5, 0.0]])
+    labels = np.array([0, 2, 2, 0])
+    found = metrics.classification_metrics(metrics.outcomes(logits, labels), ["a", "b", "c"])
+    assert found["count"] == 4 and found["top1"] == 0.5 and found["top5"] == 1.0  # top-3 of 3 classes
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    assert found["loss"] == pytest.approx(-np.mean(log_probs[np.arange(4), labels]))
+    assert found["per_class"] == {"a": {"count": 2, "top1": 0.5}, "c": {"count": 2, "top1": 0.5}}
+    with pytest.raises(ValueError, match=r"Labels must lie in \[0, 3\)"):
+        metrics.outcomes(logits, np.array([0, 1, 2, 3]))
+
+
+def test_expected_calibration_error_by_hand():
+    # Bins of width 0.5: (0, 0.5] holds 0.3 (wrong) and 0.5 (right); (0.5, 1] holds 0.9 and 1.0 (both right).
+    confidence = np.array([0.3, 0.5, 0.9, 1.0])
+    correct = np.array([0, 1, 1, 1])
+    expected = 2 / 4 * abs(0.5 - 0.4) + 2 / 4 * abs(1.0 - 0.95)
+    assert metrics.expected_calibration_error(confidence, correct, bins=2) == pytest.approx(expected)
+    assert metrics.expected_calibration_error(np.ones(3), np.ones(3)) == 0.0
+
+
+def test_a_class_subset_restricts_the_logits_to_the_datas_classes():
+    """A synthetic 3-of-10-class split (as ImageNet-A / -R's 200 of 1,000): argmax over the 3 classes only."""
+    model_classes = [f"n{c:02d}" for c in range(10)]
+    subset = metrics.class_subset(["n07", "n02", "n09"], model_classes)
+    assert subset.tolist() == [7, 2, 9]
+    logits = np.zeros((2, 10))
+    logits[0, [7, 5]] = [1.0, 9.0]  # class 5 is not in the data: its logit must not win
+    logits[1, [2, 9]] = [1.0, 2.0]
+    found = metrics.classification_metrics(metrics.outcomes(metrics.restrict(logits, subset), [0, 2]), "abc")
+    assert found["top1"] == 1.0
+    assert metrics.class_subset(model_classes, model_classes) is None
+    with pytest.raises(ValueError, match="1 of the data's 2 classes are not classes of the model"):
+        metrics.class_subset(["n01", "cat"], model_classes)
+
+
+def test_detection_metrics_by_hand():
+    inside, outside = np.array([0.9, 0.8, 0.4]), np.array([0.5, 0.1])
+    found = ood.detection_metrics(inside, outside)
+    assert found["auroc"] == pytest.approx(5 / 6)  # 5 of the 6 (in, out) pairs ordered; 0.4 < 0.5
+    assert found["fpr95"] == 0.5  # keeping all 3 in-distribution examples (threshold 0.4) keeps 0.5
+    # In as positives, highest first: 0.9 (P 1), 0.8 (P 1), 0.5, 0.4 (R 1, P 3/4): 1/3 + 1/3 + 1/3 x 3/4.
+    assert found["aupr_in"] == pytest.approx(2 / 3 + 1 / 4)
+    tied = ood.detection_metrics(np.array([1.0, 1.0]), np.array([1.0, 0.0]))
+    assert tied["auroc"] == pytest.approx(0.75)  # ties count half
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_detection_metrics_equal_scikit_learns(seed):
+    rng = np.random.default_rng(seed)
+    inside = np.round(rng.normal(1.0, 1.0, 300), 1)  # rounded: many ties
+    outside = np.round(rng.normal(0.0, 1.0, 200), 1)
+    found = ood.detection_metrics(inside, outside)
+    truth = np.r_[np.ones(300), np.zeros(200)]
+    scores = np.r_[inside, outside]
+    assert found["auroc"] == pytest.approx(sk.roc_auc_score(truth, scores), abs=1e-12)
+    assert found["aupr_in"] == pytest.approx(sk.average_precision_score(truth, scores), abs=1e-12)
+    assert found["aupr_out"] == pytest.approx(sk.average_precision_score(1 - truth, -scores), abs=1e-12)
+    fpr, tpr, _ = sk.roc_curve(truth, scores)
+    assert found["fpr95"] == pytest.approx(fpr[np.searchsorted(tpr, 0.95, side="left")], abs=1e-12)
+
+
+def test_logit_scores():
+    logits = np.array([[2.0, 0.0], [0.0, 0.0]])
+    found = ood.scores(logits)
+    assert found["msp"] == pytest.approx([np.exp(2) / (np.exp(2) + 1), 0.5])
+    assert found["max_logit"].tolist() == [2.0, 0.0]
+    assert found["energy"] == pytest.approx([np.log(np.exp(2) + 1), np.log(2)])
+    assert "mahalanobis" not in found
+
+
+def test_mahalanobis_equals_a_numpy_computation():
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(60, 4)), rng.integers(0, 3, 60)
+    features[labels == 1] += 2.0
+    statistics = ood.ClassStatistics(num_classes=3, dim=4)
+    for part in np.array_split(np.arange(60), 7):  # batch by batch, as over a split
+        statistics.add(features[part], labels[part])
+    means, precision = statistics.fitted()
+    expected_means = np.stack([features[labels == c].mean(0) for c in range(3)])
+    centered = features - expected_means[labels]
+    np.testing.assert_allclose(means, expected_means, atol=1e-12)
+    np.testing.assert_allclose(precision, np.linalg.inv(centered.T @ centered / 60), rtol=1e-9)
+    queries = rng.normal(size=(5, 4))
+    expected = [
+        -min((q - m) @ np.linalg.inv(centered.T @ centered / 60) @ (q - m) for m in expected_means) for q in queries
+    ]
+    np.testing.assert_allclose(ood.scores(np.zeros((5, 3)), queries, (means, precision))["mahalanobis"], expected)
+    with pytest.raises(ValueError, match=r"Classes \[2\] have no train examples"):
+        empty = ood.ClassStatistics(num_classes=3, dim=4)
+        empty.add(features[labels < 2], labels[labels < 2])
+        empty.fitted()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, data_cache):
+    """A tiny quickstart run (8 steps), and its config."""
+    config = load_config("quickstart", "runlocal")
+    config.model.update(embed_dim=32, depth=1, num_heads=4)
+    config.data.cache_dir = str(data_cache)
+    config.async_checkpointing = False
+    config.total_steps = 8
+    workdir = tmp_path_factory.mktemp("run")
+    train_and_evaluate(config, workdir)
+    return workdir, config
+
+
+@pytest.mark.slow  # trains a run
+def test_evaluating_a_run_gives_the_trainers_final_evaluation_over_every_example_once(trained_run):
+    workdir, config = trained_run
+    result = evaluate(str(workdir), config, ["test", "train"], ood_data=[OODData.parse("digits:")])
+    final = [m for m in read_metrics(workdir) if "val/top1" in m][-1]
+    test = result["splits"]["test"]
+    assert test["count"] == 360 and 360 % config.eval_batch_size  # the last batch is padded, and masked
+    assert test["top1"] == pytest.approx(final["val/top1"], abs=1e-6)
+    assert test["loss"] == pytest.approx(final["val/loss"], abs=1e-4)
+    assert sum(c["count"] for c in test["per_class"].values()) == 360 and len(test["per_class"]) == 10
+    assert result["splits"]["train"]["count"] == 1437
+    # The digits' test split against itself: no score can tell them apart.
+    digits = result["ood"]["digits"]
+    assert digits["count"] == 360 and set(digits) == {"count", *ood.SCORES}
+    for score in ood.SCORES:
+        assert digits[score]["auroc"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_the_evaluate_command_on_four_devices_writes_json_and_refuses_bad_input_in_one_line(trained_run, tmp_path):
+    workdir, config = trained_run
+    command = [
+        sys.executable, "-m", "qkv_vit.evaluate", str(workdir), "--config=configs/quickstart.py:runlocal",
+        f"--config.data.cache_dir={config.data.cache_dir}", f"--output={tmp_path / 'result.json'}",
+    ]  # fmt: skip
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    four_devices = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}  # batches split over them
+    done = subprocess.run(command, cwd=REPO, env=four_devices, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    final = [m for m in read_metrics(workdir) if "val/top1" in m][-1]
+    assert result["splits"]["test"]["count"] == 360 and "test: top1" in done.stderr
+    assert result["splits"]["test"]["top1"] == pytest.approx(final["val/top1"], abs=1e-6)
+    for extra, message in [
+        (["--ood=svhn"], "error: --ood=svhn: the source must be one of digits, tfds, image_folder"),
+        (["--splits=validation"], "error: "),
+    ]:
+        bad = subprocess.run(command + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
+        assert "Traceback" not in bad.stderr
+    missing = subprocess.run(
+        [*command[:3], str(tmp_path / "nothing"), *command[4:]], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "error: " in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_capturing_pre_logits_changes_no_logit():
+    model = models.create("xcit_nano_12_p16", embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1, num_classes=5)
+    images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+    variables = model.init(jax.random.key(1), images)
+    assert "intermediates" not in variables  # init keeps no captures
+    logits, captured = model.apply(variables, images, mutable=["intermediates"])
+    np.testing.assert_array_equal(logits, model.apply(variables, images))
+    (features,) = captured["intermediates"]["pre_logits"]
+    np.testing.assert_array_equal(features, model.apply(variables, images, method=model.pre_logits))
