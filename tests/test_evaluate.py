@@ -172,12 +172,18 @@ def test_the_evaluate_command_on_four_devices_writes_json_and_refuses_bad_input_
     assert missing.returncode == 2 and "error: " in missing.stderr and "Traceback" not in missing.stderr
 
 
-def test_capturing_pre_logits_changes_no_logit():
-    model = models.create("xcit_nano_12_p16", embed_dim=32, depth=1, num_heads=4, cls_attn_layers=1, num_classes=5)
-    images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+@pytest.mark.parametrize("qkv", ["linear", "fsne_m8"])
+def test_attention_maps_sum_to_one_and_capturing_changes_no_logit(qkv):
+    model = models.create(
+        "xcit_nano_12_p16", qkv=qkv, embed_dim=32, depth=2, num_heads=4, cls_attn_layers=2, num_classes=5
+    )
+    images = jax.random.uniform(jax.random.key(0), (2, 48, 32, 3))  # a 3 x 2 token grid
     variables = model.init(jax.random.key(1), images)
-    assert "intermediates" not in variables  # init keeps no captures
-    logits, captured = model.apply(variables, images, mutable=["intermediates"])
+    logits, found = models.capture(model, variables, images)
     np.testing.assert_array_equal(logits, model.apply(variables, images))
-    (features,) = captured["intermediates"]["pre_logits"]
-    np.testing.assert_array_equal(features, model.apply(variables, images, method=model.pre_logits))
+    assert [a.shape for a in found.xca_attention] == [(2, 4, 8, 8)] * 2  # (B, heads, C/h, C/h)
+    assert [a.shape for a in found.class_attention] == [(2, 4, 1, 7)] * 2  # the class token and 6 patch tokens
+    assert [b.shape for b in found.blocks] == [(2, 6, 32)] * 2
+    for maps in (*found.xca_attention, *found.class_attention):
+        np.testing.assert_allclose(np.asarray(maps).sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(found.pre_logits, model.apply(variables, images, method=model.pre_logits))

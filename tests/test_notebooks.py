@@ -87,7 +87,9 @@ def test_quickstart_notebook_runs_and_plots(notebook_env):
     table = "".join(o.data.get("text/markdown", "") for o in outputs(nb, "params.format_table"))
     assert "| xcit_nano_12_p16 | fsne_m8 (h=128, m=8) | 2,867,656 |" in table and table.count("xcit_nano_12_p16") == 7
 
-    curves = outputs(nb, "plt.show()")
+    attention = outputs(nb, "models.capture(")
+    assert any("image/png" in o.get("data", {}) for o in attention), "the attention cell showed no figure"
+    curves = outputs(nb, "plt.subplots(1, 2")
     assert any("image/png" in o.get("data", {}) for o in curves), "the curves cell showed no figure"
     for qkv in QKV_VARIANTS:
         run = notebook_env / f"quickstart_{qkv}"

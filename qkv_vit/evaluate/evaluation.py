@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from qkv_vit import data, models
+from qkv_vit.data.errors import DataConfigError
 from qkv_vit.errors import ConfigError
 from qkv_vit.evaluate import metrics, ood
 from qkv_vit.evaluate.predict import Predictions, predicted_batches
@@ -53,8 +54,9 @@ class OODData:
     def data_config(self, data_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """The in-distribution data config with this source: the same eval preprocessing, another data set."""
         config = copy.deepcopy(data_config)
-        config.source, config.eval_split, config.num_classes = self.source, self.split, None
-        config.train_split = None
+        config.source, config.num_classes = self.source, None
+        # Only the named split is read: a data set of one split (an OOD test set) has no train split to open.
+        config.train_split = config.eval_split = self.split
         if self.source == "tfds":
             config.name = self.location
         elif self.source == "image_folder":
@@ -63,6 +65,15 @@ class OODData:
 
     def __str__(self) -> str:
         return ":".join(part for part in (self.source, self.location, self.split or "") if part)
+
+
+def open_ood(spec: OODData, data_config: ml_collections.ConfigDict) -> data.DataSource:
+    """The OOD data set's source; DataConfigError naming the --ood flag and its fix where it cannot be opened."""
+    try:
+        return data.open_source(spec.data_config(data_config))
+    except DataConfigError as error:
+        hint = "" if spec.split else " Name the split to score, --ood=SOURCE:NAME_OR_PATH:SPLIT, e.g. :test."
+        raise DataConfigError(f"--ood={spec}: {error}{hint}") from error
 
 
 def build_model(weights: Weights, config: ml_collections.ConfigDict, platform: str) -> models.XCiT:
@@ -175,7 +186,7 @@ def evaluate(
         result["splits"][split] = metrics.classification_metrics(found, names)
         logging.info("%s", metrics.summary_line(split, result["splits"][split]))
     for spec in ood_data:
-        found, outside = evaluator.split(data.open_source(spec.data_config(config.data)), spec.split, fitted, True)
+        found, outside = evaluator.split(open_ood(spec, config.data), spec.split, fitted, True)
         result["ood"][str(spec)] = {"count": len(found.labels)}
         for score in inside:
             result["ood"][str(spec)][score] = ood.detection_metrics(inside[score], outside[score])

@@ -1,5 +1,7 @@
-"""XCiT models: the module (xcit.py), the named model registry with its layer choice, and parameter accounting."""
+"""XCiT models: the module (xcit.py), the named model registry with its layer choice, parameter accounting, and
+what a forward pass computes on the way (intermediates.py)."""
 
+from qkv_vit.models.intermediates import Intermediates, capture
 from qkv_vit.models.qkv import QKV_EMBEDDINGS, QKVSpec
 from qkv_vit.models.registry import (
     LAYER_IMPLS,
@@ -29,11 +31,13 @@ __all__ = [
     "QKV_PRESET_ALIASES",
     "QKV_PRESETS",
     "QKVSpec",
+    "Intermediates",
     "XCiT",
     "architecture",
     "architecture_fields",
     "architecture_from_json",
     "architecture_of",
+    "capture",
     "count_params",
     "create",
     "for_platform",

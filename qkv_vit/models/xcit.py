@@ -168,8 +168,9 @@ class ClassAttention(Attention):
         head_dim = self.dim // self.num_heads
         q, k, v = (split_heads(t, self.num_heads) for t in self.queries_keys_values(x))
         logits = jnp.einsum("bqhc,bnhc->bhqn", q * head_dim**-0.5, k)
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        attn = nn.Dropout(self.attn_drop_rate, deterministic=not train)(attn)
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        self.sow("intermediates", "attention", attn)  # (B, heads, 1, N): kept only when captured (intermediates.py)
+        attn = nn.Dropout(self.attn_drop_rate, deterministic=not train)(attn.astype(v.dtype))
         cls_token = jnp.einsum("bhqn,bnhc->bqhc", attn, v).reshape(x.shape[0], 1, self.dim)
         cls_token = self.dense_layer(self.dim, dtype=self.dtype, name="proj")(cls_token)
         return nn.Dropout(self.proj_drop_rate, deterministic=not train)(cls_token)
@@ -255,6 +256,7 @@ class XCA(Attention):
         gram = jnp.einsum("bnhc,bnhd->bhcd", q32, k32, precision=jax.lax.Precision.HIGHEST)
         logits = gram * inverse_q_norm * inverse_k_norm * temperature
         attn = jax.nn.softmax(logits, axis=-1)
+        self.sow("intermediates", "attention", attn)  # (B, heads, C/h, C/h): kept only when captured
         return nn.Dropout(self.attn_drop_rate, deterministic=not train)(attn)
 
 
@@ -413,6 +415,7 @@ class XCiT(nn.Module):
         x = self.pos_drop(x, deterministic=not train)
         for block in self.blocks:
             x = block(x, height, width, train)
+            self.sow("intermediates", "blocks", x)  # each block's output (B, N, C): kept only when captured
         return x.reshape(batch, height, width, self.embed_dim)
 
     def forward_features(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -432,7 +435,7 @@ class XCiT(nn.Module):
 
     def __call__(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = self.pre_logits(images, train)
-        # Kept only where the caller makes "intermediates" mutable (OOD scores on features): free otherwise.
+        # Kept only where the caller makes "intermediates" mutable (models/intermediates.py): free otherwise.
         self.sow("intermediates", "pre_logits", x)
         if self.num_classes <= 0:
             return x
