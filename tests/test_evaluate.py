@@ -9,26 +9,30 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn import metrics as sk
 
 from conftest import REPO, load_config
 from qkv_vit import models
-from qkv_vit.evaluate import metrics, ood
-from qkv_vit.evaluate.evaluation import OODData, evaluate
+from qkv_vit.errors import ConfigError
+from qkv_vit.evaluate.evaluation import Corruptions, evaluate
+from qkv_vit.metrics import classification, corruption, ood
 from qkv_vit.train import train_and_evaluate
+from qkv_vit.train.config import check_config
+from qkv_vit.train.evaluators import DataSpec
 from qkv_vit.train.logging_utils import read_metrics
 
 
 def test_classification_metrics_by_hand():
     logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 4.0], [2.0, 2.5, 0.0]])
     labels = np.array([0, 2, 2, 0])
-    found = metrics.classification_metrics(metrics.outcomes(logits, labels), ["a", "b", "c"])
+    found = classification.classification_metrics(classification.outcomes(logits, labels), ["a", "b", "c"])
     assert found["count"] == 4 and found["top1"] == 0.5 and found["top5"] == 1.0  # top-3 of 3 classes
     log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     assert found["loss"] == pytest.approx(-np.mean(log_probs[np.arange(4), labels]))
     assert found["per_class"] == {"a": {"count": 2, "top1": 0.5}, "c": {"count": 2, "top1": 0.5}}
     with pytest.raises(ValueError, match=r"Labels must lie in \[0, 3\)"):
-        metrics.outcomes(logits, np.array([0, 1, 2, 3]))
+        classification.outcomes(logits, np.array([0, 1, 2, 3]))
 
 
 def test_expected_calibration_error_by_hand():
@@ -36,23 +40,25 @@ def test_expected_calibration_error_by_hand():
     confidence = np.array([0.3, 0.5, 0.9, 1.0])
     correct = np.array([0, 1, 1, 1])
     expected = 2 / 4 * abs(0.5 - 0.4) + 2 / 4 * abs(1.0 - 0.95)
-    assert metrics.expected_calibration_error(confidence, correct, bins=2) == pytest.approx(expected)
-    assert metrics.expected_calibration_error(np.ones(3), np.ones(3)) == 0.0
+    assert classification.expected_calibration_error(confidence, correct, bins=2) == pytest.approx(expected)
+    assert classification.expected_calibration_error(np.ones(3), np.ones(3)) == 0.0
 
 
 def test_a_class_subset_restricts_the_logits_to_the_datas_classes():
     """A synthetic 3-of-10-class split (as ImageNet-A / -R's 200 of 1,000): argmax over the 3 classes only."""
     model_classes = [f"n{c:02d}" for c in range(10)]
-    subset = metrics.class_subset(["n07", "n02", "n09"], model_classes)
+    subset = classification.class_subset(["n07", "n02", "n09"], model_classes)
     assert subset.tolist() == [7, 2, 9]
     logits = np.zeros((2, 10))
     logits[0, [7, 5]] = [1.0, 9.0]  # class 5 is not in the data: its logit must not win
     logits[1, [2, 9]] = [1.0, 2.0]
-    found = metrics.classification_metrics(metrics.outcomes(metrics.restrict(logits, subset), [0, 2]), "abc")
+    found = classification.classification_metrics(
+        classification.outcomes(classification.restrict(logits, subset), [0, 2]), "abc"
+    )
     assert found["top1"] == 1.0
-    assert metrics.class_subset(model_classes, model_classes) is None
+    assert classification.class_subset(model_classes, model_classes) is None
     with pytest.raises(ValueError, match="1 of the data's 2 classes are not classes of the model"):
-        metrics.class_subset(["n01", "cat"], model_classes)
+        classification.class_subset(["n01", "cat"], model_classes)
 
 
 def test_detection_metrics_by_hand():
@@ -127,9 +133,21 @@ def trained_run(tmp_path_factory, data_cache):
 
 
 @pytest.mark.slow  # trains a run
-def test_evaluating_a_run_gives_the_trainers_final_evaluation_over_every_example_once(trained_run):
+def image_folder(root, class_names, per_class: int, seed: int = 0):
+    """ROOT/test/<class>/*.png of random 8x8 images."""
+    rng = np.random.default_rng(seed)
+    for name in class_names:
+        (root / "test" / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "test" / name / f"{i}.png")
+    return root
+
+
+def test_evaluating_a_run_gives_the_trainers_final_evaluation_over_every_example_once(trained_run, tmp_path):
     workdir, config = trained_run
-    result = evaluate(str(workdir), config, ["test", "train"], ood_data=[OODData.parse("digits:")])
+    noise = image_folder(tmp_path / "noise", [f"class_{c:02d}" for c in range(12)], 3)  # more than the model's 10
+    ood_data = [DataSpec.parse("digits:"), DataSpec.parse(f"image_folder:{noise}:test")]
+    result = evaluate(str(workdir), config, ["test", "train"], ood_data=ood_data)
     final = [m for m in read_metrics(workdir) if "val/top1" in m][-1]
     test = result["splits"]["test"]
     assert test["count"] == 360 and 360 % config.eval_batch_size  # the last batch is padded, and masked
@@ -142,6 +160,7 @@ def test_evaluating_a_run_gives_the_trainers_final_evaluation_over_every_example
     assert digits["count"] == 360 and set(digits) == {"count", *ood.SCORES}
     for score in ood.SCORES:
         assert digits[score]["auroc"] == pytest.approx(0.5)
+    assert result["ood"][f"image_folder:{noise}:test"]["count"] == 36  # scored; its labels are never read
 
 
 @pytest.mark.slow
@@ -160,7 +179,7 @@ def test_the_evaluate_command_on_four_devices_writes_json_and_refuses_bad_input_
     assert result["splits"]["test"]["count"] == 360 and "test: top1" in done.stderr
     assert result["splits"]["test"]["top1"] == pytest.approx(final["val/top1"], abs=1e-6)
     for extra, message in [
-        (["--ood=svhn"], "error: --ood=svhn: the source must be one of digits, tfds, image_folder"),
+        (["--ood=svhn"], "error: Data 'svhn': the source must be one of digits, tfds, image_folder"),
         (["--splits=validation"], "error: "),
     ]:
         bad = subprocess.run(command + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -187,3 +206,68 @@ def test_attention_maps_sum_to_one_and_capturing_changes_no_logit(qkv):
     for maps in (*found.xca_attention, *found.class_attention):
         np.testing.assert_allclose(np.asarray(maps).sum(-1), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(found.pre_logits, model.apply(variables, images, method=model.pre_logits))
+
+
+@pytest.mark.slow  # trains a run
+def test_periodic_evaluators_run_at_their_interval_and_at_the_end(tmp_path, data_cache):
+    config = load_config("quickstart", "runlocal")
+    config.model.update(embed_dim=32, depth=1, num_heads=4)
+    config.data.cache_dir = str(data_cache)
+    config.async_checkpointing = False
+    config.total_steps = 4
+    config.evaluators.ood = dict(type="ood", every_steps=2, data="digits:test", mahalanobis=True)
+    config.evaluators.on_train = dict(type="classification", every_steps=0, split="train")
+    train_and_evaluate(config, tmp_path)
+    records = read_metrics(tmp_path)
+    ood_steps = [m["step"] for m in records if "ood/msp_auroc" in m]
+    assert ood_steps == [2, 4] and [m["step"] for m in records if "on_train/top1" in m] == [4]
+    final = [m for m in records if "ood/mahalanobis_auroc" in m][-1]
+    assert final["ood/mahalanobis_auroc"] == pytest.approx(0.5)  # the digits' test split against itself
+    on_train = [m for m in records if "on_train/top1" in m][-1]
+    result = evaluate(str(tmp_path), config, ["train"])["splits"]["train"]
+    assert on_train["on_train/count"] == result["count"] == 1437
+    assert on_train["on_train/top1"] == pytest.approx(result["top1"], abs=1e-6)
+    assert records[-1]["step"] == 4 and "val/top1" in records[-1]  # the eval split last: the run's end
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("x", dict(type="oops"), "config.evaluators.x.type must be one of ['classification', 'ood']"),
+        ("x", dict(type="classification", every_steps=1), "config.evaluators.x lacks split"),
+        ("x", dict(type="ood", every_steps=1, data="svhn", mahalanobis=False), "Data 'svhn'"),
+        ("val", dict(type="classification", every_steps=1, split="train"), "written under val/"),
+        ("a/b", dict(type="classification", every_steps=1, split="train"), "config.evaluators.a/b (a name)"),
+    ],
+)
+def test_a_bad_evaluator_is_one_config_error(tiny_config, name, options, message):
+    tiny_config.evaluators[name] = options
+    with pytest.raises(ConfigError) as error:
+        check_config(tiny_config)
+    assert message in str(error.value)
+
+
+def test_corruption_errors_by_hand():
+    errors = {"noise": {"1": 0.2, "2": 0.4}, "blur": {"1": 0.1, "2": 0.3}}
+    baseline = {"noise": {"1": 0.3, "2": 0.5}, "blur": {"1": 0.2, "2": 0.2}}
+    found = corruption.summary(errors, baseline)
+    assert found["mean_error"] == pytest.approx(0.25)
+    assert found["error"] == pytest.approx({"noise": 0.3, "blur": 0.2})
+    assert found["ce"] == pytest.approx({"noise": 0.6 / 0.8, "blur": 0.4 / 0.4})
+    assert found["mce"] == pytest.approx((0.75 + 1.0) / 2)
+    with pytest.raises(ValueError, match="The baseline has no error for noise 2"):
+        corruption.summary(errors, {"noise": {"1": 0.3}, "blur": baseline["blur"]})
+
+
+@pytest.mark.slow  # uses a trained run
+def test_corruptions_are_evaluated_per_corruption_and_severity_against_a_baseline(trained_run, tmp_path):
+    workdir, config = trained_run
+    for index, (name, severity) in enumerate([(n, s) for n in ("noise", "blur") for s in (1, 2)]):
+        image_folder(tmp_path / name / str(severity), [str(d) for d in range(10)], 2, seed=index)  # the digits' names
+    suite = Corruptions(f"image_folder:{tmp_path}/{{corruption}}/{{severity}}:test", ("noise", "blur"), (1, 2))
+    found = evaluate(str(workdir), config, corruptions=suite)["corruptions"]
+    assert set(found["errors"]) == {"noise", "blur"} and set(found["errors"]["noise"]) == {"1", "2"}
+    assert all(0.0 <= e <= 1.0 and e * 20 == pytest.approx(round(e * 20)) for e in found["errors"]["blur"].values())
+    against_itself = Corruptions(suite.template, suite.names, suite.severities, baseline=found)
+    compared = evaluate(str(workdir), config, corruptions=against_itself)["corruptions"]
+    assert compared["mce"] == pytest.approx(1.0) and compared["ce"] == pytest.approx({"noise": 1.0, "blur": 1.0})

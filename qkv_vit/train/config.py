@@ -16,7 +16,7 @@ from ml_collections import config_dict
 from qkv_vit import config_rules as rules
 from qkv_vit import data, models
 from qkv_vit.errors import ConfigError
-from qkv_vit.train import optimizer, run_record, sharding
+from qkv_vit.train import evaluators, optimizer, run_record, sharding
 from qkv_vit.train.optimizer import OPTIMIZERS
 from qkv_vit.train.target import Target
 
@@ -174,6 +174,7 @@ RUN_RULES = {
     "eval_every_steps": rules.integer(0),  # 0: only at the end
     # Metric names are <eval_name>/top1 and ema_<eval_name>/top1, beside train/*: a name must not collide with them.
     "eval_name": rules.text(nonempty=True, forbidden="/", reserved=("train", "ema_")),
+    "evaluators": None,  # evaluators.validate_config: each evaluator's name, type and options
     "checkpoint_every_steps": rules.integer(0),  # 0: only at the end
     "keep_checkpoints": rules.integer(1, optional=True),  # None: keep all
     "async_checkpointing": rules.flag(),
@@ -216,6 +217,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(message)
     rules.check_values(config, RUN_RULES, "config.")
     data.validate_config(config.data, prefix="config.data.")
+    evaluators.validate_config(config.evaluators, config.eval_name)
 
 
 @contextlib.contextmanager
@@ -288,6 +290,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.eval_every_steps = 1000  # 0: only at the end
     config.eval_name = "val"  # metrics are written as <eval_name>/top1, /top5, /loss
+    # More evaluations beside it, each {type, every_steps, ...} (qkv_vit/train/evaluators.py): none by default.
+    config.evaluators = ml_collections.ConfigDict()
     config.checkpoint_every_steps = 1000  # 0: only at the end (and on preemption)
     config.keep_checkpoints = 3
     config.async_checkpointing = True

@@ -39,6 +39,7 @@ RESULT_NEUTRAL = {
     "eval_every_steps": "how often the run evaluates",
     "eval_batch_size": "the evaluation's batch size (every example counts once at any size)",
     "eval_name": "the name the evaluation's metrics are written under",
+    "evaluators": "what else the run evaluates, and how often",
     "checkpoint_every_steps": "how often checkpoints are written",
     "keep_checkpoints": "how many checkpoints are kept",
     "async_checkpointing": "whether checkpoints are written in the background",

@@ -25,7 +25,7 @@ from etils import epath
 from qkv_vit import data, models
 from qkv_vit.errors import ConfigError, storage_failures
 from qkv_vit.paths import PathLike, as_path
-from qkv_vit.train import device_data, program, sharding
+from qkv_vit.train import device_data, evaluators, program, sharding
 from qkv_vit.train.checkpointing import RunCheckpoints, all_processes_agree
 from qkv_vit.train.config import COMPUTE_DTYPES, check_config, check_fits, config_mistakes
 from qkv_vit.train.fine_tuning import architecture_from_init, fine_tuning_state, read_init_from
@@ -251,9 +251,10 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
     config, start, total = run.config, int(state.step), run.total_steps
     eval_batches = run.source.eval_batches(config.eval_batch_size or config.global_batch_size)
     reporter = Reporter(writer, start, total, config.global_batch_size)
+    periodic = evaluators.periodic(config, run.model, run.source, run.mesh)  # config.evaluators, their data opened
     if start >= total:  # trained and saved, but the final evaluation did not complete (a crash, a kill)
         logging.info("The run in %s finished training at step %d; running its final evaluation.", run.workdir, start)
-        reporter.evaluation(start, evaluate_state(run, state, eval_batches))
+        evaluate_all(run, state, eval_batches, periodic, reporter, start)
         return state
     # The fingerprint `python -m qkv_vit.plan` prints for the same config and devices (the lowering is jit's own).
     logging.info("Train step program %s on %s.", program.fingerprint(program.lower_train_step(run)), describe(run))
@@ -271,12 +272,35 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
                 checkpoints.save(step, state, run.record.step_record(step))
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step != total:
                 reporter.evaluation(step, evaluate_state(run, state, eval_batches))
+            for evaluator in periodic:
+                if evaluator.due(step) and step != total:  # the last step's come with the final evaluation
+                    reporter.evaluation(step, evaluator.evaluate(state_variables(state)))
             if step != total and preemption.requested(step):
                 save_now(run, state, checkpoints, step)
                 raise Preempted(f"Stopped at step {step} on a signal; checkpoint saved in {checkpoints.directory}.")
     save_now(run, state, checkpoints, total)
-    reporter.evaluation(total, evaluate_state(run, state, eval_batches))
+    evaluate_all(run, state, eval_batches, periodic, reporter, total)
     return state
+
+
+def evaluate_all(
+    run: Run,
+    state: TrainState,
+    eval_batches: Iterable,
+    periodic: list[evaluators.Periodic],
+    reporter: Reporter,
+    step: int,
+) -> None:
+    """The final evaluation: every one of config.evaluators, then the eval split. The eval split's goes last: a run
+    whose metrics.jsonl holds it at the last step is finished (final_evaluation_recorded), so one stopped before
+    it evaluates everything again."""
+    for evaluator in periodic:
+        reporter.evaluation(step, evaluator.evaluate(state_variables(state)))
+    reporter.evaluation(step, evaluate_state(run, state, eval_batches))
+
+
+def state_variables(state: TrainState) -> dict[str, Any]:
+    return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def describe(run: Run) -> str:
