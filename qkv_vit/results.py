@@ -2,6 +2,7 @@
 
   python -m qkv_vit.results workdirs/cifar10_sweep                 # a sweep's directory: every run below it
   python -m qkv_vit.results gs://BUCKET/in1k gs://BUCKET/transfer --out results.md
+  python -m qkv_vit.results --card workdirs/                       # the papers' claims beside ours, per run
 
 A run is a workdir with config.json, model.json and metrics.jsonl (what the trainer writes). It is
 finished when metrics.jsonl has its final evaluation, at the run's last step. Runs whose configs are equal
@@ -35,6 +36,7 @@ IGNORED_KEYS = SEED_KEYS + (
     "data.path",
     "log_every_steps",
     "eval_every_steps",
+    "evaluators",
     "checkpoint_every_steps",
     "keep_checkpoints",
     "async_checkpointing",
@@ -329,13 +331,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "paths", nargs="+", help="RunRecord directories, or directories holding runs (searched recursively)."
     )
     parser.add_argument("--out", help="Also write the table to this file.")
+    parser.add_argument(
+        "--card", action="store_true", help="The paper card instead: each claim beside ours, every run's measures."
+    )
     args = parser.parse_args(argv)
     try:
         runs = [read_run(path) for path in find_runs(args.paths)]
     except (FileNotFoundError, json.JSONDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    table = markdown(runs)
+    if args.card:
+        from qkv_vit import paper_card  # reads checkpoints (F-SNE codes): JAX and Orbax, only for the card
+
+        table = paper_card.card(runs)
+    else:
+        table = markdown(runs)
     print(table, end="")
     if args.out:
         epath.Path(args.out).write_text(table)
