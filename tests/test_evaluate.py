@@ -1,6 +1,7 @@
 """Evaluation metrics (qkv_vit.evaluate): classification metrics, class subsets, OOD scores and detection metrics,
 against hand-computed cases, scikit-learn and NumPy."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,14 +14,15 @@ from PIL import Image
 from sklearn import metrics as sk
 
 from conftest import REPO, load_config
-from qkv_vit import models
+from qkv_vit import data, models
 from qkv_vit.errors import ConfigError
 from qkv_vit.evaluate.evaluation import Corruptions, evaluate
 from qkv_vit.metrics import classification, corruption, ood
-from qkv_vit.train import train_and_evaluate
+from qkv_vit.train import sharding, train_and_evaluate
 from qkv_vit.train.config import check_config
-from qkv_vit.train.evaluators import DataSpec
+from qkv_vit.train.evaluators import DataSpec, SplitEvaluator
 from qkv_vit.train.logging_utils import read_metrics
+from qkv_vit.weights import read_weights
 
 
 def test_classification_metrics_by_hand():
@@ -271,3 +273,16 @@ def test_corruptions_are_evaluated_per_corruption_and_severity_against_a_baselin
     against_itself = Corruptions(suite.template, suite.names, suite.severities, baseline=found)
     compared = evaluate(str(workdir), config, corruptions=against_itself)["corruptions"]
     assert compared["mce"] == pytest.approx(1.0) and compared["ce"] == pytest.approx({"noise": 1.0, "blur": 1.0})
+
+
+@pytest.mark.slow  # uses a trained run
+def test_an_evaluator_compiles_its_forward_pass_once(trained_run):
+    workdir, config = trained_run
+    weights = read_weights(workdir)
+    model = models.from_architecture(models.architecture_from_json(weights.architecture))
+    evaluator = SplitEvaluator(model, config.data, 16, sharding.make_mesh({"data": -1}, jax.devices()))
+    source = data.open_source(config.data)
+    for _ in range(2):  # as a periodic evaluator does at every interval
+        evaluator.split(weights.variables, source, "test")
+    dataclasses.replace(evaluator, subset=None).split(weights.variables, source, "test")  # a corrupted set's copy
+    assert evaluator.step._cache_size() == 1

@@ -27,7 +27,7 @@ from qkv_vit import data
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.errors import ConfigError
 from qkv_vit.metrics import classification, ood
-from qkv_vit.train.predict import Predictions, predicted_batches
+from qkv_vit.train.predict import Predictions, forward, predicted_batches
 
 SOURCES = ("digits", "tfds", "image_folder")
 
@@ -88,11 +88,18 @@ class SplitEvaluator:
     batch_size: int
     mesh: Mesh
     subset: np.ndarray | None = None  # the logit columns of the data's classes (classification.class_subset)
+    # The jitted forward pass (predict.forward), built once: every pass of this evaluator, and of a copy made with
+    # dataclasses.replace, reuses its compilation.
+    step: Callable | None = None
+
+    def __post_init__(self) -> None:
+        if self.step is None:
+            object.__setattr__(
+                self, "step", forward(self.model, self.data_config.mean, self.data_config.std, self.mesh)
+            )
 
     def batches(self, variables: Any, source: data.DataSource, split: str | None) -> Iterator[Predictions]:
-        eval_batches = source.eval_batches(self.batch_size, split)
-        mean, std = self.data_config.mean, self.data_config.std
-        return predicted_batches(self.model, variables, eval_batches, mean, std, self.mesh)
+        return predicted_batches(self.step, variables, source.eval_batches(self.batch_size, split), self.mesh)
 
     def class_statistics(self, variables: Any, source: data.DataSource) -> tuple[np.ndarray, np.ndarray]:
         """Class means and the shared precision of the pre-logit features over the train split, batch by batch."""

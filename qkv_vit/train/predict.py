@@ -7,7 +7,7 @@ trainer's eval step does, and the padding is dropped on the host.
 """
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -28,8 +28,9 @@ class Predictions:
     labels: np.ndarray  # (N,) int32
 
 
-def forward(model: Any, mean: tuple[float, ...], std: tuple[float, ...], mesh: Mesh) -> Any:
-    """jit of (variables, uint8 images (B, H, W, 3)) -> (logits (B, classes), pre-logits (B, D)), replicated."""
+def forward(model: Any, mean: tuple[float, ...], std: tuple[float, ...], mesh: Mesh) -> Callable:
+    """jit of (variables, uint8 images (B, H, W, 3)) -> (logits (B, classes), pre-logits (B, D)), replicated over
+    `mesh`. Build it once per model and reuse it: each new one compiles again."""
 
     def apply(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits, captured = model.apply(variables, normalize(images, mean, std), train=False, mutable=["intermediates"])
@@ -39,17 +40,11 @@ def forward(model: Any, mean: tuple[float, ...], std: tuple[float, ...], mesh: M
 
 
 def predicted_batches(
-    model: Any,
-    variables: Any,
-    batches: Iterable[dict[str, np.ndarray]],
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    mesh: Mesh,
+    step: Callable, variables: Any, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh
 ) -> Iterator[Predictions]:
     """The real examples of each of `batches` ({"image" uint8, "label", "mask"}: each example once over the
-    processes) through `model` with `variables` (replicated over `mesh`), batch by batch: a pass over a large
-    split (class statistics of ImageNet's train split) never holds its logits at once."""
-    step = forward(model, mean, std, mesh)
+    processes) through a `forward` step with `variables` (replicated over `mesh`), batch by batch: a pass over a
+    large split (class statistics of ImageNet's train split) never holds its logits at once."""
     variables = jax.device_put(variables, sharding.replicated(mesh))
     for batch in sharding.prefetch_to_device(batches, DEVICE_PREFETCH, sharding.batch_sharding(mesh)):
         logits, features = step(variables, batch["image"])
