@@ -10,6 +10,8 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 from sklearn import metrics as sk
 
@@ -33,6 +35,11 @@ def test_classification_metrics_by_hand():
     log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     assert found["loss"] == pytest.approx(-np.mean(log_probs[np.arange(4), labels]))
     assert found["per_class"] == {"a": {"count": 2, "top1": 0.5}, "c": {"count": 2, "top1": 0.5}}
+    assert "real_top1" not in found  # no label sets
+    # Label sets, -1 padded: example 1 (top-1 class 1) has {1, 2}, example 3 has none and is left out.
+    sets = np.array([[0, -1], [1, 2], [0, -1], [-1, -1]])
+    relabelled = classification.classification_metrics(classification.outcomes(logits, labels, sets), "abc")
+    assert (relabelled["real_top1"], relabelled["real_count"]) == (2 / 3, 3)
     with pytest.raises(ValueError, match=r"Labels must lie in \[0, 3\)"):
         classification.outcomes(logits, np.array([0, 1, 2, 3]))
 
@@ -286,3 +293,59 @@ def test_an_evaluator_compiles_its_forward_pass_once(trained_run):
         evaluator.split(weights.variables, source, "test")
     dataclasses.replace(evaluator, subset=None).split(weights.variables, source, "test")  # a corrupted set's copy
     assert evaluator.step._cache_size() == 1
+
+
+class FakeReal(tfds.core.GeneratorBasedBuilder):
+    """30 of the digits' test images with ReaL-style label sets: none, the label, or the label and the next class."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    @classmethod
+    def _get_pkg_dir_path(cls):  # tfds looks for metadata beside the builder's package; a test module is none
+        return epath.Path(__file__).parent
+
+    def _info(self):
+        names = [str(d) for d in range(10)]
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(8, 8, 1)),
+                    "label": tfds.features.ClassLabel(names=names),
+                    "real_label": tfds.features.Sequence(tfds.features.ClassLabel(names=names)),
+                }
+            )
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"test": self._generate_examples()}
+
+    def _generate_examples(self):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+        for i in range(30):
+            label = int(digits.target[i])
+            real = [[], [label], [label, (label + 1) % 10]][i % 3]
+            yield i, {"image": images[i], "label": label, "real_label": real}
+
+
+@pytest.mark.slow  # uses a trained run
+def test_relabelled_examples_count_when_the_top1_is_any_of_their_labels(trained_run, tmp_path):
+    workdir, config = trained_run
+    FakeReal(data_dir=str(tmp_path)).download_and_prepare()
+    config = config.copy_and_resolve_references()
+    config.data.update(source="tfds", name="fake_real", data_dir=str(tmp_path), train_split="test", eval_split="test")
+    found = evaluate(str(workdir), config, ["test"])["splits"]["test"]
+    weights = read_weights(workdir)
+    model = models.from_architecture(models.architecture_from_json(weights.architecture))
+    evaluator = SplitEvaluator(model, config.data, 8, sharding.make_mesh({"data": -1}, jax.devices()))
+    parts = list(evaluator.batches(weights.variables, data.open_source(config.data), "test"))
+    top1 = np.concatenate([p.logits for p in parts]).argmax(axis=1)
+    sets = np.concatenate([p.label_sets for p in parts])
+    assert sorted((row >= 0).sum() for row in sets) == [0] * 10 + [1] * 10 + [2] * 10  # padded with -1
+    relabelled = (sets >= 0).any(axis=1)
+    expected = np.mean([top1[i] in sets[i] for i in np.flatnonzero(relabelled)])
+    assert found["count"] == 30 and found["real_count"] == 20  # every third example has no ReaL label: left out
+    assert found["real_top1"] == pytest.approx(expected)
+    assert found["top1"] == pytest.approx(np.mean(top1 == np.concatenate([p.labels for p in parts])))

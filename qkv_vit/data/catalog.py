@@ -22,6 +22,8 @@ class KnownDataset:
 
 TFDS_DATASETS = {
     "imagenet2012": KnownDataset("train", "validation", 1000, {"train": 1_281_167, "validation": 50_000}),
+    # ImageNet's validation images with ReaL's label sets (evaluation only: it has no train split).
+    "imagenet2012_real": KnownDataset("validation", "validation", 1000, {"validation": 50_000}),
     "cifar10": KnownDataset("train", "test", 10, {"train": 50_000, "test": 10_000}),
     "cifar100": KnownDataset("train", "test", 100, {"train": 50_000, "test": 10_000}),
     "stl10": KnownDataset("train", "test", 10, {"train": 5_000, "test": 8_000, "unlabelled": 100_000}),

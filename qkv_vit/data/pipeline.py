@@ -33,7 +33,7 @@ from qkv_vit.data._tensorflow import tf
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.info import DatasetInfo
 from qkv_vit.data.protocol import Batch, DataSource, Stream
-from qkv_vit.data.sources import PreparedSource, prepare_source
+from qkv_vit.data.sources import LABEL_SET_SIZE, PreparedSource, prepare_source
 
 _EPOCH_OVERLAP = 8  # batches before an epoch ends at which the next epoch's pipeline starts warming up
 # The seed streams of an epoch (_derive_seed): fixed numbers, so a stream's batches stay those of earlier versions.
@@ -79,19 +79,16 @@ class TFDataSource(DataSource):
         # Every process runs as many batches as the largest part needs, so collective ops stay in step.
         num_batches = math.ceil(max(prepared.num_examples(part) for part in parts) / local_batch)
         preprocess = augment_lib.eval_preprocess(config)
-        examples = prepared.read(parts[process_index]).map(
-            lambda example: {
-                "image": preprocess(example["image"]),
-                "label": example["label"],
-                "mask": tf.constant(1.0),
-            },
+        examples = prepared.read(parts[process_index], label_sets=True).map(
+            lambda example: {**example, "image": preprocess(example["image"]), "mask": tf.constant(1.0)},
             num_parallel_calls=_parallel(config),
             deterministic=True,
         )
         size = config.image_size
-        padding = tf.data.Dataset.from_tensors(
-            {"image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0), "mask": tf.constant(0.0)}
-        ).repeat()
+        pad = {"image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0), "mask": tf.constant(0.0)}
+        if prepared.label_set_feature is not None:  # ImageNet ReaL's relabelling (sources.LABEL_SET_FEATURES)
+            pad["label_set"] = tf.fill([LABEL_SET_SIZE], -1)
+        padding = tf.data.Dataset.from_tensors(pad).repeat()
         batches = examples.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
         dataset = _with_options(batches.prefetch(config.prefetch))
         return EvalBatches(dataset, num_batches, prepared.num_examples(parts[process_index]))

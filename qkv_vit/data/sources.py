@@ -31,6 +31,12 @@ from qkv_vit.data.info import DatasetInfo, SkippedFiles, check_num_classes
 # folders.TRAIN_SPLIT_NAMES and HELD_OUT_SPLIT_NAMES; without a held-out split the eval split must be asked for.
 
 
+# A feature that lists every correct class of an image, read beside its label: ImageNet ReaL's relabelling
+# (tfds imagenet2012_real, Beyer et al. 2020). Eval batches carry it as "label_set", padded with -1.
+LABEL_SET_FEATURES = ("real_label",)
+LABEL_SET_SIZE = 16  # ReaL gives at most a handful of labels per image; more is an error, never a truncation
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparedSource:
     """A prepared data set: the tfds builder to read, the splits to use and the class names."""
@@ -106,8 +112,17 @@ class PreparedSource:
             self.skipped_files,
         )
 
-    def read(self, split: str | tfds.typing.SplitArg, shuffle_seed: int | None = None) -> tf.data.Dataset:
-        """Examples {"image": encoded bytes, "label": int32}; files shuffled when a seed is given."""
+    @property
+    def label_set_feature(self) -> str | None:
+        """The feature listing every correct class of an image (LABEL_SET_FEATURES), where the data set has one."""
+        return next((name for name in LABEL_SET_FEATURES if name in self.builder.info.features), None)
+
+    def read(
+        self, split: str | tfds.typing.SplitArg, shuffle_seed: int | None = None, label_sets: bool = False
+    ) -> tf.data.Dataset:
+        """Examples {"image": encoded bytes, "label": int32}, and with `label_sets` (where the data set has a
+        label_set_feature) "label_set": (LABEL_SET_SIZE,) int32 padded with -1; files shuffled when a seed is
+        given."""
         read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
         dataset = self.builder.as_dataset(
             split=split,
@@ -115,7 +130,24 @@ class PreparedSource:
             decoders={"image": tfds.decode.SkipDecoding()},
             read_config=read_config,
         )
-        return dataset.map(lambda example: {"image": example["image"], "label": tf.cast(example["label"], tf.int32)})
+        feature = self.label_set_feature if label_sets else None
+
+        def example_of(example: dict) -> dict:
+            found = {"image": example["image"], "label": tf.cast(example["label"], tf.int32)}
+            if feature is not None:
+                found["label_set"] = padded_label_set(tf.cast(example[feature], tf.int32))
+            return found
+
+        return dataset.map(example_of)
+
+
+def padded_label_set(labels: tf.Tensor) -> tf.Tensor:
+    """(n,) labels -> (LABEL_SET_SIZE,) padded with -1; an error (not a truncation) for more than LABEL_SET_SIZE."""
+    check = tf.debugging.assert_less_equal(
+        tf.size(labels), LABEL_SET_SIZE, message=f"an image with more than {LABEL_SET_SIZE} correct labels"
+    )
+    with tf.control_dependencies([check]):
+        return tf.pad(labels, [[0, LABEL_SET_SIZE - tf.size(labels)]], constant_values=-1)
 
 
 def prepare_source(config: ml_collections.ConfigDict) -> PreparedSource:

@@ -46,15 +46,18 @@ class Outcomes:
     in_top5: np.ndarray  # (N,) bool: top-k with k = min(5, classes)
     confidence: np.ndarray  # (N,) float64: the top-1 softmax probability
     loss: np.ndarray  # (N,) float64: cross-entropy, nats
+    relabelled: np.ndarray  # (N,) bool: the example has a set of correct labels (ImageNet ReaL), not empty
+    in_label_set: np.ndarray  # (N,) bool: its top-1 is one of them
 
     @classmethod
     def concatenate(cls, parts: Sequence[Outcomes]) -> Outcomes:
         return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)))
 
 
-def outcomes(logits: np.ndarray, labels: np.ndarray) -> Outcomes:
-    """Each example's outcome from (N, K) logits and (N,) int labels in [0, K); ValueError for other shapes or
-    labels outside [0, K)."""
+def outcomes(logits: np.ndarray, labels: np.ndarray, label_sets: np.ndarray | None = None) -> Outcomes:
+    """Each example's outcome from (N, K) logits and (N,) int labels in [0, K), and where given (N, L) sets of
+    correct labels padded with -1 (ImageNet ReaL: an empty set leaves the example out of ReaL accuracy, as Beyer
+    et al. 2020 do); ValueError for other shapes or labels outside [0, K)."""
     logits, labels = np.asarray(logits), np.asarray(labels, np.int64)
     if logits.ndim != 2 or len(logits) != len(labels):
         raise ValueError(f"Need (N, K) logits and (N,) labels, got {logits.shape} and {labels.shape}.")
@@ -63,25 +66,29 @@ def outcomes(logits: np.ndarray, labels: np.ndarray) -> Outcomes:
         raise ValueError(f"Labels must lie in [0, {classes}) for {classes} logits, got {labels.min()}..{labels.max()}.")
     log_probs = log_softmax(logits)
     order = np.argsort(-logits, axis=1, kind="stable")  # ties: the lower class index first, as jax.lax.top_k
+    sets = np.full((len(labels), 1), -1) if label_sets is None else np.asarray(label_sets)
     return Outcomes(
         labels=labels,
         correct=order[:, 0] == labels,
         in_top5=(order[:, : min(5, classes)] == labels[:, None]).any(axis=1),
         confidence=np.exp(log_probs.max(axis=1)),
         loss=-log_probs[np.arange(len(labels)), labels],
+        relabelled=(sets >= 0).any(axis=1),
+        in_label_set=(sets == order[:, :1]).any(axis=1),
     )
 
 
 def classification_metrics(found: Outcomes, class_names: Sequence[str]) -> dict[str, Any]:
-    """count, top1, top5, loss (mean cross-entropy, nats), ece, and per_class {name: {"count", "top1"}} (classes
-    with examples only); ValueError for no examples."""
+    """count, top1, top5, loss (mean cross-entropy, nats), ece, per_class {name: {"count", "top1"}} (classes
+    with examples only), and where examples carry label sets real_top1 and real_count (ReaL accuracy over the
+    examples whose set is not empty); ValueError for no examples."""
     if not len(found.labels):
         raise ValueError("No examples to evaluate.")
     per_class = {}
     for c in np.unique(found.labels):
         members = found.labels == c
         per_class[class_names[c]] = {"count": int(members.sum()), "top1": float(found.correct[members].mean())}
-    return {
+    metrics = {
         "count": len(found.labels),
         "top1": float(found.correct.mean()),
         "top5": float(found.in_top5.mean()),
@@ -89,6 +96,10 @@ def classification_metrics(found: Outcomes, class_names: Sequence[str]) -> dict[
         "ece": expected_calibration_error(found.confidence, found.correct),
         "per_class": per_class,
     }
+    if found.relabelled.any():
+        metrics["real_top1"] = float(found.in_label_set[found.relabelled].mean())
+        metrics["real_count"] = int(found.relabelled.sum())
+    return metrics
 
 
 def class_subset(data_classes: Sequence[str], model_classes: Sequence[str]) -> np.ndarray | None:
@@ -115,7 +126,10 @@ def restrict(logits: np.ndarray, subset: np.ndarray | None) -> np.ndarray:
 
 def summary_line(split: str, metrics: dict[str, Any]) -> str:
     """One line per evaluated split, as the trainer's evaluation line."""
+    real = (
+        f", real_top1 {metrics['real_top1']:.4f} ({metrics['real_count']} relabelled)" if "real_top1" in metrics else ""
+    )
     return (
         f"{split}: top1 {metrics['top1']:.4f}, top5 {metrics['top5']:.4f}, loss {metrics['loss']:.4f}, "
-        f"ece {metrics['ece']:.4f}, count {metrics['count']}"
+        f"ece {metrics['ece']:.4f}, count {metrics['count']}{real}"
     )

@@ -115,7 +115,7 @@ class SplitEvaluator:
         found, scores = [], []
         for part in self.batches(variables, source, split):
             logits = classification.restrict(part.logits, self.subset)
-            found.append(classification.outcomes(logits, part.labels))
+            found.append(classification.outcomes(logits, part.labels, part.label_sets))
             if with_scores:
                 scores.append(ood.scores(logits, part.pre_logits, fitted))
         if not found:

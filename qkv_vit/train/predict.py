@@ -26,6 +26,7 @@ class Predictions:
     logits: np.ndarray  # (N, classes) float32
     pre_logits: np.ndarray  # (N, embed_dim) float32: the features the head sees
     labels: np.ndarray  # (N,) int32
+    label_sets: np.ndarray | None = None  # (N, LABEL_SET_SIZE) int32, -1 padded: every correct class (ImageNet ReaL)
 
 
 def forward(model: Any, mean: tuple[float, ...], std: tuple[float, ...], mesh: Mesh) -> Callable:
@@ -49,7 +50,10 @@ def predicted_batches(
     for batch in sharding.prefetch_to_device(batches, DEVICE_PREFETCH, sharding.batch_sharding(mesh)):
         logits, features = step(variables, batch["image"])
         keep = host_value(batch["mask"]) > 0
-        yield Predictions(host_value(logits)[keep], host_value(features)[keep], host_value(batch["label"])[keep])
+        label_sets = host_value(batch["label_set"])[keep] if "label_set" in batch else None
+        yield Predictions(
+            host_value(logits)[keep], host_value(features)[keep], host_value(batch["label"])[keep], label_sets
+        )
 
 
 def host_value(array: jax.Array) -> np.ndarray:
