@@ -349,3 +349,25 @@ def test_relabelled_examples_count_when_the_top1_is_any_of_their_labels(trained_
     assert found["count"] == 30 and found["real_count"] == 20  # every third example has no ReaL label: left out
     assert found["real_top1"] == pytest.approx(expected)
     assert found["top1"] == pytest.approx(np.mean(top1 == np.concatenate([p.labels for p in parts])))
+
+
+@pytest.mark.slow  # uses a trained run
+def test_a_data_set_of_3_of_the_models_10_classes_is_evaluated_on_their_logits(trained_run, tmp_path):
+    """As ImageNet-A / -R's 200 of 1,000 classes: the data's classes found among the model's by name."""
+    workdir, config = trained_run
+    folder = image_folder(tmp_path / "three", ["2", "5", "7"], 4)
+    config = config.copy_and_resolve_references()
+    config.data.update(source="image_folder", path=str(folder), train_split="test", eval_split="test")
+    found = evaluate(str(workdir), config, ["test"])["splits"]["test"]
+    weights = read_weights(workdir)
+    model = models.from_architecture(models.architecture_from_json(weights.architecture))
+    evaluator = SplitEvaluator(model, config.data, 8, sharding.make_mesh({"data": -1}, jax.devices()))
+    parts = list(evaluator.batches(weights.variables, data.open_source(config.data), "test"))
+    logits, labels = np.concatenate([p.logits for p in parts]), np.concatenate([p.labels for p in parts])
+    assert logits.shape == (12, 10) and sorted(set(labels.tolist())) == [0, 1, 2]
+    assert found["count"] == 12 and set(found["per_class"]) == {"2", "5", "7"}
+    assert found["top1"] == pytest.approx(np.mean(logits[:, [2, 5, 7]].argmax(axis=1) == labels))
+    # The loss too is over the 3 classes: the softmax over all 10 would put mass on the 7 the data lack.
+    masked = classification.log_softmax(logits[:, [2, 5, 7]])[np.arange(12), labels]
+    unmasked = classification.log_softmax(logits)[np.arange(12), np.array([2, 5, 7])[labels]]
+    assert found["loss"] == pytest.approx(-masked.mean()) and -unmasked.mean() > -masked.mean() + 1e-3
