@@ -214,11 +214,8 @@ def test_attention_maps_sum_to_one_and_capturing_changes_no_logit(qkv):
 
 
 @pytest.mark.slow  # trains a run
-def test_periodic_evaluators_run_at_their_interval_and_at_the_end(tmp_path, data_cache):
-    config = load_config("quickstart", "runlocal")
-    config.model.update(embed_dim=32, depth=1, num_heads=4)
-    config.data.cache_dir = str(data_cache)
-    config.async_checkpointing = False
+def test_periodic_evaluators_run_at_their_interval_and_at_the_end(tmp_path, tiny_config):
+    config = tiny_config
     config.total_steps = 4
     config.evaluators.ood = dict(type="ood", every_steps=2, data="digits:test", mahalanobis=True)
     config.evaluators.on_train = dict(type="classification", every_steps=0, split="train")
