@@ -147,7 +147,8 @@ def padded_label_set(labels: tf.Tensor) -> tf.Tensor:
         tf.size(labels), LABEL_SET_SIZE, message=f"an image with more than {LABEL_SET_SIZE} correct labels"
     )
     with tf.control_dependencies([check]):
-        return tf.pad(labels, [[0, LABEL_SET_SIZE - tf.size(labels)]], constant_values=-1)
+        padded = tf.pad(labels, [[0, LABEL_SET_SIZE - tf.size(labels)]], constant_values=-1)
+    return tf.ensure_shape(padded, [LABEL_SET_SIZE])  # a static shape, as the padding examples have
 
 
 def prepare_source(config: ml_collections.ConfigDict) -> PreparedSource:

@@ -112,10 +112,11 @@ class BatchNorm(nn.Module):
     default) JAX asks for the reshape's output sharding and refuses it.
 
     `axis_name`: inside jax.shard_map over the batch's mesh axes (the trainer's train step), each device holds
-    its shard of the global batch, in order. Groups within a shard are normalized there; groups that span
-    shards (or the whole batch, without `group_size`) gather per-channel sums across the devices, in units of
-    gcd(shard, group) images, and normalize with the same two-pass statistics. Every device then holds every
-    group's statistics, so the running averages are the same as on one device.
+    its shard of the global batch, in order. Groups within a shard are normalized there (their running-average
+    statistics averaged over the devices); groups that span or straddle shards (or the whole batch, without
+    `group_size`) sum per-channel sums of units of gcd(shard, group) images over the devices into their groups,
+    with the same two-pass statistics, and every device holds every group's statistics. Either way the running
+    averages are the ones one device computes.
     """
 
     use_running_average: bool
