@@ -49,7 +49,8 @@ class RunFacts:
     @property
     def qkv(self) -> str:
         """The QKV preset the architecture is (models.QKV_PRESETS), else its embedding kind."""
-        options = self.run.model["architecture"]
+        options = dict(self.run.model["architecture"])
+        options["qkv_hidden_dim"] = options.get("qkv_hidden_dim") or options["embed_dim"]  # None: h = d
         for preset in models.QKV_PRESETS:
             wanted = models.qkv_preset(preset, options["embed_dim"])
             if all(options.get(key) == value for key, value in wanted.items()):

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
 from sklearn import metrics as sk
 
 from conftest import REPO, load_config
 from qkv_vit import data, models
+from qkv_vit.data.testing import write_image_folder
 from qkv_vit.errors import ConfigError
-from qkv_vit.evaluate.evaluation import Corruptions, evaluate
+from qkv_vit.evaluate.evaluation import Corruptions, build_model, evaluate
 from qkv_vit.metrics import classification, corruption, ood
 from qkv_vit.train import sharding, train_and_evaluate
 from qkv_vit.train.config import check_config
@@ -142,13 +142,9 @@ def trained_run(tmp_path_factory, data_cache):
 
 
 @pytest.mark.slow  # trains a run
-def image_folder(root, class_names, per_class: int, seed: int = 0):
-    """ROOT/test/<class>/*.png of random 8x8 images."""
-    rng = np.random.default_rng(seed)
-    for name in class_names:
-        (root / "test" / name).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "test" / name / f"{i}.png")
+def image_folder(root, class_names, per_class: int):
+    """ROOT/test/<class>/*.png (data.testing's flat-colour images), the folder."""
+    write_image_folder(root, {"test": {name: per_class for name in class_names}})
     return root
 
 
@@ -264,8 +260,9 @@ def test_corruption_errors_by_hand():
 @pytest.mark.slow  # uses a trained run
 def test_corruptions_are_evaluated_per_corruption_and_severity_against_a_baseline(trained_run, tmp_path):
     workdir, config = trained_run
-    for index, (name, severity) in enumerate([(n, s) for n in ("noise", "blur") for s in (1, 2)]):
-        image_folder(tmp_path / name / str(severity), [str(d) for d in range(10)], 2, seed=index)  # the digits' names
+    for name in ("noise", "blur"):
+        for severity in (1, 2):
+            image_folder(tmp_path / name / str(severity), [str(d) for d in range(10)], 2)  # the digits' class names
     suite = Corruptions(f"image_folder:{tmp_path}/{{corruption}}/{{severity}}:test", ("noise", "blur"), (1, 2))
     found = evaluate(str(workdir), config, corruptions=suite)["corruptions"]
     assert set(found["errors"]) == {"noise", "blur"} and set(found["errors"]["noise"]) == {"1", "2"}
@@ -279,7 +276,7 @@ def test_corruptions_are_evaluated_per_corruption_and_severity_against_a_baselin
 def test_an_evaluator_compiles_its_forward_pass_once(trained_run):
     workdir, config = trained_run
     weights = read_weights(workdir)
-    model = models.from_architecture(models.architecture_from_json(weights.architecture))
+    model = build_model(weights, config, "cpu")
     evaluator = SplitEvaluator(model, config.data, 16, sharding.make_mesh({"data": -1}, jax.devices()))
     source = data.open_source(config.data)
     for _ in range(2):  # as a periodic evaluator does at every interval
@@ -331,7 +328,7 @@ def test_relabelled_examples_count_when_the_top1_is_any_of_their_labels(trained_
     config.data.update(source="tfds", name="fake_real", data_dir=str(tmp_path), train_split="test", eval_split="test")
     found = evaluate(str(workdir), config, ["test"])["splits"]["test"]
     weights = read_weights(workdir)
-    model = models.from_architecture(models.architecture_from_json(weights.architecture))
+    model = build_model(weights, config, "cpu")
     evaluator = SplitEvaluator(model, config.data, 8, sharding.make_mesh({"data": -1}, jax.devices()))
     parts = list(evaluator.batches(weights.variables, data.open_source(config.data), "test"))
     top1 = np.concatenate([p.logits for p in parts]).argmax(axis=1)
@@ -353,7 +350,7 @@ def test_a_data_set_of_3_of_the_models_10_classes_is_evaluated_on_their_logits(t
     config.data.update(source="image_folder", path=str(folder), train_split="test", eval_split="test")
     found = evaluate(str(workdir), config, ["test"])["splits"]["test"]
     weights = read_weights(workdir)
-    model = models.from_architecture(models.architecture_from_json(weights.architecture))
+    model = build_model(weights, config, "cpu")
     evaluator = SplitEvaluator(model, config.data, 8, sharding.make_mesh({"data": -1}, jax.devices()))
     parts = list(evaluator.batches(weights.variables, data.open_source(config.data), "test"))
     logits, labels = np.concatenate([p.logits for p in parts]), np.concatenate([p.labels for p in parts])

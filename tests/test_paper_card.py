@@ -51,3 +51,11 @@ def test_ood_claim_reads_the_auroc_difference_and_runs_show_their_evaluation(tmp
     assert "- corruptions (image_folder:c/{corruption}/{severity}:test): mean error 25.00%, mCE 0.900" in card
     gflops = count_macs(models.create("xcit_nano_12_p16", qkv="fsne_m8"), 32) / 1e9  # the fake records 1000 classes
     assert f"digits, xcit_nano_12_p16, fsne_m8: 1,234,567 parameters, {gflops:.3f} GFLOPs" in card
+
+
+def test_a_run_is_named_by_its_preset_whatever_form_its_hidden_width_takes(tmp_path):
+    workdir = fake_run(tmp_path, "fsne_default_h", model_name="xcit_nano_12_p16", qkv="fsne_m8", top1=0.9)
+    model = json.loads((workdir / "model.json").read_text())
+    model["architecture"]["qkv_hidden_dim"] = None  # h = d, as a config that leaves it unset records it
+    (workdir / "model.json").write_text(json.dumps(model))
+    assert paper_card.RunFacts(results.read_run(workdir), 1, 0.0, None, None).qkv == "fsne_m8"

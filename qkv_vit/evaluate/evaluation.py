@@ -122,9 +122,8 @@ def evaluate(
         logging.info("%s", classification.summary_line(split, result["splits"][split]))
     for spec in ood_data:
         outside = evaluator.scores(variables, spec.open(config.data), spec.split, fitted)
-        result["ood"][str(spec)] = {"count": len(outside["msp"])}
+        result["ood"][str(spec)] = ood.detection_report(inside, outside)
         for score in inside:
-            result["ood"][str(spec)][score] = ood.detection_metrics(inside[score], outside[score])
             logging.info("%s", ood.summary_line(f"{splits[0]} vs {spec}", score, result["ood"][str(spec)][score]))
     if corruptions is not None:
         result["corruptions"] = corruption_errors(evaluator, weights, variables, config.data, corruptions)

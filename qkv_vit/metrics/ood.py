@@ -8,10 +8,11 @@ Every score is higher for examples that look in-distribution:
 - `mahalanobis`: minus the smallest Mahalanobis distance of the pre-logit features to a class mean, with one
   covariance shared by the classes, both from the train split (Lee et al. 2018, without input perturbation).
 
-The in-distribution examples are the positives: AUROC is P(score_in > score_out) + P(equal) / 2 (as
-scikit-learn's roc_auc_score); FPR95 is the fraction of OOD examples at or above the highest threshold that keeps
-95% of the in-distribution ones (the first point of the ROC curve with TPR >= 0.95); AUPR-In and AUPR-Out are
-scikit-learn's average precision with the in- or out-of-distribution examples as positives.
+The in-distribution examples are the positives, and scikit-learn (a dependency already: it ships the digits)
+computes the metrics: AUROC is its roc_auc_score, P(score_in > score_out) + P(equal) / 2; FPR95 is the fraction of
+OOD examples at or above the highest threshold that keeps 95% of the in-distribution ones (the first point of its
+roc_curve with TPR >= 0.95); AUPR-In and AUPR-Out are its average precision with the in- or out-of-distribution
+examples as positives.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 
 import numpy as np
 from scipy import special
+from sklearn import metrics
 
 SCORES = ("msp", "max_logit", "energy", "mahalanobis")
 TPR_LEVEL = 0.95
@@ -84,46 +86,12 @@ def scores(
     return found
 
 
-def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
-    """P(in > out) + P(in == out) / 2 over every pair, from the ranks (Mann-Whitney U), ties averaged."""
-    inside, outside = np.asarray(inside, np.float64), np.asarray(outside, np.float64)
-    values = np.concatenate([inside, outside])
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values), np.float64)
-    sorted_values = values[order]
-    # Average ranks over runs of equal values.
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2.0  # ranks are 1-based
-    u = ranks[: len(inside)].sum() - len(inside) * (len(inside) + 1) / 2.0
-    return float(u / (len(inside) * len(outside)))
-
-
-def roc_points(inside: np.ndarray, outside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(TPR, FPR) at every distinct threshold, highest first: the examples scored at or above it."""
-    values = np.concatenate([inside, outside]).astype(np.float64)
-    positive = np.r_[np.ones(len(inside)), np.zeros(len(outside))]
-    order = np.argsort(-values, kind="stable")
-    values, positive = values[order], positive[order]
-    last_of_each = np.r_[np.flatnonzero(values[1:] != values[:-1]), len(values) - 1]
-    true_positives = np.cumsum(positive)[last_of_each]
-    false_positives = (last_of_each + 1) - true_positives
-    return true_positives / len(inside), false_positives / len(outside)
-
-
 def fpr_at_tpr(inside: np.ndarray, outside: np.ndarray, level: float = TPR_LEVEL) -> float:
-    """The FPR at the first threshold (highest first) whose TPR reaches `level`."""
-    tpr, fpr = roc_points(inside, outside)
+    """The FPR at the first threshold (highest first) whose TPR reaches `level`: every distinct threshold's point of
+    scikit-learn's ROC curve, none dropped."""
+    truth = np.r_[np.ones(len(inside)), np.zeros(len(outside))]
+    fpr, tpr, _ = metrics.roc_curve(truth, np.r_[inside, outside], drop_intermediate=False)
     return float(fpr[np.searchsorted(tpr, level - 1e-12, side="left")])
-
-
-def average_precision(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """sum over thresholds of (R_n - R_{n-1}) P_n, highest first (scikit-learn's average_precision_score)."""
-    tpr, fpr = roc_points(positives, negatives)
-    true_positives, false_positives = tpr * len(positives), fpr * len(negatives)
-    precision = true_positives / (true_positives + false_positives)
-    return float(np.sum(np.diff(np.r_[0.0, tpr]) * precision))
 
 
 def detection_metrics(inside: np.ndarray, outside: np.ndarray) -> dict[str, float]:
@@ -134,11 +102,21 @@ def detection_metrics(inside: np.ndarray, outside: np.ndarray) -> dict[str, floa
         raise ValueError(f"Need scores of both sides, got {len(inside)} in- and {len(outside)} out-of-distribution.")
     if not (np.isfinite(inside).all() and np.isfinite(outside).all()):
         raise ValueError("Scores must be finite (a NaN or inf logit?).")
+    truth, scores = np.r_[np.ones(len(inside)), np.zeros(len(outside))], np.r_[inside, outside]
     return {
-        "auroc": auroc(inside, outside),
+        "auroc": float(metrics.roc_auc_score(truth, scores)),
         "fpr95": fpr_at_tpr(inside, outside),
-        "aupr_in": average_precision(inside, outside),
-        "aupr_out": average_precision(-outside, -inside),
+        "aupr_in": float(metrics.average_precision_score(truth, scores)),
+        "aupr_out": float(metrics.average_precision_score(1 - truth, -scores)),
+    }
+
+
+def detection_report(inside: dict[str, np.ndarray], outside: dict[str, np.ndarray]) -> dict[str, object]:
+    """{"count": OOD examples, score: detection_metrics} for every score of `inside` (ood.scores of the
+    in-distribution examples) against the same score of `outside`."""
+    return {
+        "count": len(next(iter(outside.values()))),
+        **{score: detection_metrics(inside[score], outside[score]) for score in inside},
     }
 
 

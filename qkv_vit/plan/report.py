@@ -42,8 +42,9 @@ def step_lines(name: str, step: StepCost, plan: Plan) -> list[str]:
         f"{_seconds(step.cost_model_seconds)} (XLA's cost model, corrected), "
         f"{_seconds(step.cycles_seconds)} (the compiler's kernel cycles summed)",
     ]
-    if plan.mfu(step):
-        lines.append(f"  MFU              {_range(plan.mfu(step), '%', 100)} of the bfloat16 peak")
+    mfu = plan.mfu(step)
+    if mfu:
+        lines.append(f"  MFU              {_range(mfu, '%', 100)} of the bfloat16 peak")
     for line in hlo.grouped(list(step.collectives)):
         lines.append(f"  collectives      {line}")
     return lines

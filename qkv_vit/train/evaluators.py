@@ -141,9 +141,7 @@ class SplitEvaluator:
         `split`; Mahalanobis fitted on `source`'s train split."""
         fitted = self.class_statistics(variables, source) if mahalanobis else None
         _, inside = self.split(variables, source, None, fitted, with_scores=True)
-        scores = self.scores(variables, outside, split, fitted)
-        count = len(next(iter(scores.values())))
-        return {"count": count, **{s: ood.detection_metrics(inside[s], scores[s]) for s in inside}}
+        return ood.detection_report(inside, self.scores(variables, outside, split, fitted))
 
 
 # ---- periodic evaluators (config.evaluators) ----
