@@ -1,5 +1,6 @@
 """Loading PyTorch XCiT weights as Flax variables, checked key by key and shape by shape against a model."""
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from qkv_vit.models import XCiT, init_shapes
 from qkv_vit.tree import flatten, unflatten
 
 MAX_KEYS_IN_ERROR = 20
+EXPORT_CONFIG = "config.json"  # what python -m qkv_vit.export writes beside the weights
+DEFAULT_QKV_ACTIVATION = "relu"
 
 
 class WeightMismatchError(ConfigError):
@@ -81,3 +84,19 @@ def describe_model(model: nn.Module) -> str:
 
 def format_kwargs(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value}" for key, value in kwargs.items())
+
+
+def recorded_qkv_activation(weights: str | Path) -> tuple[str, str]:
+    """(the non-linear QKV embedding's activation, where it comes from) for a weights file: the architecture in the
+    config.json that `python -m qkv_vit.export` wrote beside it, else relu (the default; shapes cannot tell).
+    ValueError if that config.json cannot be read as JSON."""
+    config = Path(weights).parent / EXPORT_CONFIG
+    if not config.is_file():
+        return DEFAULT_QKV_ACTIVATION, f"no {EXPORT_CONFIG} beside the weights: assumed; no weight shape shows it"
+    try:
+        architecture = json.loads(config.read_text()).get("qkv_vit", {}).get("architecture", {})
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{config} is not the JSON object python -m qkv_vit.export writes ({error}).") from None
+    if "qkv_activation" not in architecture:
+        return DEFAULT_QKV_ACTIVATION, f"{config} does not record it: assumed; no weight shape shows it"
+    return architecture["qkv_activation"], f"read from {config}"

@@ -10,6 +10,21 @@ from qkv_vit.convert.state_dict import XCIT_KEYS, StateDict, not_xcit_message
 FlaxPath = tuple[str, ...]  # (collection, module, ..., leaf), e.g. ('params', 'blocks_0', 'attn', 'qkv', 'kernel')
 
 PATCH_STAGES_TO_PATCH_SIZE = {4: 16, 3: 8}
+# The non-linear QKV embeddings' weights (qkv_vit/torch_xcit.py's QKVEmbedding) and our kernels: (out, in) matrices,
+# with a leading axis of 3 where q, k and v have a layer each, against (in, out) kernels.
+QKV_WEIGHT_LEAVES = {"hidden_weight": "hidden_kernel", "output_weight": "output_kernel"}
+QKV_FIELDS = (
+    "qkv_embed",
+    "qkv_hidden_dim",
+    "shared_layer",
+    "code_size",
+    "code_mode",
+    "qkv_activation",
+    "qkv_in_class_attention",
+)
+# What the layers' shapes say about the non-linear embedding; the activation changes no shape.
+NONLINEAR_QKV = {(False, False): dict(qkv_embed="sne"), (True, False): dict(qkv_embed="psne", shared_layer="first")}
+NONLINEAR_QKV[(False, True)] = dict(qkv_embed="psne", shared_layer="second")
 
 
 def flax_path(key: str) -> FlaxPath:
@@ -22,6 +37,8 @@ def flax_path(key: str) -> FlaxPath:
         *modules, leaf = re.sub(r"(blocks|cls_attn_blocks)\.(\d+)", r"\1_\2", key).split(".")
     if leaf in ("running_mean", "running_var"):
         return ("batch_stats", *modules, leaf.removeprefix("running_"))
+    if leaf in QKV_WEIGHT_LEAVES:
+        return ("params", *modules, QKV_WEIGHT_LEAVES[leaf])
     if leaf == "weight":
         is_norm = modules[-1].startswith(("norm", "bn"))
         leaf = "scale" if is_norm else "kernel"
@@ -29,7 +46,10 @@ def flax_path(key: str) -> FlaxPath:
 
 
 def flax_array(key: str, value: np.ndarray) -> np.ndarray:
-    """PyTorch (out, in[, kh, kw]) weights to Flax (in, out) / (kh, kw, in, out) kernels."""
+    """PyTorch (out, in[, kh, kw]) weights to Flax (in, out) / (kh, kw, in, out) kernels; a non-linear QKV
+    embedding's ([3,] out, in) weights to ([3,] in, out) kernels."""
+    if key.rsplit(".", 1)[-1] in QKV_WEIGHT_LEAVES:
+        return np.swapaxes(value, -1, -2)
     if not key.endswith(".weight") or value.ndim == 1:
         return value
     if value.ndim == 2:
@@ -51,9 +71,12 @@ def to_flax_variables(state_dict: StateDict) -> tuple[dict[FlaxPath, np.ndarray]
 
 
 def infer_architecture(state_dict: StateDict) -> dict[str, Any]:
-    """XCiT constructor arguments implied by the weights' shapes.
+    """XCiT constructor arguments implied by the weights' shapes, with the non-linear QKV embedding's options
+    (qkv_embed, qkv_hidden_dim, shared_layer, code_size, code_mode, qkv_in_class_attention: nonlinear_qkv) where
+    the weights have one; for XCiT's linear embedding none of these is returned.
 
-    `tokens_norm` and `eta` change no shape, so they cannot be read from weights and are not returned.
+    `tokens_norm`, `eta` and `qkv_activation` change no shape, so they cannot be read from weights and are not
+    returned.
     """
     if not all(key in state_dict for key in XCIT_KEYS):
         raise ValueError(not_xcit_message("The state dict", list(state_dict), []))
@@ -70,7 +93,43 @@ def infer_architecture(state_dict: StateDict) -> dict[str, Any]:
         cls_attn_layers=count_indexed(state_dict, r"cls_attn_blocks\.(\d+)\.norm1\.weight"),
         num_classes=int(state_dict["head.weight"].shape[0]) if "head.weight" in state_dict else 0,
         use_pos_embed="pos_embed.token_projection.weight" in state_dict,
+        **nonlinear_qkv(state_dict, int(embed_dim)),
     )
+
+
+def nonlinear_qkv(state_dict: StateDict, embed_dim: int) -> dict[str, Any]:
+    """The non-linear QKV embedding's options implied by blocks.0.attn.qkv's shapes (qkv_vit/torch_xcit.py's
+    layout); {} for XCiT's linear embedding. A separate layer has a leading axis of 3; F-SNE (both layers shared)
+    has codes: (3, m) with a (h, d + m) first layer concatenates them, (3, d) with a (h, d) one adds them.
+    ValueError for shapes no embedding has."""
+    prefix = "blocks.0.attn.qkv."
+    if prefix + "hidden_weight" not in state_dict:
+        return {}
+    hidden, output = state_dict[prefix + "hidden_weight"], state_dict[prefix + "output_weight"]
+    shared = (hidden.ndim == 2, output.ndim == 2)
+    options: dict[str, Any] = {"qkv_hidden_dim": int(hidden.shape[-2])}
+    codes = state_dict.get(prefix + "codes")
+    if shared == (True, True) and codes is not None:
+        concat = hidden.shape[-1] == embed_dim + codes.shape[-1]
+        if not concat and codes.shape[-1] != embed_dim:
+            raise ValueError(f"F-SNE codes {tuple(codes.shape)} fit neither concatenation nor addition to {embed_dim}.")
+        options.update(qkv_embed="fsne", code_mode="concat" if concat else "add")
+        if concat:
+            options["code_size"] = int(codes.shape[-1])
+    elif shared in NONLINEAR_QKV and codes is None:
+        options.update(NONLINEAR_QKV[shared])
+    else:
+        raise ValueError(
+            f"{prefix}* with hidden_weight {tuple(hidden.shape)}, output_weight {tuple(output.shape)} and "
+            f"{'codes' if codes is not None else 'no codes'} is none of SNE, P-SNE, F-SNE (qkv_vit/torch_xcit.py)."
+        )
+    options["qkv_in_class_attention"] = "cls_attn_blocks.0.attn.qkv.hidden_weight" in state_dict
+    return options
+
+
+def qkv_options(architecture: dict[str, Any]) -> dict[str, Any]:
+    """The QKV embedding's options (QKV_FIELDS) that an architecture holds: {} for inferred linear XCiT."""
+    return {key: architecture[key] for key in QKV_FIELDS if key in architecture}
 
 
 def count_indexed(state_dict: StateDict, pattern: str) -> int:

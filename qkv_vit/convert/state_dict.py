@@ -38,6 +38,19 @@ TORCH_MISSING_MESSAGE = (
 def read_state_dict(path: str | Path) -> StateDict:
     """Read a .safetensors or .pth/.pt file and return its weights in timm's key layout, as float32 numpy."""
     path = Path(path)
+    raw, top_level_keys = read_weights_file(path)
+    state_dict = to_timm_layout(raw)
+    if not all(key in state_dict for key in XCIT_KEYS):
+        raise ValueError(not_xcit_message(path.name, top_level_keys, list(raw)))
+    return state_dict
+
+
+def read_weights_file(path: str | Path) -> tuple[StateDict, list[str]]:
+    """(the weights of a .safetensors or .pth/.pt file, the file's top-level keys), whatever model they are of:
+    a checkpoint dict unwrapped (CHECKPOINT_KEYS), the keys as stored (wrapper prefixes kept: strip_wrappers),
+    of a .pth file only the floating-point tensors. FileNotFoundError, ValueError for an unsupported, damaged or
+    unsafe file, ImportError for a .pth file without PyTorch."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Weights file not found: {path}")
     if path.suffix in SAFETENSORS_SUFFIXES:
@@ -49,10 +62,7 @@ def read_state_dict(path: str | Path) -> StateDict:
         raise ValueError(
             f"Unsupported weights file {path.name}: expected one of {SAFETENSORS_SUFFIXES + TORCH_SUFFIXES}."
         )
-    state_dict = to_timm_layout(raw)
-    if not all(key in state_dict for key in XCIT_KEYS):
-        raise ValueError(not_xcit_message(path.name, top_level_keys, list(raw)))
-    return state_dict
+    return raw, top_level_keys
 
 
 def not_xcit_message(name: str, top_level_keys: list[str], weight_keys: list[str]) -> str:
@@ -131,12 +141,13 @@ def unwrap_checkpoint(checkpoint: object, path: Path) -> dict:
     return checkpoint
 
 
-def strip_wrappers(state_dict: StateDict) -> StateDict:
+def strip_wrappers(state_dict: StateDict, anchor: str = XCIT_KEYS[0]) -> StateDict:
     """Keys as the bare model names them: without `module.` / `_orig_mod.` components, nor a prefix all keys share.
 
     `_orig_mod` (torch.compile) is never a real module name and goes wherever it is; `module` goes where it
-    leads a key. A model inside another (`model.`, `backbone.`) leaves a prefix in front of `cls_token`; it is
-    removed when every key has it, so nothing of the outer model is loaded by mistake.
+    leads a key. A model inside another (`model.`, `backbone.`) leaves a prefix in front of `anchor` (a key the
+    bare model has: XCiT's `cls_token` unless told); it is removed when every key has it, so nothing of the
+    outer model is loaded by mistake.
     """
 
     def bare(key: str) -> str:
@@ -146,8 +157,8 @@ def strip_wrappers(state_dict: StateDict) -> StateDict:
         return ".".join(parts)
 
     stripped = {bare(key): value for key, value in state_dict.items()}
-    if XCIT_KEYS[0] not in stripped:
-        prefixes = {key[: -len(XCIT_KEYS[0])] for key in stripped if key.endswith("." + XCIT_KEYS[0])}
+    if anchor not in stripped:
+        prefixes = {key[: -len(anchor)] for key in stripped if key.endswith("." + anchor)}
         if len(prefixes) == 1 and all(key.startswith(next(iter(prefixes))) for key in stripped):
             prefix = prefixes.pop()
             stripped = {key.removeprefix(prefix): value for key, value in stripped.items()}
