@@ -4,7 +4,7 @@
     python benchmarks/torch_cifar_short.py --path DIR_OR_TAR --seed 1 --epochs 3
     python benchmarks/torch_cifar_short.py --smoke                       # a 1-block model, a few steps (tests)
 
-What such a script does, with nothing of ours in the training: benchmarks/torch_xcit.py's port of timm's
+What such a script does, with nothing of ours in the training: qkv_vit/torch_xcit.py's port of timm's
 XCiT-N12/8 (timm's init), `torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)` (every parameter
 decays), a per-step schedule of linear warmup from 4e-5 over the first 10% of steps then cosine to 0,
 `CrossEntropyLoss(label_smoothing=0.1)`, batch 128 reshuffled each epoch with the last partial batch kept
@@ -25,7 +25,8 @@ import harness
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch_xcit
+
+from qkv_vit import torch_xcit
 
 ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -3,7 +3,7 @@ statistics), the figure our JAX step must match on the same machine.
 
     python benchmarks/torch_train_step.py --model xcit_nano_12_p16 --batch-size 32 --image-size 224 --steps 10
 
-The model is `torch_xcit.py` (timm's XCiT, proven equal to timm on the fixtures by tests/test_benchmarks.py),
+The model is `qkv_vit/torch_xcit.py` (timm's XCiT, proven equal to timm on the fixtures by tests/test_benchmarks.py),
 trained as timm's train.py trains it: soft-target cross entropy (mixup / label smoothing targets), AdamW
 with weight decay 0.05 except on biases, norms and 1-d parameters (timm's `param_groups_weight_decay`),
 eager mode, float32, NCHW, `torch.set_num_threads(cores)`. Same timing protocol and JSON fields as
@@ -20,7 +20,7 @@ ADAMW_IMPLEMENTATIONS = ("default", "foreach", "fused")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    import torch_xcit
+    from qkv_vit import torch_xcit
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="xcit_nano_12_p16", choices=list(torch_xcit.TIMM_MODELS))
@@ -61,7 +61,8 @@ def adamw(model, implementation: str, lr: float = 5e-4 * 32 / 512, weight_decay:
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
-    import torch_xcit
+
+    from qkv_vit import torch_xcit
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -132,15 +132,12 @@ def test_input_pipeline_benchmark(data_cache):
 
 @pytest.mark.parametrize("name", ["xcit_p8_d2_img64", "xcit_p16_d3_img96_tokensnorm"])
 def test_torch_reference_is_timm_xcit(name):
-    """benchmarks/torch_xcit.py with the fixtures' timm weights gives timm's logits: it is the reference."""
+    """qkv_vit/torch_xcit.py with the fixtures' timm weights gives timm's logits: it is the reference."""
     torch = pytest.importorskip("torch", reason="the PyTorch reference needs torch: pip install -e '.[torch]'")
     from safetensors.torch import load_file
 
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import torch_xcit
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    from qkv_vit import torch_xcit
+
     fixture = np.load(require_fixtures() / f"{name}.npz")
     model = torch_xcit.Xcit(**json.loads(str(fixture["config"]))).eval()
     model.load_state_dict(load_file(str(require_fixtures() / f"{name}.safetensors")), strict=True)
@@ -154,11 +151,8 @@ def test_torch_reference_is_timm_xcit(name):
 
 def test_torch_reference_parameter_count_is_timms():
     pytest.importorskip("torch", reason="the PyTorch reference needs torch: pip install -e '.[torch]'")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import torch_xcit
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    from qkv_vit import torch_xcit
+
     model = torch_xcit.create("xcit_nano_12_p16")
     assert sum(p.numel() for p in model.parameters()) == 3_053_224  # timm's published count
 

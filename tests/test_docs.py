@@ -3,6 +3,7 @@ its config and model, as test_configs does for config docstrings; launchers with
 executes, every relative link resolves, and the README's quickstart runs exactly as written, its console output on
 two screens. A command no checker knows fails here: a new kind of command needs its checker."""
 
+import importlib.util
 import os
 import re
 import runpy
@@ -78,8 +79,7 @@ def make_user_dir(tmp_path_factory) -> Path:
     try:
         import torch
 
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        import torch_xcit
+        from qkv_vit import torch_xcit
 
         torch.save(torch_xcit.create("xcit_nano_12_p16").state_dict(), home / "xcit_nano_12_p16_224.pth")
     except ImportError:
@@ -195,6 +195,18 @@ TOOLS = (
 )
 
 
+def check_export_command(argv: list[str], cwd: Path) -> None:
+    """A documented `python -m qkv_vit.export WEIGHTS OUT`: skipped where it needs torch (a .pth file to write, or
+    converted weights, which the user dir has only with torch); OUT removed first, so the command may run again."""
+    needs_torch = "--safetensors" not in argv or CONVERTED in argv[0]
+    if needs_torch and importlib.util.find_spec("torch") is None:
+        pytest.skip(
+            "writing a .pth file, or converted weights to export, needs the torch extra: pip install -e '.[torch]'"
+        )
+    assert (cwd / argv[0]).exists(), f"the user dir has no {argv[0]} to export"
+    shutil.rmtree(cwd / argv[1], ignore_errors=True)
+
+
 def offline_prepare_args(argv: list[str], cwd: Path) -> list[str]:
     """`qkv_vit.data.prepare NAME --data_dir D [--manual_dir M]` with the offline digits for NAME and the directories
     moved into the user's: ImageNet or CIFAR cannot be fetched here, the flags and the code path are the same."""
@@ -231,6 +243,8 @@ def test_documented_command_works(case, user_dir):
         if not (user_dir / argv[0]).exists():
             pytest.skip("converting a .pth file needs the torch extra: pip install -e '.[torch]'")
         shutil.rmtree(user_dir / argv[1], ignore_errors=True)  # converted when the user dir was made
+    elif module == "qkv_vit.export":
+        check_export_command(argv, user_dir)
     else:
         assert module in TOOLS, f"no checker for `{command}`: add one to tests/test_docs.py"
     run = run_command(user_dir, ["-m", module, *argv])
@@ -247,6 +261,10 @@ def test_documented_python_runs(case, user_dir):
     _, _, code = case
     if "xcit_nano_12_p16_224.pth" in code and not (user_dir / "xcit_nano_12_p16_224.pth").exists():
         pytest.skip("reading a .pth file needs the torch extra: pip install -e '.[torch]'")
+    if "torch_xcit" in code and importlib.util.find_spec("torch") is None:
+        pytest.skip("the PyTorch XCiT needs the torch extra: pip install -e '.[torch]'")
+    for exported in re.findall(r'export_weights\([^,]+, "([^"]+)"', code):
+        shutil.rmtree(user_dir / exported, ignore_errors=True)  # the block may run again in the same user dir
     run = run_command(user_dir, ["-c", code])
     assert run.returncode == 0, run.stderr[-3000:]
 
