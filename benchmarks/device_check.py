@@ -147,15 +147,15 @@ def train_step(config: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     else:  # as the trainer feeds: host numpy batches put on the devices two steps ahead
         batches = sharding.prefetch_to_device(itertools.cycle(pool), 2, jitted.batch_sharding)
     start = time.perf_counter()
-    lowered = jitted.train_step.lower(state, next(batches))
+    lowered = jitted.train_step.lower(state, next(batches), None)  # no distillation teacher
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     for _ in range(1 + args.warmup):
-        state, metrics = compiled(state, next(batches))
+        state, metrics = compiled(state, next(batches), None)
     jax.block_until_ready(metrics["loss"])
     start = time.perf_counter()
     for _ in range(args.steps):
-        state, metrics = compiled(state, next(batches))
+        state, metrics = compiled(state, next(batches), None)
     loss = float(jax.block_until_ready(metrics["loss"]))
     step_s = (time.perf_counter() - start) / args.steps
     devices = jax.devices()

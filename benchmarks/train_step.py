@@ -4,6 +4,7 @@
         --image-size 224 --steps 10
     python benchmarks/train_step.py --qkv fsne_m8 --dtype bfloat16        # a QKV preset, bf16 compute
     python benchmarks/train_step.py --all-qkv --repeats 3                 # every preset, interleaved rounds
+    python benchmarks/train_step.py --teacher regnety_160 --dtype bfloat16  # distilled: the teacher's forward too
 
 The step is the trainer's own (`qkv_vit.train.trainer.build_run`: the same model, optimizer, schedule,
 mesh, shardings, donation and jit), fed like the trainer feeds it: a host numpy batch assembled into a
@@ -74,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embed-dim", type=int, help="override the token width")
     parser.add_argument("--num-heads", type=int, help="override the head count")
     parser.add_argument("--cls-attn-layers", type=int, help="override the number of class-attention blocks")
+    parser.add_argument(
+        "--teacher", help="distill from this named model (e.g. regnety_160): its forward runs in every step"
+    )
     parser.add_argument("--mesh-fsdp", type=int, default=1, help="size of the mesh's fsdp axis")
     parser.add_argument("--sharding", default="replicate", choices=["replicate", "fsdp"])
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (overrides the table)")
@@ -123,6 +127,8 @@ def make_config(args: argparse.Namespace):
     config.data.image_size = args.image_size
     config.total_steps, config.optimizer.warmup_steps = 10_000, 100  # only shapes the lr schedule
     config.mesh.fsdp, config.sharding = args.mesh_fsdp, args.sharding
+    if args.teacher:  # XCiT's † recipe: hard distillation, the teacher in the compute dtype
+        config.distillation.update(type="hard", teacher_model=args.teacher)
     return config
 
 
@@ -153,6 +159,17 @@ def local_batch(batch_size: int, image_size: int, num_classes: int, seed: int = 
     return {"image": images, "label": labels}
 
 
+def forward_macs(model, variables, image_size: int) -> int:
+    """Multiply-adds of one image's eval-mode forward, from XLA's cost analysis of it (flops / 2): for a teacher,
+    whose architecture models.flops does not count."""
+    import jax
+    import jax.numpy as jnp
+
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, images).compile()
+    return int(compiled.cost_analysis()["flops"] / 2)
+
+
 def peak_tflops(device_kind: str, override: float | None) -> float | None:
     if override:
         return override
@@ -171,13 +188,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     config = make_config(args)
     run = setup_run(config, args.num_classes)
     state = jax.jit(run.steps.init_state, out_shardings=run.steps.state_sharding)()
+    teacher = run.steps.init_teacher()  # --teacher: random variables of the named model (its cost, not its values)
     batch = local_batch(args.batch_size, args.image_size, args.num_classes)
 
     last_loss = float("nan")
 
     def step() -> None:
         nonlocal state, last_loss
-        state, metrics = run.steps.train_step(state, sharding.global_batch(batch, run.steps.batch_sharding))
+        state, metrics = run.steps.train_step(state, sharding.global_batch(batch, run.steps.batch_sharding), teacher)
         last_loss = jax.block_until_ready(metrics["loss"])
         jax.block_until_ready(state)
 
@@ -200,9 +218,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     step_s = harness.median(times)
     images_per_sec = args.batch_size / step_s
     macs = count_macs(run.model, args.image_size)
+    teacher_macs = forward_macs(run.steps.distillation.teacher, teacher, args.image_size) if args.teacher else 0
     device = jax.devices()[0]
     peak = peak_tflops(device.device_kind, args.peak_tflops)
-    achieved_tflops = images_per_sec * TRAIN_FLOPS_PER_MAC * macs / 1e12
+    # The teacher's forward is model work too (2 flops per multiply-add, no backward), as in the plan's flops.
+    achieved_tflops = images_per_sec * (TRAIN_FLOPS_PER_MAC * macs + 2 * teacher_macs) / 1e12
     return {
         "benchmark": "train_step",
         "model": args.model,
@@ -215,6 +235,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "num_classes": args.num_classes,
         "params": models.count_params(run.steps.abstract_state.params),
         "macs_per_image": macs,
+        "teacher": args.teacher,
+        "teacher_macs_per_image": teacher_macs,
         "steps": args.steps,
         "step_time_s": step_s,
         "step_times_s": times,
@@ -252,6 +274,8 @@ def report(result: dict[str, Any]) -> None:
         f"({result['processes']} process(es), mesh {result['mesh']}), {result['cpu']}, {result['cores']} cores"
     )
     print(f"  params {result['params']:,}, {result['macs_per_image'] / 1e9:.3f} GMACs/image")
+    if result["teacher"]:
+        print(f"  teacher {result['teacher']}: {result['teacher_macs_per_image'] / 1e9:.3f} GMACs/image (forward)")
     print(
         f"  step {result['step_time_s'] * 1e3:.1f} ms (median of {result['steps']}), "
         f"{result['images_per_sec']:.1f} images/s; process CPU time "

@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import REPO, load_config
 from qkv_vit import data, models, sweep
 from qkv_vit.data import in_memory
+from qkv_vit.errors import ConfigError
 from qkv_vit.train import train_and_evaluate
 from qkv_vit.train.config import parse_arg
 from qkv_vit.train.optimizer import learning_rate, make_optimizer
@@ -49,6 +50,9 @@ EXTRA_ARGS = {
         "model=large_24_p16,qkv=psne_second,hidden=384",
         "runlocal",
         *(f"qkv=fsne,code_size={m}" for m in (4, 8, 16, 32)),
+        "distill=regnety_160",
+        "res=384,init=/ckpt,layer_decay=0.75",
+        "res=384,distill=xcit_small_12_p16,runlocal",
     ],
     "transfer": [
         "runlocal",
@@ -94,6 +98,30 @@ def test_documented_arguments_build_a_valid_config_and_model(name, arg):
     if arg and "runlocal" in arg:
         assert config.data.source == "digits" or name == "cifar10"
         assert (config.total_steps or 0) <= 4 and config.global_batch_size <= 16
+
+
+def test_imagenet_fine_tune_at_384_and_distillation_presets():
+    config = load_config("imagenet", "model=nano_12_p16,res=384,init=/ckpt,distill=regnety_160,teacher=/teacher")
+    assert (config.data.image_size, config.total_epochs, config.init_from) == (384, 30.0, "/ckpt")
+    assert (config.optimizer.lr, config.optimizer.weight_decay, config.optimizer.min_lr) == (5e-6, 1e-8, 5e-6)
+    assert config.distillation.to_dict() == dict(
+        type="hard", alpha=0.5, tau=1.0, teacher_model="regnety_160", teacher_path="/teacher"
+    )
+    assert load_config("imagenet", "model=nano_12_p16").distillation.type == "none"
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("res=384", "give init="),
+        ("res=256", "res=256"),
+        ("init=/ckpt", "init= goes with res=384"),
+        ("teacher=/teacher", "give distill="),
+    ],
+)
+def test_imagenet_argument_mistakes_say_what_to_give(arg, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("imagenet", arg)
 
 
 @pytest.fixture(scope="module")

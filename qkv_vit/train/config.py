@@ -16,7 +16,7 @@ from ml_collections import config_dict
 from qkv_vit import config_rules as rules
 from qkv_vit import data, models
 from qkv_vit.errors import ConfigError
-from qkv_vit.train import evaluators, optimizer, run_record, sharding
+from qkv_vit.train import distillation, evaluators, optimizer, run_record, sharding
 from qkv_vit.train.optimizer import OPTIMIZERS
 from qkv_vit.train.target import Target
 
@@ -151,6 +151,15 @@ OPTIMIZER_RULES = {
     "accumulation_steps": rules.integer(1),
     "code_weight_decay": rules.flag(),
     "filter_bias_and_bn": rules.flag(),
+    "layer_decay": rules.number(0.0, 1.0, low_open=True),  # 1.0: no layer-wise decay
+}
+
+DISTILLATION_RULES = {
+    "type": rules.text(distillation.DISTILLATION_TYPES),
+    "alpha": rules.number(0.0, 1.0),
+    "tau": rules.number(0.0, low_open=True),
+    "teacher_model": rules.text(),
+    "teacher_path": rules.text(nonempty=True, optional=True),
 }
 
 RUN_RULES = {
@@ -166,6 +175,7 @@ RUN_RULES = {
     "total_epochs": rules.number(0.0, low_open=True),
     "total_steps": rules.integer(1, optional=True),
     "optimizer": OPTIMIZER_RULES,
+    "distillation": DISTILLATION_RULES,
     "ema_decay": rules.number(0.0, 1.0, high_open=True, optional=True),
     "nonfinite": rules.text(NONFINITE_POLICIES),
     "mesh": {"data": rules.integer(1, or_minus_one=True), "fsdp": rules.integer(1, or_minus_one=True)},
@@ -281,6 +291,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Each key explained in optimizer.DEFAULTS; warmup_steps (None there) an int placeholder the command line can set.
     config.optimizer = ml_collections.ConfigDict({**optimizer.DEFAULTS, "warmup_steps": config_dict.placeholder(int)})
+    # Knowledge distillation from a teacher (train/distillation.py, DeiT's loss as XCiT used it): off by default.
+    config.distillation = ml_collections.ConfigDict(
+        {**distillation.DEFAULTS, "teacher_path": config_dict.placeholder(str)}
+    )
     config.ema_decay = config_dict.placeholder(float)  # e.g. 0.99996; evaluations then also report ema_*
     config.nonfinite = "stop"  # NaN/inf loss or gradients: "stop" the run, or "skip" the step
 

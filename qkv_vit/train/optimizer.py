@@ -1,8 +1,10 @@
-"""AdamW (default) or SGD with XCiT's schedule and weight-decay mask, optional clipping and gradient accumulation."""
+"""AdamW (default) or SGD with XCiT's schedule and weight-decay mask, optional layer-wise lr decay, clipping and
+gradient accumulation."""
 
 from __future__ import annotations
 
 import functools
+import re
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -38,6 +40,7 @@ DEFAULTS = dict(
     accumulation_steps=1,
     code_weight_decay=False,  # F-SNE codes: no weight decay by default
     filter_bias_and_bn=True,  # no weight decay on biases, norms, gammas, ... (timm's default); False: all
+    layer_decay=1.0,  # layer-wise lr decay for fine-tuning (timm's --layer-decay, e.g. 0.75); 1.0: none
 )
 
 
@@ -84,6 +87,61 @@ def decay_mask(params: Any, code_weight_decay: bool = False, filter_bias_and_bn:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+STEM_MODULES = (
+    "cls_token",
+    "pos_embed",
+    "patch_embed",
+)  # timm's XCiT group_matcher: stem=r'^cls_token|pos_embed|patch_embed'
+
+
+def layer_ids(params: Any) -> Any:
+    """Each XCiT parameter's layer for layer-wise lr decay: a tree of ints shaped as `params`, as timm numbers them
+    (group_with_matcher with XCiT's group_matcher): 0 for the class token, positional encoding and patch embedding,
+    1 + i for blocks_i, then the class-attention blocks in order, the final norm with the last of them (timm's
+    MATCH_PREV_GROUP), and last the head (with anything else: timm's unmatched parameters). A block's QKV
+    embedding, F-SNE codes included, is in its block's layer.
+    """
+    names = list(params)
+    depth = sum(bool(re.fullmatch(r"blocks_\d+", n)) for n in names)
+    cls_layers = sum(bool(re.fullmatch(r"cls_attn_blocks_\d+", n)) for n in names)
+    last_block = depth + cls_layers  # the final norm joins the group before it
+
+    def layer(name: str) -> int:
+        index = re.fullmatch(r"(blocks|cls_attn_blocks)_(\d+)", name)
+        if name in STEM_MODULES:
+            return 0
+        if index:
+            return 1 + int(index.group(2)) + (depth if index.group(1) == "cls_attn_blocks" else 0)
+        if name == "norm":
+            return last_block
+        return last_block + 1
+
+    return {name: jax.tree.map(lambda _, n=name: layer(n), subtree) for name, subtree in params.items()}
+
+
+def layer_scales(params: Any, layer_decay: float) -> Any:
+    """timm's layer-wise lr scales, decay ** (last layer - layer), a tree of floats shaped as `params`: 1 for the
+    head, layer_decay for the layer before it, and so on down to the stem (param_groups_layer_decay's lr_scale)."""
+    ids = layer_ids(params)
+    last = max(jax.tree.leaves(ids))
+    return jax.tree.map(lambda i: float(layer_decay ** (last - i)), ids)
+
+
+def scale_by_layer(layer_decay: float) -> optax.GradientTransformation:
+    """Each layer's updates multiplied by its layer_scales, as timm's scheduler multiplies each param group's lr by
+    its lr_scale: the whole update is scaled, the decoupled weight decay (a term of it) included.
+
+    A stateless per-leaf scale: what optax.multi_transform of one optax.scale per layer computes, without knowing
+    the layer count before the parameters are seen; the optimizer's own state stays one tree.
+    """
+
+    def update(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
+        del params
+        return jax.tree.map(lambda u, s: u * s, updates, layer_scales(updates, layer_decay)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -91,7 +149,8 @@ def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> 
     """config.optimizer.name: "adamw" (decoupled weight decay, XCiT) or "sgd" (momentum, DeiT's fine-tuning).
 
     Both decay only the leaves that decay_mask selects. SGD's decay is PyTorch's: weight_decay x param is
-    added to the (clipped) gradient before momentum, as torch.optim.SGD(weight_decay=...) does.
+    added to the (clipped) gradient before momentum, as torch.optim.SGD(weight_decay=...) does. With
+    opt.layer_decay < 1 each layer's update is scaled by its layer_scales (timm's --layer-decay).
     """
     name = opt.name
     mask = functools.partial(
@@ -106,8 +165,9 @@ def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> 
         )
     else:
         raise ConfigError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {name!r}.")
-    chain = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm else []
-    optimizer = optax.chain(*chain, update)
+    clip = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm else []
+    layer_decay = [scale_by_layer(opt.layer_decay)] if opt.layer_decay != 1.0 else []
+    optimizer = optax.chain(*clip, update, *layer_decay)
     if opt.accumulation_steps > 1:
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=opt.accumulation_steps)
     return optimizer

@@ -37,9 +37,17 @@ def state_spec(run: Run) -> Any:
     return sharding.placed(run.steps.abstract_state, run.steps.state_sharding)
 
 
+def teacher_spec(run: Run) -> Any:
+    """A distillation teacher's variables' shapes and dtypes, laid out as the run shards them; None without one."""
+    if run.steps.distillation is None:
+        return None
+    return sharding.placed(run.steps.abstract_teacher, run.steps.teacher_sharding)
+
+
 def lower_train_step(run: Run) -> jax.stages.Lowered:
-    """The train step on a global batch of config.global_batch_size, lowered for the run's target."""
-    return run.steps.train_step.lower(state_spec(run), batch_spec(run, run.config.global_batch_size))
+    """The train step on a global batch of config.global_batch_size, lowered for the run's target (the teacher's
+    forward included where the run distills)."""
+    return run.steps.train_step.lower(state_spec(run), batch_spec(run, run.config.global_batch_size), teacher_spec(run))
 
 
 def lower_eval_step(run: Run) -> jax.stages.Lowered:

@@ -12,7 +12,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qkv_vit.train import distillation as distill
 from qkv_vit.train import sharding
+from qkv_vit.train.distillation import Distillation
 from qkv_vit.train.finishing import BatchFinishing, finish_train_batch, normalize
 from qkv_vit.train.state import TrainState, create_train_state
 
@@ -24,10 +26,12 @@ def gradients(
     batch_stats: Any,
     batch: dict[str, jax.Array],
     key: jax.Array,
+    teacher_variables: Any = None,
     *,
     model: Any,
     mesh: Mesh,
     all_reduce_dtype: jnp.dtype,
+    distillation: Distillation | None = None,
 ) -> tuple[jax.Array, Any, jax.Array, Any]:
     """(loss, new batch_stats, logits, gradients) of a finished global batch, sharded over every axis of `mesh`.
 
@@ -36,11 +40,17 @@ def gradients(
     float32 parameters are all-reduced in float32 (bfloat16: as DDP's bf16_compress_hook). Left to XLA, the
     average is taken where the bfloat16 products are, in bfloat16. BatchNorm groups may span devices
     (layers.BatchNorm's axis_name); each device draws its own dropout and drop-path masks, as each GPU does.
+    With `distillation` the teacher (its variables gathered as the student's parameters are) sees each device's
+    shard and the loss is distillation.Distillation.loss of the base loss.
     """
     axes = tuple(mesh.axis_names)
     on_shards = model.clone(batch_norm_layer=functools.partial(model.batch_norm_layer, axis_name=axes))
 
-    def on_shard(params: Any, batch_stats: Any, images: jax.Array, soft_labels: jax.Array, key: jax.Array) -> tuple:
+    def on_shard(
+        params: Any, batch_stats: Any, images: jax.Array, soft_labels: jax.Array, key: jax.Array, teacher: Any
+    ) -> tuple:
+        teacher_logits = distillation.teacher_logits(teacher, images) if distillation else None
+
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, jax.Array]]:
             logits, updates = on_shards.apply(
                 {"params": params, "batch_stats": batch_stats},
@@ -50,6 +60,8 @@ def gradients(
                 rngs={"dropout": jax.random.fold_in(key, jax.lax.axis_index(axes))},
             )
             loss = optax.softmax_cross_entropy(logits, soft_labels).mean()
+            if distillation:
+                loss = distillation.loss(loss, logits, teacher_logits)
             return loss, (updates["batch_stats"], logits)
 
         # Gradients with respect to a per-device copy of the parameters: this device's, summed below. (With
@@ -60,13 +72,14 @@ def gradients(
         return jax.lax.pmean(loss, axes), batch_stats, logits, grads
 
     return jax.shard_map(
-        on_shard, mesh=mesh, in_specs=(P(), P(), P(axes), P(axes), P()), out_specs=(P(), P(), P(axes), P())
-    )(params, batch_stats, batch["image"], batch["soft_label"], key)
+        on_shard, mesh=mesh, in_specs=(P(), P(), P(axes), P(axes), P(), P()), out_specs=(P(), P(), P(axes), P())
+    )(params, batch_stats, batch["image"], batch["soft_label"], key, teacher_variables)
 
 
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
+    teacher_variables: Any = None,
     *,
     model: Any,
     optimizer: optax.GradientTransformation,
@@ -77,12 +90,14 @@ def train_step(
     mesh: Mesh,
     all_reduce_dtype: jnp.dtype,
     finishing: BatchFinishing | None = None,
+    distillation: Distillation | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One forward/backward/update on a global batch, sharded over every axis of `mesh`.
 
     With `finishing` the batch is {"image" uint8, "label"}, normalized, erased and mixed here (finishing.py; each
     device mixes its shard); without, it is already finished: {"image" float32, "label", "soft_label"}. The
-    gradients are averaged over the devices in `all_reduce_dtype` (`gradients`).
+    gradients are averaged over the devices in `all_reduce_dtype` (`gradients`). With `distillation`, the teacher's
+    `teacher_variables` (never updated) supervise the student and the loss is the combined one.
     A non-finite loss, gradient or updated parameter never reaches the state: the update is dropped and the step is
     recorded in `nonfinite_step`; without `skip_nonfinite` every later update is dropped too, so the state
     stays the last good one while the host notices and stops.
@@ -91,7 +106,15 @@ def train_step(
     if finishing is not None:
         batch = finish_train_batch(batch, jax.random.fold_in(step_key, AUGMENTATION_STREAM), finishing, mesh)
     loss, batch_stats, logits, grads = gradients(
-        state.params, state.batch_stats, batch, step_key, model=model, mesh=mesh, all_reduce_dtype=all_reduce_dtype
+        state.params,
+        state.batch_stats,
+        batch,
+        step_key,
+        teacher_variables,
+        model=model,
+        mesh=mesh,
+        all_reduce_dtype=all_reduce_dtype,
+        distillation=distillation,
     )
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -155,8 +178,13 @@ class JittedSteps:
     abstract_state: TrainState  # shapes and dtypes only
     state_sharding: Any
     batch_sharding: NamedSharding
-    train_step: Callable  # (state, batch) -> (state, metrics); the state is donated
+    train_step: Callable  # (state, batch, teacher variables or None) -> (state, metrics); the state is donated
     eval_step: Callable  # (params, batch_stats, batch) -> sums
+    distillation: Distillation | None = None  # the teacher, where config.distillation is on
+    abstract_teacher: Any = None  # its variables' shapes and dtypes (None without a teacher)
+    teacher_sharding: Any = None  # and their layout: as the student's parameters
+    # Random teacher variables laid out as teacher_sharding (benchmarks, tests: a step's cost, not its values).
+    init_teacher: Callable[[], Any] = lambda: None
 
 
 def jit_steps(
@@ -173,16 +201,28 @@ def jit_steps(
     skip_nonfinite: bool,
     all_reduce_dtype: jnp.dtype,
     finishing: BatchFinishing | None,
+    distillation: Distillation | None = None,
 ) -> JittedSteps:
     """The steps jitted over `mesh`: the state placed by `sharding_strategy` ("replicate" or "fsdp"), the batch
     split over every device, gradients averaged over the devices in `all_reduce_dtype`, the state donated to the
-    train step; shapes from jax.eval_shape."""
+    train step; shapes from jax.eval_shape. A distillation teacher's variables are laid out as the parameters are."""
     init = functools.partial(
         create_train_state, model, optimizer, jax.random.PRNGKey(seed), image_size, ema_decay is not None
     )
     abstract_state = jax.eval_shape(init)
     state_sharding = sharding.state_shardings(abstract_state, mesh, sharding_strategy)
     batch_sharding = sharding.batch_sharding(mesh)
+    teacher = {}
+    if distillation is not None:
+        abstract_teacher = distill.abstract_variables(distillation.teacher, image_size)
+        teacher_sharding = sharding.state_shardings(abstract_teacher, mesh, sharding_strategy)
+        init_teacher = jax.jit(distill.random_init(distillation.teacher, image_size), out_shardings=teacher_sharding)
+        teacher = dict(
+            distillation=distillation,
+            abstract_teacher=abstract_teacher,
+            teacher_sharding=teacher_sharding,
+            init_teacher=init_teacher,
+        )
     jitted_train_step = jax.jit(
         functools.partial(
             train_step,
@@ -195,12 +235,15 @@ def jit_steps(
             finishing=finishing,
             mesh=mesh,
             all_reduce_dtype=all_reduce_dtype,
+            distillation=distillation,
         ),
-        in_shardings=(state_sharding, batch_sharding),
+        in_shardings=(state_sharding, batch_sharding, teacher.get("teacher_sharding")),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
     jitted_eval_step = jax.jit(
         functools.partial(eval_step, model=model, finishing=finishing), out_shardings=sharding.replicated(mesh)
     )
-    return JittedSteps(init, abstract_state, state_sharding, batch_sharding, jitted_train_step, jitted_eval_step)
+    return JittedSteps(
+        init, abstract_state, state_sharding, batch_sharding, jitted_train_step, jitted_eval_step, **teacher
+    )

@@ -25,7 +25,7 @@ from etils import epath
 from qkv_vit import data, models
 from qkv_vit.errors import ConfigError, storage_failures
 from qkv_vit.paths import PathLike, as_path
-from qkv_vit.train import device_data, evaluators, program, sharding
+from qkv_vit.train import device_data, distillation, evaluators, program, sharding
 from qkv_vit.train.checkpointing import RunCheckpoints, all_processes_agree
 from qkv_vit.train.config import COMPUTE_DTYPES, check_config, check_fits, config_mistakes
 from qkv_vit.train.fine_tuning import architecture_from_init, fine_tuning_state, read_init_from
@@ -79,6 +79,7 @@ def train_and_evaluate(
     """
     workdir = as_path(workdir)
     check_config(config)  # every value's type, length and range
+    distillation.check_teacher_weights(config)
     model = build_model(config, config.data.num_classes)  # errors in model options before any data is read
     target = Target.present()
     check_fits(config, model, target)
@@ -164,6 +165,8 @@ def build_run(
         schedule = learning_rate(config.optimizer, config.global_batch_size, total_steps, warmup_steps)
         optimizer = make_optimizer(config.optimizer, schedule)
     computed = models.for_platform(model, target.platform)
+    with config_mistakes("config.distillation"):
+        distilling = distillation.from_config(config, model.num_classes, computed.dtype, target.platform)
     jitted = jit_steps(
         computed,
         optimizer,
@@ -180,6 +183,7 @@ def build_run(
         finishing=BatchFinishing.from_config(
             config.data, model.num_classes, data.crops_on_device(config.data), target.platform
         ),
+        distillation=distilling,
     )
     record = None
     if source is not None:  # the config's model ("auto" as asked): the record holds for any platform
@@ -258,10 +262,11 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
         return state
     # The fingerprint `python -m qkv_vit.plan` prints for the same config and devices (the lowering is jit's own).
     logging.info("Train step program %s on %s.", program.fingerprint(program.lower_train_step(run)), describe(run))
+    teacher = load_teacher(run)
     train_batches = train_batch_stream(run, start)
     with PreemptionWatcher(config.log_every_steps) as preemption:
         for step in range(start + 1, total + 1):
-            state, metrics = run.steps.train_step(state, next(train_batches))
+            state, metrics = run.steps.train_step(state, next(train_batches), teacher)
             reporter.step(step, metrics)
             if step % config.log_every_steps == 0 or step == total:
                 check_finite(run, state, checkpoints)
@@ -281,6 +286,15 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
     save_now(run, state, checkpoints, total)
     evaluate_all(run, state, eval_batches, periodic, reporter, total)
     return state
+
+
+def load_teacher(run: Run) -> Any:
+    """The distillation teacher's variables on the devices (None without distillation). They are read from
+    config.distillation.teacher_path on every start and never saved with the run: a resumed run reads them again."""
+    if run.steps.distillation is None:
+        return None
+    path = run.config.distillation.teacher_path
+    return distillation.load_variables(path, run.steps.abstract_teacher, run.steps.teacher_sharding)
 
 
 def evaluate_all(
