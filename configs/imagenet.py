@@ -31,9 +31,10 @@ it (alpha 0.5, tau 1.0; train/distillation.py), teacher=<its weights>: for regne
 converted with `python -m qkv_vit.convert regnety_160-a5fe301d.pth converted/regnety_160` (docs/training.md,
 "Distillation"). Expected (XCiT's README, distilled at 224 / then fine-tuned at 384): N12/16 72.2 / 75.4, T12/16 78.6
 / 80.9, S12/16 83.3 / 84.7.
-res=384 is the fine-tune at 384 that XCiT's 384 rows come from, following DeiT (XCiT's main.py is DeiT's; the
-command is DeiT's README_deit.md one): init=<the 224 run> required, 30 epochs, AdamW lr 5e-6 x batch/512, weight
-decay 1e-8, min lr 5e-6, 5 warmup epochs from 1e-6, evaluation at 384 with crop_pct 1.0.
+res=384 is the fine-tune at 384 that XCiT's 384 rows come from. XCiT publishes no command for it; its main.py is
+DeiT's, so this is DeiT's (README_deit.md): init=<the 224 run> required, 30 epochs, AdamW lr 5e-6 x batch/512,
+weight decay 1e-8, min lr 5e-6, 5 warmup epochs from 1e-6, evaluation at 384 with crop_pct 1.0. XCiT's 384 rows
+are distilled; its main.py (--pretrained) allows a teacher while fine-tuning, where DeiT's --finetune refuses one.
 Arguments: model=<size>_<patch> (nano_12_p16, tiny_12_p16, tiny_24_p16, small_12_p16, small_24_p16,
 medium_24_p16, large_24_p16, and the _p8 ones), qkv=linear|sne|psne|psne_second|fsne|fsne_m8|fsne_m8_wide|fsne_m16,
 code_size=<m> (F-SNE only; the paper's best: 8 for nano, 16 for tiny), hidden=<h> (QKV hidden width),
@@ -98,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = data.get_config("xcit", source="tfds", name="imagenet2012")
     config.data.data_dir = args.data_dir
     config.global_batch_size = args.batch
-    config.total_epochs = args.epochs or 400.0
+    config.total_epochs = 400.0 if args.epochs is None else args.epochs
     config.optimizer.update(name="adamw", lr=5e-4, scale_lr_by_batch=True, warmup_epochs=5.0, weight_decay=0.05)
     if args.res == 384:
         fine_tune_at_384(config, args)
@@ -133,7 +134,7 @@ def fine_tune_at_384(config: ml_collections.ConfigDict, args: ml_collections.Con
     """DeiT's fine-tune at 384 (README_deit.md: --input-size 384 --lr 5e-6 --weight-decay 1e-8 --epochs 30
     --min-lr 5e-6, its 5 warmup epochs from 1e-6), on 384 x 384 images, from the 224 run at init."""
     config.data.image_size = 384
-    config.total_epochs = args.epochs or 30.0
+    config.total_epochs = 30.0 if args.epochs is None else args.epochs
     config.optimizer.update(lr=5e-6, weight_decay=1e-8, min_lr=5e-6)
     config.init_from = args.init
     config.eval_every_steps = 1_250  # about every epoch at batch 1024

@@ -140,7 +140,6 @@ def test_the_teacher_changes_the_gradients_and_adds_nothing_at_alpha_zero(tiny_c
     [
         (dict(type="hard"), "needs a teacher"),
         (dict(type="hard", teacher_model="regnety_999"), "Unknown config.distillation.teacher_model"),
-        (dict(type="hard", teacher_model="regnety_test"), "predicts 1000 classes, the student 10"),
         (dict(type="hard", teacher_path="/nonexistent/teacher"), "teacher_path"),
         (dict(type="medium"), "config.distillation.type"),
         (dict(type="soft", alpha=1.5), "config.distillation.alpha"),
@@ -152,6 +151,20 @@ def test_teacher_mistakes_are_one_config_error_before_anything_compiles(tiny_con
     with pytest.raises(ConfigError, match=message):
         check_config(tiny_config)
         build_run(tiny_config, None, None, target=Target.present())
+
+
+def test_a_teacher_of_other_classes_is_refused(tiny_config, teacher_run):
+    tiny_config.data.num_classes = 5
+    tiny_config.distillation.update(type="hard", teacher_path=str(teacher_run))
+    with pytest.raises(ConfigError, match="predicts 10 classes, the student 5"):
+        build_run(tiny_config, None, None, target=Target.present())
+
+
+def test_a_name_stands_for_a_size_whatever_the_runs_embedding_and_training_options():
+    run = models.architecture_of(models.create("xcit_small_12_p16", qkv="fsne_m8", drop_path_rate=0.05))
+    assert distillation.same_model(run, distillation.named_architecture("xcit_small_12_p16", 1000))
+    assert not distillation.same_model(run, distillation.named_architecture("xcit_small_12_p8", 1000))
+    assert not distillation.same_model(run, distillation.named_architecture("regnety_160", 1000))
 
 
 def test_a_named_teacher_that_is_not_the_recorded_one_is_refused(tiny_config, teacher_run):
@@ -168,9 +181,9 @@ def test_training_needs_the_teachers_weights(tmp_path, tiny_config):
 
 
 def test_the_teachers_forward_is_in_the_step_program(tiny_config):
-    """A named RegNetY teacher (regnety_test, ImageNet's 1000 classes as the student here) runs inside the jitted
+    """A named RegNetY teacher (regnety_test, the student's 10 classes: planned, no weights) runs inside the jitted
     step on random variables laid out as the student's parameters: the step's flops grow by its forward."""
-    tiny_config.data.num_classes = 1000
+    tiny_config.data.num_classes = 10
     tiny_config.total_steps = tiny_config.optimizer.warmup_steps = 2
     plain = program.lower_train_step(build_run(tiny_config, None, None, target=Target.present()))
     tiny_config.distillation.update(type="hard", teacher_model="regnety_test")
@@ -224,3 +237,26 @@ def test_layer_decay_scales_each_update_including_weight_decay():
     assert layer_scales(params, 0.75)["patch_embed"]["kernel"] == 0.75**3
     assert all(np.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(jax.tree.leaves(scaled), jax.tree.leaves(expected)))
     assert float(jnp.abs(scaled["head"]["kernel"] - updates["head"]["kernel"]).max()) == 0.0
+
+
+def test_a_regnet_is_never_taken_for_an_xcit(tmp_path, tiny_config):
+    """Converted RegNet weights given where XCiT weights are due (fine-tuning, export, evaluation's model) are one
+    ConfigError saying what they are, not a default-sized XCiT that does not fit them."""
+    from qkv_vit.convert import load_regnet_weights
+    from qkv_vit.export import export_weights
+    from qkv_vit.models import regnet
+    from qkv_vit.weights import save_converted
+
+    teacher = regnet.create("regnety_test", num_classes=10)
+    converted = save_converted(
+        tmp_path / "rn",
+        load_regnet_weights(FIXTURES / "regnety_test.safetensors", teacher),
+        regnet.architecture_of(teacher),
+    )
+    with pytest.raises(ConfigError, match="a regnet model .regnety_test., not an XCiT"):
+        models.architecture_from_json(read_weights(converted).architecture)
+    with pytest.raises(ConfigError, match="not an XCiT"):
+        export_weights(converted, tmp_path / "out", safetensors=True)
+    tiny_config.init_from = str(converted)
+    with pytest.raises(ConfigError, match=f"config.init_from={converted}: a regnet model"):
+        train_and_evaluate(tiny_config, tmp_path / "fine_tuned")

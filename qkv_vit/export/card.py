@@ -172,6 +172,19 @@ def recipe_section(source: Provenance) -> str:
         ("EMA decay", str(config.get("ema_decay"))),
         ("seed", str(config.get("seed", UNKNOWN))),
     ]
+    layer_decay = config.get("optimizer", {}).get("layer_decay", 1.0)
+    if layer_decay != 1.0:
+        rows.append(("layer-wise lr decay", str(layer_decay)))
+    distillation = config.get("distillation", {})
+    if distillation.get("type", "none") != "none":
+        teacher = distillation.get("teacher_model") or distillation.get("teacher_path")
+        rows.append(
+            (
+                "distillation",
+                f"{distillation['type']} (DeiT's), alpha {distillation.get('alpha')}, tau {distillation.get('tau')}, "
+                f"teacher `{teacher}`",
+            )
+        )
     return f"## Recipe\n\nFrom the run's `{source.workdir}/config.json`:\n\n" + table(rows)
 
 

@@ -108,6 +108,7 @@ def exportable_architecture(architecture: dict[str, Any] | None, layout: str, we
             f"{weights} records no architecture (no model.json beside the run's checkpoints): the PyTorch model "
             "cannot be built without it."
         )
+    models.check_xcit_architecture(architecture, str(weights))
     if layout == "official" and architecture.get("qkv_embed", "linear") != "linear":
         raise ConfigError(
             f"The official XCiT code has no {architecture['qkv_embed']} QKV embedding: export with --format timm "

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from qkv_vit.config_rules import closest_key
+from qkv_vit.errors import ConfigError
 from qkv_vit.models import cpu_kernels, layers
 from qkv_vit.models.layers import ModuleDef
 from qkv_vit.models.xcit import XCiT
@@ -182,13 +183,26 @@ def architecture_from_json(stored: dict[str, Any]) -> dict[str, Any]:
     `XCiT(**architecture_from_json(stored))` is the model the weights belong to: the dtype's name back to a dtype;
     `layer_impl` left out (it says how the layers were computed, not what: from_architecture chooses them, "auto"
     unless told); keys XCiT does not know (written by another version) dropped; a dtype that is not a name left
-    out."""
+    out. ConfigError for another family's architecture (a RegNet teacher's `{"family": "regnet", ...}`).
+    """
+    check_xcit_architecture(stored)
     fields = architecture_fields()
     options = {key: value for key, value in stored.items() if key in fields and key not in ("dtype", "layer_impl")}
     dtype = stored.get("dtype")
     if isinstance(dtype, str) and dtype in ("float32", "bfloat16", "float16"):
         options["dtype"] = jnp.dtype(dtype)
     return options
+
+
+def check_xcit_architecture(stored: dict[str, Any] | None, where: str = "The weights") -> None:
+    """ConfigError where a stored architecture is another family's: a converted RegNet is a distillation teacher,
+    nothing this project trains, evaluates or exports as XCiT."""
+    family = (stored or {}).get("family", "xcit")
+    if family != "xcit":
+        raise ConfigError(
+            f"{where}: a {family} model ({stored.get('name')}), not an XCiT; another family's weights serve only as "
+            "a distillation teacher (config.distillation.teacher_path)."
+        )
 
 
 def closest(name: str, choices: Any) -> str:

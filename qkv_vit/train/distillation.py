@@ -33,8 +33,9 @@ import numpy as np
 import optax
 
 from qkv_vit import models
-from qkv_vit.errors import ConfigError
+from qkv_vit.errors import CheckpointError, ConfigError
 from qkv_vit.models import regnet
+from qkv_vit.tree import flatten, unflatten
 from qkv_vit.weights import read_architecture, read_weights
 
 if TYPE_CHECKING:  # type hints only: the step needs no ml_collections
@@ -101,10 +102,11 @@ def check_teacher_weights(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def teacher_architecture(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def teacher_architecture(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
     """The teacher's stored architecture (JSON, as weights.read_architecture gives it): the one recorded with
-    config.distillation.teacher_path, else that of the named config.distillation.teacher_model. ConfigError where
-    neither says, or where the two disagree."""
+    config.distillation.teacher_path, else that of the named config.distillation.teacher_model with the student's
+    `num_classes` (the weights, read later, are checked against it). ConfigError where neither says, or where the
+    two disagree."""
     options = config.distillation
     recorded = None
     if options.teacher_path:
@@ -112,7 +114,7 @@ def teacher_architecture(config: ml_collections.ConfigDict) -> dict[str, Any]:
             recorded = read_architecture(options.teacher_path)
         except FileNotFoundError as error:
             raise ConfigError(f"config.distillation.teacher_path: {error}") from None
-    named = named_architecture(options.teacher_model) if options.teacher_model else None
+    named = named_architecture(options.teacher_model, num_classes) if options.teacher_model else None
     if recorded is None and named is None:
         raise ConfigError(
             "config.distillation needs a teacher: set config.distillation.teacher_path to its weights (converted "
@@ -127,22 +129,27 @@ def teacher_architecture(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return recorded if recorded is not None else named
 
 
-def named_architecture(name: str) -> dict[str, Any]:
-    """The stored-architecture JSON of a named teacher: a RegNetY or an XCiT (class count left to the data)."""
+def named_architecture(name: str, num_classes: int) -> dict[str, Any]:
+    """The stored-architecture JSON of a named teacher with `num_classes` classes: a RegNet or an XCiT."""
     if name in regnet.REGNET_CONFIGS:
-        return regnet.architecture_of(regnet.create(name))
+        return regnet.architecture_of(regnet.create(name, num_classes=num_classes))
     if name in models.MODEL_CONFIGS:
-        return models.architecture_of(models.create(name))
+        return models.architecture_of(models.create(name, num_classes=num_classes))
     known = [*regnet.REGNET_CONFIGS, *models.MODEL_CONFIGS]
     raise ConfigError(f"Unknown config.distillation.teacher_model {name!r}: choose one of {', '.join(known)}.")
 
 
+# What a model's name stands for: a RegNet's configuration; an XCiT's size and patch (models.MODEL_CONFIGS), whatever
+# its QKV embedding or training options (drop path, BatchNorm groups) were.
+NAMED_FIELDS = {"regnet": ("family", "name"), "xcit": ("patch_size", "embed_dim", "depth", "num_heads", "tokens_norm")}
+
+
 def same_model(recorded: dict[str, Any], named: dict[str, Any]) -> bool:
-    """Whether a recorded architecture is the named one (its class count, dtype and layers aside)."""
-    ignored = ("num_classes", "dtype", "layer_impl")
-    return {k: v for k, v in recorded.items() if k not in ignored} == {
-        k: v for k, v in named.items() if k not in ignored
-    }
+    """Whether a recorded architecture is the named model: the same family and what the name stands for."""
+    family = named.get("family", "xcit")
+    if recorded.get("family", "xcit") != family:
+        return False
+    return all(recorded.get(field) == named.get(field) for field in NAMED_FIELDS[family])
 
 
 def describe(architecture: dict[str, Any]) -> str:
@@ -174,7 +181,7 @@ def from_config(config: ml_collections.ConfigDict, num_classes: int, dtype: Any,
     if not is_on(config):
         return None
     options = config.distillation
-    teacher = build_teacher(teacher_architecture(config), num_classes, dtype, platform)
+    teacher = build_teacher(teacher_architecture(config, num_classes), num_classes, dtype, platform)
     return Distillation(kind=options.type, alpha=options.alpha, tau=options.tau, teacher=teacher)
 
 
@@ -195,27 +202,28 @@ def load_variables(path: str, abstract: Any, shardings: Any) -> Any:
     """The teacher's variables read from `path`, checked against the teacher's shapes, laid out as `shardings`.
 
     Every process reads the file and places its own shards (jax.make_array_from_callback), so a pod needs no
-    broadcast. ConfigError naming the variables that differ.
+    broadcast. ConfigError naming the variables that differ, or saying the file cannot be read.
     """
-    loaded = read_weights(path).variables
-    flat_abstract, tree = jax.tree_util.tree_flatten_with_path(abstract)
-    flat_loaded = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
-    wanted = {jax.tree_util.keystr(k): leaf for k, leaf in flat_abstract}
+    try:
+        loaded = flatten(read_weights(path).variables)
+    except CheckpointError as error:  # a damaged teacher is a bad input of this run, not its own storage failing
+        raise ConfigError(f"config.distillation.teacher_path: {error}") from None
+    wanted = flatten(abstract)
     differ = sorted(
-        key
-        for key in set(wanted) | set(flat_loaded)
-        if key not in wanted or key not in flat_loaded or np.shape(flat_loaded[key]) != wanted[key].shape
+        "/".join(key)
+        for key in set(wanted) | set(loaded)
+        if key not in wanted or key not in loaded or np.shape(loaded[key]) != wanted[key].shape
     )
     if differ:
         raise ConfigError(
             f"config.distillation.teacher_path={path} does not fit the teacher ({len(differ)} variables differ: "
             f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''})."
         )
+    placements = flatten(shardings)
 
-    def place(key: str, sharding: Any) -> jax.Array:
-        value = np.asarray(flat_loaded[key], dtype=wanted[key].dtype)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    def place(key: tuple[str, ...]) -> jax.Array:
+        value = np.asarray(loaded[key], dtype=wanted[key].dtype)
+        return jax.make_array_from_callback(value.shape, placements[key], lambda index: value[index])
 
-    placed = [place(jax.tree_util.keystr(k), s) for (k, _), s in zip(flat_abstract, jax.tree.leaves(shardings))]
-    logging.info("Distillation teacher: %d variables from %s.", len(placed), path)
-    return jax.tree_util.tree_unflatten(tree, placed)
+    logging.info("Distillation teacher: %d variables from %s.", len(wanted), path)
+    return unflatten({key: place(key) for key in wanted})

@@ -44,6 +44,7 @@ def architecture_from_init(config: ml_collections.ConfigDict) -> dict[str, Any]:
         stored = read_architecture(config.init_from)
     except FileNotFoundError as error:
         raise ConfigError(f"config.init_from: {error}") from error
+    models.check_xcit_architecture(stored, f"config.init_from={config.init_from}")
     if stored is None:
         raise ConfigError(
             f"config.init_from={config.init_from} records no architecture (no model.json with one): "
@@ -88,6 +89,7 @@ def read_init_from(
         weights = read_weights(init_from, use_ema=config.init_from_ema)
     except FileNotFoundError as error:
         raise ConfigError(f"config.init_from: {error}") from error
+    models.check_xcit_architecture(weights.architecture, f"config.init_from={init_from}")
     fresh = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
     try:
         reinitialized = check_fine_tuning_fit(fresh, weights.variables, init_from)

@@ -261,8 +261,8 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
         evaluate_all(run, state, eval_batches, periodic, reporter, start)
         return state
     # The fingerprint `python -m qkv_vit.plan` prints for the same config and devices (the lowering is jit's own).
+    teacher = load_teacher(run)  # before the step compiles: a teacher that does not fit costs no compilation
     logging.info("Train step program %s on %s.", program.fingerprint(program.lower_train_step(run)), describe(run))
-    teacher = load_teacher(run)
     train_batches = train_batch_stream(run, start)
     with PreemptionWatcher(config.log_every_steps) as preemption:
         for step in range(start + 1, total + 1):
