@@ -292,3 +292,59 @@ def test_batch_norm_groups_across_device_shards_equal_one_device():
         [sys.executable, "-c", BATCH_NORM_ACROSS_SHARDS], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+DISTILLED_STEP = """
+import sys
+import jax, numpy as np
+sys.path.insert(0, "tests")
+from conftest import load_config
+from qkv_vit.train.target import Target
+from qkv_vit.train.trainer import build_run
+config = load_config("quickstart", "runlocal")
+config.model.update(embed_dim=32, depth=1, num_heads=4)
+config.data.num_classes = 10
+config.data.augment.update(mixup_alpha=0.0, cutmix_alpha=0.0)
+config.total_steps, config.optimizer.warmup_steps = 2, 0
+config.optimizer.update(lr=1e-3, scale_lr_by_batch=False)  # updates well above the tolerance
+config.distillation.update(type="soft", tau=2.0, teacher_model="regnety_test")  # random teacher, 10 classes
+if jax.device_count() > 1:
+    config.mesh.update(data=2, fsdp=2)
+    config.sharding = "fsdp"
+run = build_run(config, None, None, target=Target.present())
+state = jax.jit(run.steps.init_state, out_shardings=run.steps.state_sharding)()
+teacher = run.steps.init_teacher()
+initial = jax.tree.leaves(jax.device_get(state.params))
+rng = np.random.default_rng(0)
+batch = {"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), "label": np.arange(16, dtype=np.int32) % 10}
+batch = {key: jax.device_put(value, run.steps.batch_sharding) for key, value in batch.items()}
+for _ in range(2):
+    state, metrics = run.steps.train_step(state, batch, teacher)
+leaves = jax.tree.leaves(jax.device_get(state.params))
+arrays = {**{f"p{i}": leaf for i, leaf in enumerate(leaves)}, **{f"i{i}": leaf for i, leaf in enumerate(initial)}}
+np.savez(sys.argv[1], loss=np.asarray(metrics["loss"]), **arrays)
+"""
+
+
+def test_a_distilled_step_is_the_same_on_one_device_and_on_four_with_fsdp(tmp_path, monkeypatch):
+    """The teacher (random regnety_test variables, sharded as the parameters under FSDP) supervises each device's
+    shard: two steps on 4 devices (data 2 x fsdp 2) give one device's loss and parameters."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", DISTILLED_STEP, str(tmp_path / "4.npz")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["distilled", str(tmp_path / "1.npz")])
+    exec(compile(DISTILLED_STEP, "DISTILLED_STEP", "exec"), {"__name__": "distilled"})
+    one, four = (dict(np.load(tmp_path / f"{devices}.npz")) for devices in (1, 4))
+    assert one.keys() == four.keys() and np.isfinite(one["loss"])
+    for key, value in one.items():
+        np.testing.assert_allclose(four[key], value, rtol=1e-5, atol=TOLERANCE, err_msg=key)
+    moved = max(np.abs(one[f"p{i}"] - one[f"i{i}"]).max() for i in range(len(one) // 2))
+    assert moved > 50 * TOLERANCE  # the steps moved the parameters well beyond what the comparison allows
