@@ -112,7 +112,7 @@ def teacher_architecture(config: ml_collections.ConfigDict, num_classes: int) ->
     if options.teacher_path:
         try:
             recorded = read_architecture(options.teacher_path)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, CheckpointError) as error:  # a bad input of this run, not its storage failing
             raise ConfigError(f"config.distillation.teacher_path: {error}") from None
     named = named_architecture(options.teacher_model, num_classes) if options.teacher_model else None
     if recorded is None and named is None:

@@ -12,9 +12,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qkv_vit.train import distillation as distill
 from qkv_vit.train import sharding
-from qkv_vit.train.distillation import Distillation
+from qkv_vit.train.distillation import Distillation, abstract_variables, random_init
 from qkv_vit.train.finishing import BatchFinishing, finish_train_batch, normalize
 from qkv_vit.train.state import TrainState, create_train_state
 
@@ -214,9 +213,9 @@ def jit_steps(
     batch_sharding = sharding.batch_sharding(mesh)
     teacher = {}
     if distillation is not None:
-        abstract_teacher = distill.abstract_variables(distillation.teacher, image_size)
+        abstract_teacher = abstract_variables(distillation.teacher, image_size)
         teacher_sharding = sharding.state_shardings(abstract_teacher, mesh, sharding_strategy)
-        init_teacher = jax.jit(distill.random_init(distillation.teacher, image_size), out_shardings=teacher_sharding)
+        init_teacher = jax.jit(random_init(distillation.teacher, image_size), out_shardings=teacher_sharding)
         teacher = dict(
             distillation=distillation,
             abstract_teacher=abstract_teacher,

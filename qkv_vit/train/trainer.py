@@ -260,8 +260,8 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
         logging.info("The run in %s finished training at step %d; running its final evaluation.", run.workdir, start)
         evaluate_all(run, state, eval_batches, periodic, reporter, start)
         return state
-    # The fingerprint `python -m qkv_vit.plan` prints for the same config and devices (the lowering is jit's own).
     teacher = load_teacher(run)  # before the step compiles: a teacher that does not fit costs no compilation
+    # The fingerprint `python -m qkv_vit.plan` prints for the same config and devices (the lowering is jit's own).
     logging.info("Train step program %s on %s.", program.fingerprint(program.lower_train_step(run)), describe(run))
     train_batches = train_batch_stream(run, start)
     with PreemptionWatcher(config.log_every_steps) as preemption:
