@@ -1,6 +1,7 @@
 """timm-layout XCiT keys and tensors to our Flax variable paths and arrays, and the architecture they imply."""
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -60,12 +61,17 @@ def flax_array(key: str, value: np.ndarray) -> np.ndarray:
     return kernel
 
 
-def to_flax_variables(state_dict: StateDict) -> tuple[dict[FlaxPath, np.ndarray], dict[FlaxPath, str]]:
-    """Flat {flax path: array} plus {flax path: source key}, for loading and for naming keys in errors."""
+def to_flax_variables(
+    state_dict: StateDict,
+    path_of: Callable[[str], FlaxPath] = flax_path,
+    array_of: Callable[[str, np.ndarray], np.ndarray] = flax_array,
+) -> tuple[dict[FlaxPath, np.ndarray], dict[FlaxPath, str]]:
+    """Flat {flax path: float32 array} plus {flax path: source key}, for loading and for naming keys in errors;
+    XCiT's key and array mapping by default, another model's (convert/regnet.py) where given."""
     arrays, sources = {}, {}
     for key, value in state_dict.items():
-        path = flax_path(key)
-        arrays[path] = np.ascontiguousarray(flax_array(key, value), dtype=np.float32)
+        path = path_of(key)
+        arrays[path] = np.ascontiguousarray(array_of(key, value), dtype=np.float32)
         sources[path] = key
     return arrays, sources
 

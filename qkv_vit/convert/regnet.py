@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from qkv_vit.convert import mapping
 from qkv_vit.convert.loading import WeightMismatchError, check_match
 from qkv_vit.convert.mapping import FlaxPath
 from qkv_vit.convert.state_dict import (
@@ -94,16 +95,6 @@ def flax_array(key: str, value: np.ndarray) -> np.ndarray:
     return value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
 
 
-def to_flax_variables(state_dict: StateDict) -> tuple[dict[FlaxPath, np.ndarray], dict[FlaxPath, str]]:
-    """Flat {flax path: float32 array} plus {flax path: timm key}, for loading and for naming keys in errors."""
-    arrays, sources = {}, {}
-    for key, value in state_dict.items():
-        path = flax_path(key)
-        arrays[path] = np.ascontiguousarray(flax_array(key, value), dtype=np.float32)
-        sources[path] = key
-    return arrays, sources
-
-
 def structure(state_dict: StateDict) -> tuple:
     """What a state dict's shapes say of its configuration: (stem width, SE or not, per stage (width, blocks,
     group width)); the same as config_structure of its RegNetCfg when they match."""
@@ -153,7 +144,7 @@ def regnet_variables(
 
     All or nothing: missing, unexpected or wrongly shaped keys raise WeightMismatchError naming each of them."""
     model = model or regnet.from_architecture(infer_regnet_architecture(state_dict))
-    arrays, sources = to_flax_variables(state_dict)
+    arrays, sources = mapping.to_flax_variables(state_dict, flax_path, flax_array)
     expected = flatten(regnet.init_shapes(model, image_size=32))  # shapes do not depend on the image size
     try:
         check_match(arrays, sources, expected, source_name, model)
