@@ -7,7 +7,10 @@
 A run is a workdir with config.json, model.json and metrics.jsonl (what the trainer writes). It is
 finished when metrics.jsonl has its final evaluation, at the run's last step. Runs whose configs are equal
 except for the seed form one row: mean ± sample standard deviation of the final top-1 over the n runs.
-Unfinished runs are listed separately and never averaged.
+Below it, each non-linear QKV embedding paired seed by seed with the linear one of the same data, model and
+recipe (the same seed: the same data order and initialization stream): the per-seed differences of top-1 in
+percentage points, their mean ± sample standard deviation, a 95% Student-t interval of the mean difference, and in
+how many seeds the embedding was better. Unfinished runs are listed separately and never averaged.
 """
 
 import argparse
@@ -20,6 +23,7 @@ from typing import Any
 
 import ml_collections
 from etils import epath
+from scipy import stats
 
 from qkv_vit import models
 from qkv_vit.data.config import data_name
@@ -51,6 +55,18 @@ IGNORED_KEYS = SEED_KEYS + (
 )
 # Shown through the data / model / QKV columns rather than as settings.
 LABELLED_KEYS = ("model_name", "qkv", "data.source", "data.name", "data.num_classes")
+# The keys that choose the QKV embedding: ignored when looking for a row's linear partner.
+QKV_KEYS = (
+    "qkv",
+    "model.qkv_embed",
+    "model.qkv_hidden_dim",
+    "model.shared_layer",
+    "model.code_size",
+    "model.code_mode",
+    "model.code_init_std",
+    "model.qkv_activation",
+    "model.qkv_in_class_attention",
+)
 TRANSFER_SETS = ("cifar10", "cifar100", "cars196", "stl10")
 
 # Top-1 on ImageNet-1k at 224 (docs/models.md, "What the papers report": arXiv 2111.10017 and Mathematics 11(8):1933;
@@ -113,6 +129,7 @@ class Row:
     ema_top1: list[float]
     paper: str
     key: tuple = ()
+    seeds: list[int] = dataclasses.field(default_factory=list)  # each run's seed, aligned with top1
 
 
 def flatten_dotted(tree: dict[str, Any]) -> dict[str, Any]:
@@ -242,6 +259,7 @@ def summarize(runs: Sequence[RunRecord]) -> list[Row]:
                 [100 * r.final[f"ema_{eval_name}/top1"] for r in members if f"ema_{eval_name}/top1" in r.final],
                 paper_number(first),
                 key,
+                [int(r.config["seed"]) for r in members],
             )
         )
     return sorted(rows, key=lambda r: (r.data, r.model, qkv_order(r.qkv), r.qkv, r.settings))
@@ -285,9 +303,13 @@ def mean_std(values: Sequence[float]) -> str:
 
 
 def markdown(runs: Sequence[RunRecord]) -> str:
-    """The results table, the transfer means when all four data sets are there, and the unfinished runs."""
+    """The results table, the paired comparison with the linear QKV embedding when a row has a linear partner, the
+    transfer means when all four data sets are there, and the unfinished runs."""
     rows = summarize(runs)
     lines = rows_table(rows) if rows else ["No finished runs."]
+    pairs = paired_with_linear(rows)
+    if pairs:
+        lines += ["", PAIRED_TITLE, "", *paired_table(pairs), "", PAIRED_CAVEAT]
     means = transfer_means(rows)
     if means:
         lines += [
@@ -318,6 +340,94 @@ def rows_table(rows: Sequence[Row]) -> list[str]:
     for r in rows:
         cells = [r.data, r.model, r.qkv, f"{r.params:,}"] + [r.settings] * with_settings + [mean_std(r.top1)]
         lines.append(table_line(cells + [mean_std(r.ema_top1)] * with_ema + [str(len(r.top1)), r.paper]))
+    return lines
+
+
+PAIRED_TITLE = (
+    "Paired with the linear QKV embedding (same data, model and recipe; differences in top-1 percentage points, "
+    "same seed):"
+)
+PAIRED_CAVEAT = "A difference whose 95% interval contains 0 is not shown by these runs."
+
+
+def is_linear(row: Row) -> bool:
+    """Whether the row's QKV embedding is the linear one (XCiT's baseline)."""
+    return row.qkv.split(" ")[0] == "linear"
+
+
+def recipe_key(row: Row) -> tuple:
+    """The row's group key without the keys that choose the QKV embedding: equal for the rows that differ only there."""
+    return (row.key[0],) + tuple(item for item in row.key[1:] if item[0] not in QKV_KEYS)
+
+
+def top1_by_seed(rows: Iterable[Row]) -> dict[int, float]:
+    """Top-1 (%) by seed over these rows' runs; a seed run more than once counts as the mean of its runs."""
+    found: dict[int, list[float]] = {}
+    for row in rows:
+        for seed, top1 in zip(row.seeds, row.top1, strict=True):
+            found.setdefault(seed, []).append(top1)
+    return {seed: statistics.fmean(values) for seed, values in sorted(found.items())}
+
+
+def paired_with_linear(rows: Sequence[Row]) -> list[tuple[Row, dict[int, float]]]:
+    """Each non-linear row with a linear partner of the same recipe and at least one common seed ->
+    (row, {seed: top-1 of the row - top-1 of the linear runs, in percentage points}) over the seeds both have."""
+    linear: dict[tuple, list[Row]] = {}
+    for row in filter(is_linear, rows):
+        linear.setdefault(recipe_key(row), []).append(row)
+    pairs = []
+    for row in rows:
+        partner = linear.get(recipe_key(row))
+        if is_linear(row) or not partner:
+            continue
+        ours, theirs = top1_by_seed([row]), top1_by_seed(partner)
+        differences = {seed: ours[seed] - theirs[seed] for seed in ours if seed in theirs}
+        if differences:
+            pairs.append((row, differences))
+    return pairs
+
+
+def signed(value: float) -> str:
+    """A number with its sign, 2 decimals: +0.12, -0.63."""
+    return f"{value:+.2f}"
+
+
+def signed_mean_std(values: Sequence[float]) -> str:
+    """Mean ± sample standard deviation, signed (the std only from 2 values on)."""
+    if len(values) == 1:
+        return signed(values[0])
+    return f"{signed(statistics.fmean(values))} ± {statistics.stdev(values):.2f}"
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The Student-t confidence interval of the mean (n - 1 degrees of freedom), in the values' units; None for n < 2."""
+    n = len(values)
+    if n < 2:
+        return None
+    half = stats.t.ppf((1 + level) / 2, n - 1) * statistics.stdev(values) / n**0.5
+    mean = statistics.fmean(values)
+    return mean - half, mean + half
+
+
+def paired_table(pairs: Sequence[tuple[Row, dict[int, float]]]) -> list[str]:
+    """The paired comparison's markdown lines: per-seed differences, their mean ± std, 95% interval, wins, n."""
+    with_settings = any(row.settings for row, _ in pairs)
+    header = ["data", "model", "QKV embedding", "params"] + ["settings"] * with_settings
+    header += ["per seed", "mean ± std", "95% CI of the mean", "better in", "n pairs"]
+    align = ["---"] * 3 + ["---:"] + ["---"] * with_settings + ["---", "---:", "---:", "---:", "---:"]
+    lines = [table_line(header), table_line(align)]
+    for row, differences in pairs:
+        values = list(differences.values())
+        interval = mean_interval(values)
+        cells = [row.data, row.model, row.qkv, f"{row.params:,}"] + [row.settings] * with_settings
+        cells += [
+            ", ".join(f"s{seed} {signed(d)}" for seed, d in differences.items()),
+            signed_mean_std(values),
+            f"[{signed(interval[0])}, {signed(interval[1])}]" if interval else "",
+            f"{sum(d > 0 for d in values)} of {len(values)}",
+            str(len(values)),
+        ]
+        lines.append(table_line(cells))
     return lines
 
 
