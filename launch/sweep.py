@@ -1,21 +1,25 @@
 """Expand a config file's sweep into one run per point and hand each to a launcher (local, slurm, tpu_pod).
 
   python -m launch.sweep local --config=configs/cifar10.py --sweep=depth=4,epochs=2 --workdir=workdirs/cifar10_sweep
+  python -m launch.sweep local --parallel=4 --config=configs/cifar10.py --sweep=source=in_memory --workdir=workdirs/c10
   python -m launch.sweep slurm --config=configs/imagenet.py --sweep=code_size --workdir=/shared/in1k_codes --nodes=2
   python -m launch.sweep tpu_pod --config=configs/imagenet.py --sweep=paper --workdir=gs://BUCKET/in1k \\
       --tpu=my-v4-32 --zone=us-central2-b --setup [--only=NAME ...] [--dry-run] [--config.KEY=VALUE ...]
 
 Point p (named from its arguments by qkv_vit.sweep.point_name) runs in WORKDIR/<p's name>; every other
-option goes to the launcher unchanged. SLURM points become separate jobs; local and TPU points run one
-after another, and steps that every point shares (--create, --setup) run once. Rerunning the same
-command resumes unfinished points and skips finished ones (the trainer finds them done).
+option goes to the launcher unchanged. SLURM points become separate jobs; TPU points run one after another,
+and steps that every point shares (--create, --setup) run once. Local points run one after another, or
+--parallel=N at a time on one GPU (launch/parallel.py: each with 1/N of its memory and of the host cores,
+output to --log-dir; refused on a CPU or TPU); a line per finished point, then the sweep's results table.
+Rerunning the same command resumes unfinished points and skips finished ones (the trainer finds them done).
 """
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from launch import common, local, slurm, tpu_pod
+from launch import common, local, parallel, slurm, tpu_pod
 from qkv_vit.sweep import expand
 
 LAUNCHERS = {"local": local, "slurm": slurm, "tpu_pod": tpu_pod}
@@ -32,20 +36,26 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workdir", required=True, help="The sweep's directory; each point gets a subdirectory.")
     parser.add_argument("--only", action="append", default=[], help="Run only this point (by name; repeatable).")
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="local: train this many points at once on this machine's GPU."
+    )
+    parser.add_argument("--log-dir", help="local --parallel: each point's output goes here (default WORKDIR/logs).")
     return parser
 
 
-def plan(argv: Sequence[str] | None) -> tuple[list[common.Step], bool]:
-    """Every point's launcher steps, shared ones once, and whether this is a dry run."""
+def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[parallel.PointJob], bool]:
+    """The sweep's arguments, every chosen point's launcher steps, and whether this is a dry run."""
     args, rest = parser().parse_known_args(argv)
     if ":" in args.config:
         raise SystemExit("error: --config takes the file only; the sweep supplies each point's arguments")
+    if args.launcher != "local" and (args.parallel != 1 or args.log_dir):
+        raise SystemExit(f"error: --parallel and --log-dir are for local sweeps; {args.launcher} runs its own way")
     points = expand(args.config, args.sweep)
     unknown = sorted(set(args.only) - {point.name for point in points})
     if unknown:
         raise SystemExit(f"error: --only {unknown} not in the sweep; its points: {', '.join(p.name for p in points)}")
     launcher = LAUNCHERS[args.launcher]
-    steps, dry_run = [], False
+    jobs, dry_run = [], False
     for point in points:
         if args.only and point.name not in args.only:
             continue
@@ -54,12 +64,30 @@ def plan(argv: Sequence[str] | None) -> tuple[list[common.Step], bool]:
             launcher.parser(), [*rest, f"--config={point.config}", f"--workdir={workdir}"]
         )
         dry_run = point_args.dry_run
-        steps += [step for step in launcher.plan(point_args, overrides) if step not in steps]
-    return steps, dry_run
+        jobs.append(parallel.PointJob(point.name, workdir, tuple(launcher.plan(point_args, overrides))))
+    if args.parallel != 1:
+        platform = "cpu" if point_args.cpu_devices else parallel.backend(point_args.python)
+        parallel.check_parallel(args.parallel, platform)
+    return args, jobs, dry_run
+
+
+def log_dir(args: argparse.Namespace) -> Path:
+    if args.log_dir:
+        return Path(args.log_dir)
+    if "://" in args.workdir:
+        raise SystemExit(
+            f"error: --parallel with --workdir={args.workdir}: give a local --log-dir for the points' output"
+        )
+    return Path(args.workdir) / "logs"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    steps, dry_run = plan(argv)
+    args, jobs, dry_run = plan(argv)
+    if args.launcher == "local":
+        return parallel.run(jobs, args.parallel, log_dir(args) if args.parallel > 1 else Path(), dry_run)
+    steps = []  # steps every point shares (a TPU VM's --create, --setup) run once, before the first point
+    for job in jobs:
+        steps += [step for step in job.steps if step not in steps]
     return common.run_steps(steps, dry_run)
 
 

@@ -14,7 +14,7 @@ from conftest import REPO
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from launch import local, slurm, sweep, tpu_pod  # noqa: E402
+from launch import local, parallel, slurm, sweep, tpu_pod  # noqa: E402
 
 CONFIG = "configs/imagenet.py:model=nano_12_p16,qkv=fsne_m8_wide"
 
@@ -303,3 +303,115 @@ def test_bad_launch_arguments_are_one_line_errors(module, argv, message, capsys)
     with pytest.raises((SystemExit, ValueError)) as error:
         module.main([*argv, "--dry-run"])
     assert message in str(error.value) + capsys.readouterr().err
+
+
+def fake_sweep_trainer(tmp_path):
+    """A stand-in for `python` that trains a sweep point: records its environment and cores, waits until every
+    point in WAIT_FOR has started (so it only finishes when points run at once), then writes a finished run
+    record with top-1 50% (or exits 3 if its workdir names FAIL_POINT, after WAIT_FOR)."""
+    path = tmp_path / "fake_python"
+    path.write_text(
+        f"#!{sys.executable}\n"
+        + textwrap.dedent(f"""
+        import json, os, pathlib, sys, time
+        if sys.argv[1] == "-c":  # the launcher's backend probe is stubbed by the tests
+            sys.exit(9)
+        workdir = pathlib.Path(next(a for a in sys.argv if a.startswith("--workdir=")).split("=", 1)[1])
+        marks = pathlib.Path({str(tmp_path)!r})
+        record = {{"mem": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), "cores": sorted(os.sched_getaffinity(0))}}
+        (marks / f"started-{{workdir.name}}").write_text(json.dumps(record))
+        deadline = time.time() + 30
+        while not all((marks / f"started-{{name}}").exists() for name in os.environ["WAIT_FOR"].split()):
+            if time.time() > deadline:
+                sys.exit(5)
+            time.sleep(0.05)
+        if workdir.name == os.environ.get("FAIL_POINT"):
+            print("error: this point fails")
+            sys.exit(3)
+        time.sleep(float(os.environ.get("FINISH_AFTER", "0")))
+        qkv = workdir.name.split("_")[0].removeprefix("qkv-")
+        seed = int(workdir.name.split("_")[1].removeprefix("seed-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps({{"qkv": qkv, "seed": seed}}))
+        model = {{"model_name": "xcit_nano_12_p8", "architecture": {{"qkv_embed": qkv, "embed_dim": 128}}, "num_params": 1000, "total_steps": 10}}
+        (workdir / "model.json").write_text(json.dumps(model))
+        (workdir / "metrics.jsonl").write_text(json.dumps({{"step": 10, "val/top1": 0.5}}) + "\\n")
+        print("trained", workdir.name)
+    """)
+    )
+    path.chmod(0o755)
+    return path
+
+
+def sweep_argv(tmp_path, python, *only, parallel=2):
+    names = [f"--only={name}" for name in only]
+    return ["local", f"--parallel={parallel}", "--config=configs/cifar10.py", f"--workdir={tmp_path}/sweep", *names]
+
+
+def test_parallel_sweep_is_refused_on_the_cpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # what JAX finds on a machine without an accelerator
+    with pytest.raises(SystemExit) as error:
+        sweep.main(["local", "--parallel=2", "--config=configs/cifar10.py", f"--workdir={tmp_path}"])
+    assert str(error.value).startswith("error: --parallel 2 on a CPU: the CPU's cores are what each run already uses")
+    with pytest.raises(SystemExit, match="on a CPU"):  # fake CPU devices are the CPU too, whatever the machine has
+        sweep.main(["local", "--parallel=2", "--cpu-devices=2", "--config=configs/cifar10.py", f"--workdir={tmp_path}"])
+    assert not (tmp_path / "logs").exists()
+
+
+def test_parallel_sweep_gives_each_point_its_share_of_device_memory_and_cores(capsys, monkeypatch):
+    monkeypatch.setattr(parallel, "backend", lambda python: "gpu")
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(16)))
+    argv = ["local", "--parallel=4", "--config=configs/cifar10.py", "--workdir=w", "--python=python", "--dry-run"]
+    assert sweep.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 15
+    words = [shlex.split(line) for line in lines]
+    assert {line[0] for line in words} == {"XLA_PYTHON_CLIENT_MEM_FRACTION=0.225"}
+    if parallel.shutil.which("taskset"):
+        assert [line[1:3] for line in words[:5]] == [
+            ["taskset", "-c"],
+        ] * 5 and [line[3] for line in words[:5]] == ["0,1,2,3", "4,5,6,7", "8,9,10,11", "12,13,14,15", "0,1,2,3"]
+    assert words[0][-3:] == [
+        "qkv_vit.main",
+        "--config=configs/cifar10.py:qkv=linear,seed=0",
+        "--workdir=w/qkv-linear_seed-0",
+    ]
+
+
+@pytest.mark.parametrize(
+    "parallel_count, cores, shares",
+    [(3, range(8), [[0, 1, 2], [3, 4, 5], [6, 7]]), (2, [5], [[5], [5]]), (1, [0, 1], [[0, 1]])],
+)
+def test_core_shares_split_the_cores_near_equally(parallel_count, cores, shares):
+    assert parallel.core_shares(parallel_count, cores) == shares
+
+
+def test_parallel_sweep_runs_points_at_once_then_prints_a_line_each_and_the_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(parallel, "backend", lambda python: "gpu")
+    python = fake_sweep_trainer(tmp_path)
+    names = ["qkv-linear_seed-0", "qkv-sne_seed-0"]
+    monkeypatch.setenv("WAIT_FOR", " ".join(names))  # each point finishes only once both have started
+    argv = sweep_argv(tmp_path, python, *names) + [f"--python={python}"]
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    for name in names:
+        assert f"done {name}: top-1 50.00% (step 10), 0m" in out
+        assert f"log {tmp_path}/sweep/logs/{name}.log" in out
+        assert f"trained {name}" in (tmp_path / "sweep" / "logs" / f"{name}.log").read_text()
+        assert json.loads((tmp_path / f"started-{name}").read_text())["mem"] == "0.450"
+    assert "| sne (h=128) | 1,000 | 50.00 | 1 |" in out and out.index("done ") < out.index("| data |")
+
+
+def test_a_failed_point_starts_no_other_but_lets_the_running_one_finish(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(parallel, "backend", lambda python: "gpu")
+    python = fake_sweep_trainer(tmp_path)
+    names = ["qkv-linear_seed-0", "qkv-sne_seed-0", "qkv-psne_seed-0"]
+    monkeypatch.setenv("WAIT_FOR", " ".join(names[:2]))
+    monkeypatch.setenv("FAIL_POINT", names[0])
+    monkeypatch.setenv("FINISH_AFTER", "1")  # the other point is still running when the first fails
+    assert sweep.main(sweep_argv(tmp_path, python, *names) + [f"--python={python}"]) == 3
+    out = capsys.readouterr().out
+    assert f"FAILED {names[0]}: exit code 3" in out and f"done {names[1]}: top-1 50.00%" in out
+    assert f"not started after the failure: {names[2]}" in out
+    assert not (tmp_path / f"started-{names[2]}").exists()
+    assert "error: this point fails" in (tmp_path / "sweep" / "logs" / f"{names[0]}.log").read_text()
