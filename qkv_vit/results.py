@@ -10,7 +10,11 @@ except for the seed form one row: mean ± sample standard deviation of the final
 Below it, each non-linear QKV embedding paired seed by seed with the linear one of the same data, model and
 recipe (the same seed: the same data order and initialization stream): the per-seed differences of top-1 in
 percentage points, their mean ± sample standard deviation, a 95% Student-t interval of the mean difference, and in
-how many seeds the embedding was better. Unfinished runs are listed separately and never averaged.
+how many seeds the embedding was better. Where finished runs have an evaluation.json (`python -m qkv_vit.evaluate`
+on their final weights), a table of those evaluations with the main table's rows: per group, of each run's first
+split, mean ± std of ECE and of the worst class's top-1 (and the class worst most often), and the AUROC of every
+OOD data set and score; an unreadable evaluation.json is listed there. Unfinished runs are listed separately and
+never averaged.
 """
 
 import argparse
@@ -18,6 +22,7 @@ import dataclasses
 import json
 import statistics
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -112,6 +117,8 @@ class RunRecord:
     last_step: int
     final: dict[str, float] | None  # the metrics record of the final evaluation
     why_unknown: str = ""
+    evaluation: dict[str, Any] | None = None  # its evaluation.json (python -m qkv_vit.evaluate), None if none
+    evaluation_error: str = ""  # why its evaluation.json could not be read, "" if it could or there is none
 
     @property
     def finished(self) -> bool:
@@ -159,6 +166,7 @@ def find_runs(paths: Iterable[str]) -> list[epath.Path]:
 
 
 def read_run(workdir: epath.Path) -> RunRecord:
+    """The run's config, model.json, metrics (its final evaluation, if it has one) and evaluation.json."""
     config = json.loads((workdir / "config.json").read_text())
     model = json.loads((workdir / "model.json").read_text())
     records = read_metrics(workdir)
@@ -173,7 +181,22 @@ def read_run(workdir: epath.Path) -> RunRecord:
         max((r["step"] for r in records), default=0),
         finals[-1] if finals else None,
         why,
+        *read_evaluation(workdir),
     )
+
+
+def read_evaluation(workdir: epath.Path) -> tuple[dict[str, Any] | None, str]:
+    """The run's evaluation.json and "", (None, "") where it has none, (None, why) where it cannot be read."""
+    path = workdir / "evaluation.json"
+    if not path.exists():
+        return None, ""
+    try:
+        evaluation = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # ValueError: bad JSON, or bytes that are not UTF-8
+        return None, f"evaluation.json unreadable: {error}"
+    if not isinstance(evaluation, dict) or not isinstance(evaluation.get("splits"), dict) or not evaluation["splits"]:
+        return None, "evaluation.json unreadable: no splits (not written by `python -m qkv_vit.evaluate`?)"
+    return evaluation, ""
 
 
 def total_steps(config: dict[str, Any], model: dict[str, Any]) -> tuple[int | None, str]:
@@ -304,12 +327,13 @@ def mean_std(values: Sequence[float]) -> str:
 
 def markdown(runs: Sequence[RunRecord]) -> str:
     """The results table, the paired comparison with the linear QKV embedding when a row has a linear partner, the
-    transfer means when all four data sets are there, and the unfinished runs."""
+    evaluations of final weights where runs have an evaluation.json, the transfer means when all four data sets are there, and the unfinished runs."""
     rows = summarize(runs)
     lines = rows_table(rows) if rows else ["No finished runs."]
     pairs = paired_with_linear(rows)
     if pairs:
         lines += ["", PAIRED_TITLE, "", *paired_table(pairs), "", PAIRED_CAVEAT]
+    lines += evaluation_section(rows, runs)
     means = transfer_means(rows)
     if means:
         lines += [
@@ -429,6 +453,121 @@ def paired_table(pairs: Sequence[tuple[Row, dict[int, float]]]) -> list[str]:
         ]
         lines.append(table_line(cells))
     return lines
+
+
+EVALUATION_TITLE = (
+    "Final weights evaluated (`python -m qkv_vit.evaluate`, each run's evaluation.json; ECE and top-1 in %, "
+    "AUROC in %):"
+)
+OOD_SCORES = ("msp", "max_logit", "energy", "mahalanobis")  # the OOD scores' column order; any other after, sorted
+
+
+@dataclasses.dataclass
+class EvaluatedGroup:
+    """The evaluation.json of a main-table row's finished runs that have one, of one split (each run's first)."""
+
+    row: Row
+    split: str
+    splits: list[dict[str, Any]]  # each run's metrics of `split`
+    ood: list[dict[str, Any]]  # each run's "ood": {data set: {score: {"auroc", ...}}}
+    ema: bool  # whether any of these runs was evaluated with its EMA weights
+
+
+def evaluated_groups(rows: Sequence[Row], runs: Iterable[RunRecord]) -> list[EvaluatedGroup]:
+    """The finished, evaluated runs by main-table row (in its order), then by their first split (a row whose runs
+    name different first splits gets a line per split, never a mean over different data)."""
+    by_key: dict[tuple, list[RunRecord]] = {}
+    for run in runs:
+        if run.finished and run.evaluation:
+            by_key.setdefault(group_key(run), []).append(run)
+    groups = []
+    for row in rows:
+        by_split: dict[str, list[dict[str, Any]]] = {}
+        for run in by_key.get(row.key, []):
+            by_split.setdefault(next(iter(run.evaluation["splits"])), []).append(run.evaluation)
+        for split, evaluations in by_split.items():
+            groups.append(
+                EvaluatedGroup(
+                    row,
+                    split,
+                    [e["splits"][split] for e in evaluations],
+                    [e.get("ood") or {} for e in evaluations],
+                    any(e.get("ema") for e in evaluations),
+                )
+            )
+    return groups
+
+
+def worst_class(split: dict[str, Any]) -> tuple[str, float] | None:
+    """The class with the lowest top-1 in a split's metrics and that top-1 (%); None without per-class metrics."""
+    per_class = {name: found["top1"] for name, found in (split.get("per_class") or {}).items() if "top1" in found}
+    if not per_class:
+        return None
+    name = min(per_class, key=per_class.__getitem__)
+    return name, 100 * per_class[name]
+
+
+def worst_class_cell(splits: Sequence[dict[str, Any]]) -> str:
+    """Mean ± std over runs of each run's worst class top-1 (%), and the class worst in most runs (ties: all, sorted)."""
+    found = [w for w in map(worst_class, splits) if w is not None]
+    if not found:
+        return ""
+    counts = Counter(name for name, _ in found)
+    most = max(counts.values())
+    names = sorted(name for name, count in counts.items() if count == most)
+    return f"{mean_std([top1 for _, top1 in found])} ({', '.join(names)})"
+
+
+def ood_columns(groups: Iterable[EvaluatedGroup]) -> list[tuple[str, str]]:
+    """Every (OOD data set, score) with an AUROC in these evaluations: sets sorted, scores in OOD_SCORES' order then
+    any other sorted."""
+    found = {
+        (name, score)
+        for g in groups
+        for ood in g.ood
+        for name, scores in ood.items()
+        for score, metrics in scores.items()
+        if isinstance(metrics, dict) and "auroc" in metrics  # not "count"
+    }
+    return sorted(found, key=lambda item: (item[0], score_rank(item[1]), item[1]))
+
+
+def score_rank(score: str) -> int:
+    """An OOD score's place among the columns: OOD_SCORES' order, any other after."""
+    return OOD_SCORES.index(score) if score in OOD_SCORES else len(OOD_SCORES)
+
+
+def auroc_values(ood: Iterable[dict[str, Any]], name: str, score: str) -> list[float]:
+    """AUROC (%) of `score` on OOD data set `name`, from each evaluation's "ood" that has it."""
+    found = [o.get(name, {}).get(score) for o in ood]
+    return [100 * f["auroc"] for f in found if isinstance(f, dict) and "auroc" in f]
+
+
+def evaluation_table(groups: Sequence[EvaluatedGroup], with_settings: bool) -> list[str]:
+    """The evaluations' markdown lines: a line per group, the main table's labels, ECE, worst class, OOD AUROCs."""
+    columns = ood_columns(groups)
+    header = ["data", "model", "QKV embedding"] + ["settings"] * with_settings
+    header += ["split", "n", "ECE", "worst class top-1"] + [f"OOD {name} {score} AUROC" for name, score in columns]
+    align = ["---"] * (3 + with_settings) + ["---", "---:", "---:", "---:"] + ["---:"] * len(columns)
+    lines = [table_line(header), table_line(align)]
+    for g in groups:
+        cells = [g.row.data, g.row.model, g.row.qkv] + [g.row.settings] * with_settings
+        cells += [g.split + " (EMA)" * g.ema, str(len(g.splits))]
+        cells += [mean_std([100 * s["ece"] for s in g.splits if "ece" in s]), worst_class_cell(g.splits)]
+        cells += [mean_std(auroc_values(g.ood, name, score)) for name, score in columns]
+        lines.append(table_line(cells))
+    return lines
+
+
+def evaluation_section(rows: Sequence[Row], runs: Sequence[RunRecord]) -> list[str]:
+    """The evaluations' title, table and unreadable evaluation.json files, after a blank line; [] where no run has
+    an evaluation.json (finished and readable, or unreadable)."""
+    groups = evaluated_groups(rows, runs)
+    unreadable = [f"- {run.workdir}: {run.evaluation_error}" for run in runs if run.evaluation_error]
+    if not groups and not unreadable:
+        return []
+    table = ["", *evaluation_table(groups, any(r.settings for r in rows))] if groups else []
+    return ["", EVALUATION_TITLE, *table, *([""] + unreadable if unreadable else [])]
 
 
 def table_line(cells: Sequence[str]) -> str:

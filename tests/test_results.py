@@ -225,6 +225,168 @@ def test_no_linear_runs_no_paired_comparison(tmp_path):
     assert table == "\n".join(results.rows_table(results.summarize(runs))) + "\n"  # the results table alone
 
 
+def fake_evaluation(workdir, *, ece, per_class, ood=None, split="test", ema=False, extra_splits=()):
+    """An evaluation.json as `python -m qkv_vit.evaluate` writes it: `split` first, per-class top-1 {class: top-1},
+    OOD {data set: {score: AUROC}}."""
+    metrics = {
+        "count": 100 * len(per_class),
+        "top1": sum(per_class.values()) / len(per_class),
+        "top5": 1.0,
+        "loss": 0.5,
+        "ece": ece,
+        "per_class": {name: {"count": 100, "top1": top1} for name, top1 in per_class.items()},
+    }
+    evaluation = {
+        "weights": str(workdir),
+        "ema": ema,
+        "splits": {split: metrics, **{name: {**metrics, "ece": 0.99} for name in extra_splits}},
+        "ood": {
+            name: {"count": 360, **{score: {"auroc": a, "fpr95": 0.5, "aupr_in": 0.9} for score, a in scores.items()}}
+            for name, scores in (ood or {}).items()
+        },
+        "corruptions": {"data": "x", "errors": {}, "mean_error": 0.5, "mce": 1.0},
+    }
+    (workdir / "evaluation.json").write_text(json.dumps(evaluation))
+    return evaluation
+
+
+def evaluation_table(table):
+    """The evaluations of final weights, from their title to the next blank line after the table; "" if none."""
+    start = table.find(results.EVALUATION_TITLE)
+    if start < 0:
+        return ""
+    end = table.find("\n\n", table.index("\n|", start))
+    return table[start : end if end >= 0 else len(table)]
+
+
+CLASSES = ("cat", "dog", "bird")
+
+
+def test_evaluations_are_averaged_by_row_with_the_worst_class_and_ood_aurocs(tmp_path):
+    paired_runs(tmp_path, {"linear": [0.50, 0.52, 0.57], "fsne_m8": [0.55, 0.56, 0.60]})
+    linear = [(0.05, (0.64, 0.62, 0.90), 0.70), (0.06, (0.60, 0.70, 0.90), 0.72), (0.07, (0.62, 0.70, 0.90), 0.74)]
+    for seed, (ece, per_class, msp) in enumerate(linear):
+        fake_evaluation(
+            tmp_path / f"linear__s{seed}",
+            ece=ece,
+            per_class=dict(zip(CLASSES, per_class, strict=True)),
+            ood={"digits": {"energy": 0.80, "msp": msp}},  # written energy first: shown msp first
+        )
+    fsne = [((0.60, 0.70, 0.50), 0.75, False), ((0.60, 0.70, 0.54), 0.75, True), ((0.52, 0.70, 0.60), 0.78, False)]
+    for seed, (per_class, msp, ema) in enumerate(fsne):
+        fake_evaluation(
+            tmp_path / f"fsne_m8__s{seed}",
+            ece=0.04,
+            per_class=dict(zip(CLASSES, per_class, strict=True)),
+            ood={"svhn": {"knn": 0.9, "msp": 0.6}, "digits": {"mahalanobis": 0.5 + seed / 10, "msp": msp}},
+            ema=ema,
+        )
+    fake_run(tmp_path, "linear_cut", seed=3, top1=0.99, last_step=2)  # unfinished: its evaluation is not counted
+    fake_evaluation(tmp_path / "linear_cut", ece=0.90, per_class={"cat": 0.0}, ood={"other": {"msp": 0.1}})
+    table = results.markdown([results.read_run(p) for p in results.find_runs([tmp_path])])
+    evaluated = evaluation_table(table)
+    lines = evaluated.splitlines()
+    assert lines[0] == results.EVALUATION_TITLE and lines[1] == ""
+    assert lines[2] == (
+        "| data | model | QKV embedding | split | n | ECE | worst class top-1 | OOD digits msp AUROC "
+        "| OOD digits energy AUROC | OOD digits mahalanobis AUROC | OOD svhn msp AUROC | OOD svhn knn AUROC |"
+    )
+    assert len(lines) == 6  # title, blank, header, alignment, a line per row
+    # ECE 5, 6, 7 %; worst classes dog 62, cat 60, cat 62: mean 61.33, sd sqrt((4/9 + 16/9 + 4/9) / 2) = 1.15, cat
+    # in 2 of 3 (not the first run's, nor the worst of the per-class means: cat 62.00); msp 70, 72, 74; energy 80
+    assert row(evaluated, "linear") == [
+        "digits", "xcit_nano_12_p8", "linear", "test", "3", "6.00 ± 1.00", "61.33 ± 1.15 (cat)",
+        "72.00 ± 2.00", "80.00 ± 0.00", "", "", "",
+    ]  # fmt: skip
+    # worst bird 50, bird 54, cat 52: mean 52, sd 2; msp 75, 75, 78: mean 76, sd sqrt((1 + 1 + 4) / 2) = 1.73;
+    # one run of EMA weights
+    assert row(evaluated, "fsne (m=8, h=128)") == [
+        "digits", "xcit_nano_12_p8", "fsne (m=8, h=128)", "test (EMA)", "3", "4.00 ± 0.00", "52.00 ± 2.00 (bird)",
+        "76.00 ± 1.73", "", "60.00 ± 10.00", "60.00 ± 0.00", "90.00 ± 0.00",
+    ]  # fmt: skip
+    assert lines.index(row_line(evaluated, "linear")) < lines.index(row_line(evaluated, "fsne (m=8, h=128)"))
+    # after the paired comparison, before the unfinished runs
+    assert table.index(results.PAIRED_CAVEAT) < table.index(results.EVALUATION_TITLE) < table.index("Unfinished")
+    assert "other" not in evaluated and "90.00 ± " not in row_line(evaluated, "linear")
+
+
+def row_line(table, *cells):
+    """The table line holding all these cells, as it is written."""
+    return "| " + " | ".join(row(table, *cells)) + " |"
+
+
+def test_a_row_counts_only_its_runs_with_an_evaluation_and_ties_name_every_worst_class(tmp_path):
+    lr = {"optimizer": {"lr": 0.01}}
+    paired_runs(tmp_path, {"linear": [0.50, 0.52, 0.57], "sne": [0.51, 0.50, 0.60]})
+    paired_runs(tmp_path, {"linear": [0.40, 0.40]}, changes=lr, seeds=(0, 1))
+    fake_evaluation(tmp_path / "linear__s0", ece=0.02, per_class={"cat": 0.5, "dog": 0.6})
+    fake_evaluation(tmp_path / "linear__s2", ece=0.03, per_class={"cat": 0.7, "dog": 0.6})  # no s1, and no OOD
+    for seed, worst in enumerate(["dog", "cat"]):  # one each: a tie
+        path = tmp_path / f"linear_{lr}_s{seed}".replace(" ", "")
+        fake_evaluation(path, ece=0.1, per_class={"cat": 0.5, "dog": 0.5, worst: 0.4}, split="val")
+    table = results.markdown([results.read_run(p) for p in results.find_runs([tmp_path])])
+    evaluated = evaluation_table(table)
+    header = "| data | model | QKV embedding | settings | split | n | ECE | worst class top-1 |"
+    assert evaluated.splitlines()[2] == header
+    assert row(main_table(table), "linear", "optimizer.lr=0.002")[-2] == "3"
+    assert row(evaluated, "linear", "optimizer.lr=0.002")[4:] == ["test", "2", "2.50 ± 0.71", "55.00 ± 7.07 (cat, dog)"]
+    assert row(evaluated, "linear", "optimizer.lr=0.01")[4:] == ["val", "2", "10.00 ± 0.00", "40.00 ± 0.00 (cat, dog)"]
+    assert "sne" not in evaluated  # no sne run has an evaluation.json
+    assert row(main_table(table), "sne (h=64)")[-2] == "3"
+
+
+def test_runs_whose_first_splits_differ_are_never_averaged_together(tmp_path):
+    paired_runs(tmp_path, {"linear": [0.50, 0.52]}, seeds=(0, 1))
+    fake_evaluation(tmp_path / "linear__s0", ece=0.02, per_class={"cat": 0.5}, split="test", extra_splits=["val"])
+    fake_evaluation(tmp_path / "linear__s1", ece=0.04, per_class={"cat": 0.7}, split="val")
+    evaluated = evaluation_table(results.markdown([results.read_run(p) for p in results.find_runs([tmp_path])]))
+    assert row(evaluated, "test")[3:] == ["test", "1", "2.00", "50.00 (cat)"]
+    assert row(evaluated, "val")[3:] == ["val", "1", "4.00", "70.00 (cat)"]  # not s0's val (ECE 99)
+
+
+def test_no_evaluation_of_a_finished_run_no_evaluation_section(tmp_path):
+    paired_runs(tmp_path, {"linear": [0.50, 0.52, 0.57], "sne": [0.51, 0.50, 0.60]})
+    fake_run(tmp_path, "linear_cut", seed=3, top1=0.99, last_step=2)
+    fake_evaluation(tmp_path / "linear_cut", ece=0.5, per_class={"cat": 0.5})  # an unfinished run's: not counted
+    runs = [results.read_run(p) for p in results.find_runs([tmp_path])]
+    assert runs[0].evaluation is None and runs[0].evaluation_error == ""
+    rows = results.summarize(runs)
+    paired = ["", results.PAIRED_TITLE, "", *results.paired_table(results.paired_with_linear(rows))]
+    unfinished = ["", "Unfinished runs (not in the table above):", "", f"- {tmp_path / 'linear_cut'}: step 2 of 4"]
+    expected = [*results.rows_table(rows), *paired, "", results.PAIRED_CAVEAT, *unfinished]
+    assert results.markdown(runs) == "\n".join(expected) + "\n"
+
+
+def test_an_unreadable_evaluation_is_one_line_and_the_rest_is_still_there(tmp_path, capsys):
+    paired_runs(tmp_path, {"linear": [0.50, 0.52, 0.57], "sne": [0.51, 0.50, 0.60]})
+    for seed in range(3):
+        fake_evaluation(tmp_path / f"sne__s{seed}", ece=0.01 * (seed + 1), per_class={"cat": 0.5})
+    cut = '{"weights": "/w", "splits": {"te'  # cut mid-write
+    (tmp_path / "sne__s2" / "evaluation.json").write_text(cut)
+    with pytest.raises(json.JSONDecodeError) as error:
+        json.loads(cut)
+    (tmp_path / "linear__s1" / "evaluation.json").write_text('{"weights": "/w"}')  # valid JSON, no splits
+    assert results.main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    evaluated = evaluation_table(printed)
+    assert row(evaluated, "sne (h=64)")[3:] == ["test", "2", "1.50 ± 0.71", "50.00 ± 0.00 (cat)"]
+    assert "| linear |" not in evaluated
+    reported = [line for line in printed.splitlines() if "evaluation.json unreadable" in line]
+    assert reported == [
+        f"- {tmp_path / 'linear__s1'}: evaluation.json unreadable: no splits (not written by "
+        "`python -m qkv_vit.evaluate`?)",
+        f"- {tmp_path / 'sne__s2'}: evaluation.json unreadable: {error.value}",
+    ]
+    assert printed.index(evaluated) < printed.index(reported[0])
+    assert row(main_table(printed), "sne (h=64)")[-2] == "3" and results.PAIRED_CAVEAT in printed
+    # With no readable evaluation at all, the title and the line.
+    (tmp_path / "sne__s0" / "evaluation.json").unlink()
+    (tmp_path / "sne__s1" / "evaluation.json").unlink()
+    (tmp_path / "linear__s1" / "evaluation.json").unlink()
+    table = results.markdown([results.read_run(p) for p in results.find_runs([tmp_path])])
+    assert table.endswith(f"{results.PAIRED_CAVEAT}\n\n{results.EVALUATION_TITLE}\n\n{reported[1]}\n")
+
+
 @pytest.mark.slow
 def test_a_real_run_is_read_as_the_trainer_wrote_it(tmp_path, tiny_config):
     tiny_config.total_steps = None
