@@ -61,6 +61,18 @@ def check_parallel(parallel: int, platform: str) -> None:
         raise SystemExit(f"error: --parallel {parallel} on a {platform.upper()}: {REFUSALS[platform]}")
 
 
+def mps_note() -> str | None:
+    """A note where NVIDIA MPS is not running: without it the processes' kernels time-share the GPU."""
+    pipes = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"))
+    if (pipes / "control").exists():
+        return None
+    return (
+        "note: NVIDIA MPS is not running, so the processes take turns on the GPU and gain only where each waits on "
+        "its host (compiling, loading data, dispatch); `nvidia-cuda-mps-control -d` lets their small kernels run "
+        "side by side (docs/launching.md)"
+    )
+
+
 def core_shares(parallel: int, cores: Sequence[int]) -> list[list[int]]:
     """This process's cores in `parallel` contiguous, near-equal groups (at least one core each)."""
     cores = sorted(cores)
@@ -84,14 +96,15 @@ def shared_command(command: str, parallel: int, cores: Sequence[int]) -> str:
 
 
 def jobs_for_parallel(jobs: Sequence[PointJob], parallel: int) -> list[PointJob]:
-    """Each job's single command given slot (index mod N)'s device and core share; one process per point only."""
+    """Each job's steps as one chained command (training, then its evaluation), every part given slot
+    (index mod N)'s device and core share; one process per step only."""
     shares = core_shares(parallel, sorted(os.sched_getaffinity(0)))
     shared = []
     for index, job in enumerate(jobs):
-        if len(job.steps) != 1 or len(job.steps[0].commands) != 1:
+        if any(len(step.commands) != 1 or step.file for step in job.steps):
             raise SystemExit("error: --parallel runs one training process per point; leave --processes out")
-        command = shared_command(job.steps[0].commands[0], parallel, shares[index % parallel])
-        shared.append(dataclasses.replace(job, steps=(Step((command,)),)))
+        parts = [shared_command(step.commands[0], parallel, shares[index % parallel]) for step in job.steps]
+        shared.append(dataclasses.replace(job, steps=(Step((" && ".join(parts),)),)))
     return shared
 
 

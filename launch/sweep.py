@@ -15,6 +15,7 @@ Rerunning the same command resumes unfinished points and skips finished ones (th
 """
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,11 @@ def parser() -> argparse.ArgumentParser:
         "--parallel", type=int, default=1, help="local: train this many points at once on this machine's GPU."
     )
     parser.add_argument("--log-dir", help="local --parallel: each point's output goes here (default WORKDIR/logs).")
+    parser.add_argument(
+        "--evaluate",
+        help="local: after training, `python -m qkv_vit.evaluate POINT --config=... EVALUATE` (e.g. --evaluate=--ood=digits) "
+        "unless POINT/evaluation.json exists",
+    )
     return parser
 
 
@@ -48,8 +54,10 @@ def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[parallel.
     args, rest = parser().parse_known_args(argv)
     if ":" in args.config:
         raise SystemExit("error: --config takes the file only; the sweep supplies each point's arguments")
-    if args.launcher != "local" and (args.parallel != 1 or args.log_dir):
-        raise SystemExit(f"error: --parallel and --log-dir are for local sweeps; {args.launcher} runs its own way")
+    if args.launcher != "local" and (args.parallel != 1 or args.log_dir or args.evaluate is not None):
+        raise SystemExit(
+            f"error: --parallel, --log-dir and --evaluate are for local sweeps; {args.launcher} runs its own way"
+        )
     points = expand(args.config, args.sweep)
     unknown = sorted(set(args.only) - {point.name for point in points})
     if unknown:
@@ -64,11 +72,24 @@ def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[parallel.
             launcher.parser(), [*rest, f"--config={point.config}", f"--workdir={workdir}"]
         )
         dry_run = point_args.dry_run
-        jobs.append(parallel.PointJob(point.name, workdir, tuple(launcher.plan(point_args, overrides))))
+        steps = launcher.plan(point_args, overrides)
+        if args.evaluate is not None and not Path(workdir, "evaluation.json").exists():
+            steps.append(evaluation_step(point_args, overrides, args.evaluate))
+        jobs.append(parallel.PointJob(point.name, workdir, tuple(steps)))
     if args.parallel != 1:
         platform = "cpu" if point_args.cpu_devices else parallel.backend(point_args.python)
         parallel.check_parallel(args.parallel, platform)
+        note = parallel.mps_note() if platform == "gpu" and args.parallel > 1 else None
+        if note:
+            print(note, file=sys.stderr)
     return args, jobs, dry_run
+
+
+def evaluation_step(args: argparse.Namespace, overrides: Sequence[str], evaluate: str) -> common.Step:
+    """`python -m qkv_vit.evaluate WORKDIR --config=... [EVALUATE] [overrides]`: the point's final weights, with its
+    config and the sweep's --config.KEY=VALUE overrides (e.g. the data's path), into WORKDIR/evaluation.json."""
+    argv = [args.python, "-m", "qkv_vit.evaluate", args.workdir, f"--config={args.config}"]
+    return common.Step((shlex.join([*argv, *shlex.split(evaluate), *overrides]),))
 
 
 def log_dir(args: argparse.Namespace) -> Path:

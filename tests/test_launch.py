@@ -415,3 +415,47 @@ def test_a_failed_point_starts_no_other_but_lets_the_running_one_finish(tmp_path
     assert f"not started after the failure: {names[2]}" in out
     assert not (tmp_path / f"started-{names[2]}").exists()
     assert "error: this point fails" in (tmp_path / "sweep" / "logs" / f"{names[0]}.log").read_text()
+
+
+def test_sweep_evaluates_each_trained_point_unless_it_has_an_evaluation(tmp_path, capsys, monkeypatch):
+    done = tmp_path / "qkv-sne_seed-0"
+    done.mkdir()
+    (done / "evaluation.json").write_text("{}")
+    argv = [
+        "local",
+        "--config=configs/cifar10.py",
+        f"--workdir={tmp_path}",
+        "--python=python",
+        "--evaluate=--ood=digits",
+    ]
+    only = ["--only=qkv-linear_seed-0", "--only=qkv-sne_seed-0", "--config.data.path=/data/c10.tar"]
+    lines = dry_run(capsys, sweep, *argv, *only)
+    assert len(lines) == 3 and "qkv_vit.main" in lines[0] and "qkv_vit.main" in lines[2]
+    assert shlex.split(lines[1]) == [
+        "python",
+        "-m",
+        "qkv_vit.evaluate",
+        f"{tmp_path}/qkv-linear_seed-0",
+        "--config=configs/cifar10.py:qkv=linear,seed=0",
+        "--ood=digits",
+        "--config.data.path=/data/c10.tar",  # the data the point trained on
+    ]
+    monkeypatch.setattr(parallel, "backend", lambda python: "gpu")
+    chained = dry_run(capsys, sweep, *argv, *only, "--parallel=2")
+    assert len(chained) == 2 and " && " in chained[0] and " && " not in chained[1]
+    train, evaluate = chained[0].split(" && ")
+    assert train.startswith("XLA_PYTHON_CLIENT_MEM_FRACTION=0.450") and "qkv_vit.main" in train
+    assert evaluate.startswith("XLA_PYTHON_CLIENT_MEM_FRACTION=0.450") and "qkv_vit.evaluate" in evaluate
+    with pytest.raises(SystemExit, match="--evaluate are for local sweeps"):
+        sweep.main(["slurm", "--config=configs/cifar10.py", "--workdir=w", "--evaluate=", "--dry-run"])
+
+
+def test_parallel_sweep_on_a_gpu_says_when_mps_would_let_the_processes_run_side_by_side(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(parallel, "backend", lambda python: "gpu")
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    argv = ["local", "--parallel=2", "--config=configs/cifar10.py", "--workdir=w", "--only=qkv-sne_seed-0", "--dry-run"]
+    assert sweep.main(argv) == 0
+    assert "note: NVIDIA MPS is not running" in capsys.readouterr().err
+    (tmp_path / "control").touch()  # the pipe MPS's control daemon makes
+    assert sweep.main(argv) == 0
+    assert "MPS" not in capsys.readouterr().err
