@@ -83,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (overrides the table)")
     parser.add_argument("--profile", help="write a jax.profiler trace of the timed steps to this directory")
     parser.add_argument(
+        "--barrier",
+        help="DIR:N: after warmup, wait until N processes have reached DIR before the timed steps (parallel_runs.py)",
+    )
+    parser.add_argument(
         "--allocator",
         default="reuse",
         choices=harness.ALLOCATORS,
@@ -170,6 +174,20 @@ def forward_macs(model, variables, image_size: int) -> int:
     return int(compiled.cost_analysis()["flops"] / 2)
 
 
+def wait_at_barrier(spec: str, timeout_s: float = 1800.0) -> None:
+    """DIR:N: mark this process as ready in DIR, then wait until N processes are (file marks: no network)."""
+    import os
+    from pathlib import Path
+
+    directory, _, count = spec.rpartition(":")
+    Path(directory, f"ready-{os.getpid()}").touch()
+    deadline = time.monotonic() + timeout_s
+    while len(list(Path(directory).glob("ready-*"))) < int(count):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"error: --barrier {spec}: the other processes did not arrive within {timeout_s:.0f} s")
+        time.sleep(0.01)
+
+
 def peak_tflops(device_kind: str, override: float | None) -> float | None:
     if override:
         return override
@@ -204,10 +222,13 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     compiles_after_first, compile_seconds = compile_events.snapshot()
     cache_after_first = run.steps.train_step._cache_size()
     harness.time_calls(step, args.warmup)
+    if args.barrier:
+        wait_at_barrier(args.barrier)
     if args.profile:
         jax.profiler.start_trace(args.profile)
-    cpu_start, faults_start = time.process_time(), harness.page_faults()
+    cpu_start, faults_start, timed_from = time.process_time(), harness.page_faults(), time.time()
     times = harness.time_calls(step, args.steps)
+    timed_until = time.time()
     cpu_per_step = (time.process_time() - cpu_start) / args.steps
     faults_per_step = (harness.page_faults() - faults_start) / args.steps
     if args.profile:
@@ -244,6 +265,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "page_faults_per_step": faults_per_step,
         "allocator": harness.allocator_in_use(),
         "images_per_sec": images_per_sec,
+        "timed_from_unix_s": timed_from,
+        "timed_until_unix_s": timed_until,
         "first_step_s": first_step_s,
         "compile_s": compile_seconds - compile_seconds_before,
         "compiles_in_first_step": compiles_after_first - compiles_before,

@@ -58,6 +58,28 @@ def check_train_step_result(result, qkv):
     assert result["peak_memory_source"].startswith("process peak RSS")
 
 
+def test_parallel_runs_times_processes_that_share_the_machine():
+    result = run_benchmark(
+        "parallel_runs.py", "--counts", "1,2", "--depth", "1", "--batch-size", "4", "--steps", "2", "--warmup", "0"
+    )
+    assert result["benchmark"] == "parallel_runs" and set(result["images_per_sec"]) == {"1", "2"}
+    (one,), (two,) = result["rounds"]["1"], result["rounds"]["2"]
+    assert one["processes"] == 1 and len(one["per_process_images_per_sec"]) == 1
+    assert two["processes"] == 2 and len(two["per_process_images_per_sec"]) == 2 and len(two["peak_memory_bytes"]) == 2
+    assert_positive_finite(*result["images_per_sec"].values(), *two["per_process_images_per_sec"])
+    assert result["platform"] == "cpu" and result["params"] > 0
+
+
+def test_parallel_estimate_reads_kernels_memory_and_flops_off_the_compiled_step():
+    result = run_benchmark("parallel_estimate.py", "--depth", "1", "--kernel-us", "2", "4")
+    assert result["benchmark"] == "parallel_estimate" and result["device_kind"] == "cpu" and result["depth"] == 1
+    kernels = result["kernels_per_step"]
+    assert kernels == sum(result["kernels_by_op"].values()) and kernels > 100  # every parameter's update is one
+    assert result["process_memory_bytes"] == result["step_memory_bytes"] + 50_000 * 32 * 32 * 3
+    assert result["one_process_images_per_sec"] == pytest.approx([128 / (kernels * 4e-6), 128 / (kernels * 2e-6)])
+    assert_positive_finite(result["model_flops_per_step"], result["step_memory_bytes"], result["compile_s"])
+
+
 def test_train_step_every_qkv_preset_in_one_go():
     result = run_benchmark("train_step.py", *TINY_RUN, "--all-qkv", "--presets", "linear,fsne_m8")
     assert result["benchmark"] == "train_step_all_qkv" and set(result["presets"]) == {"linear", "fsne_m8"}
