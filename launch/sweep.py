@@ -78,7 +78,12 @@ def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[parallel.
         jobs.append(parallel.PointJob(point.name, workdir, tuple(steps)))
     if args.parallel != 1:
         platform = "cpu" if point_args.cpu_devices else parallel.backend(point_args.python)
-        parallel.check_parallel(args.parallel, platform)
+        try:
+            parallel.check_parallel(args.parallel, platform)
+        except SystemExit as refusal:
+            if not dry_run or args.parallel < 1:
+                raise
+            print(f"note: printed only; run here, {str(refusal).removeprefix('error: ')}", file=sys.stderr)
         note = parallel.mps_note() if platform == "gpu" and args.parallel > 1 else None
         if note:
             print(note, file=sys.stderr)

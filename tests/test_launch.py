@@ -459,3 +459,12 @@ def test_parallel_sweep_on_a_gpu_says_when_mps_would_let_the_processes_run_side_
     (tmp_path / "control").touch()  # the pipe MPS's control daemon makes
     assert sweep.main(argv) == 0
     assert "MPS" not in capsys.readouterr().err
+
+
+def test_a_parallel_dry_run_on_the_cpu_prints_the_commands_and_says_they_would_be_refused(capsys, monkeypatch):
+    monkeypatch.setattr(parallel, "backend", lambda python: "cpu")
+    argv = ["local", "--parallel=2", "--config=configs/cifar10.py", "--workdir=w", "--only=qkv-sne_seed-0"]
+    assert sweep.main([*argv, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.450" in captured.out
+    assert "note: printed only; run here, --parallel 2 on a CPU" in captured.err
