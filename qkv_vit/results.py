@@ -10,11 +10,11 @@ except for the seed form one row: mean ± sample standard deviation of the final
 Below it, each non-linear QKV embedding paired seed by seed with the linear one of the same data, model and
 recipe (the same seed: the same data order and initialization stream): the per-seed differences of top-1 in
 percentage points, their mean ± sample standard deviation, a 95% Student-t interval of the mean difference, and in
-how many seeds the embedding was better. Where finished runs have an evaluation.json (`python -m qkv_vit.evaluate`
-on their final weights), a table of those evaluations with the main table's rows: per group, of each run's first
-split, mean ± std of ECE and of the worst class's top-1 (and the class worst most often), and the AUROC of every
-OOD data set and score; an unreadable evaluation.json is listed there. Unfinished runs are listed separately and
-never averaged.
+how many seeds the embedding was better; the non-linear rows it could not pair are named below it, with why. Where
+finished runs have an evaluation.json (`python -m qkv_vit.evaluate` on their final weights), a table of those
+evaluations with the main table's rows: per group, of each run's first split and weights (EMA or not), mean ± std of
+ECE and of the worst class's top-1 (and the class worst most often), and the AUROC of every OOD data set and score;
+an unreadable evaluation.json is listed there. Unfinished runs are listed separately and never averaged.
 """
 
 import argparse
@@ -72,6 +72,9 @@ QKV_KEYS = (
     "model.qkv_activation",
     "model.qkv_in_class_attention",
 )
+# Also ignored when looking for a row's linear partner: settings of the F-SNE codes, which do nothing for a linear QKV
+# embedding (it has no codes), so linear runs with either value are the same baseline.
+CODE_ONLY_KEYS = ("optimizer.code_weight_decay",)
 TRANSFER_SETS = ("cifar10", "cifar100", "cars196", "stl10")
 
 # Top-1 on ImageNet-1k at 224 (docs/models.md, "What the papers report": arXiv 2111.10017 and Mathematics 11(8):1933;
@@ -108,7 +111,8 @@ PAPER_TRANSFER = {
 
 @dataclasses.dataclass
 class RunRecord:
-    """One workdir as read back (the trainer's own run is train.trainer.Run): its flattened config, model.json, and where it stands."""
+    """One workdir as read back (the trainer's own run is train.trainer.Run): its flattened config, model.json, and
+    where it stands."""
 
     workdir: str
     config: dict[str, Any]
@@ -171,8 +175,8 @@ def read_run(workdir: epath.Path) -> RunRecord:
     model = json.loads((workdir / "model.json").read_text())
     records = read_metrics(workdir)
     total, why = total_steps(config, model)
-    top1_key = f"{config.get('eval_name', 'val')}/top1"
-    finals = [r for r in records if r["step"] == total and top1_key in r]
+    key = top1_key(config)
+    finals = [r for r in records if r["step"] == total and key in r]
     return RunRecord(
         str(workdir),
         {**DEFAULTS, **flatten_dotted(config)},
@@ -183,6 +187,18 @@ def read_run(workdir: epath.Path) -> RunRecord:
         why,
         *read_evaluation(workdir),
     )
+
+
+def top1_key(config: dict[str, Any], ema: bool = False) -> str:
+    """The metric name of the run's evaluation top-1 (a fraction): <eval_name>/top1, or ema_<eval_name>/top1."""
+    return ("ema_" if ema else "") + f"{config.get('eval_name', 'val')}/top1"
+
+
+def final_top1(run: RunRecord, ema: bool = False) -> float | None:
+    """The run's top-1 (%) at its final evaluation, of its EMA weights with `ema`; None if the run is unfinished
+    (or, with `ema`, its final evaluation has no EMA top-1)."""
+    value = run.final.get(top1_key(run.config, ema)) if run.final is not None else None
+    return None if value is None else 100 * value
 
 
 def read_evaluation(workdir: epath.Path) -> tuple[dict[str, Any] | None, str]:
@@ -268,7 +284,7 @@ def summarize(runs: Sequence[RunRecord]) -> list[Row]:
             groups.setdefault(group_key(run), []).append(run)
     rows = []
     for key, members in groups.items():
-        first, eval_name = members[0], members[0].config.get("eval_name", "val")
+        first = members[0]
         same_data = [dict(other[1:]) for other in groups if other[0] == key[0]]
         settings = ", ".join(f"{k}={first.config.get(k)}" for k in varying_settings(same_data))
         rows.append(
@@ -278,8 +294,8 @@ def summarize(runs: Sequence[RunRecord]) -> list[Row]:
                 qkv_label(first.model["architecture"]),
                 first.model["num_params"],
                 settings,
-                [100 * r.final[f"{eval_name}/top1"] for r in members],
-                [100 * r.final[f"ema_{eval_name}/top1"] for r in members if f"ema_{eval_name}/top1" in r.final],
+                [final_top1(r) for r in members],
+                [top1 for top1 in (final_top1(r, ema=True) for r in members) if top1 is not None],
                 paper_number(first),
                 key,
                 [int(r.config["seed"]) for r in members],
@@ -317,22 +333,26 @@ def transfer_means(rows: Sequence[Row]) -> list[tuple[Row, float]]:
     ]
 
 
-def mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float], signed: bool = False) -> str:
+    """Mean ± sample standard deviation, 2 decimals (the std only from 2 values on, "" for none); `signed`: the mean
+    with its sign (+0.67 ± 2.52), for differences."""
     if not values:
         return ""
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+    mean = f"{statistics.fmean(values):{'+' if signed else ''}.2f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.2f}"
 
 
 def markdown(runs: Sequence[RunRecord]) -> str:
-    """The results table, the paired comparison with the linear QKV embedding when a row has a linear partner, the
-    evaluations of final weights where runs have an evaluation.json, the transfer means when all four data sets are there, and the unfinished runs."""
+    """The results table, the paired comparison with the linear QKV embedding when a row has a linear partner (and
+    the non-linear rows without one), the evaluations of final weights where runs have an evaluation.json, the
+    transfer means when all four data sets are there, and the unfinished runs."""
     rows = summarize(runs)
     lines = rows_table(rows) if rows else ["No finished runs."]
     pairs = paired_with_linear(rows)
     if pairs:
         lines += ["", PAIRED_TITLE, "", *paired_table(pairs), "", PAIRED_CAVEAT]
+        unpaired = unpaired_lines(rows)
+        lines += [""] + unpaired if unpaired else []
     lines += evaluation_section(rows, runs)
     means = transfer_means(rows)
     if means:
@@ -371,7 +391,12 @@ PAIRED_TITLE = (
     "Paired with the linear QKV embedding (same data, model and recipe; differences in top-1 percentage points, "
     "same seed):"
 )
-PAIRED_CAVEAT = "A difference whose 95% interval contains 0 is not shown by these runs."
+PAIRED_CAVEAT = (
+    "A difference whose 95% interval contains 0 is not shown by these runs. With several embeddings or recipes "
+    "compared, about one interval in twenty excludes 0 by chance where there is no difference."
+)
+NO_LINEAR_RUN = "no linear run of the same data, model and recipe"
+NO_COMMON_SEED = "no seed in common with the linear runs"
 
 
 def is_linear(row: Row) -> bool:
@@ -380,8 +405,9 @@ def is_linear(row: Row) -> bool:
 
 
 def recipe_key(row: Row) -> tuple:
-    """The row's group key without the keys that choose the QKV embedding: equal for the rows that differ only there."""
-    return (row.key[0],) + tuple(item for item in row.key[1:] if item[0] not in QKV_KEYS)
+    """The row's group key without the keys that choose the QKV embedding (and those only F-SNE's codes read): equal
+    for the rows that differ only there."""
+    return (row.key[0],) + tuple(item for item in row.key[1:] if item[0] not in QKV_KEYS + CODE_ONLY_KEYS)
 
 
 def top1_by_seed(rows: Iterable[Row]) -> dict[int, float]:
@@ -393,22 +419,40 @@ def top1_by_seed(rows: Iterable[Row]) -> dict[int, float]:
     return {seed: statistics.fmean(values) for seed, values in sorted(found.items())}
 
 
-def paired_with_linear(rows: Sequence[Row]) -> list[tuple[Row, dict[int, float]]]:
-    """Each non-linear row with a linear partner of the same recipe and at least one common seed ->
-    (row, {seed: top-1 of the row - top-1 of the linear runs, in percentage points}) over the seeds both have."""
+def seed_differences(rows: Sequence[Row]) -> list[tuple[Row, dict[int, float] | None]]:
+    """Each non-linear row -> (row, {seed: top-1 of the row - top-1 of the linear runs of its recipe, in percentage
+    points}) over the seeds both have ({} if none), or (row, None) where no linear run has its recipe."""
     linear: dict[tuple, list[Row]] = {}
     for row in filter(is_linear, rows):
         linear.setdefault(recipe_key(row), []).append(row)
-    pairs = []
+    found = []
     for row in rows:
+        if is_linear(row):
+            continue
         partner = linear.get(recipe_key(row))
-        if is_linear(row) or not partner:
+        if not partner:
+            found.append((row, None))
             continue
         ours, theirs = top1_by_seed([row]), top1_by_seed(partner)
-        differences = {seed: ours[seed] - theirs[seed] for seed in ours if seed in theirs}
-        if differences:
-            pairs.append((row, differences))
-    return pairs
+        found.append((row, {seed: ours[seed] - theirs[seed] for seed in ours if seed in theirs}))
+    return found
+
+
+def paired_with_linear(rows: Sequence[Row]) -> list[tuple[Row, dict[int, float]]]:
+    """Each non-linear row with a linear partner of the same recipe and at least one common seed ->
+    (row, {seed: top-1 of the row - top-1 of the linear runs, in percentage points}) over the seeds both have."""
+    return [(row, differences) for row, differences in seed_differences(rows) if differences]
+
+
+def unpaired_lines(rows: Sequence[Row]) -> list[str]:
+    """A line for each non-linear row that the paired comparison leaves out, with why: no linear run of its recipe,
+    or none of its seeds."""
+    return [
+        f"- {row.data} {row.model} {row.qkv}{f' [{row.settings}]' if row.settings else ''}: not paired "
+        f"({NO_LINEAR_RUN if differences is None else NO_COMMON_SEED})"
+        for row, differences in seed_differences(rows)
+        if not differences
+    ]
 
 
 def signed(value: float) -> str:
@@ -416,15 +460,9 @@ def signed(value: float) -> str:
     return f"{value:+.2f}"
 
 
-def signed_mean_std(values: Sequence[float]) -> str:
-    """Mean ± sample standard deviation, signed (the std only from 2 values on)."""
-    if len(values) == 1:
-        return signed(values[0])
-    return f"{signed(statistics.fmean(values))} ± {statistics.stdev(values):.2f}"
-
-
 def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
-    """The Student-t confidence interval of the mean (n - 1 degrees of freedom), in the values' units; None for n < 2."""
+    """The Student-t confidence interval of the mean (n - 1 degrees of freedom), in the values' units; None for
+    n < 2."""
     n = len(values)
     if n < 2:
         return None
@@ -446,7 +484,7 @@ def paired_table(pairs: Sequence[tuple[Row, dict[int, float]]]) -> list[str]:
         cells = [row.data, row.model, row.qkv, f"{row.params:,}"] + [row.settings] * with_settings
         cells += [
             ", ".join(f"s{seed} {signed(d)}" for seed, d in differences.items()),
-            signed_mean_std(values),
+            mean_std(values, signed=True),
             f"[{signed(interval[0])}, {signed(interval[1])}]" if interval else "",
             f"{sum(d > 0 for d in values)} of {len(values)}",
             str(len(values)),
@@ -464,35 +502,38 @@ OOD_SCORES = ("msp", "max_logit", "energy", "mahalanobis")  # the OOD scores' co
 
 @dataclasses.dataclass
 class EvaluatedGroup:
-    """The evaluation.json of a main-table row's finished runs that have one, of one split (each run's first)."""
+    """The evaluation.json of a main-table row's finished runs that have one, of one split (each run's first) and one
+    kind of weights (EMA or not)."""
 
     row: Row
     split: str
     splits: list[dict[str, Any]]  # each run's metrics of `split`
     ood: list[dict[str, Any]]  # each run's "ood": {data set: {score: {"auroc", ...}}}
-    ema: bool  # whether any of these runs was evaluated with its EMA weights
+    ema: bool  # whether these runs were evaluated with their EMA weights (all of them, or none)
 
 
 def evaluated_groups(rows: Sequence[Row], runs: Iterable[RunRecord]) -> list[EvaluatedGroup]:
-    """The finished, evaluated runs by main-table row (in its order), then by their first split (a row whose runs
-    name different first splits gets a line per split, never a mean over different data)."""
+    """The finished, evaluated runs by main-table row (in its order), then by their first split and whether they were
+    evaluated with EMA weights (a row whose runs name different first splits, or evaluated different weights, gets a
+    line per split and weights: never a mean over different data, nor over EMA and raw weights)."""
     by_key: dict[tuple, list[RunRecord]] = {}
     for run in runs:
         if run.finished and run.evaluation:
             by_key.setdefault(group_key(run), []).append(run)
     groups = []
     for row in rows:
-        by_split: dict[str, list[dict[str, Any]]] = {}
+        by_split: dict[tuple[str, bool], list[dict[str, Any]]] = {}
         for run in by_key.get(row.key, []):
-            by_split.setdefault(next(iter(run.evaluation["splits"])), []).append(run.evaluation)
-        for split, evaluations in by_split.items():
+            split = next(iter(run.evaluation["splits"]))
+            by_split.setdefault((split, bool(run.evaluation.get("ema"))), []).append(run.evaluation)
+        for (split, ema), evaluations in by_split.items():
             groups.append(
                 EvaluatedGroup(
                     row,
                     split,
                     [e["splits"][split] for e in evaluations],
                     [e.get("ood") or {} for e in evaluations],
-                    any(e.get("ema") for e in evaluations),
+                    ema,
                 )
             )
     return groups
@@ -508,7 +549,8 @@ def worst_class(split: dict[str, Any]) -> tuple[str, float] | None:
 
 
 def worst_class_cell(splits: Sequence[dict[str, Any]]) -> str:
-    """Mean ± std over runs of each run's worst class top-1 (%), and the class worst in most runs (ties: all, sorted)."""
+    """Mean ± std over runs of each run's worst class top-1 (%), and the class worst in most runs (ties: all,
+    sorted)."""
     found = [w for w in map(worst_class, splits) if w is not None]
     if not found:
         return ""

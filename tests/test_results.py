@@ -3,6 +3,7 @@ and one real run of the trainer read back."""
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import pytest
@@ -79,6 +80,11 @@ def paired_table(table):
     return "" if start < 0 else table[start : table.index(results.PAIRED_CAVEAT) + len(results.PAIRED_CAVEAT)]
 
 
+def unpaired(table):
+    """The lines naming the rows that the paired comparison left out."""
+    return [line for line in table.splitlines() if ": not paired (" in line]
+
+
 def test_seeds_are_averaged_and_unfinished_runs_listed_apart(tmp_path):
     for seed, top1 in enumerate([0.50, 0.52, 0.57]):
         fake_run(tmp_path, f"linear_s{seed}", seed=seed, top1=top1)
@@ -119,6 +125,9 @@ def test_imagenet_rows_show_xcits_and_the_papers_numbers(tmp_path):
     # Only the nano F-SNE has a linear partner (the S24 has no linear run of its model).
     assert row(paired_table(table), "fsne (m=8, h=192)")[-5:] == ["s0 +1.00", "+1.00", "", "1 of 1", "1"]
     assert "sne (h=192)" not in paired_table(table)
+    assert unpaired(table) == [
+        "- imagenet2012 xcit_small_24_p16 sne (h=192): not paired (no linear run of the same data, model and recipe)"
+    ]
 
 
 def test_transfer_runs_on_all_four_sets_get_a_mean_next_to_the_papers(tmp_path):
@@ -165,7 +174,11 @@ def test_each_embedding_is_paired_with_the_linear_one_seed_by_seed(tmp_path):
         "| data | model | QKV embedding | params | per seed | mean ± std | 95% CI of the mean | better in | n pairs |"
     )
     assert paired.splitlines()[2] == header
-    assert paired.splitlines()[-1] == "A difference whose 95% interval contains 0 is not shown by these runs."
+    assert paired.splitlines()[-1] == (
+        "A difference whose 95% interval contains 0 is not shown by these runs. With several embeddings or recipes "
+        "compared, about one interval in twenty excludes 0 by chance where there is no difference."
+    )  # the multiple-comparison caveat: 5% of the intervals of differences that are 0 exclude it
+    assert unpaired(table) == []  # every non-linear row has its pairs
     # sne - linear: +1, -2, +3; mean 2/3, sd sqrt(((1/3)^2 + (8/3)^2 + (7/3)^2) / 2) = sqrt(19/3) = 2.52
     sne = row(paired, "sne (h=64)")
     assert sne[:4] == ["digits", "xcit_nano_12_p8", "sne (h=64)", "1,234,567"]
@@ -214,6 +227,40 @@ def test_a_different_recipe_pairs_only_with_its_own_linear_runs(tmp_path):
     ]
     assert row(paired, "sne (h=64)")[5] == "s0 +1.00, s1 -2.00, s2 +3.00"
     assert "fsne" not in paired and row(main_table(table), "fsne (m=8, h=128)")[-3:] == ["70.00 ± 0.00", "2", ""]
+    # ... but named below the comparison, with its settings and why
+    assert unpaired(table) == [
+        "- digits xcit_nano_12_p8 fsne (m=8, h=128) [optimizer.lr=0.002, total_epochs=7.0]: not paired "
+        "(no linear run of the same data, model and recipe)"
+    ]
+    assert table.index(results.PAIRED_CAVEAT) < table.index(unpaired(table)[0])
+
+
+def test_rows_without_a_seed_in_common_with_their_linear_runs_are_named_after_the_paired_comparison(tmp_path):
+    paired_runs(tmp_path, {"linear": [0.50, 0.52, 0.57], "sne": [0.51, 0.50, 0.60]})
+    paired_runs(tmp_path, {"fsne_m8": [0.70, 0.71]}, seeds=(5, 6))  # the linear runs' recipe, other seeds
+    fake_run(tmp_path, "linear_cut", seed=3, top1=0.99, last_step=2)
+    table = results.markdown([results.read_run(p) for p in results.find_runs([tmp_path])])
+    assert "fsne" not in paired_table(table) and row(main_table(table), "fsne (m=8, h=128)")[-2] == "2"
+    line = "- digits xcit_nano_12_p8 fsne (m=8, h=128): not paired (no seed in common with the linear runs)"
+    assert unpaired(table) == [line]
+    assert f"{results.PAIRED_CAVEAT}\n\n{line}\n\nUnfinished runs" in table
+
+
+def test_a_setting_only_f_sne_codes_read_does_not_keep_a_row_from_its_linear_partner(tmp_path):
+    paired_runs(tmp_path, {"linear": [0.50, 0.52, 0.57]})
+    paired_runs(tmp_path, {"fsne_m8": [0.55, 0.56, 0.60]}, changes={"optimizer": {"code_weight_decay": True}})
+    table = results.markdown([results.read_run(p) for p in results.find_runs([tmp_path])])
+    assert row(main_table(table), "linear")[4] == "optimizer.code_weight_decay=False"  # still told apart there
+    fsne = row(paired_table(table), "fsne (m=8, h=128)")
+    assert fsne[4:] == [
+        "optimizer.code_weight_decay=True",
+        "s0 +5.00, s1 +4.00, s2 +3.00",
+        "+4.00 ± 1.00",
+        "[+1.52, +6.48]",
+        "3 of 3",
+        "3",
+    ]
+    assert unpaired(table) == []
 
 
 def test_no_linear_runs_no_paired_comparison(tmp_path):
@@ -291,20 +338,25 @@ def test_evaluations_are_averaged_by_row_with_the_worst_class_and_ood_aurocs(tmp
         "| data | model | QKV embedding | split | n | ECE | worst class top-1 | OOD digits msp AUROC "
         "| OOD digits energy AUROC | OOD digits mahalanobis AUROC | OOD svhn msp AUROC | OOD svhn knn AUROC |"
     )
-    assert len(lines) == 6  # title, blank, header, alignment, a line per row
+    assert len(lines) == 7  # title, blank, header, alignment, a line per row and weights (F-SNE: raw and EMA)
     # ECE 5, 6, 7 %; worst classes dog 62, cat 60, cat 62: mean 61.33, sd sqrt((4/9 + 16/9 + 4/9) / 2) = 1.15, cat
     # in 2 of 3 (not the first run's, nor the worst of the per-class means: cat 62.00); msp 70, 72, 74; energy 80
     assert row(evaluated, "linear") == [
         "digits", "xcit_nano_12_p8", "linear", "test", "3", "6.00 ± 1.00", "61.33 ± 1.15 (cat)",
         "72.00 ± 2.00", "80.00 ± 0.00", "", "", "",
     ]  # fmt: skip
-    # worst bird 50, bird 54, cat 52: mean 52, sd 2; msp 75, 75, 78: mean 76, sd sqrt((1 + 1 + 4) / 2) = 1.73;
-    # one run of EMA weights
-    assert row(evaluated, "fsne (m=8, h=128)") == [
-        "digits", "xcit_nano_12_p8", "fsne (m=8, h=128)", "test (EMA)", "3", "4.00 ± 0.00", "52.00 ± 2.00 (bird)",
-        "76.00 ± 1.73", "", "60.00 ± 10.00", "60.00 ± 0.00", "90.00 ± 0.00",
+    # The runs of raw weights, s0 and s2 (never averaged with s1's EMA weights): worst bird 50, cat 52: mean 51,
+    # sd 1.41, a tie; msp 75, 78: mean 76.5, sd 2.12; mahalanobis 50, 70: mean 60, sd 14.14
+    assert row(evaluated, "fsne (m=8, h=128)", "test") == [
+        "digits", "xcit_nano_12_p8", "fsne (m=8, h=128)", "test", "2", "4.00 ± 0.00", "51.00 ± 1.41 (bird, cat)",
+        "76.50 ± 2.12", "", "60.00 ± 14.14", "60.00 ± 0.00", "90.00 ± 0.00",
     ]  # fmt: skip
-    assert lines.index(row_line(evaluated, "linear")) < lines.index(row_line(evaluated, "fsne (m=8, h=128)"))
+    # The run of EMA weights, s1: worst bird 54, msp 75, mahalanobis 60
+    assert row(evaluated, "fsne (m=8, h=128)", "test (EMA)") == [
+        "digits", "xcit_nano_12_p8", "fsne (m=8, h=128)", "test (EMA)", "1", "4.00", "54.00 (bird)",
+        "75.00", "", "60.00", "60.00", "90.00",
+    ]  # fmt: skip
+    assert lines.index(row_line(evaluated, "linear")) < lines.index(row_line(evaluated, "fsne (m=8, h=128)", "test"))
     # after the paired comparison, before the unfinished runs
     assert table.index(results.PAIRED_CAVEAT) < table.index(results.EVALUATION_TITLE) < table.index("Unfinished")
     assert "other" not in evaluated and "90.00 ± " not in row_line(evaluated, "linear")
@@ -425,6 +477,34 @@ def test_command_line(tmp_path, capsys):
 @pytest.mark.parametrize("values, expected", [([], ""), ([50.0], "50.00"), ([50.0, 52.0], "51.00 ± 1.41")])
 def test_mean_std(values, expected):
     assert results.mean_std(values) == expected
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [([], ""), ([-0.634], "-0.63"), ([1.0, -2.0, 3.0], "+0.67 ± 2.52"), ([-3.0, -5.0], "-4.00 ± 1.41")],
+)
+def test_mean_std_signed_is_the_same_helper(values, expected):
+    assert results.mean_std(values, signed=True) == expected
+    assert not hasattr(results, "signed_mean_std")  # one helper, not two that can drift apart
+
+
+def test_final_top1_reads_the_final_evaluation_as_the_table_does(tmp_path):
+    record = results.RunRecord("w", {"eval_name": "holdout"}, {}, 4, 4, {"step": 4, "holdout/top1": 0.625})
+    assert results.final_top1(record) == 62.5 and results.final_top1(record, ema=True) is None
+    record.final["ema_holdout/top1"] = 0.75
+    assert results.final_top1(record, ema=True) == 75.0
+    assert results.final_top1(results.RunRecord("w", {}, {}, 4, 4, {"step": 4, "val/top1": 0.5})) == 50.0
+    assert results.final_top1(results.RunRecord("w", {}, {}, 4, 2, None)) is None  # unfinished
+    run = results.read_run(fake_run(tmp_path, "a", top1=0.57, ema=0.58))
+    assert results.final_top1(run) == pytest.approx(57.0) and results.final_top1(run, ema=True) == pytest.approx(58.0)
+    [found] = results.summarize([run])
+    assert found.top1 == [results.final_top1(run)] and found.ema_top1 == [results.final_top1(run, ema=True)]
+
+
+def test_results_py_lines_fit_in_120_characters():
+    """The formatter wraps code at 120, not docstrings: these are checked here."""
+    source = Path(results.__file__).read_text(encoding="utf-8").splitlines()
+    assert [number for number, line in enumerate(source, 1) if len(line) > 120] == []
 
 
 @pytest.mark.parametrize(
