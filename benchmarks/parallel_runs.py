@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import harness
 
 sys.path.insert(0, str(harness.REPO))
 from launch import parallel  # noqa: E402  (the launcher's own memory and core shares)
+from launch.common import Step  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,25 +54,25 @@ def step_command(args: argparse.Namespace, barrier: str) -> str:
 
 
 def run_group(args: argparse.Namespace, count: int) -> dict[str, Any]:
-    """`count` processes at once, each with launch/parallel.py's shares; their combined throughput."""
+    """`count` processes at once, each started as launch/parallel.py starts a point; their combined throughput."""
     shares = parallel.core_shares(count, sorted(os.sched_getaffinity(0)))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     with tempfile.TemporaryDirectory() as scratch:
-        command = step_command(args, f"{scratch}:{count}")
-        logs = [Path(scratch, f"process{index}.out") for index in range(count)]
-        processes = [
-            subprocess.Popen(
-                ["bash", "-c", parallel.shared_command(command, count, shares[index]) if count > 1 else command],
-                stdout=log.open("w"),
-                stderr=subprocess.STDOUT,
-                cwd=harness.REPO,
-                env=env,
-            )
-            for index, log in enumerate(logs)
+        job = parallel.PointJob("step", scratch, (Step((step_command(args, f"{scratch}:{count}"),)),))
+        commands = [
+            parallel.shared_command(job, count, share) if count > 1 else job.steps[0].commands[0] for share in shares
         ]
-        codes = [process.wait() for process in processes]
-        if any(codes):
-            failed = codes.index(next(code for code in codes if code))
+        logs = [Path(scratch, f"process{index}.out") for index in range(count)]
+        processes = []
+        for command, log in zip(commands, logs):
+            with log.open("w") as out:
+                processes.append(
+                    subprocess.Popen(
+                        ["bash", "-c", command], stdout=out, stderr=subprocess.STDOUT, cwd=harness.REPO, env=env
+                    )
+                )
+        failed = wait_all(processes)
+        if failed is not None:
             raise RuntimeError(f"process {failed} of {count} failed:\n{logs[failed].read_text()[-3000:]}")
         results = [harness.last_json_line(log.read_text()) for log in logs]
     span = max(r["timed_until_unix_s"] for r in results) - min(r["timed_from_unix_s"] for r in results)
@@ -85,6 +87,20 @@ def run_group(args: argparse.Namespace, count: int) -> dict[str, Any]:
     }
 
 
+def wait_all(processes: list[subprocess.Popen]) -> int | None:
+    """Waits for every process; at the first failure kills the others (they would wait at the barrier) and returns
+    its index, else None."""
+    while any(process.poll() is None for process in processes):
+        failed = next((i for i, process in enumerate(processes) if process.poll() not in (None, 0)), None)
+        if failed is not None:
+            for process in processes:
+                process.kill()
+                process.wait()
+            return failed
+        time.sleep(0.2)
+    return next((i for i, process in enumerate(processes) if process.returncode != 0), None)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rounds: dict[int, list[dict[str, Any]]] = {count: [] for count in args.counts}
@@ -94,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             rounds[count].append(result)
             print(f"round {round_index + 1}/{args.repeats}, {count} at once: {result['images_per_sec']:.0f} images/s")
     summary = {count: harness.median([r["images_per_sec"] for r in found]) for count, found in rounds.items()}
-    base = summary[args.counts[0]] / args.counts[0] if args.counts[0] == 1 else None
+    base = summary[1] if 1 in summary else None  # one process's images/s: what the speed-up is over
     rows = []
     for count, total in summary.items():
         peak = max(rounds[count][0]["peak_memory_bytes"]) / 2**30

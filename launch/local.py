@@ -31,12 +31,18 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-def process_command(args: argparse.Namespace, overrides: Sequence[str], index: int) -> str:
+def environment(args: argparse.Namespace, index: int) -> list[str]:
+    """KEY=VALUE assignments for process `index`: fake CPU devices, or its own GPU."""
     env = []
     if args.cpu_devices:
         env += ["JAX_PLATFORMS=cpu", f"XLA_FLAGS=--xla_force_host_platform_device_count={args.cpu_devices}"]
     if args.gpu_per_process:
         env.append(f"CUDA_VISIBLE_DEVICES={index}")
+    return env
+
+
+def process_command(args: argparse.Namespace, overrides: Sequence[str], index: int) -> str:
+    env = environment(args, index)
     flags = []
     if args.processes > 1:
         flags = [

@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from etils import epath
+
 from launch import common, local, parallel, slurm, tpu_pod
 from qkv_vit.sweep import expand
 
@@ -43,8 +45,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-dir", help="local --parallel: each point's output goes here (default WORKDIR/logs).")
     parser.add_argument(
         "--evaluate",
-        help="local: after training, `python -m qkv_vit.evaluate POINT --config=... EVALUATE` (e.g. --evaluate=--ood=digits) "
-        "unless POINT/evaluation.json exists",
+        help="local: after training, `python -m qkv_vit.evaluate POINT --config=... ARGS`, given as --evaluate=ARGS "
+        "(e.g. --evaluate=--ood=digits), unless POINT/evaluation.json exists",
     )
     return parser
 
@@ -52,12 +54,7 @@ def parser() -> argparse.ArgumentParser:
 def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[parallel.PointJob], bool]:
     """The sweep's arguments, every chosen point's launcher steps, and whether this is a dry run."""
     args, rest = parser().parse_known_args(argv)
-    if ":" in args.config:
-        raise SystemExit("error: --config takes the file only; the sweep supplies each point's arguments")
-    if args.launcher != "local" and (args.parallel != 1 or args.log_dir or args.evaluate is not None):
-        raise SystemExit(
-            f"error: --parallel, --log-dir and --evaluate are for local sweeps; {args.launcher} runs its own way"
-        )
+    check_sweep_arguments(args)
     points = expand(args.config, args.sweep)
     unknown = sorted(set(args.only) - {point.name for point in points})
     if unknown:
@@ -73,31 +70,64 @@ def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[parallel.
         )
         dry_run = point_args.dry_run
         steps = launcher.plan(point_args, overrides)
-        if args.evaluate is not None and not Path(workdir, "evaluation.json").exists():
+        if args.evaluate is not None and not epath.Path(workdir, "evaluation.json").exists():
             steps.append(evaluation_step(point_args, overrides, args.evaluate))
         jobs.append(parallel.PointJob(point.name, workdir, tuple(steps)))
-    if args.parallel != 1:
-        platform = "cpu" if point_args.cpu_devices else parallel.backend(point_args.python)
-        try:
-            parallel.check_parallel(args.parallel, platform)
-        except SystemExit as refusal:
-            if not dry_run or args.parallel < 1:
-                raise
-            print(f"note: printed only; run here, {str(refusal).removeprefix('error: ')}", file=sys.stderr)
-        note = parallel.mps_note() if platform == "gpu" and args.parallel > 1 else None
-        if note:
-            print(note, file=sys.stderr)
+    if args.parallel > 1:
+        check_machine(args.parallel, point_args, dry_run)
     return args, jobs, dry_run
 
 
+def check_sweep_arguments(args: argparse.Namespace) -> None:
+    """One `error:` line for options that do not go together, before anything is probed or built."""
+    if ":" in args.config:
+        raise SystemExit("error: --config takes the file only; the sweep supplies each point's arguments")
+    if args.launcher != "local" and (args.parallel != 1 or args.log_dir or args.evaluate is not None):
+        raise SystemExit(
+            f"error: --parallel, --log-dir and --evaluate are for local sweeps; {args.launcher} runs its own way"
+        )
+    if args.parallel < 1:
+        raise SystemExit(f"error: --parallel {args.parallel}: give 1 or more points to run at once")
+    if args.log_dir and args.parallel == 1:
+        raise SystemExit(
+            "error: --log-dir is where --parallel points write their output; one at a time they print here"
+        )
+    if args.evaluate is not None and any(arg.startswith("--output") for arg in shlex.split(args.evaluate)):
+        raise SystemExit("error: --evaluate writes each point's POINT/evaluation.json; leave --output out of it")
+
+
+def check_machine(parallel_count: int, point_args: argparse.Namespace, dry_run: bool) -> None:
+    """Refuses --parallel where the machine's device cannot be shared (a note instead on a dry run, which only
+    prints), and notes where MPS would let the processes run side by side."""
+    if point_args.cpu_devices:
+        devices = parallel.Devices("cpu", "cpu")
+    else:
+        try:
+            devices = parallel.probe(point_args.python)
+        except SystemExit as error:
+            if not dry_run:
+                raise
+            print(f"note: printed only; {str(error).removeprefix('error: ')}", file=sys.stderr)
+            return
+    reason = parallel.refusal(parallel_count, devices.platform)
+    if reason and not dry_run:
+        raise SystemExit(f"error: {reason}")
+    note = f"note: printed only; run here, {reason}" if reason else parallel.mps_note(devices)
+    if note:
+        print(note, file=sys.stderr)
+
+
 def evaluation_step(args: argparse.Namespace, overrides: Sequence[str], evaluate: str) -> common.Step:
-    """`python -m qkv_vit.evaluate WORKDIR --config=... [EVALUATE] [overrides]`: the point's final weights, with its
-    config and the sweep's --config.KEY=VALUE overrides (e.g. the data's path), into WORKDIR/evaluation.json."""
+    """`python -m qkv_vit.evaluate WORKDIR --config=... [EVALUATE] [overrides]` in the training process's environment
+    (fake CPU devices, a pinned GPU): the point's final weights, with its config and the sweep's --config.KEY=VALUE
+    overrides (e.g. the data's path), into WORKDIR/evaluation.json."""
     argv = [args.python, "-m", "qkv_vit.evaluate", args.workdir, f"--config={args.config}"]
-    return common.Step((shlex.join([*argv, *shlex.split(evaluate), *overrides]),))
+    command = shlex.join([*argv, *shlex.split(evaluate), *overrides])
+    return common.Step((common.with_env(command, local.environment(args, 0)),))
 
 
 def log_dir(args: argparse.Namespace) -> Path:
+    """Where --parallel points write their output: --log-dir, else WORKDIR/logs (a local path)."""
     if args.log_dir:
         return Path(args.log_dir)
     if "://" in args.workdir:
@@ -110,7 +140,7 @@ def log_dir(args: argparse.Namespace) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     args, jobs, dry_run = plan(argv)
     if args.launcher == "local":
-        return parallel.run(jobs, args.parallel, log_dir(args) if args.parallel > 1 else Path(), dry_run)
+        return parallel.run(jobs, args.parallel, log_dir(args) if args.parallel > 1 else None, dry_run)
     steps = []  # steps every point shares (a TPU VM's --create, --setup) run once, before the first point
     for job in jobs:
         steps += [step for step in job.steps if step not in steps]

@@ -4,8 +4,11 @@ and the trainer replaced by stubs that record how they were called: none of them
 import json
 import os
 import shlex
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -306,29 +309,38 @@ def test_bad_launch_arguments_are_one_line_errors(module, argv, message, capsys)
 
 
 def fake_sweep_trainer(tmp_path):
-    """A stand-in for `python` that trains a sweep point: records its environment and cores, waits until every
-    point in WAIT_FOR has started (so it only finishes when points run at once), then writes a finished run
-    record with top-1 50% (or exits 3 if its workdir names FAIL_POINT, after WAIT_FOR)."""
+    """A stand-in for `python`: answers the launcher's device probe as an NVIDIA GPU; as a sweep point's trainer
+    records its memory share and cores, waits until every point in WAIT_FOR has started (so it only finishes when
+    points run at once), sleeps DELAY_<point> seconds, then writes a finished run record with top-1 50%. The point
+    named FAIL_POINT exits 3 instead, KILL_POINT kills itself with SIGKILL; on SIGTERM a point writes
+    stopped-<point> half a second later and exits 143, as the trainer saves a checkpoint first."""
     path = tmp_path / "fake_python"
     path.write_text(
         f"#!{sys.executable}\n"
         + textwrap.dedent(f"""
-        import json, os, pathlib, sys, time
-        if sys.argv[1] == "-c":  # the launcher's backend probe is stubbed by the tests
-            sys.exit(9)
+        import json, os, pathlib, signal, sys, time
+        if sys.argv[1] == "-c":
+            print("gpu"); print("NVIDIA fake GPU"); sys.exit(0)
         workdir = pathlib.Path(next(a for a in sys.argv if a.startswith("--workdir=")).split("=", 1)[1])
         marks = pathlib.Path({str(tmp_path)!r})
+        def stopped(signum, frame):
+            time.sleep(0.5)
+            (marks / f"stopped-{{workdir.name}}").write_text("")
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, stopped)
         record = {{"mem": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), "cores": sorted(os.sched_getaffinity(0))}}
         (marks / f"started-{{workdir.name}}").write_text(json.dumps(record))
         deadline = time.time() + 30
-        while not all((marks / f"started-{{name}}").exists() for name in os.environ["WAIT_FOR"].split()):
+        while not all((marks / f"started-{{name}}").exists() for name in os.environ.get("WAIT_FOR", "").split()):
             if time.time() > deadline:
                 sys.exit(5)
             time.sleep(0.05)
         if workdir.name == os.environ.get("FAIL_POINT"):
             print("error: this point fails")
             sys.exit(3)
-        time.sleep(float(os.environ.get("FINISH_AFTER", "0")))
+        if workdir.name == os.environ.get("KILL_POINT"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(float(os.environ.get("DELAY_" + workdir.name.replace("-", "_"), "0")))
         qkv = workdir.name.split("_")[0].removeprefix("qkv-")
         seed = int(workdir.name.split("_")[1].removeprefix("seed-"))
         workdir.mkdir(parents=True, exist_ok=True)
@@ -345,37 +357,56 @@ def fake_sweep_trainer(tmp_path):
 
 def sweep_argv(tmp_path, python, *only, parallel=2):
     names = [f"--only={name}" for name in only]
-    return ["local", f"--parallel={parallel}", "--config=configs/cifar10.py", f"--workdir={tmp_path}/sweep", *names]
+    workdir = f"--workdir={tmp_path}/sweep"
+    return ["local", f"--parallel={parallel}", "--config=configs/cifar10.py", workdir, f"--python={python}", *names]
+
+
+def started(tmp_path, name):
+    return json.loads((tmp_path / f"started-{name}").read_text())
+
+
+TWO_CORES = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to give two points their own")
 
 
 def test_parallel_sweep_is_refused_on_the_cpu(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # what JAX finds on a machine without an accelerator
     with pytest.raises(SystemExit) as error:
         sweep.main(["local", "--parallel=2", "--config=configs/cifar10.py", f"--workdir={tmp_path}"])
-    assert str(error.value).startswith("error: --parallel 2 on a CPU: the CPU's cores are what each run already uses")
+    assert str(error.value).startswith("error: --parallel 2 on a CPU: the CPU's cores are what every run computes")
     with pytest.raises(SystemExit, match="on a CPU"):  # fake CPU devices are the CPU too, whatever the machine has
         sweep.main(["local", "--parallel=2", "--cpu-devices=2", "--config=configs/cifar10.py", f"--workdir={tmp_path}"])
-    assert not (tmp_path / "logs").exists()
 
 
-def test_parallel_sweep_gives_each_point_its_share_of_device_memory_and_cores(capsys, monkeypatch):
-    monkeypatch.setattr(parallel, "backend", lambda python: "gpu")
+def test_a_parallel_dry_run_on_the_cpu_prints_the_commands_and_says_they_would_be_refused(capsys, monkeypatch):
+    monkeypatch.setattr(parallel, "probe", lambda python: parallel.Devices("cpu", "cpu"))
+    argv = ["local", "--parallel=2", "--config=configs/cifar10.py", "--workdir=w", "--only=qkv-sne_seed-0"]
+    assert sweep.main([*argv, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("XLA_PYTHON_CLIENT_MEM_FRACTION=0.900 ")  # one point: all of it
+    assert "note: printed only; run here, --parallel 2 on a CPU" in captured.err
+
+
+@pytest.mark.parametrize("taskset", ["/usr/bin/taskset", None])
+def test_parallel_sweep_gives_each_point_its_share_of_device_memory_and_cores(capsys, monkeypatch, taskset):
+    monkeypatch.setattr(parallel, "probe", lambda python: parallel.Devices("gpu", "NVIDIA H100"))
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(parallel.shutil, "which", lambda name: taskset)
     argv = ["local", "--parallel=4", "--config=configs/cifar10.py", "--workdir=w", "--python=python", "--dry-run"]
-    assert sweep.main(argv) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 15
-    words = [shlex.split(line) for line in lines]
-    assert {line[0] for line in words} == {"XLA_PYTHON_CLIENT_MEM_FRACTION=0.225"}
-    if parallel.shutil.which("taskset"):
-        assert [line[1:3] for line in words[:5]] == [
-            ["taskset", "-c"],
-        ] * 5 and [line[3] for line in words[:5]] == ["0,1,2,3", "4,5,6,7", "8,9,10,11", "12,13,14,15", "0,1,2,3"]
-    assert words[0][-3:] == [
-        "qkv_vit.main",
-        "--config=configs/cifar10.py:qkv=linear,seed=0",
-        "--workdir=w/qkv-linear_seed-0",
-    ]
+    assert sweep.main([*argv, "--gpu-per-process", "--evaluate="]) == 0
+    words = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(words) == 15 and {line[0] for line in words} == {"XLA_PYTHON_CLIENT_MEM_FRACTION=0.225"}
+    if taskset:
+        assert [line[1:3] for line in words[:5]] == [["taskset", "-c"]] * 5
+        assert [line[3] for line in words[:5]] == ["0,1,2,3", "4,5,6,7", "8,9,10,11", "12,13,14,15", "0,1,2,3"]
+    assert words[0][-3:-1] == ["bash", "-c"]  # the point's steps, environment assignments and all, inside bash
+    train, evaluate = words[0][-1].split(" && ")
+    assert train.startswith("CUDA_VISIBLE_DEVICES=0 python -m qkv_vit.main --config=configs/cifar10.py:qkv=linear")
+    assert evaluate.startswith("CUDA_VISIBLE_DEVICES=0 python -m qkv_vit.evaluate w/qkv-linear_seed-0 ")
+    few = ["--only=qkv-linear_seed-0", "--only=qkv-sne_seed-0"]  # fewer points than --parallel: shares for two
+    assert sweep.main([*argv, *few]) == 0
+    assert all(
+        line.startswith("XLA_PYTHON_CLIENT_MEM_FRACTION=0.450 ") for line in capsys.readouterr().out.split("\n")[:2]
+    )
 
 
 @pytest.mark.parametrize(
@@ -386,35 +417,67 @@ def test_core_shares_split_the_cores_near_equally(parallel_count, cores, shares)
     assert parallel.core_shares(parallel_count, cores) == shares
 
 
+@TWO_CORES
 def test_parallel_sweep_runs_points_at_once_then_prints_a_line_each_and_the_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(parallel, "backend", lambda python: "gpu")
     python = fake_sweep_trainer(tmp_path)
     names = ["qkv-linear_seed-0", "qkv-sne_seed-0"]
     monkeypatch.setenv("WAIT_FOR", " ".join(names))  # each point finishes only once both have started
-    argv = sweep_argv(tmp_path, python, *names) + [f"--python={python}"]
-    assert sweep.main(argv) == 0
+    assert sweep.main(sweep_argv(tmp_path, python, *names)) == 0
     out = capsys.readouterr().out
     for name in names:
         assert f"done {name}: top-1 50.00% (step 10), 0m" in out
         assert f"log {tmp_path}/sweep/logs/{name}.log" in out
         assert f"trained {name}" in (tmp_path / "sweep" / "logs" / f"{name}.log").read_text()
-        assert json.loads((tmp_path / f"started-{name}").read_text())["mem"] == "0.450"
+        assert started(tmp_path, name)["mem"] == "0.450"
+    assert not set(started(tmp_path, names[0])["cores"]) & set(started(tmp_path, names[1])["cores"])
     assert "| sne (h=128) | 1,000 | 50.00 | 1 |" in out and out.index("done ") < out.index("| data |")
 
 
+@TWO_CORES
+def test_a_point_takes_the_slot_of_the_point_that_ended(tmp_path, monkeypatch, capsys):
+    python = fake_sweep_trainer(tmp_path)
+    names = ["qkv-linear_seed-0", "qkv-sne_seed-0", "qkv-psne_seed-0"]
+    monkeypatch.setenv("DELAY_qkv_linear_seed_0", "3")  # the first point runs on while the second ends
+    assert sweep.main(sweep_argv(tmp_path, python, *names)) == 0
+    assert started(tmp_path, names[2])["cores"] == started(tmp_path, names[1])["cores"]
+    assert not set(started(tmp_path, names[2])["cores"]) & set(started(tmp_path, names[0])["cores"])
+
+
 def test_a_failed_point_starts_no_other_but_lets_the_running_one_finish(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(parallel, "backend", lambda python: "gpu")
     python = fake_sweep_trainer(tmp_path)
     names = ["qkv-linear_seed-0", "qkv-sne_seed-0", "qkv-psne_seed-0"]
     monkeypatch.setenv("WAIT_FOR", " ".join(names[:2]))
     monkeypatch.setenv("FAIL_POINT", names[0])
-    monkeypatch.setenv("FINISH_AFTER", "1")  # the other point is still running when the first fails
-    assert sweep.main(sweep_argv(tmp_path, python, *names) + [f"--python={python}"]) == 3
+    monkeypatch.setenv("DELAY_qkv_sne_seed_0", "1")  # still running when the first fails
+    assert sweep.main(sweep_argv(tmp_path, python, *names)) == 3
     out = capsys.readouterr().out
-    assert f"FAILED {names[0]}: exit code 3" in out and f"done {names[1]}: top-1 50.00%" in out
+    assert f"FAILED {names[0]}: exit code 3 after 0m" in out and f"done {names[1]}: top-1 50.00%" in out
     assert f"not started after the failure: {names[2]}" in out
     assert not (tmp_path / f"started-{names[2]}").exists()
     assert "error: this point fails" in (tmp_path / "sweep" / "logs" / f"{names[0]}.log").read_text()
+
+
+def test_a_killed_point_says_so_and_exits_as_a_shell_would(tmp_path, monkeypatch, capsys):
+    python = fake_sweep_trainer(tmp_path)
+    monkeypatch.setenv("KILL_POINT", "qkv-linear_seed-0")
+    assert sweep.main(sweep_argv(tmp_path, python, "qkv-linear_seed-0")) == 128 + 9
+    assert "FAILED qkv-linear_seed-0: killed by SIGKILL" in capsys.readouterr().out
+
+
+def test_sigterm_to_a_parallel_sweep_stops_its_points_and_waits_for_their_checkpoints(tmp_path):
+    python = fake_sweep_trainer(tmp_path)
+    names = ["qkv-linear_seed-0", "qkv-sne_seed-0"]
+    env = {**os.environ, "DELAY_qkv_linear_seed_0": "60", "DELAY_qkv_sne_seed_0": "60", "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "launch.sweep", *sweep_argv(tmp_path, python, *names)]
+    sweep_process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not all((tmp_path / f"started-{name}").exists() for name in names) and time.time() < deadline:
+        time.sleep(0.1)
+    sweep_process.send_signal(signal.SIGTERM)
+    out, _ = sweep_process.communicate(timeout=60)
+    assert sweep_process.returncode == 128 + signal.SIGTERM and "stopping qkv-linear_seed-0, qkv-sne_seed-0" in out
+    for name in names:  # each had saved (0.5 s after its SIGTERM) before the sweep returned
+        assert (tmp_path / f"stopped-{name}").exists()
 
 
 def test_sweep_evaluates_each_trained_point_unless_it_has_an_evaluation(tmp_path, capsys, monkeypatch):
@@ -440,31 +503,34 @@ def test_sweep_evaluates_each_trained_point_unless_it_has_an_evaluation(tmp_path
         "--ood=digits",
         "--config.data.path=/data/c10.tar",  # the data the point trained on
     ]
-    monkeypatch.setattr(parallel, "backend", lambda python: "gpu")
-    chained = dry_run(capsys, sweep, *argv, *only, "--parallel=2")
-    assert len(chained) == 2 and " && " in chained[0] and " && " not in chained[1]
-    train, evaluate = chained[0].split(" && ")
-    assert train.startswith("XLA_PYTHON_CLIENT_MEM_FRACTION=0.450") and "qkv_vit.main" in train
-    assert evaluate.startswith("XLA_PYTHON_CLIENT_MEM_FRACTION=0.450") and "qkv_vit.evaluate" in evaluate
+    on_fake_devices = dry_run(capsys, sweep, *argv, *only, "--cpu-devices=4")  # evaluated where it trained
+    assert on_fake_devices[1].startswith("JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 ")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--parallel=0"], "--parallel 0: give 1 or more"),
+        (["--log-dir=logs"], "--log-dir is where --parallel points write"),
+        (["--evaluate=--output=e.json"], "leave --output out of it"),
+        (["--parallel=2", "--processes=2"], "one process per point; leave --processes out"),
+    ],
+)
+def test_sweep_options_that_do_not_go_together_are_one_line_errors(argv, message, monkeypatch):
+    monkeypatch.setattr(parallel, "probe", lambda python: parallel.Devices("gpu", "NVIDIA H100"))
+    with pytest.raises(SystemExit, match=message):
+        sweep.main(["local", "--config=configs/cifar10.py", "--workdir=w", *argv, "--dry-run"])
     with pytest.raises(SystemExit, match="--evaluate are for local sweeps"):
         sweep.main(["slurm", "--config=configs/cifar10.py", "--workdir=w", "--evaluate=", "--dry-run"])
 
 
-def test_parallel_sweep_on_a_gpu_says_when_mps_would_let_the_processes_run_side_by_side(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(parallel, "backend", lambda python: "gpu")
+@pytest.mark.parametrize("kind, noted", [("NVIDIA H100 80GB HBM3", True), ("AMD Instinct MI300X", False)])
+def test_parallel_sweep_on_an_nvidia_gpu_says_when_mps_is_not_running(tmp_path, capsys, monkeypatch, kind, noted):
+    monkeypatch.setattr(parallel, "probe", lambda python: parallel.Devices("gpu", kind))
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
     argv = ["local", "--parallel=2", "--config=configs/cifar10.py", "--workdir=w", "--only=qkv-sne_seed-0", "--dry-run"]
     assert sweep.main(argv) == 0
-    assert "note: NVIDIA MPS is not running" in capsys.readouterr().err
+    assert ("note: NVIDIA MPS is not running" in capsys.readouterr().err) == noted
     (tmp_path / "control").touch()  # the pipe MPS's control daemon makes
     assert sweep.main(argv) == 0
     assert "MPS" not in capsys.readouterr().err
-
-
-def test_a_parallel_dry_run_on_the_cpu_prints_the_commands_and_says_they_would_be_refused(capsys, monkeypatch):
-    monkeypatch.setattr(parallel, "backend", lambda python: "cpu")
-    argv = ["local", "--parallel=2", "--config=configs/cifar10.py", "--workdir=w", "--only=qkv-sne_seed-0"]
-    assert sweep.main([*argv, "--dry-run"]) == 0
-    captured = capsys.readouterr()
-    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.450" in captured.out
-    assert "note: printed only; run here, --parallel 2 on a CPU" in captured.err
