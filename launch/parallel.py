@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TextIO
 
@@ -203,15 +203,15 @@ def stop(running: Sequence[Running]) -> None:
     """SIGTERM to every point's process group (the trainer saves a checkpoint), then waits until each group is
     gone, killing what is left after STOP_TIMEOUT_S."""
     for item in running:
-        with _ignore(ProcessLookupError):
+        with suppress(ProcessLookupError):
             os.killpg(item.process.pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
     for item in running:
-        with _ignore(subprocess.TimeoutExpired):
+        with suppress(subprocess.TimeoutExpired):
             item.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         while _group_alive(item.process.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        with _ignore(ProcessLookupError):
+        with suppress(ProcessLookupError):
             os.killpg(item.process.pid, signal.SIGKILL)
         item.process.wait()
         item.log.close()
@@ -223,14 +223,6 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-@contextmanager
-def _ignore(*errors: type[BaseException]) -> Iterator[None]:
-    try:
-        yield
-    except errors:
-        pass
 
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
