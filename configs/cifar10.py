@@ -8,12 +8,13 @@
   python -m qkv_vit.main --config=configs/cifar10.py:qkv=psne,depth=4,epochs=2,seed=1 --workdir=workdirs/c10_psne_s1
   python -m launch.sweep local --config=configs/cifar10.py --sweep=depth=4,epochs=2 --workdir=workdirs/cifar10_sweep
 
-Data: `path=` a folder or tar of CIFAR-10's 60,000 images as `cifar10-jpeg/{train,test}/<class>/*.jpg`
-(default: data/cifar10-jpeg.tar.gz in this clone; put the archive there, or pass path=, or use one of the
-sources below), prepared once into a tfds data set under ~/.cache/qkv_vit. The images are CIFAR-10's
-(https://www.cs.toronto.edu/~kriz/cifar.html), each written as a JPEG under its split and class; this code
-does not make the archive. Or `source=tfds` (after `python -m qkv_vit.data.prepare cifar10 --data_dir DIR`
-on a machine with internet, and --config.data.data_dir=DIR), or `source=in_memory`: the same folder or tar
+Data: `path=` a folder or tar of CIFAR-10's 60,000 images as `{train,test}/<class>/<image>`. Made once, on a
+machine with internet, by `python -m qkv_vit.data.prepare cifar10 --image_folder data/cifar10` (tfds downloads
+CIFAR-10, https://www.cs.toronto.edu/~kriz/cifar.html, then its arrays are written as PNGs), which is where this
+file looks by default (a developer machine's archive is used where data/cifar10 is absent: docs/development.md).
+The folder is converted once into a tfds data set under ~/.cache/qkv_vit. Or `source=tfds` (the tfds data set
+itself, after `python -m qkv_vit.data.prepare cifar10 --data_dir DIR`, and --config.data.data_dir=DIR), or
+`source=in_memory`: the same folder or tar
 through the in-memory pipeline (data.source="image_folder", data.pipeline="in_memory"), decoded once into arrays,
 batches served without tf.data and without TensorFlow, cropped and flipped on the device (the long recipe then runs
 without RandAugment, which only tf.data does).
@@ -46,7 +47,10 @@ from qkv_vit import data
 from qkv_vit.errors import ConfigError
 from qkv_vit.train.config import base_config, parse_arg, shrink_for_local_run
 
-DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / "data" / "cifar10-jpeg.tar.gz"  # inside this clone
+CLONE = Path(__file__).resolve().parents[1]
+# Where CIFAR-10 is looked for without path=, the first that exists: what `python -m qkv_vit.data.prepare cifar10
+# --image_folder data/cifar10` writes, then the JPEG archive developer machines hold beside the clone.
+DEFAULT_PATHS = (CLONE / "data" / "cifar10", CLONE.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 RECIPE_EPOCHS = {"long": 100.0, "short": 3.0}
@@ -57,7 +61,7 @@ ARGUMENTS = dict(
     depth=int,
     batch=128,
     seed=0,
-    path=str(DEFAULT_ARCHIVE),
+    path=str,
     source="image_folder",
     runlocal=False,
 )
@@ -88,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     source, pipeline = readers[args.source]
     config.data = data.get_config("small", source=source, name="cifar10" if source == "tfds" else "", pipeline=pipeline)
     if source == "image_folder":
-        config.data.path = args.path
+        config.data.path = args.path or str(default_path())
     if pipeline == "in_memory":  # the device crops, flips, erases and mixes; RandAugment is tf.data's
         config.data.augment.randaugment_layers = 0
     config.data.image_size = 32
@@ -106,6 +110,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args.runlocal:
         shrink_for_local_run(config, steps=3, keep_data=True)
     return config
+
+
+def default_path() -> Path:
+    """The first of DEFAULT_PATHS that exists; else the first, whose absence the data's error explains."""
+    return next((path for path in DEFAULT_PATHS if path.exists()), DEFAULT_PATHS[0])
 
 
 def use_short_recipe(config: ml_collections.ConfigDict) -> None:

@@ -433,3 +433,17 @@ def test_a_config_file_given_as_two_arguments_is_checked_the_same(tmp_path, caps
     with pytest.raises(SystemExit) as stopped:
         parse_flags(["main", "--config", str(path), f"--workdir={tmp_path}"])
     assert stopped.value.code == 2 and capsys.readouterr().err == f"error: --config={path}: line 1: expected ':'.\n"
+
+
+def test_cifar10_reads_the_folder_prepare_writes_else_a_developer_archive_and_path_wins(tmp_path):
+    module = sweep.load_config_module(REPO / "configs" / "cifar10.py")
+    prepared, archive = tmp_path / "data" / "cifar10", tmp_path / "shared" / "cifar10-jpeg.tar.gz"
+    module.DEFAULT_PATHS = (prepared, archive)
+    assert module.get_config("recipe=short").data.path == str(prepared)  # neither exists: the one prepare writes
+    archive.parent.mkdir()
+    archive.touch()
+    assert module.get_config("recipe=short").data.path == str(archive)
+    prepared.mkdir(parents=True)
+    assert module.get_config("recipe=short,source=in_memory").data.path == str(prepared)
+    assert module.get_config("path=/mine").data.path == "/mine"
+    assert module.get_config("source=tfds").data.name == "cifar10"

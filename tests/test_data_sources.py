@@ -400,6 +400,37 @@ def test_prepare_builds_a_tfds_data_set_and_says_what_is_missing(tmp_path, capsy
     assert "Dataset imagenet2013 not found" in capsys.readouterr().err
 
 
+def test_prepare_writes_an_image_folder_the_in_memory_pipeline_reads(tmp_path, capsys):
+    from qkv_vit.data import prepare
+
+    folder = tmp_path / "digits"
+    (tmp_path / "digits.partial" / "train").mkdir(parents=True)  # an earlier attempt cut short: written again
+    assert prepare.main(["sklearn_digits", "--data_dir", str(tmp_path / "tfds"), "--image_folder", str(folder)]) == 0
+    assert f"{folder}: train 1,437, test 360 images written" in capsys.readouterr().out
+    assert not (tmp_path / "digits.partial").exists()
+    assert sorted(p.name for p in (folder / "train").iterdir()) == [str(digit) for digit in range(10)]
+    config = data.get_config("none", source="image_folder", pipeline="in_memory")
+    config.update(path=str(folder), image_size=8, cache_dir=str(tmp_path / "cache"))
+    source = data.open_source(config)
+    assert source.info.train_examples == 1437 and source.info.num_classes == 10
+    tfds_config = data.get_config("none", source="tfds", name="sklearn_digits")
+    tfds_config.update(data_dir=str(tmp_path / "tfds"), image_size=8)
+    ours = next(iter(data.open_source(config).eval_batches(360)))  # the same pixels as tfds's arrays (PNG)
+    theirs = next(iter(data.open_source(tfds_config).eval_batches(360)))
+    assert sorted(map(bytes, ours["image"])) == sorted(map(bytes, theirs["image"]))
+    (folder / "train" / "0").rename(folder / "train" / "zero")  # a folder that exists is kept as it is
+    assert prepare.main(["sklearn_digits", "--data_dir", str(tmp_path / "tfds"), "--image_folder", str(folder)]) == 0
+    assert "already there, kept" in capsys.readouterr().out and (folder / "train" / "zero").exists()
+
+
+def test_a_missing_image_folder_is_an_error_that_says_how_to_make_one(tmp_path):
+    config = data.get_config("none", source="image_folder", pipeline="in_memory")
+    config.update(path=str(tmp_path / "nowhere"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(data.DataConfigError, match=r"does not exist: give data.path a folder of") as error:
+        data.open_source(config)
+    assert "python -m qkv_vit.data.prepare cifar10 --image_folder PATH" in str(error.value)
+
+
 @pytest.mark.parametrize(
     "name,command",
     [

@@ -208,13 +208,16 @@ def check_export_command(argv: list[str], cwd: Path) -> None:
 
 
 def offline_prepare_args(argv: list[str], cwd: Path) -> list[str]:
-    """`qkv_vit.data.prepare NAME --data_dir D [--manual_dir M]` with the offline digits for NAME and the directories
-    moved into the user's: ImageNet or CIFAR cannot be fetched here, the flags and the code path are the same."""
+    """`qkv_vit.data.prepare NAME [--data_dir D] [--manual_dir M] [--image_folder F]` with the offline digits for
+    NAME and the directories moved into the user's (tfds's default data_dir there too): ImageNet or CIFAR cannot be
+    fetched here, the flags and the code path are the same."""
     moved = [arg.split("=")[0] + "=" + str(cwd / arg.split("=")[1].lstrip("/")) if "=" in arg else arg for arg in argv]
     moved = [
-        str(cwd / arg.lstrip("/")) if previous in ("--data_dir", "--manual_dir") else arg
+        str(cwd / arg.lstrip("/")) if previous in ("--data_dir", "--manual_dir", "--image_folder") else arg
         for previous, arg in zip(["", *moved], moved)
     ]
+    if not any(arg.startswith("--data_dir") for arg in moved):
+        moved.append(f"--data_dir={cwd / 'tensorflow_datasets'}")
     return ["sklearn_digits", *moved[1:]]
 
 

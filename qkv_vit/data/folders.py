@@ -68,6 +68,24 @@ def tar_key(path: Path) -> str:
     return f"{_stem(path)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+FOLDER_FIX = (
+    "give data.path a folder of <split>/<class>/<image> files (train/ and test/ or val/), or a .tar/.tar.gz of one; "
+    "`python -m qkv_vit.data.prepare cifar10 --image_folder PATH` writes CIFAR-10 as one"
+)
+
+
+def checked_path(path: str | os.PathLike) -> tuple[Path, bool]:
+    """An image folder's path made absolute, and whether it is a tar; DataConfigError with the fix where it is neither
+    an existing folder nor a tar."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataConfigError(f"Image folder path {path} does not exist: {FOLDER_FIX}.")
+    is_tar = path.is_file() and path.name.endswith(TAR_SUFFIXES)
+    if not (is_tar or path.is_dir()):
+        raise DataConfigError(f"{path} is neither a folder nor a {'/'.join(TAR_SUFFIXES)} archive: {FOLDER_FIX}.")
+    return path, is_tar
+
+
 def folder_key(path: Path) -> str:
     parts = [str(path.resolve()), f"v{CONVERSION_VERSION}"]
     for split_dir in subdirs(path):

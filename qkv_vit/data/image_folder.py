@@ -41,8 +41,8 @@ from qkv_vit.data import augment, cache
 from qkv_vit.data._tensorflow import tf
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.folders import (
-    TAR_SUFFIXES,
     Located,
+    checked_path,
     extract,
     folder_key,
     reject,
@@ -73,12 +73,7 @@ def prepare_image_folder(
 ) -> PreparedFolder:
     """Converts the folder or archive at `path` into a cached tfds data set, or reuses the cached one; an entry
     found damaged (a file cut short or missing since it was written) is converted again, with a warning."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataConfigError(f"Image folder path {path} does not exist.")
-    is_tar = path.is_file() and path.name.endswith(TAR_SUFFIXES)
-    if not (is_tar or path.is_dir()):
-        raise DataConfigError(f"{path} is neither a folder nor a {'/'.join(TAR_SUFFIXES)} archive.")
+    path, is_tar = checked_path(path)
     final = cache.cache_dir_of(cache_dir) / "image_folder" / (tar_key(path) if is_tar else folder_key(path))
     if cache.whole(final, LABEL_MAP, f"converting {path}"):
         return _check_cached(_load(final), path, bad_files)

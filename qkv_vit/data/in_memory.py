@@ -36,9 +36,9 @@ from qkv_vit.data.config import validate_config
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.data.folders import (
     HELD_OUT_SPLIT_NAMES,
-    TAR_SUFFIXES,
     TRAIN_SPLIT_NAMES,
     Located,
+    checked_path,
     extract,
     find_split,
     folder_key,
@@ -173,11 +173,7 @@ def check_device_augmentation(config: ml_collections.ConfigDict) -> None:
 def _folder_arrays(
     path: Path, cache_dir: Path, config: ml_collections.ConfigDict
 ) -> tuple[dict[str, ArraySplit], list[str], SkippedFiles | None]:
-    if not path.exists():
-        raise DataConfigError(f"Image folder path {path} does not exist.")
-    is_tar = path.is_file() and path.name.endswith(TAR_SUFFIXES)
-    if not (is_tar or path.is_dir()):
-        raise DataConfigError(f"{path} is neither a folder nor a {'/'.join(TAR_SUFFIXES)} archive.")
+    path, is_tar = checked_path(path)
     key = tar_key(path) if is_tar else folder_key(path)
     entry = cache_dir / "in_memory" / f"{key}-{config.image_size}-{config.crop_pct:g}-v{_FORMAT_VERSION}"
     if not cache.whole(entry, _META, f"decoding {path}", _unreadable):
