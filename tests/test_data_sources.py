@@ -457,8 +457,16 @@ def test_error_batch_size_not_divisible(cache_dir):
         data.open_source(config).train_batches(30, process_index=0, process_count=4, local_device_count=1, seed=0)
     with pytest.raises(data.DataConfigError, match="not divisible by the 4 local devices"):
         data.open_source(config).eval_batches(30, process_index=0, process_count=1, local_device_count=4)
-    with pytest.raises(data.DataConfigError, match="larger than"):
+    fix = (
+        r"larger than the 1437 train examples .*: give a global batch of at most 1437 \(--config.global_batch_size=1437"
+    )
+    with pytest.raises(data.DataConfigError, match=fix):
         data.open_source(config).train_batches(4096, process_index=0, process_count=1, local_device_count=1, seed=0)
+    config.pipeline = "in_memory"
+    with pytest.raises(data.DataConfigError, match=fix):
+        next(
+            data.open_source(config).train_batches(4096, process_index=0, process_count=1, local_device_count=1, seed=0)
+        )
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ import numpy as np
 
 from qkv_vit.data import cache
 from qkv_vit.data.config import validate_config
-from qkv_vit.data.errors import DataConfigError
+from qkv_vit.data.errors import DataConfigError, batch_too_large
 from qkv_vit.data.folders import (
     HELD_OUT_SPLIT_NAMES,
     TRAIN_SPLIT_NAMES,
@@ -79,9 +79,8 @@ class ArraySource(DataSource):
     def _steps_per_epoch(self, local_batch: int, process_count: int) -> int:
         examples, global_batch = len(self.train_arrays.labels), local_batch * process_count
         if examples < global_batch:
-            raise DataConfigError(
-                f"Global batch size {global_batch} is larger than the {examples} train examples of "
-                f"{self.info.description}."
+            raise batch_too_large(
+                f"Global batch size {global_batch}", examples, f"of {self.info.description}", examples
             )
         return examples // global_batch
 

@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 
 from qkv_vit.data import augment as augment_lib
 from qkv_vit.data._tensorflow import tf
-from qkv_vit.data.errors import DataConfigError
+from qkv_vit.data.errors import batch_too_large
 from qkv_vit.data.info import DatasetInfo
 from qkv_vit.data.protocol import Batch, DataSource, Stream
 from qkv_vit.data.sources import LABEL_SET_SIZE, PreparedSource, prepare_source
@@ -110,10 +110,9 @@ def _train_steps(
     )
     steps = source.num_examples(split) // local_batch
     if steps == 0:
-        raise DataConfigError(
-            f"Per-process batch size {local_batch} is larger than the {source.num_examples(split)} train examples "
-            f"each of the {process_count} processes reads from {source.description}."
-        )
+        examples = source.num_examples(split)
+        where = f"each of the {process_count} processes reads from {source.description}"
+        raise batch_too_large(f"Per-process batch size {local_batch}", examples, where, examples * process_count)
     return split, steps
 
 
