@@ -45,7 +45,7 @@ import ml_collections
 
 from qkv_vit import data
 from qkv_vit.errors import ConfigError
-from qkv_vit.train.config import base_config, parse_arg, shrink_for_local_run
+from qkv_vit.train.config import base_config, parse_arg, refuse_with_runlocal, shrink_for_local_run
 
 CLONE = Path(__file__).resolve().parents[1]
 # Where CIFAR-10 is looked for without path=, the first that exists: what `python -m qkv_vit.data.prepare cifar10
@@ -108,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every_steps = 2000
     config.checkpoint_every_steps = 1000
     if args.runlocal:
+        refuse_with_runlocal(arg, ("depth", "batch", "epochs"))
         shrink_for_local_run(config, steps=3, keep_data=True)
     return config
 

@@ -49,7 +49,7 @@ import ml_collections
 
 from qkv_vit import data
 from qkv_vit.errors import ConfigError
-from qkv_vit.train.config import base_config, parse_arg, set_xcit_model, shrink_for_local_run
+from qkv_vit.train.config import base_config, parse_arg, refuse_with_runlocal, set_xcit_model, shrink_for_local_run
 
 ARGUMENTS = dict(
     model="nano_12_p16",
@@ -114,6 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every_steps = 12_500  # about every 10 epochs at batch 1024
     config.checkpoint_every_steps = 2_500
     if args.runlocal:
+        refuse_with_runlocal(arg, ("batch", "epochs"))
         shrink_for_local_run(config)
         config.data.num_classes = 1000  # ImageNet's head, so a transfer test re-initializes it
     return config

@@ -36,7 +36,7 @@ import ml_collections
 from qkv_vit import data
 from qkv_vit.errors import ConfigError
 from qkv_vit.sweep import point_name
-from qkv_vit.train.config import base_config, parse_arg, set_xcit_model, shrink_for_local_run
+from qkv_vit.train.config import base_config, parse_arg, refuse_with_runlocal, set_xcit_model, shrink_for_local_run
 
 DATASETS = ("cifar10", "cifar100", "cars196", "stl10")
 ARGUMENTS = dict(
@@ -91,6 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every_steps = 5_000
     config.checkpoint_every_steps = 2_500
     if args.runlocal:
+        refuse_with_runlocal(arg, ("batch", "epochs"))
         shrink_for_local_run(config)
     return config
 

@@ -447,3 +447,20 @@ def test_cifar10_reads_the_folder_prepare_writes_else_a_developer_archive_and_pa
     assert module.get_config("recipe=short,source=in_memory").data.path == str(prepared)
     assert module.get_config("path=/mine").data.path == "/mine"
     assert module.get_config("source=tfds").data.name == "cifar10"
+
+
+@pytest.mark.parametrize(
+    "name, arg, clashes",
+    [
+        ("cifar10", "path=x,depth=6,runlocal", "depth="),
+        ("cifar10", "runlocal,batch=8,epochs=2", "batch=, epochs="),
+        ("imagenet", "runlocal,epochs=3", "epochs="),
+        ("transfer", "runlocal,batch=32,init=/runs/n12", "batch="),
+    ],
+)
+def test_runlocal_never_silently_replaces_an_argument_the_user_gave(name, arg, clashes):
+    with pytest.raises(
+        ConfigError, match=f"runlocal sets its own model size, batch and length .*: leave out {clashes} "
+    ):
+        load_config(name, arg)
+    assert load_config(name, arg.replace("runlocal", "runlocal=false")).global_batch_size > 0  # without runlocal: fine

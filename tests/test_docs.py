@@ -4,6 +4,7 @@ executes, every relative link resolves, and the README's quickstart runs exactly
 two screens. A command no checker knows fails here: a new kind of command needs its checker."""
 
 import importlib.util
+import json
 import os
 import re
 import runpy
@@ -13,9 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
+from PIL import Image
 
 from qkv_vit.train import trainer
 from qkv_vit.train.config import check_config, check_fits
@@ -332,3 +335,27 @@ def test_the_readme_quickstart_runs_as_written_and_fits_on_two_screens(tmp_path)
     top1 = float(re.search(r"val/top1 ([\d.]+)", console[-1]).group(1))
     assert top1 >= 0.97  # the README says about 99%
     assert not [line for line in console if "ownload" in line]
+
+
+@pytest.mark.slow
+def test_the_readmes_own_data_command_learns_a_small_folder(tmp_path, data_cache, monkeypatch):
+    """The README's own-data command, as written, on a folder of 2 classes x 20 train images (red-ish and blue-ish
+    noise) with a tiny model: above chance on the held-out images."""
+    block = fenced(REPO / "README.md", "bash")
+    (command, _), *_ = [c for text in block for c in commands(text) if "path=data/my_images" in c[0]]
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 20), ("test", 10)):
+        for label, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
+            (tmp_path / "data" / "my_images" / split / label).mkdir(parents=True)
+            for i in range(count):
+                noise = rng.normal(0, 50, (32, 32, 3)) + colour
+                image = Image.fromarray(noise.clip(0, 255).astype(np.uint8))
+                image.save(tmp_path / "data" / "my_images" / split / label / f"{i}.png")
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    monkeypatch.setenv("QKV_VIT_CACHE", str(data_cache))
+    tiny = ["--config.model.depth=1", "--config.model.embed_dim=32", "--config.model.num_heads=4"]
+    run = run_command(tmp_path, [*shlex.split(command)[1:], *tiny])
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "workdirs" / "mine" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "val/top1" in r][-1]
+    assert final["step"] == 30 * (40 // 16) and final["val/top1"] > 0.5  # 2 classes: chance is 0.5

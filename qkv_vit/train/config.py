@@ -6,7 +6,7 @@ and the mesh (check_fits).
 import contextlib
 import logging
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -102,6 +102,19 @@ def set_xcit_model(
         config.model.code_size = code_size
     if hidden is not None:
         config.model.qkv_hidden_dim = hidden
+
+
+def refuse_with_runlocal(arg: str | None, names: Sequence[str]) -> None:
+    """For a config file's `runlocal`: ConfigError where its argument string also gives one of `names`, which
+    runlocal would override (its model size, batch or length): an argument the user gave is never silently
+    replaced."""
+    given = {item.partition("=")[0] for item in (arg or "").split(",") if item}
+    clashes = [name for name in names if name in given]
+    if clashes:
+        raise ConfigError(
+            f"runlocal sets its own model size, batch and length (a 1-block model, batch 16, a few steps): leave out "
+            f"{', '.join(f'{name}=' for name in clashes)} or runlocal."
+        )
 
 
 def shrink_for_local_run(
