@@ -8,8 +8,10 @@ caller can catch every mistake in its inputs as one type.
 
 import contextlib
 import errno
+import functools
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 
 MAX_CAUSE_CHARS = 300  # TensorStore errors print whole storage specs: keep the start, which says what failed
@@ -85,3 +87,19 @@ def storage_failures(
         if cause is None or not_ours(error):
             raise
         raise StorageError(message(cause, error)) from None
+
+
+def quiet_on_broken_pipe(main: Callable[..., int]) -> Callable[..., int]:
+    """A command's main whose output may be piped into `head`: when the reader closes the pipe the command stops
+    quietly, as Unix tools do, instead of with a BrokenPipeError traceback (Python's documented recipe: stdout
+    pointed at /dev/null, so that its final flush cannot fail again)."""
+
+    @functools.wraps(main)
+    def run(*args: object, **kwargs: object) -> int:
+        try:
+            return main(*args, **kwargs)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+
+    return run

@@ -32,6 +32,7 @@ from scipy import stats
 
 from qkv_vit import models
 from qkv_vit.data.config import data_name
+from qkv_vit.errors import quiet_on_broken_pipe
 from qkv_vit.train import run_record
 from qkv_vit.train.config import base_config
 from qkv_vit.train.logging_utils import read_metrics
@@ -286,7 +287,7 @@ def summarize(runs: Sequence[RunRecord]) -> list[Row]:
     for key, members in groups.items():
         first = members[0]
         same_data = [dict(other[1:]) for other in groups if other[0] == key[0]]
-        settings = ", ".join(f"{k}={first.config.get(k)}" for k in varying_settings(same_data))
+        settings = ", ".join(f"{k}={setting_value(first.config.get(k))}" for k in varying_settings(same_data))
         rows.append(
             Row(
                 data_label(first.config),
@@ -302,6 +303,11 @@ def summarize(runs: Sequence[RunRecord]) -> list[Row]:
             )
         )
     return sorted(rows, key=lambda r: (r.data, r.model, qkv_order(r.qkv), r.qkv, r.settings))
+
+
+def setting_value(value: Any) -> str:
+    """A config value as a settings cell shows it: floats to 6 significant digits (0.3, not 0.30000000000000004)."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def qkv_order(label: str) -> int:
@@ -616,10 +622,11 @@ def table_line(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "paths", nargs="+", help="RunRecord directories, or directories holding runs (searched recursively)."
+        "paths", nargs="+", help="Run directories, or directories holding runs (searched up to 3 levels down)."
     )
     parser.add_argument("--out", help="Also write the table to this file.")
     parser.add_argument(

@@ -14,7 +14,7 @@ import sys
 import types
 from pathlib import Path
 
-from qkv_vit.errors import ConfigError
+from qkv_vit.errors import ConfigError, quiet_on_broken_pipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,7 @@ def expand(config_path: str | Path, sweep_arg: str | None = None) -> list[SweepP
     return points
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str]) -> int:
     if len(argv) not in (2, 3):
         print("usage: python -m qkv_vit.sweep CONFIG_FILE [SWEEP_ARG]", file=sys.stderr)

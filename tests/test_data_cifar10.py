@@ -5,16 +5,14 @@ Skipped, with the reason, where the archive is absent (a user's machine): there,
 """
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import SHARED, SHARED_ABSENT
 from qkv_vit import data
 from qkv_vit.data import sources
 
-SHARED = Path(os.environ.get("QKV_VIT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -22,8 +20,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         not ARCHIVE.is_file(),
-        reason=f"real CIFAR-10 archive not found at {ARCHIVE} (only dev machines and CI have ../shared/data; "
-        "set QKV_VIT_SHARED to the folder holding data/cifar10-jpeg.tar.gz)",
+        reason=f"real CIFAR-10 archive not found at {ARCHIVE}: {SHARED_ABSENT}",
     ),
 ]  # slow: converts the real archive
 

@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -781,3 +782,28 @@ def test_the_config_argument_is_found_in_either_form_and_help_needs_none():
         [sys.executable, "-m", "qkv_vit.main", "--helpfull"], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert "--workdir" in shown.stdout + shown.stderr and "error:" not in shown.stderr  # absl's help exits 1
+
+
+def test_a_run_that_logs_nothing_leaves_no_empty_log_file(tmp_path, caplog):
+    with caplog.at_level(logging.INFO), logging_utils.workdir_log(tmp_path):
+        pass  # e.g. stopped by a config error before its first record
+    assert not (tmp_path / "log.txt").exists()
+    with caplog.at_level(logging.INFO), logging_utils.workdir_log(tmp_path):
+        logging.info("the first record")
+    assert "the first record" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("module", ["qkv_vit.sweep", "qkv_vit.results"])
+def test_a_listing_piped_into_a_reader_that_stops_ends_without_a_traceback(module, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"seed": 0}))
+    model = {"model_name": "xcit_nano_12_p8", "architecture": {}, "num_params": 1, "total_steps": 1}
+    (run / "model.json").write_text(json.dumps(model))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "val/top1": 0.5}) + "\n")
+    argument = "configs/cifar10.py" if module == "qkv_vit.sweep" else str(tmp_path)
+    # `true` has closed the pipe before Python writes its first line (as `head` has after the lines it wanted)
+    command = f"{shlex.quote(sys.executable)} -m {module} {argument} | true"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr[-2000:]

@@ -517,3 +517,8 @@ def test_results_py_lines_fit_in_120_characters():
 )
 def test_data_label_names_the_data_whatever_the_source(config, label):
     assert results.data_label({"data.name": "", **config}) == label
+
+
+def test_settings_show_floats_without_their_binary_noise():
+    assert results.setting_value(0.1 + 0.2) == "0.3" and results.setting_value(1e-3) == "0.001"
+    assert results.setting_value(3) == "3" and results.setting_value("adamw") == "adamw"

@@ -151,7 +151,8 @@ def workdir_log(workdir: PathLike) -> Iterator[None]:
     if not is_local(workdir):
         yield
         return
-    handler = WorkdirLogHandler(as_path(workdir) / log_file_name(jax.process_index()), encoding="utf-8")
+    # delay: the file appears with its first record, so a run that stops before logging leaves no empty log.txt
+    handler = WorkdirLogHandler(as_path(workdir) / log_file_name(jax.process_index()), encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
