@@ -1,10 +1,25 @@
 """python -m qkv_vit.analysis CHECKPOINT_DIR --out DIR [--method pca|tsne]: plots and JSON of F-SNE codes."""
 
 import argparse
+import logging
 import sys
 
 from qkv_vit.analysis.report import analyze_codes
+from qkv_vit.progress import announced
 from qkv_vit.weights import read_weights
+
+LOGGER = logging.getLogger("qkv_vit.analysis")  # this command's progress lines, and its modules'
+
+
+def show_progress() -> None:
+    """The analysis' progress lines on stderr, without other libraries' records (once per process)."""
+    if LOGGER.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory for codes.json and the PNG plots")
     parser.add_argument("--method", choices=("pca", "tsne"), default="pca", help="2-D embedding of the codes")
     args = parser.parse_args(argv)
+    show_progress()
     try:
-        stats = analyze_codes(read_weights(args.checkpoint).variables["params"], args.out, args.method)
+        with announced(f"Reading the weights in {args.checkpoint}", say=LOGGER.info):
+            params = read_weights(args.checkpoint).variables["params"]
+        stats = analyze_codes(params, args.out, args.method)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,11 +1,16 @@
 """What F-SNE's trainable codes learned: per-layer l2-norms of C_q, C_k, C_v, their pairwise cosine
 similarities (the paper finds them nearly orthogonal), and a 2-D map (PCA or t-SNE) of every code."""
 
+import logging
 import re
 from typing import Any
 
 import jax
 import numpy as np
+
+from qkv_vit.progress import announced
+
+LOGGER = logging.getLogger(__name__)  # python -m qkv_vit.analysis shows its records on the console
 
 EMBEDDINGS = ("q", "k", "v")
 PAIRS = (("q", "k"), ("q", "v"), ("k", "v"))
@@ -63,5 +68,6 @@ def embed_2d(codes: dict[str, np.ndarray], method: str = "pca", seed: int = 0) -
         from sklearn.manifold import TSNE
 
         perplexity = float(max(1, min(30, (len(points) - 1) // 3)))
-        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
+        with announced(f"t-SNE of {len(points)} codes", say=LOGGER.info):
+            return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
     raise ValueError(f"Unknown embedding method {method!r}: choose 'pca' or 'tsne'.")

@@ -14,6 +14,7 @@ import numpy as np
 
 from qkv_vit.data.info import DatasetInfo
 from qkv_vit.paths import is_local
+from qkv_vit.progress import EVERY_S
 from qkv_vit.train.logging_utils import ScalarWriter, log_file_name, read_metrics, writes_tensorboard
 
 
@@ -60,45 +61,61 @@ def progress_report(writer: ScalarWriter, total_steps: int) -> Any:
 
 
 class Reporter:
-    """The train loop's reports from step `start` on: averaged train metrics and the pace at each logged step,
-    evaluations as they come, and clu's progress report (where clu is installed)."""
+    """The train loop's reports from step `start` on: averaged train metrics and the pace at each logged step, a
+    pace line wherever the console would otherwise stay silent for progress.EVERY_S, evaluations as they come, and
+    clu's progress report (where clu is installed)."""
 
-    def __init__(self, writer: ScalarWriter, start: int, total_steps: int, global_batch_size: int):
+    def __init__(self, writer: ScalarWriter, start: int, total_steps: int, global_batch_size: int, log_every: int):
         self.writer, self.total_steps, self.global_batch_size = writer, total_steps, global_batch_size
+        self.log_every = log_every
         self.pending: list[dict[str, jax.Array]] = []  # the step metrics since the last logged step
-        self.last_log = (start, time.perf_counter())
+        self.last_log = (start, time.perf_counter())  # step and time the pace is measured from
+        self.last_line = time.perf_counter()  # of the last console line
         self.progress = progress_report(writer, total_steps)
+
+    def restart_clock(self, step: int) -> None:
+        """The pace and ETA measured from `step` on: after the first step, whose time is mostly compilation."""
+        self.last_log = (step, time.perf_counter())
+        self.last_line = self.last_log[1]
+
+    def pace(self, step: int, now: float) -> tuple[float | None, str]:
+        """(images/s, "N images/s, ETA h:mm:ss") since the pace's last reset; (None, "") before a step has passed."""
+        previous_step, previous_time = self.last_log
+        if step <= previous_step:
+            return None, ""
+        seconds_per_step = (now - previous_time) / (step - previous_step)
+        eta = datetime.timedelta(seconds=round((self.total_steps - step) * seconds_per_step))
+        images_per_sec = self.global_batch_size / max(seconds_per_step, 1e-9)
+        return images_per_sec, f"{images_per_sec:.1f} images/s, ETA {eta}"
 
     def step(self, step: int, metrics: dict[str, jax.Array]) -> None:
         self.pending.append(metrics)
         if self.progress:
             self.progress(step)
+        now = time.perf_counter()
+        if now - self.last_line >= EVERY_S and step % self.log_every and step != self.total_steps:
+            logging.info("step %d/%d: %s", step, self.total_steps, self.pace(step, now)[1])  # no loss: no device sync
+            self.last_line = now
 
     def train(self, step: int, skipped_steps: int) -> None:
         """The train metrics averaged since the last logged step, written and logged with the pace and an ETA."""
-        previous_step, previous_time = self.last_log
         now = time.perf_counter()
         averaged = {k: float(np.mean([m[k] for m in jax.device_get(self.pending)])) for k in self.pending[0]}
-        images_per_sec = (step - previous_step) * self.global_batch_size / max(now - previous_time, 1e-9)
+        images_per_sec, pace = self.pace(step, now)
         scalars = {f"train/{k}": v for k, v in averaged.items()}
-        scalars.update({"train/images_per_sec": images_per_sec, "train/skipped_steps": skipped_steps})
+        scalars["train/skipped_steps"] = skipped_steps
+        if images_per_sec is not None:
+            scalars["train/images_per_sec"] = images_per_sec
         self.writer.write_scalars(step, scalars)
-        # The ETA at the pace since the last log line (clu's ReportProgress logs its own through absl's logger, which
-        # the console leaves out with the other libraries' INFO records).
-        remaining_s = (self.total_steps - step) * (now - previous_time) / max(step - previous_step, 1)
-        logging.info(
-            "step %d/%d: loss %.4f, %.1f images/s, ETA %s",
-            step,
-            self.total_steps,
-            averaged["loss"],
-            images_per_sec,
-            datetime.timedelta(seconds=round(remaining_s)),
-        )
-        self.pending, self.last_log = [], (step, now)
+        # clu's ReportProgress logs its own ETA through absl's logger, which the console leaves out with the other
+        # libraries' INFO records.
+        logging.info("step %d/%d: loss %.4f%s", step, self.total_steps, averaged["loss"], f", {pace}" if pace else "")
+        self.pending, self.last_log, self.last_line = [], (step, now), now
 
     def evaluation(self, step: int, scalars: dict[str, Any]) -> None:
         self.writer.write_scalars(step, scalars)
         logging.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        self.last_line = time.perf_counter()
 
 
 def log_results(workdir: Any, eval_name: str) -> None:

@@ -25,6 +25,7 @@ from etils import epath
 from qkv_vit import data, models
 from qkv_vit.errors import ConfigError, storage_failures
 from qkv_vit.paths import PathLike, as_path
+from qkv_vit.progress import announced
 from qkv_vit.train import device_data, distillation, evaluators, program, sharding
 from qkv_vit.train.checkpointing import RunCheckpoints, all_processes_agree
 from qkv_vit.train.config import COMPUTE_DTYPES, check_config, check_fits, config_mistakes
@@ -248,13 +249,14 @@ def initial_state(
 
 
 def fresh_state(run: Run) -> TrainState:
-    return jax.jit(run.steps.init_state, out_shardings=run.steps.state_sharding)()
+    with announced("Initializing the model's parameters and optimizer state"):
+        return jax.jit(run.steps.init_state, out_shardings=run.steps.state_sharding)()
 
 
 def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer: ScalarWriter) -> TrainState:
     config, start, total = run.config, int(state.step), run.total_steps
     eval_batches = run.source.eval_batches(config.eval_batch_size or config.global_batch_size)
-    reporter = Reporter(writer, start, total, config.global_batch_size)
+    reporter = Reporter(writer, start, total, config.global_batch_size, config.log_every_steps)
     periodic = evaluators.periodic(config, run.model, run.source, run.mesh)  # config.evaluators, their data opened
     if start >= total:  # trained and saved, but the final evaluation did not complete (a crash, a kill)
         logging.info("The run in %s finished training at step %d; running its final evaluation.", run.workdir, start)
@@ -262,11 +264,19 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
         return state
     teacher = load_teacher(run)  # before the step compiles: a teacher that does not fit costs no compilation
     # The fingerprint `python -m qkv_vit.plan` prints for the same config and devices (the lowering is jit's own).
-    logging.info("Train step program %s on %s.", program.fingerprint(program.lower_train_step(run)), describe(run))
+    with announced("Tracing the train step"):
+        fingerprint = program.fingerprint(program.lower_train_step(run))
+    logging.info("Train step program %s on %s.", fingerprint, describe(run))
     train_batches = train_batch_stream(run, start)
     with PreemptionWatcher(config.log_every_steps) as preemption:
         for step in range(start + 1, total + 1):
-            state, metrics = run.steps.train_step(state, next(train_batches), teacher)
+            if step == start + 1:  # compiles first: said, timed, and left out of the pace and the ETA
+                with announced(f"Compiling the train step and running step {step}"):
+                    state, metrics = run.steps.train_step(state, next(train_batches), teacher)
+                    jax.block_until_ready(metrics)
+                reporter.restart_clock(step)
+            else:
+                state, metrics = run.steps.train_step(state, next(train_batches), teacher)
             reporter.step(step, metrics)
             if step % config.log_every_steps == 0 or step == total:
                 check_finite(run, state, checkpoints)
