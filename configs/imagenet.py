@@ -126,7 +126,9 @@ def check_arguments(args: ml_collections.ConfigDict) -> None:
     if args.res == 384 and not args.init and not args.runlocal:
         raise ConfigError("res=384 fine-tunes a 224 run: give init=<its run directory or converted weights>.")
     if args.init and args.res != 384:
-        raise ConfigError("init= goes with res=384 (the fine-tune); to fine-tune elsewhere use configs/transfer.py.")
+        raise ConfigError(
+            "init= goes with res=384 (the fine-tune): add res=384, or use configs/transfer.py to fine-tune elsewhere."
+        )
     if args.teacher and not args.distill:
         raise ConfigError("teacher= names the weights of the distill= teacher: give distill=<its model> too.")
 

@@ -67,8 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ConfigError(f"Unknown opt={args['opt']!r}; choose sgd (the paper's recipe) or adamw.")
     if not args.init and not args.runlocal:
         raise ConfigError(
-            "configs/transfer.py needs init=<ImageNet run dir or converted weights> of the same model, "
-            "e.g. init=gs://BUCKET/in1k/n12_fsne_m8 (train one with configs/imagenet.py)."
+            "configs/transfer.py starts from ImageNet weights: give init=<ImageNet run dir or converted weights> of "
+            "the same model, e.g. init=gs://BUCKET/in1k/n12_fsne_m8 (train one with configs/imagenet.py)."
         )
     config = base_config()
     set_xcit_model(config, args.model, args.qkv, args.code_size, args.hidden)
@@ -102,7 +102,8 @@ def get_sweep(arg: str | None = None) -> list[str]:
     roots = [item.split("=", 1)[1] for item in items if item.startswith("init_root=")]
     if len(roots) != 1:
         raise ConfigError(
-            "The transfer sweep needs one init_root=DIR: where the configs/imagenet.py sweep wrote its runs."
+            "The transfer sweep needs one init_root=DIR: give init_root= once, the directory where the "
+            "configs/imagenet.py sweep wrote its runs."
         )
     extra = "".join(f",{item}" for item in items if not item.startswith("init_root="))
     points = []

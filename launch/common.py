@@ -73,7 +73,10 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[
     args, rest = parser.parse_known_args(argv)
     bad = [item for item in rest if not item.startswith("--config.")]
     if bad:
-        parser.error(f"unrecognized arguments {bad}; only --config.KEY=VALUE overrides are passed on to the trainer")
+        parser.error(
+            f"unrecognized arguments {bad}; only --config.KEY=VALUE overrides are passed on to the trainer: write "
+            "trainer settings as --config.KEY=VALUE, and see --help for the launcher's own flags"
+        )
     return args, rest
 
 
@@ -87,7 +90,7 @@ def with_env(command: str, env: Sequence[str]) -> str:
     """Prefix KEY=VALUE assignments (validated) to a shell command."""
     for item in env:
         if "=" not in item or not item.partition("=")[0].isidentifier():
-            raise SystemExit(f"error: --env takes KEY=VALUE, got {item!r}")
+            raise SystemExit(f"error: --env takes KEY=VALUE, got {item!r}: write it as --env NAME=VALUE")
     assignments = [f"{key}={shlex.quote(value)}" for key, _, value in (item.partition("=") for item in env)]
     return " ".join([*assignments, command])
 
@@ -102,7 +105,8 @@ def run_steps(steps: Sequence[Step], dry_run: bool) -> int:
         code = step.execute()
         if code != 0:
             print(
-                f"error: step failed with exit code {code}: {step.commands[0] if step.commands else step.file[0]}",
+                f"error: step failed with exit code {code}: {step.commands[0] if step.commands else step.file[0]}; "
+                "fix what its output above says, then rerun",
                 file=sys.stderr,
             )
             return code

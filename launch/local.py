@@ -55,7 +55,7 @@ def process_command(args: argparse.Namespace, overrides: Sequence[str], index: i
 
 def plan(args: argparse.Namespace, overrides: Sequence[str]) -> list[Step]:
     if args.processes < 1:
-        raise SystemExit("error: --processes must be >= 1")
+        raise SystemExit("error: --processes must be >= 1: give 1 or more, or leave it out for one process")
     return [Step(tuple(process_command(args, overrides, index) for index in range(args.processes)))]
 
 

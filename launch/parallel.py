@@ -36,6 +36,7 @@ REFUSALS = {
     "its own TPU VM with `python -m launch.sweep tpu_pod`",
 }
 PROBE_TIMEOUT_S = 120
+PROBE_FIX = "check that this Python runs `import jax` (pip install -e . there), or point --python at one that does"
 STOP_TIMEOUT_S = 300  # for a stopped point to save its checkpoint before it is killed
 
 
@@ -66,11 +67,13 @@ def probe(python: str) -> Devices:
             [python, "-c", code], env=env, capture_output=True, text=True, check=False, timeout=PROBE_TIMEOUT_S
         )
     except (OSError, subprocess.TimeoutExpired) as error:
-        raise SystemExit(f"error: could not ask JAX for this machine's devices with {python}: {error}") from error
+        raise SystemExit(
+            f"error: could not ask JAX for this machine's devices with {python}: {error}; {PROBE_FIX}"
+        ) from error
     lines = found.stdout.strip().splitlines()
     if found.returncode != 0 or len(lines) < 2:
         last = (found.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"error: could not ask JAX for this machine's devices with {python}: {last}")
+        raise SystemExit(f"error: could not ask JAX for this machine's devices with {python}: {last}; {PROBE_FIX}")
     return Devices(lines[-2], lines[-1])
 
 

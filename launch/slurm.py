@@ -99,7 +99,7 @@ def sbatch_script(args: argparse.Namespace, overrides: Sequence[str]) -> str:
 
 def plan(args: argparse.Namespace, overrides: Sequence[str]) -> list[Step]:
     if args.nodes < 1 or args.gpus_per_node < 1:
-        raise SystemExit("error: --nodes and --gpus-per-node must be >= 1")
+        raise SystemExit("error: --nodes and --gpus-per-node must be >= 1: give each 1 or more")
     path = script_path(args)
     return [Step((shlex.join(["sbatch", str(path)]),), file=(str(path), sbatch_script(args, overrides)))]
 

@@ -58,7 +58,9 @@ def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[parallel.
     points = expand(args.config, args.sweep)
     unknown = sorted(set(args.only) - {point.name for point in points})
     if unknown:
-        raise SystemExit(f"error: --only {unknown} not in the sweep; its points: {', '.join(p.name for p in points)}")
+        raise SystemExit(
+            f"error: --only {unknown} not in the sweep; choose among its points: {', '.join(p.name for p in points)}"
+        )
     launcher = LAUNCHERS[args.launcher]
     jobs, dry_run = [], False
     for point in points:
@@ -81,16 +83,20 @@ def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[parallel.
 def check_sweep_arguments(args: argparse.Namespace) -> None:
     """One `error:` line for options that do not go together, before anything is probed or built."""
     if ":" in args.config:
-        raise SystemExit("error: --config takes the file only; the sweep supplies each point's arguments")
+        raise SystemExit(
+            "error: --config takes the file only, as the sweep supplies each point's arguments: leave out the :ARG"
+        )
     if args.launcher != "local" and (args.parallel != 1 or args.log_dir or args.evaluate is not None):
         raise SystemExit(
-            f"error: --parallel, --log-dir and --evaluate are for local sweeps; {args.launcher} runs its own way"
+            f"error: --parallel, --log-dir and --evaluate are for local sweeps; {args.launcher} runs its own way: "
+            "leave them out, or sweep with the local launcher"
         )
     if args.parallel < 1:
         raise SystemExit(f"error: --parallel {args.parallel}: give 1 or more points to run at once")
     if args.log_dir and args.parallel == 1:
         raise SystemExit(
-            "error: --log-dir is where --parallel points write their output; one at a time they print here"
+            "error: --log-dir is where --parallel points write their output, and one at a time they print here: "
+            "add --parallel N (N > 1), or leave --log-dir out"
         )
     if args.evaluate is not None and any(arg.startswith("--output") for arg in shlex.split(args.evaluate)):
         raise SystemExit("error: --evaluate writes each point's POINT/evaluation.json; leave --output out of it")

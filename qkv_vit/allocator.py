@@ -54,7 +54,9 @@ def choose_allocator(
     if choice != "auto":
         if not Path(choice).is_file():
             print(
-                f"error: {CHOICE_VARIABLE}={choice!r} is neither 'auto', 'system' nor a library file.", file=sys.stderr
+                f"error: {CHOICE_VARIABLE}={choice!r} is neither 'auto', 'system' nor a library file: set it to auto, "
+                "system or the path of a malloc library (e.g. libjemalloc.so.2), or unset it.",
+                file=sys.stderr,
             )
             raise SystemExit(2)  # bad input, as main's other mistakes
         return choice

@@ -61,7 +61,7 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
         return given[-1], rest
     if set(rest) & set(HELP_FLAGS):
         return None, rest
-    raise ConfigError("--config=FILE is required: a config file such as configs/quickstart.py[:arguments].")
+    raise ConfigError("--config=FILE is required: give a config file, e.g. --config=configs/quickstart.py[:arguments].")
 
 
 def load(argument: str) -> ml_collections.ConfigDict:
@@ -81,7 +81,7 @@ def load(argument: str) -> ml_collections.ConfigDict:
             "with :arguments."
         )
     except SyntaxError as error:
-        bad(f"{syntax_error_place(error, path)}: {error.msg}.")
+        bad(f"{syntax_error_place(error, path)}: {error.msg}; fix the syntax there.")
     module = types.ModuleType("config_config")
     module.__file__ = path
     sys.modules[module.__name__] = module  # as importlib's loader does (dataclasses in a config file look it up)
@@ -92,9 +92,8 @@ def load(argument: str) -> ml_collections.ConfigDict:
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
         bad(
-            f"the file has no get_config function (it defines {public_names(module) or 'nothing'}). A config "
-            "file defines get_config(arg=None) returning an ml_collections.ConfigDict, as configs/quickstart.py "
-            "does."
+            f"the file has no get_config function (it defines {public_names(module) or 'nothing'}): add "
+            "get_config(arg=None) returning an ml_collections.ConfigDict, as configs/quickstart.py does."
         )
     try:
         config = get_config(*config_string)
@@ -105,7 +104,7 @@ def load(argument: str) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         bad(
             f"get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict"
-            f"{' (a missing return statement?)' if config is None else ''}."
+            f"{' (a missing return statement?)' if config is None else ''}: make it return the ConfigDict."
         )
     return config
 
@@ -114,8 +113,8 @@ def failure(error: Exception, path: str) -> str:
     """What went wrong running the config file at `path`, and where: a syntax error (in a module it imports), or
     an exception with its place."""
     if isinstance(error, SyntaxError):
-        return f"{syntax_error_place(error, path)}: {error.msg}."
-    return f"{exception_place(error, path)}: {type(error).__name__}: {error}"
+        return f"{syntax_error_place(error, path)}: {error.msg}; fix the syntax there."
+    return f"{exception_place(error, path)}: {type(error).__name__}: {error} (fix the config file there)"
 
 
 def syntax_error_place(error: SyntaxError, path: str) -> str:
@@ -154,7 +153,7 @@ def check_override_keys(argv: list[str], config: ml_collections.ConfigDict) -> N
         if key not in known:
             close = closest_key(key, known)
             raise ConfigError(
-                f"{arg}: the config has no key {key!r}{f' (did you mean {close!r}?)' if close else ''}. Every "
-                "key is listed in qkv_vit/train/config.py and in a run's config.json; an unknown key is an error so "
-                "that a typo is never silently ignored."
+                f"{arg}: the config has no key {key!r}{f' (did you mean {close!r}?)' if close else ''}; check its "
+                "spelling against the keys listed in qkv_vit/train/config.py and in a run's config.json (an unknown "
+                "key is an error so that a typo is never silently ignored)."
             )

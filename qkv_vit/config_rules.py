@@ -35,7 +35,10 @@ class Rule:
             return
         if not self.accepts(value):
             requirement = self.requirement + (" (or None to leave it unset)" if self.optional else "")
-            raise error(f"{name} must be {requirement}, got {value!r}.{' ' + self.hint if self.hint else ''}")
+            raise error(
+                f"{name} must be {requirement}, got {value!r}: change it to a value that is."
+                f"{' ' + self.hint if self.hint else ''}"
+            )
 
 
 def is_number(value: Any) -> bool:
@@ -210,12 +213,16 @@ def check_values(
             close = closest_key(key, list(rules))
             raise error(
                 f"{name} is not a known key{f' (did you mean {prefix}{close}?)' if close else ''}: "
-                f"a config file set a key that nothing reads. Known keys here: {', '.join(rules)}."
+                f"a config file set a key that nothing reads. Correct its name or remove it; known keys here: "
+                f"{', '.join(rules)}."
             )
         rule = rules[key]
         if isinstance(rule, Rule):
             rule.check(name, config[key], error)
         elif rule is not None:
             if not hasattr(config[key], "keys"):  # a ConfigDict (or dict) of its own keys
-                raise error(f"{name} must be a group of keys ({', '.join(rule)}), got {config[key]!r}.")
+                raise error(
+                    f"{name} must be a group of keys ({', '.join(rule)}), got {config[key]!r}: set its keys one by "
+                    f"one ({name}.KEY = VALUE) instead of replacing the group."
+                )
             check_values(config[key], rule, f"{name}.", error)

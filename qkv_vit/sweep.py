@@ -54,12 +54,18 @@ def expand(config_path: str | Path, sweep_arg: str | None = None) -> list[SweepP
     """Every point of the config's sweep, each checked by building its config (a typo fails here, not on a pod)."""
     module = load_config_module(config_path)
     if not hasattr(module, "get_sweep"):
-        raise ConfigError(f"{config_path} has no get_sweep(arg); configs with a sweep: cifar10, imagenet, transfer.")
+        raise ConfigError(
+            f"{config_path} has no get_sweep(arg): choose a config with a sweep, configs/cifar10.py, imagenet.py or "
+            "transfer.py, or add get_sweep(arg) returning the points' argument strings."
+        )
     points = [SweepPoint(point_name(arg), f"{config_path}:{arg}") for arg in module.get_sweep(sweep_arg)]
     names = [point.name for point in points]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ConfigError(f"The sweep of {config_path} repeats the points {duplicates}.")
+        raise ConfigError(
+            f"The sweep of {config_path} repeats the points {duplicates}: make get_sweep() return each argument "
+            "string once (a point's name leaves out values that are paths)."
+        )
     for point in points:
         module.get_config(split_config_arg(point.config)[1])
     return points

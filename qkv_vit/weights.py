@@ -50,7 +50,10 @@ def read_weights(path: PathLike, use_ema: bool = False) -> Weights:
     params = state["params"]
     if use_ema:
         if not state.get("ema_params"):
-            raise ConfigError(f"{path} has no EMA parameters (the run did not set config.ema_decay).")
+            raise ConfigError(
+                f"{path} has no EMA parameters (the run did not set config.ema_decay): use its plain parameters "
+                "(leave out --ema, or set config.init_from_ema=false)."
+            )
         params = state["ema_params"]
     variables = {"params": params, "batch_stats": state.get("batch_stats", {})}
     return Weights(variables, run_architecture(state_item), run_summary(state_item).get("data", {}).get("class_names"))
@@ -107,8 +110,8 @@ def find_state_item(path: epath.Path) -> epath.Path:
         if steps:
             return directory / str(max(steps)) / "state"
     raise FileNotFoundError(
-        f"{path} is neither converted weights (python -m qkv_vit.convert) nor a qkv_vit run directory "
-        "(expected checkpoints/<step>/state)."
+        f"{path} is neither converted weights (python -m qkv_vit.convert) nor a qkv_vit run directory: give "
+        "converted weights, or a run directory with checkpoints/<step>/state."
     )
 
 

@@ -308,7 +308,7 @@ def test_transfer_recipe_is_deits():
 @pytest.mark.parametrize(
     "name, arg, message",
     [
-        ("transfer", None, "needs init="),
+        ("transfer", None, "give init="),
         ("transfer", "init=/x,dataset=mnist", "Unknown dataset='mnist'"),
         ("imagenet", "model=huge_12_p16", "Unknown model 'huge_12_p16'"),
         ("imagenet", "qkv=fsne_m3", "Unknown qkv="),
@@ -391,12 +391,12 @@ def test_sgd_decays_like_pytorch_and_respects_the_mask(tiny_config):
 
 
 CONFIG_FILE_MISTAKES = {  # file text -> what the one error line says after "--config=FILE: "
-    "def get_config(arg=None)\n    return None\n": "line 1: expected ':'.",
+    "def get_config(arg=None)\n    return None\n": "line 1: expected ':'; fix the syntax there.",
     "def get_config(arg=None):\n    return undefined_name\n": (
         "line 2: NameError: name 'undefined_name' is not defined"
     ),
     "import ml_collections\n\n\ndef get_confg(arg=None):\n    return ml_collections.ConfigDict()\n": (
-        "the file has no get_config function (it defines get_confg)."
+        "the file has no get_config function (it defines get_confg): add get_config(arg=None)"
     ),
     "def get_config(arg=None):\n    pass\n": "get_config() returned NoneType, not an ml_collections.ConfigDict (a missing return",
     "raise ValueError('broken on purpose')\n": "line 1: ValueError: broken on purpose",
@@ -432,7 +432,9 @@ def test_a_config_file_given_as_two_arguments_is_checked_the_same(tmp_path, caps
     path.write_text("def get_config(arg=None)\n    return None\n")
     with pytest.raises(SystemExit) as stopped:
         parse_flags(["main", "--config", str(path), f"--workdir={tmp_path}"])
-    assert stopped.value.code == 2 and capsys.readouterr().err == f"error: --config={path}: line 1: expected ':'.\n"
+    assert stopped.value.code == 2 and capsys.readouterr().err == (
+        f"error: --config={path}: line 1: expected ':'; fix the syntax there.\n"
+    )
 
 
 def test_cifar10_reads_the_folder_prepare_writes_else_a_developer_archive_and_path_wins(tmp_path):

@@ -184,7 +184,7 @@ def test_the_evaluate_command_on_four_devices_writes_json_and_refuses_bad_input_
     assert result["splits"]["test"]["count"] == 360 and "test: top1" in done.stderr
     assert result["splits"]["test"]["top1"] == pytest.approx(final["val/top1"], abs=1e-6)
     bad = subprocess.run([*command, "--ood=svhn"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    message = "error: Data 'svhn': the source must be one of digits, tfds, image_folder"
+    message = "error: Data 'svhn': start it with one of the sources digits, tfds, image_folder"
     assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
     missing = subprocess.run(
         [*command[:3], str(tmp_path / "nothing"), *command[4:]], cwd=REPO, env=env, capture_output=True, text=True

@@ -588,7 +588,7 @@ BEFORE_ANY_DATA = [
     (dict(global_batch_size=0), "config.global_batch_size must be an integer >= 1, got 0"),
     (dict(log_every_steps=0), "config.log_every_steps must be an integer >= 1"),
     (dict(checkpoint_every_steps=-1), "config.checkpoint_every_steps must be an integer >= 0"),
-    (dict(data={"source": "image_folder", "path": None}), 'source="image_folder" needs config.data.path'),
+    (dict(data={"source": "image_folder", "path": None}), 'source="image_folder" needs a path: set config.data.path'),
 ]
 
 

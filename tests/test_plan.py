@@ -233,7 +233,7 @@ def test_collectives_are_read_from_every_form_of_replica_groups():
 def test_a_v4_or_v5p_topology_without_megacore_is_refused_before_libtpu_is_asked():
     """Their VMs run a chip as one device; planned per TensorCore, every per-chip figure would be half a chip's."""
     for name in ("v4:2x2x2", "v5p:2x2x4"):
-        with pytest.raises(ConfigError, match="needs --chip-config megacore"):
+        with pytest.raises(ConfigError, match="add --chip-config megacore"):
             Target.topology(name)
 
 

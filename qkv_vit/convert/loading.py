@@ -63,7 +63,9 @@ def check_match(
     problems = [p for p in problems if p]
     if problems:
         raise WeightMismatchError(
-            f"{source_name} does not fit {describe_model(model)}; nothing was loaded.\n" + "\n".join(problems)
+            f"{source_name} does not fit {describe_model(model)}; nothing was loaded. Give weights of that "
+            "model, or the model they belong to (python -m qkv_vit.convert without --model reads it from their "
+            "shapes):\n" + "\n".join(problems)
         )
 
 

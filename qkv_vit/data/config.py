@@ -196,10 +196,12 @@ def validate_config(config: ml_collections.ConfigDict, prefix: str = "") -> None
             '"digits") without TensorFlow; a tfds data set is read by tf.data: set pipeline="tf_data".'
         )
     if config.source == "tfds" and not config.name:
-        raise DataConfigError(f'source="tfds" needs {prefix}name, e.g. "imagenet2012" or "cifar10".')
+        raise DataConfigError(
+            f'source="tfds" needs a data set name: set {prefix}name, e.g. "imagenet2012" or "cifar10".'
+        )
     if config.source == "image_folder" and not config.path:
         raise DataConfigError(
-            f'source="image_folder" needs {prefix}path: a folder ROOT/<split>/<class>/ or a tar of one.'
+            f'source="image_folder" needs a path: set {prefix}path to a folder ROOT/<split>/<class>/ or a tar of one.'
         )
     augment = config.augment
     if augment.crop_padding and (tuple(augment.crop_scale) != (1.0, 1.0) or tuple(augment.crop_aspect) != (1.0, 1.0)):
@@ -209,8 +211,8 @@ def validate_config(config: ml_collections.ConfigDict, prefix: str = "") -> None
         )
     if config.placement == "device" and config.pipeline != "in_memory":
         raise DataConfigError(
-            f'{prefix}placement="device" holds an in-memory data set on the devices: it needs pipeline="in_memory" '
-            "(tf.data streams from the host)."
+            f'{prefix}placement="device" holds an in-memory data set on the devices (tf.data streams from the host): '
+            f'set {prefix}pipeline="in_memory", or {prefix}placement="host".'
         )
 
 

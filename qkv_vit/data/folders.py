@@ -141,7 +141,11 @@ def extract(archive: Path, destination: Path) -> Located:
             else:  # Python without extraction filters (3.10 before 3.10.12)
                 for member in tar.getmembers():
                     if member.name.startswith("/") or ".." in Path(member.name).parts:
-                        raise DataConfigError(f"Unsafe path {member.name!r} in {archive}.")
+                        raise DataConfigError(
+                            f"Unsafe path {member.name!r} in {archive}: it points outside the archive; pack it "
+                            "again from the folder (tar czf NAME.tar.gz FOLDER), or give the extracted folder as "
+                            "the path."
+                        )
                 tar.extractall(destination)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:  # cut short, not a tar, unsafe member
         raise DataConfigError(
@@ -173,15 +177,16 @@ def scan_image_folder(folder: Located, bad_files: str = "skip") -> FolderScan:
     split_dirs = subdirs(folder.root)
     if not split_dirs:
         raise DataConfigError(
-            f"No split folders in {folder.shown(folder.root)}: expected ROOT/<split>/<class>/<image>.jpg|png."
+            f"No split folders in {folder.shown(folder.root)}: put the images in ROOT/<split>/<class>/<image>.jpg|png "
+            "(train/ and test/ or val/)."
         )
     splits, classes, skipped = {}, {}, []
     for split_dir in split_dirs:
         class_dirs = subdirs(split_dir)
         if not class_dirs:
             raise DataConfigError(
-                f"Split folder {folder.shown(split_dir)} has no class folders: expected "
-                f"<split>/<class>/<image> below it."
+                f"Split folder {folder.shown(split_dir)} has no class folders: put each class's images in a folder "
+                "of its own below it, <split>/<class>/<image>."
             )
         examples = []
         for class_dir in class_dirs:
@@ -191,7 +196,8 @@ def scan_image_folder(folder: Located, bad_files: str = "skip") -> FolderScan:
                 reject(other, folder, bad_files, skipped, "not a .jpg/.jpeg/.png file")
             if not images:
                 raise DataConfigError(
-                    f"Empty class folder {folder.shown(class_dir)}: it holds no {'/'.join(IMAGE_SUFFIXES)} images."
+                    f"Empty class folder {folder.shown(class_dir)}: it holds no {'/'.join(IMAGE_SUFFIXES)} "
+                    "images; add its images or remove the folder."
                 )
             examples.extend((f, class_dir.name) for f in images)
         splits[split_dir.name] = examples

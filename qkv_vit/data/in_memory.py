@@ -103,7 +103,7 @@ class ArraySource(DataSource):
     def _eval_batches(self, split: str, local_batch: int, process_index: int, process_count: int) -> ArrayEvalBatches:
         if split not in self.splits:
             raise DataConfigError(
-                f"Bad split {split!r} for {self.info.description}. Valid splits: {sorted(self.splits)}."
+                f"Bad split {split!r} for {self.info.description}: choose one of its splits {sorted(self.splits)}."
             )
         return ArrayEvalBatches(self.splits[split], local_batch, process_index, process_count)
 
@@ -123,15 +123,17 @@ def open_in_memory(config: ml_collections.ConfigDict) -> ArraySource:
     for split in (config.train_split, config.eval_split):
         if split is not None and split not in splits:
             raise DataConfigError(
-                f"Split {split!r} is not one of {description}'s splits {sorted(splits)} (pipeline='in_memory' takes "
-                "whole splits: sub-splits such as 'train[:90%]' need pipeline='tf_data')."
+                f"Split {split!r} is not one of {description}'s splits {sorted(splits)}: choose one of them (a "
+                "whole split), or set pipeline='tf_data' for sub-splits such as 'train[:90%]'."
             )
     train_split = config.train_split or find_split(list(splits), TRAIN_SPLIT_NAMES) or "train"
     eval_split = config.eval_split or find_split(list(splits), HELD_OUT_SPLIT_NAMES)
     if eval_split is None:
         raise DataConfigError(no_held_out_split_message(description, sorted(splits)))
     if train_split not in splits:
-        raise DataConfigError(f"{description} has no train split: its splits are {sorted(splits)}.")
+        raise DataConfigError(
+            f"{description} has no train split: its splits are {sorted(splits)}; set data.train_split to one of them."
+        )
     check_num_classes(config.num_classes, class_names, description)
     others = [split for split in splits if split not in (train_split, eval_split)]
     info = DatasetInfo(
@@ -225,7 +227,10 @@ def _decode_split(
         if image is None:
             reject(file, folder, config.bad_files, scan.skipped, "not an image PIL can decode")
     if not kept:
-        raise DataConfigError(f"No image of {folder.shown(files[0][0].parent.parent)} could be decoded.")
+        raise DataConfigError(
+            f"No image of {folder.shown(files[0][0].parent.parent)} could be decoded: replace its files with "
+            "JPEG or PNG images."
+        )
     return np.stack([image for image, _ in kept]), np.asarray([label for _, label in kept], np.int32)
 
 

@@ -37,5 +37,6 @@ def check_num_classes(num_classes: int | None, class_names: list[str], descripti
     """DataConfigError for a config.data.num_classes (None: the data set's) below the data set's class count."""
     if num_classes is not None and num_classes < len(class_names):
         raise DataConfigError(
-            f"num_classes={num_classes} is less than the {len(class_names)} classes of {description}."
+            f"num_classes={num_classes} is less than the {len(class_names)} classes of {description}: set "
+            f"config.data.num_classes to {len(class_names)} or more, or leave it unset to take the data set's."
         )

@@ -27,6 +27,13 @@ import tensorflow_datasets as tfds
 from qkv_vit.data import digits  # noqa: F401  (registers sklearn_digits, the offline data set, by name)
 from qkv_vit.errors import one_line
 
+# What to do when preparing fails, by the kind of error (see prepare).
+PREPARE_FIXES = {
+    ValueError: "check the name against tfds's catalogue (e.g. cifar10, imagenet2012, sklearn_digits)",
+    AssertionError: "put the files it names in --manual_dir, then rerun",
+    OSError: "check the network and that --data_dir is writable with free space, then rerun",
+}
+
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m qkv_vit.data.prepare", description=__doc__.split("\n")[0])
@@ -77,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         builder = prepare(args.name, args.data_dir, args.manual_dir)
     except (ValueError, AssertionError, OSError) as error:  # the user's to fix (see prepare); anything else is a bug
         reason = one_line(str(error).split("\n")[0] if isinstance(error, ValueError) else str(error))
-        print(f"error: preparing {args.name!r} in {where} failed: {reason}", file=sys.stderr)
+        fix = PREPARE_FIXES[next(kind for kind in PREPARE_FIXES if isinstance(error, kind))]
+        print(f"error: preparing {args.name!r} in {where} failed: {reason.rstrip('.')}; {fix}.", file=sys.stderr)
         return 2
     setting = f": set config.data.data_dir={args.data_dir}" if args.data_dir else " (tfds's default data_dir)"
     print(f"{args.name} is prepared in {builder.data_dir}{setting}")
@@ -85,7 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             counts = write_image_folder(builder, args.image_folder)
         except (KeyError, OSError) as error:  # no "label" feature, or the folder cannot be written
-            print(f"error: writing {args.name} as images to {args.image_folder} failed: {error}", file=sys.stderr)
+            print(
+                f"error: writing {args.name} as images to {args.image_folder} failed: {error}; give --image_folder a "
+                "writable place with free space, for a data set with 'image' and 'label' features.",
+                file=sys.stderr,
+            )
             return 2
         written = ", ".join(f"{split} {count:,}" for split, count in counts.items())
         done = f"{written} images written" if counts else "already there, kept (delete it to write it again)"

@@ -63,7 +63,7 @@ class PreparedSource:
         except (ValueError, KeyError) as error:
             valid = list(self.builder.info.splits.keys())
             raise DataConfigError(
-                f"Bad split {split!r} for {self.description}: {error} Valid splits: {valid}."
+                f"Bad split {split!r} for {self.description}: {error} Choose one of its splits {valid}."
             ) from None
         if not examples:
             raise DataConfigError(f"Split {split!r} of {self.description} has no examples: choose a larger part.")
@@ -190,7 +190,7 @@ def _tfds_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder
     except tfds.core.registered.DatasetNotFoundError as error:
         raise DataConfigError(
             f"Unknown tfds data set {config.name!r}: {str(error).splitlines()[0]} "
-            f"The ones qkv_vit's README covers: {sorted(TFDS_DATASETS)}."
+            f"Check the name; the ones qkv_vit's README covers: {sorted(TFDS_DATASETS)}."
         ) from None
     if not builder.is_prepared():
         raise DataConfigError(_not_prepared_message(config.name, config.data_dir))
@@ -226,7 +226,8 @@ def _make_source(
     features = builder.info.features
     if "image" not in features or "label" not in features:
         raise DataConfigError(
-            f"{description} has no 'image' and 'label' features; it is not an image classification set."
+            f"{description} has no 'image' and 'label' features; it is not an image classification set: choose "
+            "one that is (e.g. cifar10, imagenet2012)."
         )
     available = list(builder.info.splits.keys())
     train_split = config.train_split or train_default or find_split(available, TRAIN_SPLIT_NAMES) or "train"

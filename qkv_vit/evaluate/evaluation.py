@@ -46,11 +46,14 @@ def class_subset(weights: Weights, model: models.XCiT, class_names: list[str]) -
         try:
             return classification.class_subset(class_names, weights.class_names)
         except ValueError as error:
-            raise ConfigError(f"The data do not fit the model's classes: {error}") from error
+            raise ConfigError(
+                f"The data do not fit the model's classes: {error} Evaluate on data of the model's classes."
+            ) from error
     if len(class_names) > model.num_classes:
         raise ConfigError(
             f"The data have {len(class_names)} classes and the model {model.num_classes} outputs, and the weights "
-            "do not name their classes to match them by."
+            f"do not name their classes to match them by: evaluate on data of at most {model.num_classes} classes, "
+            "or give weights that record their classes (a run directory)."
         )
     return None
 
@@ -68,7 +71,7 @@ class Corruptions:
     def spec(self, name: str, severity: int) -> DataSpec:
         if "{corruption}" not in self.template or "{severity}" not in self.template:
             raise ConfigError(
-                f"--corruptions={self.template}: the data set needs {{corruption}} and {{severity}} in it, e.g. "
+                f"--corruptions={self.template}: put {{corruption}} and {{severity}} in the data set's name, e.g. "
                 f"{CIFAR10_C}."
             )
         return DataSpec.parse(self.template.format(corruption=name, severity=severity))

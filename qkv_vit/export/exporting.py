@@ -105,8 +105,9 @@ def exportable_architecture(architecture: dict[str, Any] | None, layout: str, we
     """The stored architecture, checked against what `layout` can hold; ConfigError naming what cannot."""
     if architecture is None:
         raise ConfigError(
-            f"{weights} records no architecture (no model.json beside the run's checkpoints): the PyTorch model "
-            "cannot be built without it."
+            f"{weights} records no architecture (no model.json beside the run's checkpoints), and the PyTorch "
+            "model cannot be built without it: export a run directory that has its model.json, or weights written "
+            "by python -m qkv_vit.convert."
         )
     models.check_xcit_architecture(architecture, str(weights))
     if layout == "official" and architecture.get("qkv_embed", "linear") != "linear":
@@ -132,7 +133,8 @@ def check_fits(variables: dict[str, Any], architecture: dict[str, Any]) -> None:
     if differ:
         raise ConfigError(
             f"The weights do not fit their recorded architecture ({len(differ)} variables differ: "
-            f"{', '.join(differ[:10])}{' ...' if len(differ) > 10 else ''}); nothing was exported."
+            f"{', '.join(differ[:10])}{' ...' if len(differ) > 10 else ''}); nothing was exported. Check that the "
+            "model.json beside the checkpoints is the run's own, or export converted weights instead."
         )
 
 

@@ -46,7 +46,10 @@ def summary(errors: Errors, baseline: Errors | None = None) -> dict:
             raise ValueError(f"The baseline has no error for {', '.join(missing[:3])}: evaluate it on the same set.")
         perfect = [c for c, by in errors.items() if sum(baseline[c][s] for s in by) == 0]
         if perfect:
-            raise ValueError(f"The baseline makes no error on {', '.join(perfect)}: no corruption error against it.")
+            raise ValueError(
+                f"The baseline makes no error on {', '.join(perfect)}, so no corruption error can be measured "
+                "against it: choose another baseline."
+            )
         found["ce"] = {c: sum(by.values()) / sum(baseline[c][s] for s in by) for c, by in errors.items()}
         found["mce"] = sum(found["ce"].values()) / len(found["ce"])
     return found

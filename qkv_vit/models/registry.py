@@ -200,8 +200,8 @@ def check_xcit_architecture(stored: dict[str, Any] | None, where: str = "The wei
     family = (stored or {}).get("family", "xcit")
     if family != "xcit":
         raise ConfigError(
-            f"{where}: a {family} model ({stored.get('name')}), not an XCiT; another family's weights serve only as "
-            "a distillation teacher (config.distillation.teacher_path)."
+            f"{where}: a {family} model ({stored.get('name')}), not an XCiT; give XCiT weights here, and use "
+            "another family's weights only as a distillation teacher (config.distillation.teacher_path)."
         )
 
 

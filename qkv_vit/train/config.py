@@ -50,7 +50,9 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(given)
     unknown = sorted(set(given) - set(spec))
     if unknown:
-        raise ConfigError(f"Unknown config argument(s) {unknown}; this config accepts: {', '.join(spec)}.")
+        raise ConfigError(
+            f"Unknown config argument(s) {unknown}: use only the ones this config accepts, {', '.join(spec)}."
+        )
     parsed = {}
     for name, default in spec.items():
         kind = default if isinstance(default, type) else type(default)
@@ -73,7 +75,10 @@ def _convert(name: str, value: str, kind: type) -> Any:
     try:
         return kind(value)
     except ValueError:
-        raise ConfigError(f"Config argument {name}={value!r} is not a valid {kind.__name__}.") from None
+        raise ConfigError(
+            f"Config argument {name}={value!r} is not a valid {kind.__name__}: give {name}= a value of type "
+            f"{kind.__name__}."
+        ) from None
 
 
 def set_xcit_model(
@@ -93,9 +98,15 @@ def set_xcit_model(
             f"Unknown qkv={qkv!r}; choose fsne (with code_size=M) or one of: {', '.join(models.QKV_PRESETS)}."
         )
     if code_size is not None and not qkv.startswith("fsne"):
-        raise ConfigError(f"code_size={code_size} only applies to F-SNE (qkv=fsne), not qkv={qkv}.")
+        raise ConfigError(
+            f"code_size={code_size} only applies to F-SNE (qkv=fsne), not qkv={qkv}: leave code_size out, or set "
+            "qkv=fsne."
+        )
     if hidden is not None and qkv == "linear":
-        raise ConfigError("hidden= sets the hidden width of a non-linear QKV embedding; qkv=linear has none.")
+        raise ConfigError(
+            "hidden= sets the hidden width of a non-linear QKV embedding, and qkv=linear has none: leave hidden= "
+            "out, or choose a non-linear qkv such as fsne, sne or psne."
+        )
     config.model_name = name
     config.qkv = qkv
     if code_size is not None:
@@ -268,7 +279,8 @@ def check_fits(config: ml_collections.ConfigDict, model: models.XCiT, target: Ta
     if group is not None and config.global_batch_size % group:
         raise ConfigError(
             f"config.model.batch_norm_group_size={group} does not divide config.global_batch_size="
-            f"{config.global_batch_size}: BatchNorm normalizes groups of that many images of each batch."
+            f"{config.global_batch_size}: BatchNorm normalizes groups of that many images of each batch; set it to "
+            "a divisor of the global batch."
         )
     augment = config.data.augment
     if per_device < 2 and augment.mix_prob > 0 and (augment.mixup_alpha > 0 or augment.cutmix_alpha > 0):

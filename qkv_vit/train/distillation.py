@@ -171,7 +171,7 @@ def build_teacher(architecture: dict[str, Any], num_classes: int, dtype: Any, pl
     if teacher.num_classes != num_classes:
         raise ConfigError(
             f"The teacher ({describe(architecture)}) predicts {teacher.num_classes} classes, the student "
-            f"{num_classes}: a teacher must be trained on the same classes (config.distillation.teacher_path)."
+            f"{num_classes}: give config.distillation.teacher_path a teacher trained on the student's classes."
         )
     return teacher
 
@@ -217,7 +217,8 @@ def load_variables(path: str, abstract: Any, shardings: Any) -> Any:
     if differ:
         raise ConfigError(
             f"config.distillation.teacher_path={path} does not fit the teacher ({len(differ)} variables differ: "
-            f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''})."
+            f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}): give teacher_path the weights of that "
+            "teacher, or set config.distillation.teacher_model to the model they are."
         )
     placements = flatten(shardings)
 

@@ -47,11 +47,18 @@ class DataSpec:
         source, location, split = ([*spec.split(":", 2), "", ""])[:3]
         if source not in SOURCES:
             raise ConfigError(
-                f"Data {spec!r}: the source must be one of {', '.join(SOURCES)} (SOURCE[:NAME_OR_PATH[:SPLIT]], "
+                f"Data {spec!r}: start it with one of the sources {', '.join(SOURCES)} (SOURCE[:NAME_OR_PATH[:SPLIT]], "
                 "e.g. tfds:svhn_cropped:test or image_folder:/data/ood:test)."
             )
         if source != "digits" and not location:
-            raise ConfigError(f"Data {spec!r}: {source} needs a {'name' if source == 'tfds' else 'path'}.")
+            form = (
+                "NAME[:SPLIT], e.g. tfds:svhn_cropped:test"
+                if source == "tfds"
+                else "PATH[:SPLIT], e.g. image_folder:/data/ood:test"
+            )
+            raise ConfigError(
+                f"Data {spec!r}: {source} needs a {'name' if source == 'tfds' else 'path'}: write it as {source}:{form}."
+            )
         return cls(source, location, split or None)
 
     def data_config(self, data_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -119,7 +126,9 @@ class SplitEvaluator:
             if with_scores:
                 scores.append(ood.scores(logits, part.pre_logits, fitted))
         if not found:
-            raise ConfigError(f"Split {split!r} of {source.info.description} has no examples to evaluate.")
+            raise ConfigError(
+                f"Split {split!r} of {source.info.description} has no examples to evaluate: choose a split with images."
+            )
         joined = {name: np.concatenate([s[name] for s in scores]) for name in scores[0]} if scores else {}
         return classification.Outcomes.concatenate(found), joined
 
@@ -131,7 +140,9 @@ class SplitEvaluator:
             for part in self.batches(variables, source, split)
         ]
         if not scores:
-            raise ConfigError(f"Split {split!r} of {source.info.description} has no examples to score.")
+            raise ConfigError(
+                f"Split {split!r} of {source.info.description} has no examples to score: choose a split with images."
+            )
         return {name: np.concatenate([s[name] for s in scores]) for name in scores[0]}
 
     def ood_metrics(
@@ -162,11 +173,14 @@ def validate_config(evaluators: ml_collections.ConfigDict, eval_name: str, prefi
             raise ConfigError(f"{prefix}{name}: the run's own evaluation is written under {eval_name}/; rename it.")
         kind = options.get("type") if hasattr(options, "get") else None
         if kind not in EVALUATOR_RULES:
-            raise ConfigError(f"{prefix}{name}.type must be one of {list(EVALUATOR_RULES)}, got {kind!r}.")
+            raise ConfigError(
+                f"{prefix}{name}.type must be one of {list(EVALUATOR_RULES)}, got {kind!r}: set it to one of them."
+            )
         missing = [key for key in EVALUATOR_RULES[kind] if key not in options]
         if missing:
             raise ConfigError(
-                f"{prefix}{name} lacks {', '.join(missing)}: a {kind} evaluator has {', '.join(EVALUATOR_RULES[kind])}."
+                f"{prefix}{name} lacks {', '.join(missing)}: add them; a {kind} evaluator has "
+                f"{', '.join(EVALUATOR_RULES[kind])}."
             )
         rules.check_values(options, EVALUATOR_RULES[kind], f"{prefix}{name}.")
         if kind == "ood":

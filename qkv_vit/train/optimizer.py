@@ -164,7 +164,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> 
             optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov),
         )
     else:
-        raise ConfigError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {name!r}.")
+        raise ConfigError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {name!r}: set it to one of them.")
     clip = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm else []
     layer_decay = [scale_by_layer(opt.layer_decay)] if opt.layer_decay != 1.0 else []
     optimizer = optax.chain(*clip, update, *layer_decay)

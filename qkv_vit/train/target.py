@@ -47,8 +47,8 @@ class Target:
         compiling only; ConfigError naming the fix if libtpu is missing or the name is not a topology."""
         if name.split(":")[0] in MEGACORE_VERSIONS and chip_config_name is None:
             raise ConfigError(
-                f"TPU topology {name!r} needs --chip-config megacore: its VMs run each chip's two TensorCores as one "
-                "device, and the plan's figures are per chip."
+                f"TPU topology {name!r} runs each chip's two TensorCores as one device on its VMs, and the plan's "
+                "figures are per chip: add --chip-config megacore."
             )
         options = {} if chip_config_name is None else {"chip_config_name": chip_config_name}
         try:
