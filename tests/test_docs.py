@@ -20,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
+from conftest import load_config
 from qkv_vit.train import trainer
 from qkv_vit.train.config import check_config, check_fits
 from qkv_vit.train.target import Target
@@ -63,12 +64,13 @@ def user_dir(tmp_path_factory, data_cache):
 
 
 def make_user_dir(tmp_path_factory) -> Path:
-    """A user's working directory: the repository's configs/ and launch/, a finished quickstart run (runlocal) at
+    """A user's working directory: a copy of the repository's configs/, its launch/, a finished quickstart run (runlocal) at
     workdirs/quickstart, and, where torch is installed, XCiT-N12/16 weights as a .pth file (random, in timm's
     layout) under the name the docs use for the official file."""
     home = tmp_path_factory.mktemp("user")
-    for name in ("configs", "launch"):
-        (home / name).symlink_to(REPO / name)
+    # A copy, not a link: configs/cifar10.py then looks for its data beside this clone, which has no ../shared.
+    shutil.copytree(REPO / "configs", home / "configs", ignore=shutil.ignore_patterns("__pycache__"))
+    (home / "launch").symlink_to(REPO / "launch")
     run = run_command(
         home,
         [
@@ -118,7 +120,25 @@ def training_config(argv: list[str], cwd: Path):
         os.chdir(previous)
 
 
-def check_training_command(argv: list[str], comment: str, cwd: Path) -> None:
+# Image folders a README command may read: made by the README's own commands, or the user's own (its "Your own
+# data" section). Anything else, ../shared above all, exists only on developer machines.
+README_DATA = {"data/my_images"} | {
+    command.split("--image_folder")[1].split()[0].strip("=")
+    for block in fenced(REPO / "README.md", "bash")
+    for command, _ in commands(block)
+    if "qkv_vit.data.prepare" in command and "--image_folder" in command
+}
+
+
+def check_readme_data(config, cwd: Path) -> None:
+    """A README training command reads data a user's clone has: what the README makes, or the user's own folder."""
+    if config.data.source != "image_folder":
+        return
+    path = os.path.relpath(os.path.abspath(os.path.join(cwd, config.data.path)), cwd)
+    assert path in README_DATA, f"a README command reads {config.data.path}, which a user's clone does not have"
+
+
+def check_training_command(argv: list[str], comment: str, cwd: Path, page: str = "") -> None:
     expected_exit = re.search(r"exit code (\d+)", comment)
     if expected_exit:  # a documented failure: run it, it fails before any data is read
         run = run_command(cwd, ["-m", "qkv_vit.main", *argv])
@@ -129,6 +149,8 @@ def check_training_command(argv: list[str], comment: str, cwd: Path) -> None:
     if CONVERTED in " ".join(argv) and not (cwd / CONVERTED).exists():
         pytest.skip("fine-tuning converted weights needs a .pth file converted with the torch extra")
     config = training_config(argv, cwd)
+    if page == "README.md":
+        check_readme_data(config, cwd)
     previous = os.getcwd()
     os.chdir(cwd)  # init_from and other relative paths are the user's
     try:
@@ -227,7 +249,7 @@ def offline_prepare_args(argv: list[str], cwd: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", documented_commands(), ids=command_id)
 def test_documented_command_works(case, user_dir):
-    _, command, comment = case
+    page, command, comment = case
     args = shlex.split(command)
     if args[:2] == ["pip", "install"]:
         return check_pip_install(args[2:])
@@ -238,7 +260,7 @@ def test_documented_command_works(case, user_dir):
     assert args[:2] == ["python", "-m"], f"no checker for `{command}`: add one to tests/test_docs.py"
     module, argv = args[2], args[3:]
     if module == "qkv_vit.main":
-        return check_training_command(argv, comment, user_dir)
+        return check_training_command(argv, comment, user_dir, page)
     if module == "qkv_vit.plan":
         return check_plan_command(argv, user_dir)
     if module.startswith("launch."):
@@ -359,3 +381,13 @@ def test_the_readmes_own_data_command_learns_a_small_folder(tmp_path, data_cache
     records = [json.loads(line) for line in (tmp_path / "workdirs" / "mine" / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "val/top1" in r][-1]
     assert final["step"] == 30 * (40 // 16) and final["val/top1"] > 0.5  # 2 classes: chance is 0.5
+
+
+def test_readme_commands_may_read_only_data_a_users_clone_has(tmp_path):
+    config = load_config("cifar10", "recipe=short")  # on this machine: whatever configs/cifar10.py finds
+    config.data.path = str(REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")  # a developer machine's
+    with pytest.raises(AssertionError, match="which a user's clone does not have"):
+        check_readme_data(config, tmp_path)
+    assert "data/cifar10" in README_DATA  # made by the README's prepare command
+    config.data.path = "data/cifar10"
+    check_readme_data(config, tmp_path)
