@@ -432,6 +432,11 @@ def test_a_failed_background_save_logs_one_line_not_orbax_traceback():
     progress = logging.LogRecord("root", logging.INFO, trainer.__file__, 1, "step 4/8", None, None)
     assert QuietLibraries().filter(orbax) and QuietLibraries().filter(ours) and QuietLibraries().filter(progress)
     assert not QuietLibraries().filter(chatter)  # by logger name, wherever the library's file lies
+    benign = logging.LogRecord(
+        "absl", logging.WARNING, "/tfds/file_utils.py", 394, "Variant folder %s has no dataset_info.json", ("/c",), None
+    )
+    warning = logging.LogRecord("absl", logging.WARNING, "/tfds/x.py", 1, "Something is off", None, None)
+    assert not QuietLibraries().filter(benign) and QuietLibraries().filter(warning)  # normal work, off the console
     assert logging.Formatter().format(orbax) == "Failed to run 1 Handler Commit"
     assert "Traceback" in logging.Formatter().format(ours)
 

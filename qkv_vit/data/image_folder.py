@@ -114,10 +114,16 @@ def check_can_prepare() -> None:
 def preparing_offline(what: str, where: os.PathLike | str) -> Iterator[None]:
     """While one of our offline builders prepares `what` in `where`: tfds prints "Downloading and preparing
     dataset ..." and "... downloaded and prepared" to stdout for every builder, including ours, which download
-    nothing (dataset_builder._log_download_bytes). A log line that says what happens replaces them."""
+    nothing (dataset_builder._log_download_bytes), and progress bars to stderr. A log line that says what happens
+    replaces them."""
     logging.info("Preparing %s in %s (once, offline: later runs read it from there).", what, where)
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+    # tfds's progress bars (stderr) name its temporary files and flicker for the seconds this takes: off meanwhile.
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tfds.display_progress_bar(True)
 
 
 def _build(folder: Located, work: Path, bad_files: str) -> None:

@@ -191,6 +191,11 @@ def read_metrics(workdir: PathLike) -> list[dict[str, Any]]:
 OWN_LOGGERS = ("root", "qkv_vit")
 
 
+# Library warnings that are part of normal work, off the console (log.txt keeps them): tfds looking for a data set
+# before it is first prepared.
+BENIGN_WARNINGS = ("has no dataset_info.json",)
+
+
 class QuietLibraries(logging.Filter):
     """On the console, the libraries' records (any logger but OWN_LOGGERS: Orbax, clu and tfds log through
     absl's logger "absl", TensorFlow through "tensorflow", JAX through "jax.*") show from WARNING up, each as its
@@ -203,7 +208,7 @@ class QuietLibraries(logging.Filter):
             return True
         if record.exc_info:
             record.exc_info = record.exc_text = None
-        return record.levelno >= logging.WARNING
+        return record.levelno >= logging.WARNING and not any(text in record.getMessage() for text in BENIGN_WARNINGS)
 
 
 def quiet_libraries() -> None:
