@@ -218,7 +218,7 @@ def test_a_different_recipe_pairs_only_with_its_own_linear_runs(tmp_path):
     paired = paired_table(table)
     # psne - its linear (lr 0.01): +5, -1, 0 (not against the other linear's 50, 52, 57); a tie is not better
     assert row(paired, "psne (h=96, shared first)")[4:] == [
-        "optimizer.lr=0.01, total_epochs=400.0",
+        "optimizer.lr=0.01, total_epochs=400",
         "s0 +5.00, s1 -1.00, s2 +0.00",
         "+1.33 ± 3.21",
         "[-6.65, +9.32]",
@@ -229,7 +229,7 @@ def test_a_different_recipe_pairs_only_with_its_own_linear_runs(tmp_path):
     assert "fsne" not in paired and row(main_table(table), "fsne (m=8, h=128)")[-3:] == ["70.00 ± 0.00", "2", ""]
     # ... but named below the comparison, with its settings and why
     assert unpaired(table) == [
-        "- digits xcit_nano_12_p8 fsne (m=8, h=128) [optimizer.lr=0.002, total_epochs=7.0]: not paired "
+        "- digits xcit_nano_12_p8 fsne (m=8, h=128) [optimizer.lr=0.002, total_epochs=7]: not paired "
         "(no linear run of the same data, model and recipe)"
     ]
     assert table.index(results.PAIRED_CAVEAT) < table.index(unpaired(table)[0])
