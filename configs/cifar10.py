@@ -36,7 +36,8 @@ QKV embedding: docs/experiments.md); recipe=long 54.4% top-1 after 5 epochs with
 Arguments: recipe=long|short, qkv=<preset>, epochs=<n> (default: the recipe's), depth=<n>, batch=<n>, seed=<n>,
 path=<folder or tar>, source=image_folder|tfds|in_memory, runlocal.
 Sweep (`get_sweep(arg)`): the QKV comparison at one budget, qkv in linear, sne, psne, fsne_m8, fsne_m8_wide
-x seed in 0, 1, 2; `arg` (e.g. "depth=4,epochs=2" or "recipe=short") is added to every point.
+x seed in 0, 1, 2 (`seeds=N` in `arg`: 0 to N-1); the rest of `arg` (e.g. "depth=4,epochs=2" or "recipe=short")
+is added to every point.
 """
 
 from pathlib import Path
@@ -133,6 +134,14 @@ def use_short_recipe(config: ml_collections.ConfigDict) -> None:
 
 
 def get_sweep(arg: str | None = None) -> list[str]:
-    """One argument string per run: every QKV embedding x 3 seeds, each with `arg` appended."""
-    extra = f",{arg}" if arg else ""
-    return [f"qkv={qkv},seed={seed}{extra}" for seed in SWEEP_SEEDS for qkv in SWEEP_QKV]
+    """One argument string per run: every QKV embedding x seeds 0, 1, 2 (`seeds=N` in `arg`: 0 to N-1, so that a
+    sweep grows without renaming the points it has), each with the rest of `arg` appended."""
+    items = [item for item in (arg or "").split(",") if item]
+    seeds, rest = SWEEP_SEEDS, [item for item in items if not item.startswith("seeds=")]
+    for item in set(items) - set(rest):
+        count = item.partition("=")[2]
+        if not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"{item}: give the number of seeds, e.g. seeds=5 for seeds 0 to 4.")
+        seeds = tuple(range(int(count)))
+    extra = "".join(f",{item}" for item in rest)
+    return [f"qkv={qkv},seed={seed}{extra}" for seed in seeds for qkv in SWEEP_QKV]

@@ -23,6 +23,7 @@ from pathlib import Path
 from etils import epath
 
 from launch import common, local, parallel, slurm, tpu_pod
+from qkv_vit.errors import ConfigError
 from qkv_vit.sweep import expand
 
 LAUNCHERS = {"local": local, "slurm": slurm, "tpu_pod": tpu_pod}
@@ -55,7 +56,10 @@ def plan(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[parallel.
     """The sweep's arguments, every chosen point's launcher steps, and whether this is a dry run."""
     args, rest = parser().parse_known_args(argv)
     check_sweep_arguments(args)
-    points = expand(args.config, args.sweep)
+    try:
+        points = expand(args.config, args.sweep)
+    except (ConfigError, FileNotFoundError) as error:  # the config file's own words, with its fix
+        raise SystemExit(f"error: {error}") from None
     unknown = sorted(set(args.only) - {point.name for point in points})
     if unknown:
         raise SystemExit(

@@ -466,3 +466,12 @@ def test_runlocal_never_silently_replaces_an_argument_the_user_gave(name, arg, c
     ):
         load_config(name, arg)
     assert load_config(name, arg.replace("runlocal", "runlocal=false")).global_batch_size > 0  # without runlocal: fine
+
+
+def test_the_cifar10_sweep_grows_by_seeds_without_renaming_its_points():
+    three = sweep.expand(REPO / "configs" / "cifar10.py", "recipe=short,depth=4")
+    five = sweep.expand(REPO / "configs" / "cifar10.py", "seeds=5,recipe=short,depth=4")
+    assert len(three) == 15 and len(five) == 25 and [p.name for p in five[:15]] == [p.name for p in three]
+    assert five[-1].name == "qkv-fsne_m8_wide_seed-4_recipe-short_depth-4"
+    with pytest.raises(ConfigError, match="seeds=two: give the number of seeds"):
+        sweep.expand(REPO / "configs" / "cifar10.py", "seeds=two")
