@@ -12,10 +12,14 @@ EVERY_S = 10.0  # the longest the console stays silent during a run or an analys
 
 
 @contextlib.contextmanager
-def announced(what: str, say: Callable[[str], None] = logging.info, every_s: float = EVERY_S) -> Iterator[None]:
+def announced(
+    what: str, say: Callable[[str], None] = logging.info, every_s: float = EVERY_S, brief: bool = False
+) -> Iterator[None]:
     """`say`s "WHAT ...", then "WHAT: N s so far" every `every_s` seconds, then "WHAT took N s" (not after an
-    exception, which says enough)."""
-    say(f"{what} ...")
+    exception, which says enough). `brief`, for work that is usually short and reported by its caller (an
+    evaluation): only the lines while it lasts, and how long it took if it lasted that long."""
+    if not brief:
+        say(f"{what} ...")
     started, finished = time.perf_counter(), threading.Event()
 
     def tick() -> None:
@@ -29,4 +33,6 @@ def announced(what: str, say: Callable[[str], None] = logging.info, every_s: flo
     finally:
         finished.set()
         ticker.join()
-    say(f"{what} took {time.perf_counter() - started:.1f} s")
+    took = time.perf_counter() - started
+    if not brief or took >= every_s:
+        say(f"{what} took {took:.1f} s")

@@ -16,6 +16,13 @@ def test_announced_work_says_when_it_starts_while_it_lasts_and_how_long_it_took(
     assert lines[0] == "Compiling ..." and lines[-1].startswith("Compiling took 0.")
     assert 2 <= sum(line.startswith("Compiling: ") and line.endswith(" s so far") for line in lines) <= 4
     lines.clear()
+    with progress.announced("Evaluating", say=lines.append, every_s=0.05, brief=True):
+        pass  # brief and short: nothing to say
+    assert lines == []
+    with progress.announced("Evaluating", say=lines.append, every_s=0.05, brief=True):
+        time.sleep(0.08)
+    assert lines[0] == "Evaluating: 0 s so far" and lines[-1].startswith("Evaluating took 0.")
+    lines.clear()
     with pytest.raises(RuntimeError), progress.announced("Failing", say=lines.append, every_s=10):
         raise RuntimeError("the work's own error says enough")
     assert lines == ["Failing ..."]

@@ -381,10 +381,11 @@ def check_finite(run: Run, state: TrainState, checkpoints: RunCheckpoints) -> No
 def evaluate_state(run: Run, state: TrainState, batches: Iterable) -> dict[str, float]:
     """The evaluation's scalars: <eval_name>/top1, /top5, /loss, /count, and ema_<eval_name>/* with an EMA."""
     name = run.config.eval_name
-    scalars = {f"{name}/{k}": v for k, v in evaluate(run, state.params, state.batch_stats, batches).items()}
-    if state.ema_params is not None:
-        ema = evaluate(run, state.ema_params, state.batch_stats, batches)
-        scalars.update({f"ema_{name}/{k}": v for k, v in ema.items()})
+    with announced(f"Evaluating on {name}", brief=True):  # a large split (or its first compile) is not silent
+        scalars = {f"{name}/{k}": v for k, v in evaluate(run, state.params, state.batch_stats, batches).items()}
+        if state.ema_params is not None:
+            ema = evaluate(run, state.ema_params, state.batch_stats, batches)
+            scalars.update({f"ema_{name}/{k}": v for k, v in ema.items()})
     return scalars
 
 
