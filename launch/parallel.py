@@ -30,8 +30,9 @@ from launch.common import Step
 
 MEMORY_SHARE = 0.9  # of device memory, split between the processes (one JAX process preallocates 0.75 alone)
 REFUSALS = {
-    "cpu": "the CPU's cores are what every run computes with, so runs at once only split them between them (each "
-    "about N times slower, the total about the same); run the points one after another (leave --parallel out)",
+    "cpu": "the CPU's cores are what every run computes with, so runs at once only split them (two at once on a "
+    "2-core machine: each 1.7 times slower, 1.2 times the total); run the points one after another (leave "
+    "--parallel out)",
     "tpu": "libtpu lets one process at a time open a TPU chip; run the points one after another here, or each on "
     "its own TPU VM with `python -m launch.sweep tpu_pod`",
 }
