@@ -50,8 +50,13 @@ from qkv_vit.train.config import base_config, parse_arg, refuse_with_runlocal, s
 
 CLONE = Path(__file__).resolve().parents[1]
 # Where CIFAR-10 is looked for without path=, the first that exists: what `python -m qkv_vit.data.prepare cifar10
-# --image_folder data/cifar10` writes, then the JPEG archive developer machines hold beside the clone.
-DEFAULT_PATHS = (CLONE / "data" / "cifar10", CLONE.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
+# --image_folder data/cifar10` writes (run from the clone), the JPEG archive put in the clone (the earlier default:
+# runs made with it resume unchanged), then the one developer machines hold beside the clone.
+DEFAULT_PATHS = (
+    CLONE / "data" / "cifar10",
+    CLONE / "data" / "cifar10-jpeg.tar.gz",
+    CLONE.parent / "shared" / "data" / "cifar10-jpeg.tar.gz",
+)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 RECIPE_EPOCHS = {"long": 100.0, "short": 3.0}
@@ -138,7 +143,10 @@ def get_sweep(arg: str | None = None) -> list[str]:
     sweep grows without renaming the points it has), each with the rest of `arg` appended."""
     items = [item for item in (arg or "").split(",") if item]
     seeds, rest = SWEEP_SEEDS, [item for item in items if not item.startswith("seeds=")]
-    for item in set(items) - set(rest):
+    given = [item for item in items if item.startswith("seeds=")]
+    if len(given) > 1:
+        raise ConfigError(f"{', '.join(given)}: give seeds= once.")
+    for item in given:
         count = item.partition("=")[2]
         if not count.isdigit() or int(count) < 1:
             raise ConfigError(f"{item}: give the number of seeds, e.g. seeds=5 for seeds 0 to 4.")

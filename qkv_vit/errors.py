@@ -97,7 +97,9 @@ def quiet_on_broken_pipe(main: Callable[..., int]) -> Callable[..., int]:
     @functools.wraps(main)
     def run(*args: object, **kwargs: object) -> int:
         try:
-            return main(*args, **kwargs)
+            code = main(*args, **kwargs)
+            sys.stdout.flush()  # a piped stdout is buffered: its last write would otherwise fail after this try
+            return code
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1

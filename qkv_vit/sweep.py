@@ -76,7 +76,12 @@ def main(argv: list[str]) -> int:
     if len(argv) not in (2, 3):
         print("usage: python -m qkv_vit.sweep CONFIG_FILE [SWEEP_ARG]", file=sys.stderr)
         return 2
-    for point in expand(argv[1], argv[2] if len(argv) == 3 else None):
+    try:
+        points = expand(argv[1], argv[2] if len(argv) == 3 else None)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for point in points:
         print(f"{point.name}\t{point.config}")
     return 0
 

@@ -441,6 +441,11 @@ def test_cifar10_reads_the_folder_prepare_writes_else_a_developer_archive_and_pa
     module = sweep.load_config_module(REPO / "configs" / "cifar10.py")
     prepared, archive = tmp_path / "data" / "cifar10", tmp_path / "shared" / "cifar10-jpeg.tar.gz"
     module.DEFAULT_PATHS = (prepared, archive)
+    assert [path.name for path in sweep.load_config_module(REPO / "configs" / "cifar10.py").DEFAULT_PATHS] == [
+        "cifar10",
+        "cifar10-jpeg.tar.gz",  # the clone's archive: runs made with the earlier default resume unchanged
+        "cifar10-jpeg.tar.gz",
+    ]
     assert module.get_config("recipe=short").data.path == str(prepared)  # neither exists: the one prepare writes
     archive.parent.mkdir()
     archive.touch()
@@ -462,7 +467,7 @@ def test_cifar10_reads_the_folder_prepare_writes_else_a_developer_archive_and_pa
 )
 def test_runlocal_never_silently_replaces_an_argument_the_user_gave(name, arg, clashes):
     with pytest.raises(
-        ConfigError, match=f"runlocal sets its own model size, batch and length .*: leave out {clashes} "
+        ConfigError, match=f"runlocal sets its own width, depth, batch and length .*: leave out {clashes} "
     ):
         load_config(name, arg)
     assert load_config(name, arg.replace("runlocal", "runlocal=false")).global_batch_size > 0  # without runlocal: fine

@@ -514,3 +514,19 @@ def test_fewer_classes_than_the_data_set_has_is_an_error_on_either_pipeline(cach
     config.update(pipeline=pipeline, num_classes=5)
     with pytest.raises(data.DataConfigError, match=r"num_classes=5 is less than the 10 classes of the offline digits"):
         data.open_source(config)
+
+
+def test_only_image_classification_data_sets_are_written_as_image_folders():
+    from types import SimpleNamespace
+
+    import tensorflow_datasets as tfds
+
+    from qkv_vit.data import prepare
+
+    def builder(**features):
+        return SimpleNamespace(name="x", info=SimpleNamespace(features=tfds.features.FeaturesDict(features)))
+
+    image = tfds.features.Image(shape=(8, 8, 3))
+    assert prepare.class_names(builder(image=image, label=tfds.features.ClassLabel(names=["a", "b"]))) == ["a", "b"]
+    with pytest.raises(ValueError, match="not an image-classification data set .*: use --image_folder only"):
+        prepare.class_names(builder(image=image, caption=tfds.features.Text()))

@@ -48,6 +48,7 @@ PASSED_ON = {
     ("qkv_vit/results.py", "f'error: {error}'"): "find_runs' FileNotFoundError message (or a broken JSON's)",
     ("qkv_vit/data/inspect.py", "f'error: {error}'"): "a DataConfigError's message, checked where it is raised",
     ("launch/sweep.py", "f'error: {error}'"): "the config file's ConfigError (get_sweep), checked where it is raised",
+    ("qkv_vit/sweep.py", "f'error: {error}'"): "the config file's ConfigError (get_sweep), checked where it is raised",
     ("qkv_vit/convert/__main__.py", "f'error: {one_line(str(error))}'"): "the conversion's messages",
     ("qkv_vit/export/__main__.py", "f'error: {one_line(str(error))}'"): "the export's messages",
     ("qkv_vit/convert/loading.py", "f'{error}\\n  The file holds XCiT({format_kwargs(file_architecture)}).'"): (

@@ -809,6 +809,16 @@ def test_a_listing_piped_into_a_reader_that_stops_ends_without_a_traceback(modul
     argument = "configs/cifar10.py" if module == "qkv_vit.sweep" else str(tmp_path)
     # `true` has closed the pipe before Python writes its first line (as `head` has after the lines it wanted)
     command = f"{shlex.quote(sys.executable)} -m {module} {argument} | true"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # buffered, as usual
+    env["PYTHONPATH"] = str(REPO)
     done = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_log_file_that_cannot_be_opened_stops_only_the_file_not_the_run(tmp_path, caplog):
+    (tmp_path / "log.txt").mkdir()  # opening it for writing fails (as a read-only file would for a user)
+    with caplog.at_level(logging.INFO), logging_utils.workdir_log(tmp_path):
+        logging.info("the first record")  # opens the file: fails, and says so once
+        logging.info("the second record")
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Stopped writing")]
+    assert len(stopped) == 1 and "The console keeps every message." in stopped[0]

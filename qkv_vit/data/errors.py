@@ -11,5 +11,6 @@ def batch_too_large(batch: str, examples: int, where: str, largest: int) -> Data
     """The error for a batch larger than the train split, with the fix: a global batch that fits."""
     return DataConfigError(
         f"{batch} is larger than the {examples} train examples {where}: give a global batch of at most {largest} "
-        f"(--config.global_batch_size={largest}, or batch={largest} after the config file's colon)."
+        f"(--config.global_batch_size={largest}, or batch={largest} after the colon of a config file that takes it, "
+        "as configs/cifar10.py does)."
     )

@@ -118,12 +118,13 @@ def preparing_offline(what: str, where: os.PathLike | str) -> Iterator[None]:
     replaces them."""
     logging.info("Preparing %s in %s (once, offline: later runs read it from there).", what, where)
     # tfds's progress bars (stderr) name its temporary files and flicker for the seconds this takes: off meanwhile.
+    shown = getattr(tfds.core.utils.tqdm_utils, "_active", True)  # tfds keeps it in a module global
     tfds.display_progress_bar(False)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        tfds.display_progress_bar(True)
+        tfds.display_progress_bar(shown)
 
 
 def _build(folder: Located, work: Path, bad_files: str) -> None:

@@ -62,9 +62,9 @@ def write_image_folder(builder: tfds.core.DatasetBuilder, folder: str | Path) ->
     folder = Path(folder).expanduser()
     if folder.exists():
         return {}
+    names = class_names(builder)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # an earlier attempt, cut short
-    names = builder.info.features["label"].names
     counts = {}
     for split in builder.info.splits:
         for index, example in enumerate(tfds.as_numpy(builder.as_dataset(split=split))):
@@ -73,8 +73,23 @@ def write_image_folder(builder: tfds.core.DatasetBuilder, folder: str | Path) ->
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(target)
             counts[split] = index + 1
+    if not counts:
+        raise ValueError(f"{builder.name} has no examples to write: prepare it again, or choose another data set.")
     partial.rename(folder)
     return counts
+
+
+def class_names(builder: tfds.core.DatasetBuilder) -> list[str]:
+    """The class names of an image-classification data set; ValueError where it is not one (an "image", a class
+    "label")."""
+    features = builder.info.features
+    label, image = (features[key] if key in features else None for key in ("label", "image"))
+    if not isinstance(label, tfds.features.ClassLabel) or not isinstance(image, tfds.features.Image):
+        raise ValueError(
+            f"{builder.name} is not an image-classification data set (an 'image' and a class 'label' feature): "
+            "use --image_folder only for such data sets, or leave it out."
+        )
+    return label.names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.image_folder:
         try:
             counts = write_image_folder(builder, args.image_folder)
-        except (KeyError, OSError) as error:  # no "label" feature, or the folder cannot be written
+        except (ValueError, OSError) as error:  # not images with class labels, or the folder cannot be written
             print(
                 f"error: writing {args.name} as images to {args.image_folder} failed: {error}; give --image_folder a "
                 "writable place with free space, for a data set with 'image' and 'label' features.",

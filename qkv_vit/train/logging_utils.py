@@ -128,6 +128,15 @@ class WorkdirLogHandler(logging.FileHandler):
     warning on the console, instead of logging's "--- Logging error ---" report for every later record: the log
     file is a copy of the console, and the run's own error, if the disk stops it, is the line that matters."""
 
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:  # opened with its first record (delay=True): a failed open is a failed write too
+            try:
+                self.stream = self._open()
+            except OSError:
+                self.handleError(record)
+                return
+        super().emit(record)
+
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
         root = logging.getLogger()
         root.handlers = [handler for handler in root.handlers if handler is not self]  # a new list: the record

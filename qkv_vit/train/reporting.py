@@ -92,9 +92,10 @@ class Reporter:
         self.pending.append(metrics)
         if self.progress:
             self.progress(step)
-        now = time.perf_counter()
-        if now - self.last_line >= EVERY_S and step % self.log_every and step != self.total_steps:
-            logging.info("step %d/%d: %s", step, self.total_steps, self.pace(step, now)[1])  # no loss: no device sync
+        if time.perf_counter() - self.last_line >= EVERY_S and step % self.log_every and step != self.total_steps:
+            jax.block_until_ready(metrics)  # the pace of finished steps, not of dispatched ones (once per EVERY_S)
+            now = time.perf_counter()
+            logging.info("step %d/%d: %s", step, self.total_steps, self.pace(step, now)[1])
             self.last_line = now
 
     def train(self, step: int, skipped_steps: int) -> None:

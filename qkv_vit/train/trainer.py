@@ -250,7 +250,7 @@ def initial_state(
 
 def fresh_state(run: Run) -> TrainState:
     with announced("Initializing the model's parameters and optimizer state"):
-        return jax.jit(run.steps.init_state, out_shardings=run.steps.state_sharding)()
+        return jax.block_until_ready(jax.jit(run.steps.init_state, out_shardings=run.steps.state_sharding)())
 
 
 def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer: ScalarWriter) -> TrainState:
@@ -271,8 +271,9 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
     with PreemptionWatcher(config.log_every_steps) as preemption:
         for step in range(start + 1, total + 1):
             if step == start + 1:  # compiles first: said, timed, and left out of the pace and the ETA
+                batch = next(train_batches)  # outside: reading it is not compiling
                 with announced(f"Compiling the train step and running step {step}"):
-                    state, metrics = run.steps.train_step(state, next(train_batches), teacher)
+                    state, metrics = run.steps.train_step(state, batch, teacher)
                     jax.block_until_ready(metrics)
                 reporter.restart_clock(step)
             else:
@@ -289,7 +290,7 @@ def train_loop(run: Run, state: TrainState, checkpoints: RunCheckpoints, writer:
                 reporter.evaluation(step, evaluate_state(run, state, eval_batches))
             for evaluator in periodic:
                 if evaluator.due(step) and step != total:  # the last step's come with the final evaluation
-                    reporter.evaluation(step, evaluator.evaluate(state_variables(state)))
+                    reporter.evaluation(step, run_evaluator(evaluator, state))
             if step != total and preemption.requested(step):
                 save_now(run, state, checkpoints, step)
                 raise Preempted(f"Stopped at step {step} on a signal; checkpoint saved in {checkpoints.directory}.")
@@ -319,8 +320,14 @@ def evaluate_all(
     whose metrics.jsonl holds it at the last step is finished (final_evaluation_recorded), so one stopped before
     it evaluates everything again."""
     for evaluator in periodic:
-        reporter.evaluation(step, evaluator.evaluate(state_variables(state)))
+        reporter.evaluation(step, run_evaluator(evaluator, state))
     reporter.evaluation(step, evaluate_state(run, state, eval_batches))
+
+
+def run_evaluator(evaluator: evaluators.Periodic, state: TrainState) -> dict[str, float]:
+    """One of config.evaluators on the state's parameters, not silent while it lasts."""
+    with announced(f"Evaluating {evaluator.name}", brief=True):
+        return evaluator.evaluate(state_variables(state))
 
 
 def state_variables(state: TrainState) -> dict[str, Any]:
