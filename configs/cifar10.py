@@ -11,7 +11,8 @@
 Data: `path=` a folder or tar of CIFAR-10's 60,000 images as `{train,test}/<class>/<image>`. Made once, on a
 machine with internet, by `python -m qkv_vit.data.prepare cifar10 --image_folder data/cifar10` (tfds downloads
 CIFAR-10, https://www.cs.toronto.edu/~kriz/cifar.html, then its arrays are written as PNGs), which is where this
-file looks by default (a developer machine's archive is used where data/cifar10 is absent: docs/development.md).
+file looks by default (else for data/cifar10-jpeg.tar.gz in the clone, else for a developer machine's archive:
+docs/development.md).
 The folder is converted once into a tfds data set under ~/.cache/qkv_vit. Or `source=tfds` (the tfds data set
 itself, after `python -m qkv_vit.data.prepare cifar10 --data_dir DIR`, and --config.data.data_dir=DIR), or
 `source=in_memory`: the same folder or tar
