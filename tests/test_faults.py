@@ -681,7 +681,7 @@ def test_command_line_mistakes_are_one_line_with_their_exit_code(tmp_path, data_
             [*MAIN, "--config=configs/quickstart.py:qkv_preset=sne", f"--workdir={tmp_path}/arg"],
             CLI_ENV,
             2,
-            ["Unknown config argument(s) ['qkv_preset']", "accepts: qkv, runlocal"],
+            ["Unknown config argument(s) ['qkv_preset']", "accepts, qkv, runlocal"],
         ),
         "unwritable workdir": (
             cli_command(tmp_path / "file" / "run", data_cache=data_cache),

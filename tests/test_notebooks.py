@@ -133,9 +133,9 @@ def test_the_install_cell_installs_a_clone_that_imports_only_as_a_namespace_pack
         "print('namespace', importlib.util.find_spec('qkv_vit') is not None)\n"  # the trap an import check falls in
         "subprocess.run = lambda args, **kwargs: print('RUN', *args)\n" + install_cell
     )
-    # -S: no site-packages, so the package is not installed there, as on a fresh Colab runtime.
+    # -S -E: no site-packages (nor PYTHONPATH), so the package is not installed there, as on a fresh Colab runtime.
     fresh = subprocess.run(
-        [sys.executable, "-S", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-S", "-E", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert fresh.returncode == 0, fresh.stderr
     assert (
