@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, fake_devices
 from qkv_vit import data
 from qkv_vit.data.errors import DataConfigError
 from qkv_vit.train import device_data, sharding, train_and_evaluate
@@ -61,7 +61,7 @@ def test_eight_devices_each_gather_the_host_paths_shard(tmp_path):
                 assert all(a.device == b.device and np.array_equal(a.data, b.data) for a, b in pairs), key
         print(len(got["image"].addressable_shards))
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, **fake_devices(8), "TF_CPP_MIN_LOG_LEVEL": "2"}
     run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split()[-1] == "8"

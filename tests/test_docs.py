@@ -20,7 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from conftest import load_config
+from conftest import full_optimization, load_config
 from qkv_vit.train import trainer
 from qkv_vit.train.config import check_config, check_fits
 from qkv_vit.train.target import Target
@@ -96,8 +96,10 @@ def make_user_dir(tmp_path_factory) -> Path:
     return home
 
 
-def run_command(cwd: Path, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_command(
+    cwd: Path, args: list[str], timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**(env or os.environ), "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -349,7 +351,7 @@ def test_the_readme_quickstart_runs_as_written_and_fits_on_two_screens(tmp_path)
     command = fenced(REPO / "README.md", "bash")[0].splitlines()[0].split(" && ")[1]
     args = shlex.split(command.replace("--workdir=workdirs/quickstart", f"--workdir={tmp_path / 'quickstart'}"))
     assert args[:3] == ["python", "-m", "qkv_vit.main"]
-    run = run_command(REPO, args[1:])
+    run = run_command(REPO, args[1:], env=full_optimization(dict(os.environ)))  # 600 steps: as a user runs them
     assert run.returncode == 0, run.stderr[-3000:]
     console = (run.stdout + run.stderr).splitlines()
     assert len(console) <= 2 * SCREEN_LINES, "\n".join(console)

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from sklearn import metrics as sk
 
-from conftest import REPO, load_config
+from conftest import REPO, fake_devices, load_config
 from qkv_vit import data, models
 from qkv_vit.data.testing import write_image_folder
 from qkv_vit.errors import ConfigError
@@ -176,7 +176,7 @@ def test_the_evaluate_command_on_four_devices_writes_json_and_refuses_bad_input_
         f"--config.data.cache_dir={config.data.cache_dir}", f"--output={tmp_path / 'result.json'}",
     ]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    four_devices = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}  # batches split over them
+    four_devices = {**env, **fake_devices(4)}  # batches split over them
     done = subprocess.run(command, cwd=REPO, env=four_devices, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "result.json").read_text())

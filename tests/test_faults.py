@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, load_config
+from conftest import REPO, fake_devices, load_config
 from qkv_vit import data
 from qkv_vit.data.testing import write_image_folder
 from qkv_vit.errors import CheckpointError, ConfigError, StorageError
@@ -646,7 +646,7 @@ def test_command_line_mistakes_are_one_line_with_their_exit_code(tmp_path, data_
     torch = pytest.importorskip("torch", reason="the PyTorch case needs the torch extra")
     torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, tmp_path / "resnet.pth")
     (tmp_path / "file").write_text("")
-    eight_devices = {**CLI_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    eight_devices = {**CLI_ENV, **fake_devices(8)}
     cases = {  # name: (command, environment, exit code, words the error line must hold)
         "unknown key": (
             cli_command(tmp_path / "key", "--config.optimzer.lr=1", data_cache=data_cache),

@@ -5,7 +5,6 @@ Each notebook reads QKV_VIT_NOTEBOOK_SMOKE=1 (a 2-block model, a few steps) and 
 """
 
 import json
-import os
 import subprocess
 import sys
 
@@ -35,10 +34,6 @@ def notebook_env(tmp_path_factory, data_cache):
         env.setenv("QKV_VIT_NOTEBOOK_SMOKE", "1")
         env.setenv("QKV_VIT_NOTEBOOK_WORKDIR", str(root / "workdirs"))
         env.setenv("QKV_VIT_CACHE", str(data_cache))  # the digits tfds build, shared with the other tests
-        # XLA's CPU backend without LLVM optimizations compiles about twice as fast; these runs only need to run.
-        env.setenv(
-            "XLA_FLAGS", " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
-        )
         yield root / "workdirs"
 
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, fake_devices
 from qkv_vit import data
 from qkv_vit.data.pipeline import TFDataSource
 from qkv_vit.train import train_and_evaluate
@@ -88,7 +88,7 @@ def test_one_device_equals_eight_devices_data_and_fsdp(tmp_path, prepared, data_
                 kernel = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]
                 assert "fsdp" in str(kernel.sharding.spec), kernel.sharding
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, **fake_devices(8), "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=400
     )
@@ -225,7 +225,7 @@ np.savez(sys.argv[1], **results)
 def test_ghost_batch_norm_is_the_same_on_one_and_eight_devices_and_mixing_stays_in_each_shard(tmp_path, monkeypatch):
     """Groups of G consecutive images of the global batch: the result does not depend on the device count.
     Mixup / cutmix pair each image with one of its own device's shard (the script asserts it)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, **fake_devices(8), "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
         [sys.executable, "-c", GHOST_BN, str(tmp_path / "8.npz")],
         cwd=REPO,
@@ -287,7 +287,7 @@ print("ok")
 def test_batch_norm_groups_across_device_shards_equal_one_device():
     """Under shard_map (the train step's gradients) BatchNorm's groups may lie inside a device's shard, span whole
     shards or straddle them: outputs, running statistics and gradients are those of one device."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, **fake_devices(4), "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
         [sys.executable, "-c", BATCH_NORM_ACROSS_SHARDS], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
@@ -329,7 +329,7 @@ np.savez(sys.argv[1], loss=np.asarray(metrics["loss"]), **arrays)
 def test_a_distilled_step_is_the_same_on_one_device_and_on_four_with_fsdp(tmp_path, monkeypatch):
     """The teacher (random regnety_test variables, sharded as the parameters under FSDP) supervises each device's
     shard: two steps on 4 devices (data 2 x fsdp 2) give one device's loss and parameters."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, **fake_devices(4), "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
         [sys.executable, "-c", DISTILLED_STEP, str(tmp_path / "4.npz")],
         cwd=REPO,
