@@ -24,8 +24,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 # XLA's CPU backend without LLVM's optimizations (-O0) compiles a program in about half the time and runs it more
 # slowly. The tests compile hundreds of small programs and run each for a few steps, so the suite takes about a
-# fifth less time (5 training files: 468 s -> 359 s, 2-core machine, 2026-12-06); a test that runs a program for long,
-# as a user would (the README quickstart), takes the flag out again: `full_optimization(env)`.
+# fifth less time (20m29s -> 16m03s on the 2-core dev machine, 2026-12-06); a test that runs a program for long, as
+# a user would (the README quickstart), takes the flag out again: `full_optimization(env)`.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
