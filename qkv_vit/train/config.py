@@ -123,9 +123,8 @@ def refuse_with_runlocal(arg: str | None, names: Sequence[str]) -> None:
     clashes = [name for name in names if name in given]
     if clashes:
         raise ConfigError(
-            f"runlocal sets its own width, depth, batch and length (a 1-block width-32 model, batch 16, a few steps): "
-            "leave out "
-            f"{', '.join(f'{name}=' for name in clashes)} or runlocal."
+            "runlocal sets its own width, depth, batch and length (a 1-block width-32 model, batch 16, a few steps): "
+            f"leave out {', '.join(f'{name}=' for name in clashes)} or runlocal."
         )
 
 
